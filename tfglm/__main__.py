@@ -1,0 +1,5 @@
+import sys
+
+from tfglm.cli import main
+
+sys.exit(main())

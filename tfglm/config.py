@@ -1,0 +1,182 @@
+"""One typed config tree (model, data, tokenizer, train, generate), read from YAML with dotted overrides."""
+
+import dataclasses
+import json
+import os
+import typing
+
+import yaml
+
+from tfglm.errors import TfglmError
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    num_layers: int = 4
+    num_heads: int = 4
+    hidden_dim: int = 128
+    intermediate_dim: int = 0  # 0 means 4 * hidden_dim
+    max_length: int = 64  # context length in tokens
+    dropout: float = 0.0
+
+
+@dataclasses.dataclass
+class TokenizerConfig:
+    kind: str = "char"  # "char" or "sentencepiece" (byte-fallback BPE)
+    vocab_size: int = 4096  # sentencepiece only; char vocabularies are the corpus's characters
+
+
+@dataclasses.dataclass
+class DataConfig:
+    files: list = dataclasses.field(default_factory=list)  # globs; empty means the embedded corpus
+    val_fraction: float = 0.1  # the last fraction of the token stream is validation
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 12
+    learning_rate: float = 1e-3
+    min_learning_rate: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 250  # steps between validation, checkpoint and metrics line
+    eval_batches: int = 20
+    steps_per_execution: int = 25
+    jit_compile: bool = True
+    seed: int = 1337
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    prompt: str = ""
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 0  # 0 disables top-k
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def save(self, path):
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+
+def _build(cls, values, where, prefix):
+    """Builds dataclass `cls` from a dict, checking keys and types; `where` names the source in errors."""
+    if not isinstance(values, dict):
+        raise TfglmError(f"{where}: {prefix or 'config'}: expected a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            raise TfglmError(f"{where}: {name}: unknown key (known: {', '.join(fields)})")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = _build(kind, value, where, name)
+        else:
+            kwargs[key] = _coerce(value, kind, where, name)
+    return cls(**kwargs)
+
+
+def _coerce(value, kind, where, name):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is list and isinstance(value, str):
+        return [value]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TfglmError(f"{where}: {name}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def validate(config):
+    """Rejects impossible values, naming the key."""
+    m, t, g, tok = config.model, config.train, config.generate, config.tokenizer
+    checks = [
+        (m.num_layers >= 1, "model.num_layers", "must be >= 1"),
+        (m.num_heads >= 1, "model.num_heads", "must be >= 1"),
+        (m.hidden_dim >= 1 and m.hidden_dim % m.num_heads == 0, "model.hidden_dim",
+         f"must be a positive multiple of model.num_heads ({m.num_heads}), got {m.hidden_dim}"),
+        (m.intermediate_dim >= 0, "model.intermediate_dim", "must be >= 0 (0 means 4 * hidden_dim)"),
+        (m.max_length >= 2, "model.max_length", "must be >= 2"),
+        (0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
+        (tok.kind in ("char", "sentencepiece"), "tokenizer.kind", f"must be 'char' or 'sentencepiece', got {tok.kind!r}"),
+        (tok.vocab_size >= 300, "tokenizer.vocab_size", "must be >= 300 (256 byte pieces are reserved)"),
+        (0.0 < config.data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)"),
+        (t.steps >= 1, "train.steps", "must be >= 1"),
+        (t.batch_size >= 1, "train.batch_size", "must be >= 1"),
+        (t.learning_rate > 0, "train.learning_rate", "must be > 0"),
+        (0 <= t.min_learning_rate <= t.learning_rate, "train.min_learning_rate", "must be in [0, train.learning_rate]"),
+        (0 <= t.warmup_steps < t.steps, "train.warmup_steps", "must be in [0, train.steps)"),
+        (t.eval_interval >= 1 and t.steps % t.eval_interval == 0, "train.eval_interval",
+         f"must divide train.steps ({t.steps}), got {t.eval_interval}"),
+        (t.eval_batches >= 1, "train.eval_batches", "must be >= 1"),
+        (t.steps_per_execution >= 1 and t.eval_interval % t.steps_per_execution == 0, "train.steps_per_execution",
+         f"must divide train.eval_interval ({t.eval_interval}), got {t.steps_per_execution}"),
+        (t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)"),
+        (g.max_new_tokens >= 1, "generate.max_new_tokens", "must be >= 1"),
+        (g.temperature >= 0, "generate.temperature", "must be >= 0 (0 is greedy)"),
+        (g.top_k >= 0, "generate.top_k", "must be >= 0 (0 disables top-k)"),
+        (0 < g.top_p <= 1, "generate.top_p", "must be in (0, 1]"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise TfglmError(f"config: {key}: {message}")
+    return config
+
+
+def parse_override(text):
+    """'train.steps=200' -> (['train', 'steps'], 200); the value is read as YAML."""
+    if "=" not in text:
+        raise TfglmError(f"--set {text!r}: expected KEY=VALUE, e.g. train.steps=200")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path=None, overrides=(), base=None):
+    """Reads YAML `path` (or starts from `base`/defaults), applies `--set` overrides and validates."""
+    values = base if base is not None else {}
+    where = "config"
+    if path:
+        where = path
+        if not os.path.isfile(path):
+            raise TfglmError(f"{path}: config file not found")
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise TfglmError(f"{path}:{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    config = _build(Config, values, where, "")
+    values = config.to_dict()
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for i, key in enumerate(keys[:-1]):
+            if not isinstance(node.get(key), dict):
+                raise TfglmError(f"--set {text}: {'.'.join(keys[:i + 1])}: unknown section")
+            node = node[key]
+        node[keys[-1]] = value
+        config = _build(Config, values, "--set", "")
+    return validate(config)

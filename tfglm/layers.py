@@ -1,0 +1,102 @@
+"""Transformer building blocks shared by every tfglm model: attention (with a KV cache) and the pre-norm block.
+
+Owned here rather than taken from keras-hub's `TransformerDecoder`: one fused QKV projection instead of three, and a
+per-layer cache updated in place at one position (keras-hub restacks the whole cache of all layers every step).
+"""
+
+import keras
+from keras import ops
+
+
+class MultiHeadAttention(keras.layers.Layer):
+    """Scaled dot-product attention over `num_heads` heads with a fused QKV projection.
+
+    `causal=True` masks future positions (decoders); an optional `padding_mask` [batch, keys] masks padded keys.
+    With `cache` ([batch, 2, max_length, heads, head_dim]) the new keys/values are written at `index` and the query
+    attends to every cached position up to its own; the updated cache is returned.
+    """
+
+    def __init__(self, num_heads, dropout=0.0, causal=True, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.causal = causal
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        self.head_dim = hidden_dim // self.num_heads
+        init = keras.initializers.RandomNormal(stddev=0.02)
+        self.qkv = keras.layers.Dense(3 * hidden_dim, kernel_initializer=init, dtype=self.dtype_policy, name="qkv")
+        self.qkv.build(input_shape)
+        self.output_dense = keras.layers.Dense(hidden_dim, kernel_initializer=init, dtype=self.dtype_policy,
+                                               name="output")
+        self.output_dense.build(input_shape)
+        self.attention_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+
+    def call(self, x, cache=None, index=0, padding_mask=None, training=None):
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        qkv = ops.reshape(self.qkv(x), (batch, length, 3, self.num_heads, self.head_dim))
+        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if cache is not None:
+            cache = ops.slice_update(cache, (0, 0, index, 0, 0), ops.stack((key, value), axis=1))
+            key, value = cache[:, 0], cache[:, 1]
+        scores = ops.einsum("bqhd,bkhd->bhqk", query, key) * (self.head_dim ** -0.5)
+        scores = ops.cast(scores, "float32")
+        mask = None
+        if self.causal:
+            query_positions = ops.arange(length) + index
+            mask = ops.arange(ops.shape(key)[1])[None, :] <= query_positions[:, None]
+        if padding_mask is not None:
+            keys_mask = ops.cast(padding_mask, "bool")[:, None, None, :]
+            mask = keys_mask if mask is None else ops.logical_and(mask, keys_mask)
+        if mask is not None:
+            scores = ops.where(mask, scores, -1e9)
+        probs = ops.cast(ops.softmax(scores, axis=-1), self.compute_dtype)
+        probs = self.attention_dropout(probs, training=training)
+        out = ops.einsum("bhqk,bkhd->bqhd", probs, value)
+        out = ops.reshape(out, (batch, length, self.num_heads * self.head_dim))
+        return self.output_dense(out), cache
+
+    def get_config(self):
+        return {**super().get_config(), "num_heads": self.num_heads, "dropout": self.dropout, "causal": self.causal}
+
+
+class TransformerBlock(keras.layers.Layer):
+    """Pre-norm block: x + attention(norm(x)), then x + feed_forward(norm(x)) with a GELU feed-forward."""
+
+    def __init__(self, num_heads, intermediate_dim, dropout=0.0, causal=True, epsilon=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.intermediate_dim = intermediate_dim
+        self.dropout = dropout
+        self.causal = causal
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        init = keras.initializers.RandomNormal(stddev=0.02)
+        policy = self.dtype_policy
+        self.attention_norm = keras.layers.LayerNormalization(epsilon=self.epsilon, dtype=policy, name="attention_norm")
+        self.attention = MultiHeadAttention(self.num_heads, self.dropout, self.causal, dtype=policy, name="attention")
+        self.feed_forward_norm = keras.layers.LayerNormalization(epsilon=self.epsilon, dtype=policy,
+                                                                 name="feed_forward_norm")
+        self.feed_forward_in = keras.layers.Dense(self.intermediate_dim, kernel_initializer=init, dtype=policy,
+                                                  activation=lambda t: keras.activations.gelu(t, approximate=True),
+                                                  name="feed_forward_in")
+        self.feed_forward_out = keras.layers.Dense(hidden_dim, kernel_initializer=init, dtype=policy,
+                                                   name="feed_forward_out")
+        self.residual_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
+        for layer in (self.attention_norm, self.attention, self.feed_forward_norm, self.feed_forward_in):
+            layer.build(input_shape)
+        self.feed_forward_out.build((*input_shape[:-1], self.intermediate_dim))
+
+    def call(self, x, cache=None, index=0, padding_mask=None, training=None):
+        h, cache = self.attention(self.attention_norm(x), cache=cache, index=index, padding_mask=padding_mask,
+                                  training=training)
+        x = x + self.residual_dropout(h, training=training)
+        h = self.feed_forward_out(self.feed_forward_in(self.feed_forward_norm(x)))
+        return x + self.residual_dropout(h, training=training), cache
+
+    def get_config(self):
+        return {**super().get_config(), "num_heads": self.num_heads, "intermediate_dim": self.intermediate_dim,
+                "dropout": self.dropout, "causal": self.causal, "epsilon": self.epsilon}

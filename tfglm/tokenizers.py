@@ -1,0 +1,121 @@
+"""In-graph tokenizers: TensorFlow core ops and tensorflow-text ops only, so they run in `tf.data` and in an
+exported SavedModel that TF Serving loads as is.
+
+Both map strings [batch] to ragged int32 ids [batch, None] and back. Each has an end-of-text token `<eot>`
+(`eot_id`), which separates documents in training and starts every prompt.
+"""
+
+import io
+import json
+import os
+
+import sentencepiece
+import tensorflow as tf
+import tensorflow_text as tf_text
+
+from tfglm.errors import TfglmError
+
+EOT = "<eot>"
+UNK = "<unk>"
+
+
+class CharTokenizer(tf.Module):
+    """One id per Unicode character of the training corpus; unseen characters map to `<unk>`.
+
+    Written here rather than taken from keras-hub: keras-hub's `UnicodeCodepointTokenizer` uses raw code points as
+    ids, so a 65-symbol corpus would still need a vocabulary (and output layer) as large as its highest code point.
+    """
+
+    kind = "char"
+
+    def __init__(self, chars):
+        super().__init__()
+        self.chars = sorted(set(chars) - {"\ufffd"})
+        specials = [EOT, UNK]
+        self.vocab_size = len(specials) + len(self.chars)
+        self.eot_id = 0
+        self.unk_id = 1
+        codepoints = tf.constant([ord(c) for c in self.chars], tf.int64)
+        self._encode = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(codepoints, tf.range(2, self.vocab_size, dtype=tf.int64)),
+            default_value=self.unk_id)
+        # <eot> decodes to nothing, <unk> to U+FFFD.
+        self._decode = tf.constant([-1, 0xFFFD] + [ord(c) for c in self.chars], tf.int32)
+
+    def tokenize(self, strings):
+        codepoints = tf.strings.unicode_decode(strings, "UTF-8", errors="replace")
+        return tf.cast(tf.ragged.map_flat_values(self._encode.lookup, tf.cast(codepoints, tf.int64)), tf.int32)
+
+    def detokenize(self, ids):
+        ids = _as_ragged(ids)
+        codepoints = tf.ragged.map_flat_values(tf.gather, self._decode, ids)
+        codepoints = tf.ragged.boolean_mask(codepoints, codepoints >= 0)
+        return tf.strings.unicode_encode(codepoints, "UTF-8")
+
+    def save(self, directory):
+        with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+            json.dump({"kind": self.kind, "chars": "".join(self.chars)}, f, ensure_ascii=False)
+
+
+class SentencePieceTokenizer(tf.Module):
+    """Byte-fallback BPE trained with SentencePiece and run with tensorflow-text's in-graph ops.
+
+    Identity normalisation, no dummy prefix and byte fallback make `detokenize(tokenize(text)) == text` for any
+    valid UTF-8 text, including characters never seen in training.
+    """
+
+    kind = "sentencepiece"
+
+    def __init__(self, proto):
+        super().__init__()
+        self.proto = proto
+        self._sp = tf_text.SentencepieceTokenizer(model=proto, out_type=tf.int32)
+        processor = sentencepiece.SentencePieceProcessor(model_proto=proto)
+        self.vocab_size = processor.get_piece_size()
+        self.eot_id = processor.piece_to_id(EOT)
+        self.unk_id = processor.unk_id()
+
+    def tokenize(self, strings):
+        return self._sp.tokenize(strings)
+
+    def detokenize(self, ids):
+        return self._sp.detokenize(_as_ragged(ids))
+
+    def save(self, directory):
+        with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+            json.dump({"kind": self.kind, "model": "sentencepiece.model"}, f)
+        with open(os.path.join(directory, "sentencepiece.model"), "wb") as f:
+            f.write(self.proto)
+
+
+def _as_ragged(ids):
+    return ids if isinstance(ids, tf.RaggedTensor) else tf.RaggedTensor.from_tensor(ids)
+
+
+def train_sentencepiece(lines, vocab_size, max_lines=2_000_000):
+    """Trains a byte-fallback BPE model on an iterator of text lines; returns its serialized proto."""
+    proto = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=proto, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, character_coverage=0.9995, normalization_rule_name="identity",
+            add_dummy_prefix=False, remove_extra_whitespaces=False, split_digits=True,
+            allow_whitespace_only_pieces=True, user_defined_symbols=["\n"], control_symbols=[EOT],
+            unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, input_sentence_size=max_lines, shuffle_input_sentence=True,
+            hard_vocab_limit=False, num_threads=os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as e:
+        raise TfglmError(f"tokenizer.vocab_size: SentencePiece training failed: {str(e).splitlines()[-1]}") from None
+    return proto.getvalue()
+
+
+def load_tokenizer(directory):
+    """Loads the tokenizer saved by `tokenizer.save(directory)`."""
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise TfglmError(f"{path}: no tokenizer here (is this a tfglm run directory?)")
+    with open(path) as f:
+        spec = json.load(f)
+    if spec["kind"] == "char":
+        return CharTokenizer(spec["chars"])
+    with open(os.path.join(directory, spec["model"]), "rb") as f:
+        return SentencePieceTokenizer(f.read())
