@@ -45,11 +45,7 @@ def _generate_settings(config, args=None):
         value = getattr(args, key, None) if args else None
         if value is not None:
             overrides.append(f"generate.{key}={value}")
-    settings = load_config(base=config.to_dict(), overrides=overrides).generate
-    if settings.max_new_tokens >= config.model.max_length:
-        raise TfglmError(f"--max-new-tokens: {settings.max_new_tokens} must be below the model's context "
-                         f"({config.model.max_length})")
-    return settings
+    return load_config(base=config.to_dict(), overrides=overrides).generate
 
 
 def generate_texts(generator, prompts, settings):

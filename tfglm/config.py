@@ -53,7 +53,7 @@ class TrainConfig:
 @dataclasses.dataclass
 class GenerateConfig:
     prompt: str = ""
-    max_new_tokens: int = 200
+    max_new_tokens: int = 32  # prompt + new tokens must fit in model.max_length
     temperature: float = 0.8
     top_k: int = 0  # 0 disables top-k
     top_p: float = 1.0
@@ -130,7 +130,8 @@ def validate(config):
         (t.steps_per_execution >= 1 and t.eval_interval % t.steps_per_execution == 0, "train.steps_per_execution",
          f"must divide train.eval_interval ({t.eval_interval}), got {t.steps_per_execution}"),
         (t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)"),
-        (g.max_new_tokens >= 1, "generate.max_new_tokens", "must be >= 1"),
+        (1 <= g.max_new_tokens < m.max_length, "generate.max_new_tokens",
+         f"must be in [1, model.max_length ({m.max_length})), got {g.max_new_tokens}"),
         (g.temperature >= 0, "generate.temperature", "must be >= 0 (0 is greedy)"),
         (g.top_k >= 0, "generate.top_k", "must be >= 0 (0 disables top-k)"),
         (0 < g.top_p <= 1, "generate.top_p", "must be in (0, 1]"),

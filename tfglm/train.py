@@ -127,5 +127,5 @@ def train(config, run_dir, resume=False, verbose=None):
     if step < t.steps:
         model.fit(train_ds, validation_data=val_ds, epochs=t.steps // t.eval_interval,
                   initial_epoch=step // t.eval_interval, steps_per_epoch=t.eval_interval, callbacks=callbacks,
-                  verbose=verbose)
+                  shuffle=False, verbose=verbose)
     return model, tokenizer

@@ -1,0 +1,99 @@
+"""The shared decode loop: greedy and sampled, batched, seeded, stopping at <eot>, bucketed shapes."""
+
+import logging
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import tiny_config
+from tfglm import runs
+from tfglm.cli import generate_texts, main
+from tfglm.generate import Generator, sample
+from tfglm.train import train
+
+
+@pytest.fixture(scope="module")
+def documents_run(tmp_path_factory):
+    """A tiny GPT trained on many copies of the document 'abcdefgh' (each followed by <eot>)."""
+    root = tmp_path_factory.mktemp("docs")
+    for i in range(200):
+        (root / f"{i:03d}.txt").write_text("abcdefgh")
+    run_dir = str(root / "run")
+    config = tiny_config(f"data.files=[{root}/*.txt]", "train.steps=160", "train.eval_interval=80",
+                         "train.steps_per_execution=40", "train.learning_rate=0.003",
+                         "train.min_learning_rate=0.0003", "data.val_fraction=0.3")
+    train(config, run_dir, verbose=0)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def generator(documents_run):
+    _, tokenizer, model = runs.load_run(documents_run)
+    return Generator(model, tokenizer)
+
+
+def _generate(generator, prompts, max_new_tokens=10, temperature=0.0, top_k=0, top_p=1.0, seed=0):
+    out = generator.generate(tf.constant(prompts), max_new_tokens, temperature, top_k, top_p, seed)
+    return [c.decode() for c in out["completions"].numpy()], out["num_tokens"].numpy().tolist()
+
+
+def test_greedy_stops_at_end_of_text(generator):
+    assert _generate(generator, ["abc", ""]) == (["defgh", "abcdefgh"], [5, 8])
+
+
+def test_batched_prompts_of_different_lengths_equal_each_alone(generator):
+    prompts = ["a", "abcdef", "xyz", "", "bcd"]
+    batched = _generate(generator, prompts, temperature=0.0)
+    alone = [_generate(generator, [p]) for p in prompts]
+    assert batched == ([a[0][0] for a in alone], [a[1][0] for a in alone])
+
+
+def test_same_seed_same_text_other_seed_other_text(generator):
+    prompts = ["", "ab"] * 4
+    first = _generate(generator, prompts, temperature=5.0, seed=1)
+    assert _generate(generator, prompts, temperature=5.0, seed=1) == first
+    assert _generate(generator, prompts, temperature=5.0, seed=2) != first
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(generator):
+    greedy = _generate(generator, ["abc", "b"])
+    assert _generate(generator, ["abc", "b"], temperature=3.0, top_k=1, seed=5) == greedy
+    assert _generate(generator, ["abc", "b"], temperature=3.0, top_p=1e-6, seed=5) == greedy
+
+
+def test_sampler_filters():
+    logits = tf.math.log(tf.constant([[0.5, 0.3, 0.15, 0.05]]))
+    seeds = [tf.constant([s, 0]) for s in range(200)]
+    top2 = {int(sample(logits, 1.0, 2, 1.0, s)[0]) for s in seeds}
+    nucleus = {int(sample(logits, 1.0, 0, 0.75, s)[0]) for s in seeds}
+    assert top2 == {0, 1} and nucleus == {0, 1}
+    assert {int(sample(logits, 1.0, 0, 1.0, s)[0]) for s in seeds} == {0, 1, 2, 3}
+
+
+def test_long_prompt_is_truncated_from_the_left_with_a_warning(generator, caplog):
+    settings = tiny_config("generate.max_new_tokens=6").generate
+    with caplog.at_level(logging.WARNING, logger="tfglm"):
+        texts, counts = generate_texts(generator, ["xx" * 20 + "abc"], settings)
+    assert "prompt 1: 44 tokens, truncated from the left to the last 10" in caplog.text
+    assert texts[0].startswith("defgh") and counts[0] <= 6
+
+
+def test_decode_compiles_once_per_shape_bucket(generator):
+    _generate(generator, ["a"])
+    traces = generator._decode.experimental_get_tracing_count()
+    for prompt in ["ab", "abcd", "abcdefg", "b"]:
+        _generate(generator, [prompt], max_new_tokens=5)
+    assert generator._decode.experimental_get_tracing_count() == traces
+
+
+def test_cli_generate_and_its_errors(documents_run, capsys):
+    assert main(["generate", "--model", documents_run, "--prompt", "abc", "--temperature", "0", "--json"]) == 0
+    assert '"completion": "defgh"' in capsys.readouterr().out
+    assert main(["generate", "--model", documents_run, "--max-new-tokens", "16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "tfglm: error: config: generate.max_new_tokens: must be in [1, model.max_length (16)), got 16"
+    assert main(["generate", "--model", documents_run, "--temperature", "-1"]) == 2
+    assert "generate.temperature: must be >= 0" in capsys.readouterr().err
+    assert main(["generate", "--model", documents_run + "-missing"]) == 2
+    assert "no such run directory" in capsys.readouterr().err

@@ -1,0 +1,109 @@
+"""Integration: a tiny GPT really trains, checkpoints, resumes and generates."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import tiny_config
+from tfglm import runs
+from tfglm.errors import TfglmError
+from tfglm.generate import Generator
+from tfglm.train import train
+
+
+def _metrics(run_dir):
+    return runs.read_metrics(run_dir)
+
+
+def test_tiny_model_learns_a_pattern_and_generates_it(tmp_path, pattern_file):
+    config = tiny_config(f"data.files=[{pattern_file}]", "train.steps=240", "train.eval_interval=80",
+                         "train.steps_per_execution=40", "train.learning_rate=0.003", "train.min_learning_rate=0.0003")
+    run_dir = str(tmp_path / "run")
+    train(config, run_dir, verbose=0)
+    rows = _metrics(run_dir)
+    assert [r["step"] for r in rows] == [80, 160, 240]
+    assert rows[-1]["val_loss"] < 0.05 and rows[-1]["train_loss"] < 0.1
+    assert set(rows[-1]) >= {"step", "train_loss", "val_loss", "tokens_per_s", "wall_s"}
+    assert os.listdir(os.path.join(run_dir, runs.LOGS))  # TensorBoard event files
+
+    _, tokenizer, model = runs.load_run(run_dir)
+    generator = Generator(model, tokenizer)
+    out = generator.generate(tf.constant(["abc", "fgh\nab"]), 12, 0.0, 0, 1.0, 0)
+    assert out["completions"].numpy().tolist() == [b"defgh\nabcdef", b"cdefgh\nabcde"]
+    assert out["num_tokens"].numpy().tolist() == [12, 12]
+
+
+def _stop_at_step(step):
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if int(self.model.optimizer.iterations.numpy()) >= step:
+                raise KeyboardInterrupt
+    return Stop()
+
+
+def test_resume_after_a_stopped_run_continues_from_the_saved_step(tmp_path, pattern_file, monkeypatch):
+    config = tiny_config(f"data.files=[{pattern_file}]", "model.dropout=0.0")
+    reference_dir, run_dir = str(tmp_path / "reference"), str(tmp_path / "run")
+    train(config, reference_dir, verbose=0)
+
+    # Kill the run mid-way through its second interval (step 30 of 40; checkpoints at 20 and 40).
+    monkeypatch.setattr(keras.Model, "fit", _fit_with(keras.Model.fit, _stop_at_step(30)))
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run_dir, verbose=0)
+    monkeypatch.undo()
+    assert [r["step"] for r in _metrics(run_dir)] == [20]
+
+    with pytest.raises(TfglmError, match="already holds a run"):
+        train(config, run_dir, verbose=0)
+    train(config, run_dir, resume=True, verbose=0)
+    rows, reference = _metrics(run_dir), _metrics(reference_dir)
+    assert [r["step"] for r in rows] == [20, 40]
+    # Same data order, same optimizer state: the resumed run ends where the uninterrupted one does.
+    assert rows[-1]["val_loss"] == pytest.approx(reference[-1]["val_loss"], abs=1e-4)
+    _, _, resumed = runs.load_run(run_dir, runs.LAST)
+    _, _, uninterrupted = runs.load_run(reference_dir, runs.LAST)
+    for a, b in zip(resumed.weights, uninterrupted.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
+
+
+def _fit_with(fit, extra_callback):
+    def fit_and_stop(self, *args, callbacks=(), **kwargs):
+        return fit(self, *args, callbacks=[*callbacks, extra_callback], **kwargs)
+    return fit_and_stop
+
+
+def test_a_crash_while_saving_never_corrupts_the_last_checkpoint(tmp_path, pattern_file, monkeypatch):
+    config = tiny_config(f"data.files=[{pattern_file}]")
+    run_dir = str(tmp_path / "run")
+    saves = []
+    original = keras.Model.save_weights
+
+    def save_then_crash(self, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            with open(path, "wb") as f:
+                f.write(b"half a file")
+            raise KeyboardInterrupt
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save_weights", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run_dir, verbose=0)
+    monkeypatch.undo()
+    _, _, model = runs.load_run(run_dir, runs.LAST)  # the step-20 checkpoint is intact
+    assert model.count_params() > 0
+    train(config, run_dir, resume=True, verbose=0)
+    assert [r["step"] for r in _metrics(run_dir)] == [20, 40]
+
+
+def test_metrics_log_is_json_lines(tmp_path, pattern_file):
+    run_dir = str(tmp_path / "run")
+    train(tiny_config(f"data.files=[{pattern_file}]"), run_dir, verbose=0)
+    with open(os.path.join(run_dir, runs.METRICS)) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [20, 40]
+    assert all(r["tokens_per_s"] > 0 and r["val_perplexity"] > 1 for r in rows)
