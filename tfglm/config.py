@@ -12,6 +12,8 @@ from tfglm.errors import TfglmError
 
 @dataclasses.dataclass
 class ModelConfig:
+    kind: str = "gpt"  # "gpt" (decoder; tfglm train), "bert" (encoder; tfglm pretrain and finetune) or "translate"
+    # (encoder-decoder; tfglm train, translate, evaluate)
     num_layers: int = 4
     num_heads: int = 4
     hidden_dim: int = 128
@@ -22,7 +24,7 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class TokenizerConfig:
-    kind: str = "char"  # "char" or "sentencepiece" (byte-fallback BPE)
+    kind: str = "char"  # "char", "sentencepiece" (byte-fallback BPE) or "wordpiece" (BERT's; for model.kind bert)
     vocab_size: int = 4096  # sentencepiece only; char vocabularies are the corpus's characters
 
 
@@ -48,6 +50,10 @@ class TrainConfig:
     steps_per_execution: int = 25
     jit_compile: bool = True
     seed: int = 1337
+    strategy: str = "auto"  # auto | default | mirrored | multiworker | tpu
+    mixed_precision: str = "float32"  # float32 | mixed_bfloat16 | mixed_float16
+    grad_accum_steps: int = 1  # the optimizer updates every k batches with their mean gradient
+    connect_timeout_s: int = 60  # multi-worker: how long to wait for every peer in TF_CONFIG
 
 
 @dataclasses.dataclass
@@ -61,12 +67,41 @@ class GenerateConfig:
 
 
 @dataclasses.dataclass
+class ClassifyConfig:
+    text_column: str = "sentence"  # column (TSV/CSV header) or field (JSONL) holding the text
+    label_column: str = "label"
+    val_fraction: float = 0.1  # of the training rows, held out for early stopping when no --val file is given
+    epochs: int = 10
+    patience: int = 2  # epochs without a better validation accuracy before stopping
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    dropout: float = 0.1  # before the classification head
+
+
+@dataclasses.dataclass
+class TranslateConfig:
+    # Parallel data: aligned `source` and `target` files (one sentence a line; .gz read as gzip), or a TSV of
+    # source<TAB>target lines in `pairs`; likewise for validation.
+    source: str = ""
+    target: str = ""
+    pairs: str = ""
+    val_source: str = ""
+    val_target: str = ""
+    val_pairs: str = ""
+    label_smoothing: float = 0.1
+    beam_width: int = 4  # 1 is greedy
+    length_penalty: float = 0.6  # GNMT's alpha: hypotheses ranked by log-probability / ((5 + length) / 6) ** alpha
+
+
+@dataclasses.dataclass
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+    classify: ClassifyConfig = dataclasses.field(default_factory=ClassifyConfig)
+    translate: TranslateConfig = dataclasses.field(default_factory=TranslateConfig)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -107,8 +142,12 @@ def _coerce(value, kind, where, name):
 
 def validate(config):
     """Rejects impossible values, naming the key."""
-    m, t, g, tok = config.model, config.train, config.generate, config.tokenizer
+    m, t, g, tok, c = config.model, config.train, config.generate, config.tokenizer, config.classify
     checks = [
+        (m.kind in ("gpt", "bert", "translate"), "model.kind",
+         f"must be 'gpt', 'bert' or 'translate', got {m.kind!r}"),
+        (m.kind != "translate" or tok.kind == "sentencepiece", "tokenizer.kind",
+         f"must be 'sentencepiece' for model.kind 'translate', got {tok.kind!r}"),
         (m.num_layers >= 1, "model.num_layers", "must be >= 1"),
         (m.num_heads >= 1, "model.num_heads", "must be >= 1"),
         (m.hidden_dim >= 1 and m.hidden_dim % m.num_heads == 0, "model.hidden_dim",
@@ -116,7 +155,10 @@ def validate(config):
         (m.intermediate_dim >= 0, "model.intermediate_dim", "must be >= 0 (0 means 4 * hidden_dim)"),
         (m.max_length >= 2, "model.max_length", "must be >= 2"),
         (0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
-        (tok.kind in ("char", "sentencepiece"), "tokenizer.kind", f"must be 'char' or 'sentencepiece', got {tok.kind!r}"),
+        (tok.kind in ("char", "sentencepiece", "wordpiece"), "tokenizer.kind",
+         f"must be 'char', 'sentencepiece' or 'wordpiece', got {tok.kind!r}"),
+        ((m.kind == "bert") == (tok.kind == "wordpiece"), "tokenizer.kind",
+         f"must be 'wordpiece' exactly when model.kind is 'bert' (model.kind {m.kind!r}, tokenizer.kind {tok.kind!r})"),
         (tok.vocab_size >= 300, "tokenizer.vocab_size", "must be >= 300 (256 byte pieces are reserved)"),
         (0.0 < config.data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)"),
         (t.steps >= 1, "train.steps", "must be >= 1"),
@@ -130,11 +172,26 @@ def validate(config):
         (t.steps_per_execution >= 1 and t.eval_interval % t.steps_per_execution == 0, "train.steps_per_execution",
          f"must divide train.eval_interval ({t.eval_interval}), got {t.steps_per_execution}"),
         (t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)"),
-        (1 <= g.max_new_tokens < m.max_length, "generate.max_new_tokens",
+        (t.strategy in ("auto", "default", "mirrored", "multiworker", "tpu"), "train.strategy",
+         f"must be auto, default, mirrored, multiworker or tpu, got {t.strategy!r}"),
+        (t.mixed_precision in ("float32", "mixed_bfloat16", "mixed_float16"), "train.mixed_precision",
+         f"must be float32, mixed_bfloat16 or mixed_float16, got {t.mixed_precision!r}"),
+        (t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1"),
+        (t.connect_timeout_s >= 1, "train.connect_timeout_s", "must be >= 1"),
+        (m.kind == "translate" or 1 <= g.max_new_tokens < m.max_length, "generate.max_new_tokens",
          f"must be in [1, model.max_length ({m.max_length})), got {g.max_new_tokens}"),
         (g.temperature >= 0, "generate.temperature", "must be >= 0 (0 is greedy)"),
         (g.top_k >= 0, "generate.top_k", "must be >= 0 (0 disables top-k)"),
         (0 < g.top_p <= 1, "generate.top_p", "must be in (0, 1]"),
+        (0.0 <= c.val_fraction < 1.0, "classify.val_fraction", "must be in [0, 1)"),
+        (c.epochs >= 1, "classify.epochs", "must be >= 1"),
+        (c.patience >= 1, "classify.patience", "must be >= 1"),
+        (c.batch_size >= 1, "classify.batch_size", "must be >= 1"),
+        (c.learning_rate > 0, "classify.learning_rate", "must be > 0"),
+        (0.0 <= c.dropout < 1.0, "classify.dropout", "must be in [0, 1)"),
+        (0.0 <= config.translate.label_smoothing < 1.0, "translate.label_smoothing", "must be in [0, 1)"),
+        (config.translate.beam_width >= 1, "translate.beam_width", "must be >= 1 (1 is greedy)"),
+        (config.translate.length_penalty >= 0, "translate.length_penalty", "must be >= 0"),
     ]
     for ok, key, message in checks:
         if not ok:

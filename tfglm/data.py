@@ -132,9 +132,11 @@ def train_dataset(tokens, seq_len, batch_size, seed, start_step, num_steps):
         epoch = step // steps_per_epoch
         position = step % steps_per_epoch
         epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
-        order = tf.random.experimental.stateless_shuffle(tf.range(blocks), seed=epoch_seed)
+        # This batch's slots of a permutation of the blocks, in O(batch) whatever the corpus size.
+        slots = tf.range(batch_size, dtype=tf.int64) + position * batch_size
+        order = tf.random.experimental.index_shuffle(slots, seed=epoch_seed, max_index=blocks - 1)
         offset = tf.random.stateless_uniform([], epoch_seed + 1, 0, seq_len, tf.int32)
-        starts = offset + order[position * batch_size:(position + 1) * batch_size] * seq_len
+        starts = offset + tf.cast(order, tf.int32) * seq_len
         block = tf.gather(stream, starts[:, None] + window)
         return block[:, :-1], block[:, 1:]
 

@@ -14,32 +14,54 @@ class MultiHeadAttention(keras.layers.Layer):
     `causal=True` masks future positions (decoders); an optional `padding_mask` [batch, keys] masks padded keys.
     With `cache` ([batch, 2, max_length, heads, head_dim]) the new keys/values are written at `index` and the query
     attends to every cached position up to its own; the updated cache is returned.
+
+    `cross=True` makes it cross-attention: queries from `x`, keys and values (a fused KV projection) from `context`
+    [batch, keys, hidden], or from `cache` when given: `key_values(context)`, computed once per source for decoding.
     """
 
-    def __init__(self, num_heads, dropout=0.0, causal=True, **kwargs):
+    def __init__(self, num_heads, dropout=0.0, causal=True, cross=False, **kwargs):
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.dropout = dropout
-        self.causal = causal
+        self.causal = causal and not cross
+        self.cross = cross
 
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
         self.head_dim = hidden_dim // self.num_heads
         init = keras.initializers.RandomNormal(stddev=0.02)
-        self.qkv = keras.layers.Dense(3 * hidden_dim, kernel_initializer=init, dtype=self.dtype_policy, name="qkv")
-        self.qkv.build(input_shape)
+        if self.cross:
+            self.query = keras.layers.Dense(hidden_dim, kernel_initializer=init, dtype=self.dtype_policy, name="query")
+            self.key_value = keras.layers.Dense(2 * hidden_dim, kernel_initializer=init, dtype=self.dtype_policy,
+                                                name="key_value")
+            self.query.build(input_shape)
+            self.key_value.build(input_shape)
+        else:
+            self.qkv = keras.layers.Dense(3 * hidden_dim, kernel_initializer=init, dtype=self.dtype_policy,
+                                          name="qkv")
+            self.qkv.build(input_shape)
         self.output_dense = keras.layers.Dense(hidden_dim, kernel_initializer=init, dtype=self.dtype_policy,
                                                name="output")
         self.output_dense.build(input_shape)
         self.attention_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
 
-    def call(self, x, cache=None, index=0, padding_mask=None, training=None):
+    def key_values(self, context):
+        """Cross-attention keys and values of `context`, as a cache [batch, 2, keys, heads, head_dim]."""
+        kv = ops.reshape(self.key_value(context), (ops.shape(context)[0], -1, 2, self.num_heads, self.head_dim))
+        return ops.transpose(kv, (0, 2, 1, 3, 4))
+
+    def call(self, x, cache=None, index=0, padding_mask=None, context=None, training=None):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
-        qkv = ops.reshape(self.qkv(x), (batch, length, 3, self.num_heads, self.head_dim))
-        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if cache is not None:
-            cache = ops.slice_update(cache, (0, 0, index, 0, 0), ops.stack((key, value), axis=1))
+        if self.cross:
+            query = ops.reshape(self.query(x), (batch, length, self.num_heads, self.head_dim))
+            cache = self.key_values(context) if cache is None else cache
             key, value = cache[:, 0], cache[:, 1]
+        else:
+            qkv = ops.reshape(self.qkv(x), (batch, length, 3, self.num_heads, self.head_dim))
+            query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            if cache is not None:
+                cache = ops.slice_update(cache, (0, 0, index, 0, 0), ops.stack((key, value), axis=1))
+                key, value = cache[:, 0], cache[:, 1]
         scores = ops.einsum("bqhd,bkhd->bhqk", query, key) * (self.head_dim ** -0.5)
         scores = ops.cast(scores, "float32")
         mask = None
@@ -58,19 +80,27 @@ class MultiHeadAttention(keras.layers.Layer):
         return self.output_dense(out), cache
 
     def get_config(self):
-        return {**super().get_config(), "num_heads": self.num_heads, "dropout": self.dropout, "causal": self.causal}
+        return {**super().get_config(), "num_heads": self.num_heads, "dropout": self.dropout, "causal": self.causal,
+                "cross": self.cross}
 
 
 class TransformerBlock(keras.layers.Layer):
-    """Pre-norm block: x + attention(norm(x)), then x + feed_forward(norm(x)) with a GELU feed-forward."""
+    """Pre-norm block: x + attention(norm(x)), then x + feed_forward(norm(x)) with a GELU feed-forward.
 
-    def __init__(self, num_heads, intermediate_dim, dropout=0.0, causal=True, epsilon=1e-5, **kwargs):
+    `cross_attention=True` makes it an encoder-decoder's decoder block: between the two, x + cross_attention(norm(x))
+    over `context` (the encoder output; padded keys masked by `context_mask`), or over `cross_cache`, its
+    precomputed keys and values.
+    """
+
+    def __init__(self, num_heads, intermediate_dim, dropout=0.0, causal=True, epsilon=1e-5, cross_attention=False,
+                 **kwargs):
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.intermediate_dim = intermediate_dim
         self.dropout = dropout
         self.causal = causal
         self.epsilon = epsilon
+        self.cross_attention = cross_attention
 
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
@@ -88,15 +118,28 @@ class TransformerBlock(keras.layers.Layer):
         self.residual_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
         for layer in (self.attention_norm, self.attention, self.feed_forward_norm, self.feed_forward_in):
             layer.build(input_shape)
+        if self.cross_attention:
+            self.cross_attention_norm = keras.layers.LayerNormalization(epsilon=self.epsilon, dtype=policy,
+                                                                        name="cross_attention_norm")
+            self.cross_attention_layer = MultiHeadAttention(self.num_heads, self.dropout, cross=True, dtype=policy,
+                                                            name="cross_attention")
+            self.cross_attention_norm.build(input_shape)
+            self.cross_attention_layer.build(input_shape)
         self.feed_forward_out.build((*input_shape[:-1], self.intermediate_dim))
 
-    def call(self, x, cache=None, index=0, padding_mask=None, training=None):
+    def call(self, x, cache=None, index=0, padding_mask=None, context=None, context_mask=None, cross_cache=None,
+             training=None):
         h, cache = self.attention(self.attention_norm(x), cache=cache, index=index, padding_mask=padding_mask,
                                   training=training)
         x = x + self.residual_dropout(h, training=training)
+        if self.cross_attention:
+            h, _ = self.cross_attention_layer(self.cross_attention_norm(x), cache=cross_cache,
+                                              padding_mask=context_mask, context=context, training=training)
+            x = x + self.residual_dropout(h, training=training)
         h = self.feed_forward_out(self.feed_forward_in(self.feed_forward_norm(x)))
         return x + self.residual_dropout(h, training=training), cache
 
     def get_config(self):
         return {**super().get_config(), "num_heads": self.num_heads, "intermediate_dim": self.intermediate_dim,
-                "dropout": self.dropout, "causal": self.causal, "epsilon": self.epsilon}
+                "dropout": self.dropout, "causal": self.causal, "epsilon": self.epsilon,
+                "cross_attention": self.cross_attention}

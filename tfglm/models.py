@@ -16,7 +16,7 @@ class GPT(keras.Model):
     """
 
     def __init__(self, vocab_size, num_layers=4, num_heads=4, hidden_dim=128, intermediate_dim=0, max_length=64,
-                 dropout=0.0, **kwargs):
+                 dropout=0.0, cross_attention=False, **kwargs):
         super().__init__(**kwargs)
         self.vocab_size = vocab_size
         self.num_layers = num_layers
@@ -33,7 +33,8 @@ class GPT(keras.Model):
                                                                      name="position_embedding")
         self.embedding_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
         self.blocks = [TransformerBlock(num_heads, self.intermediate_dim, dropout, causal=True,
-                                        dtype=self.dtype_policy, name=f"block_{i}") for i in range(num_layers)]
+                                        cross_attention=cross_attention, dtype=self.dtype_policy, name=f"block_{i}")
+                       for i in range(num_layers)]
         self.final_norm = keras.layers.LayerNormalization(epsilon=1e-5, dtype=self.dtype_policy, name="final_norm")
 
     def build(self, input_shape=(None, None)):
@@ -49,13 +50,17 @@ class GPT(keras.Model):
         hidden, _ = self.forward(token_ids, training=training)
         return self.logits(hidden)
 
-    def forward(self, token_ids, caches=None, index=0, training=None):
-        """Hidden states [batch, length, hidden] for tokens at positions index.. (and the updated per-layer caches)."""
+    def forward(self, token_ids, caches=None, index=0, training=None, context=None, context_mask=None,
+                cross_caches=None):
+        """Hidden states [batch, length, hidden] for tokens at positions index.. (and the updated per-layer caches).
+        Cross-attention blocks attend to `context` or its per-layer `cross_caches`."""
         x = self.token_embedding(token_ids)
         x = self.embedding_dropout(x + self.position_embedding(x, start_index=index), training=training)
         new_caches = []
         for i, block in enumerate(self.blocks):
-            x, cache = block(x, cache=None if caches is None else caches[i], index=index, training=training)
+            x, cache = block(x, cache=None if caches is None else caches[i], index=index, context=context,
+                             context_mask=context_mask, cross_cache=None if cross_caches is None else cross_caches[i],
+                             training=training)
             new_caches.append(cache)
         return self.final_norm(x), (None if caches is None else new_caches)
 

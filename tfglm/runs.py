@@ -41,16 +41,31 @@ def read_metrics(run_dir, up_to_step=None):
     return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
 
 
-def load_run(run_dir, weights=BEST):
-    """(config, tokenizer, model) of a trained run; falls back to the last checkpoint if there is no best one."""
+def read_config(run_dir, overrides=()):
+    """The resolved config a run directory holds, with `--set` overrides applied."""
     if not os.path.isdir(run_dir):
         raise TfglmError(f"{run_dir}: no such run directory")
     if not os.path.exists(path(run_dir, CONFIG)):
         raise TfglmError(f"{run_dir}: not a tfglm run directory (no {CONFIG})")
     with open(path(run_dir, CONFIG)) as f:
-        config = load_config(base=json.load(f))
+        return load_config(base=json.load(f), overrides=overrides)
+
+
+def load_run(run_dir, weights=BEST):
+    """(config, tokenizer, model) of a trained run (a GPT, or an encoder pretrainer for model.kind bert); falls back
+    to the last checkpoint if there is no best one."""
+    config = read_config(run_dir)
     tokenizer = load_tokenizer(path(run_dir, TOKENIZER))
-    model = GPT.from_config_tree(config.model, tokenizer.vocab_size)
+    if config.model.kind == "bert":
+        from tfglm.encoder import build_pretrainer
+
+        model = build_pretrainer(config.model, tokenizer.vocab_size)
+    elif config.model.kind == "translate":
+        from tfglm.seq2seq import EncoderDecoder
+
+        model = EncoderDecoder.from_config_tree(config.model, tokenizer.vocab_size)
+    else:
+        model = GPT.from_config_tree(config.model, tokenizer.vocab_size)
     weights_path = path(run_dir, weights)
     if not os.path.exists(weights_path):
         weights_path = path(run_dir, LAST)

@@ -9,6 +9,7 @@ import io
 import json
 import os
 
+import keras_hub
 import sentencepiece
 import tensorflow as tf
 import tensorflow_text as tf_text
@@ -88,6 +89,44 @@ class SentencePieceTokenizer(tf.Module):
             f.write(self.proto)
 
 
+class WordPieceTokenizer(tf.Module):
+    """BERT's lower-cased WordPiece, run in the graph by keras-hub's `WordPieceTokenizer`, for encoders.
+
+    The first ids are `SPECIALS`: [PAD] 0, [CLS] 1, [SEP] 2, [UNK] 3, [MASK] 4.
+    """
+
+    kind = "wordpiece"
+    SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+
+    def __init__(self, vocabulary):
+        super().__init__()
+        self.vocabulary = list(vocabulary)
+        self._wp = keras_hub.tokenizers.WordPieceTokenizer(vocabulary=self.vocabulary, lowercase=True,
+                                                           strip_accents=True, dtype="int32")
+        self.vocab_size = len(self.vocabulary)
+        self.pad_id, self.cls_id, self.sep_id, self.unk_id, self.mask_id = range(len(self.SPECIALS))
+
+    def tokenize(self, strings):
+        return self._wp.tokenize(strings)
+
+    def detokenize(self, ids):
+        return self._wp.detokenize(_as_ragged(ids))
+
+    def save(self, directory):
+        with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+            json.dump({"kind": self.kind, "vocabulary": "vocab.txt"}, f)
+        with open(os.path.join(directory, "vocab.txt"), "w", encoding="utf-8") as f:
+            f.writelines(token + "\n" for token in self.vocabulary)
+
+
+def train_wordpiece(lines, vocab_size):
+    """Trains a lower-cased WordPiece vocabulary (keras-hub's trainer) on a list of text lines."""
+    dataset = tf.data.Dataset.from_tensor_slices(lines).batch(1024)
+    vocabulary = keras_hub.tokenizers.compute_word_piece_vocabulary(
+        dataset, vocab_size, lowercase=True, strip_accents=True, reserved_tokens=WordPieceTokenizer.SPECIALS)
+    return WordPieceTokenizer(vocabulary)
+
+
 def _as_ragged(ids):
     return ids if isinstance(ids, tf.RaggedTensor) else tf.RaggedTensor.from_tensor(ids)
 
@@ -95,6 +134,7 @@ def _as_ragged(ids):
 def train_sentencepiece(lines, vocab_size, max_lines=2_000_000):
     """Trains a byte-fallback BPE model on an iterator of text lines; returns its serialized proto."""
     proto = io.BytesIO()
+    sentencepiece.set_random_generator_seed(0)  # the same corpus gives the same vocabulary on every worker
     try:
         sentencepiece.SentencePieceTrainer.train(
             sentence_iterator=iter(lines), model_writer=proto, vocab_size=vocab_size, model_type="bpe",
@@ -117,5 +157,8 @@ def load_tokenizer(directory):
         spec = json.load(f)
     if spec["kind"] == "char":
         return CharTokenizer(spec["chars"])
+    if spec["kind"] == "wordpiece":
+        with open(os.path.join(directory, spec["vocabulary"]), encoding="utf-8") as f:
+            return WordPieceTokenizer(f.read().splitlines())
     with open(os.path.join(directory, spec["model"]), "rb") as f:
         return SentencePieceTokenizer(f.read())

@@ -11,8 +11,9 @@ import time
 
 import keras
 import numpy as np
+import tensorflow as tf
 
-from tfglm import data, runs
+from tfglm import data, distribute, runs
 from tfglm.errors import TfglmError
 from tfglm.models import GPT
 from tfglm.tokenizers import CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece
@@ -33,13 +34,19 @@ def learning_rate_schedule(train):
         decay_steps=train.steps - train.warmup_steps, alpha=train.min_learning_rate / train.learning_rate)
 
 
-def compile_model(model, train):
+def compile_model(model, train, jit_compile=None, loss=None, weighted_metrics=None):
+    """AdamW (no decay on biases and norms) with the schedule, clipping and accumulation of `train`; the loss is
+    next-token cross-entropy unless given."""
     optimizer = keras.optimizers.AdamW(
         learning_rate=learning_rate_schedule(train), weight_decay=train.weight_decay, beta_1=train.beta_1,
-        beta_2=train.beta_2, global_clipnorm=train.grad_clip or None)
+        beta_2=train.beta_2, global_clipnorm=train.grad_clip or None,
+        gradient_accumulation_steps=train.grad_accum_steps if train.grad_accum_steps > 1 else None)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
-    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=train.jit_compile, steps_per_execution=train.steps_per_execution)
+    if keras.mixed_precision.global_policy().name == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    model.compile(optimizer=optimizer, loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  weighted_metrics=weighted_metrics, jit_compile=train.jit_compile if jit_compile is None else jit_compile,
+                  steps_per_execution=train.steps_per_execution)
     optimizer.build(model.trainable_variables)
 
 
@@ -73,19 +80,13 @@ class RunLogger(keras.callbacks.Callback):
                "learning_rate": float(self.model.optimizer.learning_rate.numpy()),
                "tokens_per_s": round(self.train.eval_interval * self.tokens_per_step / self.train_seconds, 1),
                "wall_s": round(time.time() - self.start, 2)}
+        row.update({k: round(float(v), 5) for k, v in logs.items() if k.startswith("val_") and k not in row})
         with open(runs.path(self.run_dir, runs.METRICS), "a") as f:
             f.write(json.dumps(row) + "\n")
 
 
-def train(config, run_dir, resume=False, verbose=None):
-    """Trains `config` into `run_dir` (or continues the run there); returns the trained model and tokenizer."""
-    if resume:
-        if not os.path.exists(runs.path(run_dir, runs.LAST)):
-            raise TfglmError(f"{run_dir}: nothing to resume (no {runs.LAST})")
-    elif os.path.exists(runs.path(run_dir, runs.CONFIG)):
-        raise TfglmError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
-    os.makedirs(run_dir, exist_ok=True)
-
+def prepare_tokens(config, run_dir, resume, chief=True):
+    """Reads and checks the corpus, trains (or reloads) the tokenizer and returns (tokenizer, train, val) tokens."""
     files = data.resolve_files(config.data.files) if config.data.files else data.embedded_corpus_files()
     stats = data.scan_files(files)
     log.info("corpus: %d file(s), %.1f MB, %d characters", stats.files, stats.bytes / 1e6, stats.characters)
@@ -94,38 +95,71 @@ def train(config, run_dir, resume=False, verbose=None):
         tokenizer = load_tokenizer(tokenizer_dir)
     else:
         tokenizer = build_tokenizer(config, files, stats)
-        os.makedirs(tokenizer_dir, exist_ok=True)
-        tokenizer.save(tokenizer_dir)
-    runs.atomic_write(runs.path(run_dir, runs.CONFIG), config.save)
-    tokens = data.tokenize_files(files, tokenizer)
-    train_tokens, val_tokens = data.split_tokens(tokens, config.data.val_fraction)
+        if chief:
+            os.makedirs(tokenizer_dir, exist_ok=True)
+            tokenizer.save(tokenizer_dir)
+    if chief:
+        runs.atomic_write(runs.path(run_dir, runs.CONFIG), config.save)
+    train_tokens, val_tokens = data.split_tokens(data.tokenize_files(files, tokenizer), config.data.val_fraction)
     log.info("tokens: %d train, %d validation, vocabulary %d", len(train_tokens), len(val_tokens),
              tokenizer.vocab_size)
+    return tokenizer, train_tokens, val_tokens
 
-    t = config.train
-    keras.utils.set_random_seed(t.seed)
-    model = GPT.from_config_tree(config.model, tokenizer.vocab_size)
-    compile_model(model, t)
-    step = 0
+
+def set_precision(policy):
+    if policy == "mixed_float16" and not tf.config.list_physical_devices("GPU"):
+        raise TfglmError("train.mixed_precision: mixed_float16 needs a GPU (CPUs have no fast float16); "
+                         "use mixed_bfloat16 or float32")
+    keras.mixed_precision.set_global_policy(policy)
+
+
+def train(config, run_dir, resume=False, verbose=None, tpu=None):
+    """Trains `config` into `run_dir` (or continues the run there) under `train.strategy`."""
     if resume:
-        model.load_weights(runs.path(run_dir, runs.LAST))
-        step = int(model.optimizer.iterations.numpy())
+        if not os.path.exists(runs.path(run_dir, runs.LAST)):
+            raise TfglmError(f"{run_dir}: nothing to resume (no {runs.LAST})")
+    elif os.path.exists(runs.path(run_dir, runs.CONFIG)):
+        raise TfglmError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
+    t = config.train
+    strategy, kind = distribute.make_strategy(t.strategy, tpu, t.connect_timeout_s)
+    distribute.check_batch(strategy, t.batch_size)
+    chief = distribute.is_chief(strategy)
+    set_precision(t.mixed_precision)
+    jit_compile = t.jit_compile
+    os.makedirs(run_dir, exist_ok=True)
+    tokenizer, train_tokens, val_tokens = prepare_tokens(config, run_dir, resume, chief)
+
+    keras.utils.set_random_seed(t.seed)
+    with strategy.scope():
+        model = GPT.from_config_tree(config.model, tokenizer.vocab_size)
+        compile_model(model, t, jit_compile)
+        if resume:
+            model.load_weights(runs.path(run_dir, runs.LAST))
+    step = int(model.optimizer.iterations.numpy())
+    if resume:
         keras.utils.set_random_seed(t.seed + step)  # dropout masks after a resume: deterministic per (seed, step)
         log.info("resuming %s at step %d", run_dir, step)
-    rows = runs.read_metrics(run_dir, up_to_step=step)
-    with open(runs.path(run_dir, runs.METRICS), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    best = min([r["val_loss"] for r in rows], default=np.inf)
 
+    callbacks = []
+    if chief:
+        rows = runs.read_metrics(run_dir, up_to_step=step)
+        with open(runs.path(run_dir, runs.METRICS), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        best = min([r["val_loss"] for r in rows], default=np.inf)
+        callbacks = [RunLogger(run_dir, t, t.batch_size * config.model.max_length, best),
+                     keras.callbacks.TensorBoard(runs.path(run_dir, runs.LOGS))]
+    if step >= t.steps:
+        return model, tokenizer
     seq_len = config.model.max_length
     train_ds = data.train_dataset(train_tokens, seq_len, t.batch_size, t.seed, step, t.steps - step)
     val_ds = data.eval_dataset(val_tokens, seq_len, t.batch_size, t.eval_batches)
-    callbacks = [RunLogger(run_dir, t, t.batch_size * seq_len, best),
-                 keras.callbacks.TensorBoard(runs.path(run_dir, runs.LOGS))]
-    if verbose is None:
-        verbose = 1 if sys.stdout.isatty() else 2
-    if step < t.steps:
-        model.fit(train_ds, validation_data=val_ds, epochs=t.steps // t.eval_interval,
-                  initial_epoch=step // t.eval_interval, steps_per_epoch=t.eval_interval, callbacks=callbacks,
-                  shuffle=False, verbose=verbose)
+    schedule = dict(epochs=t.steps // t.eval_interval, initial_epoch=step // t.eval_interval,
+                    steps_per_epoch=t.eval_interval, callbacks=callbacks,
+                    verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose)
+    if kind != "default":  # Keras fit fails under multi-worker (keras-team/keras#20585) and mirrored CPU replicas
+        distribute.fit_distributed(model, strategy, distribute.per_worker(train_ds, t.batch_size),
+                                   distribute.per_worker(val_ds, t.batch_size),
+                                   steps_per_execution=t.steps_per_execution, jit_compile=jit_compile, **schedule)
+    else:
+        model.fit(train_ds, validation_data=val_ds, shuffle=False, **schedule)
     return model, tokenizer

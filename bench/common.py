@@ -1,0 +1,101 @@
+"""Shared helpers for the benchmarks: paths, the Tiny Shakespeare token stream, machine peaks, tables and JSON."""
+
+import json
+import os
+import resource
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+RESULTS = os.path.join(ROOT, "bench", "results")
+SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
+
+
+def shakespeare_tokens():
+    """(train tokens, validation tokens, vocab size) of Tiny Shakespeare with tfglm's char tokenizer (90/10 split),
+    or None when ../shared/data is absent."""
+    from tfglm import data
+    from tfglm.tokenizers import CharTokenizer
+
+    if not os.path.exists(SHAKESPEARE):
+        return None
+    stats = data.scan_files([SHAKESPEARE])
+    tokenizer = CharTokenizer(stats.chars)
+    train, val = data.split_tokens(data.tokenize_files([SHAKESPEARE], tokenizer), 0.1)
+    return train, val, tokenizer.vocab_size
+
+
+def best_seconds(fn, repeats):
+    """The fastest of `repeats` timed calls of fn() (after one untimed warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_peak_gflops(n=2048, repeats=5):
+    """fp32 GFLOP/s of an n x n matmul under XLA, best of `repeats`."""
+    a = tf.random.normal([n, n])
+    b = tf.random.normal([n, n])
+
+    @tf.function(jit_compile=True)
+    def matmul():
+        return tf.matmul(a, b)
+
+    return 2 * n ** 3 / best_seconds(lambda: matmul().numpy(), repeats) / 1e9
+
+
+def read_bandwidth_gbs(gigabytes=1.0, repeats=5):
+    """GB/s of a full tf.reduce_sum over a float32 tensor of `gigabytes`, best of `repeats`.
+
+    Eager (Eigen, all cores), not XLA: XLA's CPU reduction is compute-bound here (about 1.7 GB/s against Eigen's 7-8
+    under the same load), so it would measure the reduction, not the memory.
+    """
+    x = tf.ones([int(gigabytes * 1e9) // 4])
+    return gigabytes / best_seconds(lambda: tf.reduce_sum(x).numpy(), repeats)
+
+
+def peak_rss_mb():
+    """This process's peak resident set size in MB: VmHWM of /proc/self/status where available.
+
+    Not `resource.getrusage(...).ru_maxrss`: Linux carries the forking parent's high-water mark into an exec'd child's
+    ru_maxrss, so a subprocess started from a 1.3 GB benchmark process reports at least 1.3 GB.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def write_json(name, result):
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, name)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {os.path.relpath(path, ROOT)}")
+
+
+def print_table(rows, columns):
+    """Prints dicts `rows` as a Markdown table of `columns` (numbers rounded to 4 significant digits)."""
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    print("| " + " | ".join(columns) + " |")
+    print("| " + " | ".join("---" for _ in columns) + " |")
+    for row in rows:
+        print("| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |")
+
+
+def median(values):
+    return float(np.median(values))

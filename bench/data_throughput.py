@@ -1,0 +1,124 @@
+"""Input pipeline throughput: `tfglm.data.train_dataset` batches/s vs the training steps/s that consume them, and
+`tfglm.data.tokenize_files` speed on Tiny Shakespeare (char) and the embedded BBC corpus (SentencePiece 2,048),
+each beside a peer computing the same ids outside TensorFlow (a numpy lookup table; the sentencepiece library's own
+`encode`, 2 threads).
+
+A third row draws the tiny config's batches from 100 M random tokens, to show how the rate scales with corpus size.
+Training steps/s come from bench/results/train_throughput.json (tfglm rows); run bench/train_throughput.py first.
+
+    python bench/data_throughput.py [--quick]
+"""
+
+import argparse
+import json
+import os
+import time
+
+import common
+import numpy as np
+import sentencepiece
+
+from tfglm import data
+from tfglm.config import load_config
+from tfglm.tokenizers import CharTokenizer, SentencePieceTokenizer, train_sentencepiece
+
+CONFIGS = {"tiny": "gpt-char-tiny.yaml", "shakespeare": "gpt-char-shakespeare.yaml"}
+
+
+def training_steps_per_s():
+    """{config name: tfglm training steps/s} from train_throughput.json, or {} when it is absent."""
+    path = os.path.join(common.RESULTS, "train_throughput.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        results = json.load(f)["results"]
+    return {r["config"]: 1e3 / row["step_ms"] for r in results for row in r["rows"] if row["model"] == "tfglm"}
+
+
+def pipeline_batches_per_s(tokens, config, num_batches):
+    """Batches/s of train_dataset over `num_batches` steps, timed after the first batch (pipeline start-up)."""
+    t = config.train
+    iterator = iter(data.train_dataset(tokens, config.model.max_length, t.batch_size, t.seed, 0, num_batches + 1))
+    next(iterator)
+    start = time.perf_counter()
+    for _ in range(num_batches):
+        next(iterator)
+    return num_batches / (time.perf_counter() - start)
+
+
+def tokenize_row(name, files, tokenizer, peer, repeats):
+    """tokenize_files timing, and that of `peer(texts)`: the same ids computed outside TensorFlow."""
+    megabytes = sum(os.path.getsize(f) for f in files) / 1e6
+    tokens = data.tokenize_files(files, tokenizer)
+    seconds = common.best_seconds(lambda: data.tokenize_files(files, tokenizer), repeats)
+    texts = [open(f, encoding="utf-8", errors="replace").read() for f in files]
+    peer_tokens = sum(len(ids) + 1 for ids in peer(texts))  # + <eot> per document
+    peer_seconds = common.best_seconds(lambda: peer(texts), repeats)
+    return {"corpus": name, "files": len(files), "MB": megabytes, "tokens": len(tokens), "peer_tokens": peer_tokens,
+            "seconds": seconds, "MB_per_s": megabytes / seconds, "tokens_per_s": len(tokens) / seconds,
+            "peer_seconds": peer_seconds, "tfglm_over_peer": peer_seconds / seconds}
+
+
+def numpy_char_ids(tokenizer):
+    """The char tokenizer's ids with a numpy lookup table over code points (the peer of CharTokenizer)."""
+    table = np.full(0x110000, tokenizer.unk_id, np.int32)
+    table[[ord(c) for c in tokenizer.chars]] = np.arange(2, tokenizer.vocab_size)
+    return lambda texts: [table[np.frombuffer(t.encode("utf-32-le"), np.uint32)] for t in texts]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer batches and repeats")
+    args = parser.parse_args()
+    stream = common.shakespeare_tokens()
+    tokens = stream[0] if stream else np.random.default_rng(0).integers(0, 67, 1_000_000, dtype=np.int32)
+    consumed = training_steps_per_s()
+
+    pipeline = []
+    for name, file in CONFIGS.items():
+        config = load_config(os.path.join(common.CONFIGS, file))
+        num_batches = (500 if args.quick else 2000) if name == "tiny" else (100 if args.quick else 500)
+        rate = pipeline_batches_per_s(tokens, config, num_batches)
+        row = {"config": name, "corpus_tokens": len(tokens),
+               "batch": f"{config.train.batch_size}x{config.model.max_length}", "batches": num_batches,
+               "pipeline_batches_per_s": rate}
+        if name in consumed:
+            row["training_steps_per_s"] = consumed[name]
+            row["headroom"] = rate / consumed[name]
+        pipeline.append(row)
+    # Scaling with corpus size: the same tiny batches drawn from 100 M random tokens (1.56 M blocks of 64).
+    config = load_config(os.path.join(common.CONFIGS, CONFIGS["tiny"]))
+    large = np.random.default_rng(0).integers(0, 67, 100_000_000, dtype=np.int32)
+    pipeline.append({"config": "tiny", "corpus_tokens": len(large), "batch": "12x64", "batches": 50,
+                     "pipeline_batches_per_s": pipeline_batches_per_s(large, config, 50)})
+    del large
+    common.print_table(pipeline, ["config", "corpus_tokens", "batch", "batches", "pipeline_batches_per_s",
+                                  "training_steps_per_s", "headroom"])
+    if not consumed:
+        print("(no bench/results/train_throughput.json: run bench/train_throughput.py for the training rates)")
+
+    repeats = 1 if args.quick else 3
+    tokenize = []
+    if stream:
+        stats = data.scan_files([common.SHAKESPEARE])
+        char = CharTokenizer(stats.chars)
+        tokenize.append(tokenize_row("tinyshakespeare (char)", [common.SHAKESPEARE], char, numpy_char_ids(char),
+                                     repeats))
+    else:
+        print("(../shared/data absent: Tiny Shakespeare tokenization skipped)")
+    bbc = data.embedded_corpus_files()
+    start = time.perf_counter()
+    proto = train_sentencepiece(data.iter_lines(bbc), 2048)
+    train_seconds = time.perf_counter() - start
+    native = sentencepiece.SentencePieceProcessor(model_proto=proto)
+    tokenize.append(tokenize_row("BBC News (sentencepiece 2048)", bbc, SentencePieceTokenizer(proto),
+                                 lambda texts: native.encode(texts, num_threads=2), repeats))
+    common.print_table(tokenize, ["corpus", "files", "MB", "tokens", "peer_tokens", "seconds", "MB_per_s",
+                                  "tokens_per_s", "peer_seconds", "tfglm_over_peer"])
+    print(f"SentencePiece training on the BBC corpus (vocabulary 2048): {train_seconds:.1f} s")
+    common.write_json("data_throughput.json", {"quick": args.quick, "pipeline": pipeline, "tokenize": tokenize,
+                                               "sentencepiece_train_s": train_seconds})
+
+
+if __name__ == "__main__":
+    main()

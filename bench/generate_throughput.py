@@ -1,0 +1,122 @@
+"""Generation throughput: `tfglm.generate.Generator.generate` vs KerasHub `GPT2CausalLM.generate`, greedy, 16-token
+prompts, 128 new tokens, batch 1 and 8, for a 6 x 384 model with context 256 and a 50,257-token vocabulary (random
+weights: same shapes, same cost). Also the batch-1 memory-bandwidth bound: weight bytes / read bandwidth, both
+measured in this run.
+
+tfglm's entry point takes strings, so it gets a stand-in tokenizer (`CodepointIds`): ids are the prompt's code points
+and `<eot>` is 50,256 as in GPT-2. Tokenizing 15 characters and joining 128 ids into a string are included in its
+time but cost microseconds; what is timed is the decode. KerasHub gets the same 16 ids (`<eot>` + the 15 code points)
+as a `token_ids` / `padding_mask` batch of length 144, with no stop token.
+
+    python bench/generate_throughput.py [--quick]
+"""
+
+import argparse
+import time
+
+import common
+import keras
+import keras_hub
+import numpy as np
+import tensorflow as tf
+
+from tfglm.generate import Generator
+from tfglm.models import GPT
+
+VOCAB, LAYERS, HEADS, WIDTH, CONTEXT = 50257, 6, 6, 384, 256
+PROMPT = "First Citizen: "  # 15 characters; with <eot>, a 16-token prompt
+NEW_TOKENS = 128
+BATCHES = (1, 8)
+
+
+class CodepointIds:
+    """Stand-in tokenizer for the benchmark: ids are Unicode code points, `<eot>` is GPT-2's 50,256."""
+
+    eot_id = VOCAB - 1
+    vocab_size = VOCAB
+
+    def tokenize(self, strings):
+        return tf.strings.unicode_decode(strings, "UTF-8")
+
+    def detokenize(self, ids):
+        return tf.strings.reduce_join(tf.strings.as_string(ids), axis=-1, separator=" ")
+
+
+def tfglm_runner(batch):
+    """A callable running one tfglm generation of `batch` prompts; returns the number of generated tokens."""
+    model = GPT(VOCAB, LAYERS, HEADS, WIDTH, max_length=CONTEXT)
+    model.build()
+    generator = Generator(model, CodepointIds())
+    prompts = tf.constant([PROMPT] * batch)
+
+    def run():
+        out = generator.generate(prompts, NEW_TOKENS, 0.0, 0, 1.0, 0)
+        return int(out["num_tokens"].numpy().sum())
+
+    return run, model.count_params()
+
+
+def keras_hub_runner(batch):
+    """The same for KerasHub: `<eot>` + the prompt's code points, padded to 144, no stop token."""
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=VOCAB, num_layers=LAYERS, num_heads=HEADS, hidden_dim=WIDTH, intermediate_dim=4 * WIDTH,
+        dropout=0.0, max_sequence_length=CONTEXT)
+    lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    lm.compile(sampler="greedy", jit_compile=True)
+    prompt = [CodepointIds.eot_id] + [ord(c) for c in PROMPT]
+    length = len(prompt) + NEW_TOKENS
+    inputs = {"token_ids": np.zeros((batch, length), np.int32), "padding_mask": np.zeros((batch, length), bool)}
+    inputs["token_ids"][:, :len(prompt)] = prompt
+    inputs["padding_mask"][:, :len(prompt)] = True
+
+    def run():
+        out = lm.generate(inputs, stop_token_ids=None)
+        return int((~inputs["padding_mask"] & np.asarray(out["padding_mask"])).sum())
+
+    return run, backbone.count_params()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one timed round instead of three")
+    args = parser.parse_args()
+    rounds = 1 if args.quick else 3
+    bandwidth = common.read_bandwidth_gbs()
+    rows = []
+    for batch in BATCHES:
+        runners = {}
+        for name, make in (("tfglm", tfglm_runner), ("keras_hub", keras_hub_runner)):
+            keras.utils.set_random_seed(0)
+            run, params = make(batch)
+            start = time.perf_counter()
+            run()  # compiles
+            runners[name] = {"run": run, "params": params, "first_s": time.perf_counter() - start, "times": []}
+        for _ in range(rounds):
+            for r in runners.values():
+                start = time.perf_counter()
+                r["tokens"] = r["run"]()
+                r["times"].append(time.perf_counter() - start)
+        for name, r in runners.items():
+            seconds = common.median(r["times"])
+            rows.append({"model": name, "batch": batch, "params": r["params"], "new_tokens": r["tokens"],
+                         "seconds": seconds, "tokens_per_s": r["tokens"] / seconds,
+                         "ms_per_step": 1e3 * seconds / NEW_TOKENS, "first_call_s": r["first_s"],
+                         "times_s": [round(t, 3) for t in r["times"]]})
+        # The median of paired per-round ratios: robust to the machine's load moving between rounds.
+        rows[-2]["tfglm_over_keras_hub"] = common.median(
+            [k / t for t, k in zip(runners["tfglm"]["times"], runners["keras_hub"]["times"])])
+    weight_bytes = 4 * rows[0]["params"]
+    bound = bandwidth * 1e9 / weight_bytes
+    for row in rows:  # decode steps/s against the weight-reading bound (a step reads every weight once)
+        row["pct_of_bandwidth_bound"] = 100 * row["tokens_per_s"] / row["batch"] / bound
+    common.print_table(rows, ["model", "batch", "new_tokens", "seconds", "tokens_per_s", "ms_per_step",
+                              "first_call_s", "tfglm_over_keras_hub", "pct_of_bandwidth_bound"])
+    print(f"read bandwidth (tf.reduce_sum over 1 GB): {bandwidth:.1f} GB/s; weights {weight_bytes / 1e6:.1f} MB "
+          f"fp32 -> batch-1 bound {bound:.0f} tokens/s ({1e3 / bound:.1f} ms a token)")
+    common.write_json("generate_throughput.json", {
+        "quick": args.quick, "rounds": rounds, "read_bandwidth_gbs": bandwidth, "weight_bytes": weight_bytes,
+        "batch1_bound_tokens_per_s": bound, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

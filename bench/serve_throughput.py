@@ -1,0 +1,133 @@
+"""Serving cost: the exported `generate` signature (loaded SavedModel) against in-process `Generator.generate`, and
+requests/s of `tfglm serve` with and without `--enable_batching`.
+
+The model is `configs/gpt-char-shakespeare.yaml`'s (6 x 384, context 256, characters), trained for 4 steps on a
+synthetic corpus (the weights' values do not change the cost) and exported with XLA (`tfglm export`'s default).
+Every call is greedy, at most 32 new tokens from a 6-character prompt.
+
+1. Latency, batch 1 and 8: the loaded SavedModel's `generate` signature and the in-process `Generator` (the same
+   weights, both XLA-compiled), alternating call by call; median of `--calls` calls each after one warm-up call.
+2. Throughput: `tfglm serve` on 127.0.0.1, 16 client threads sending `--requests` one-prompt REST predict requests
+   (columnar, greedy), with batching off and on; requests/s over the whole run, after one request each of 1, 2, 4
+   and 8 prompts (which compiles every batch bucket). Also the mean batch size the batcher formed.
+
+    nice -n 10 .venv/bin/python bench/serve_throughput.py [--quick]
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import common
+import tensorflow as tf
+
+from tfglm import runs, serve
+from tfglm.config import load_config
+from tfglm.export import export_run
+from tfglm.generate import Generator
+from tfglm.train import train
+
+PROMPT = "ROMEO:"
+OPTIONS = {"max_new_tokens": 32, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
+CLIENTS = 16
+CONFIG = "gpt-char-shakespeare.yaml"
+
+
+def make_run(root):
+    corpus = os.path.join(root, "corpus.txt")
+    with open(corpus, "w") as f:
+        f.write("ROMEO: what light through yonder window breaks?\nJULIET: it is the east.\n" * 2000)
+    overrides = [f"data.files=[{corpus}]", "train.steps=4", "train.batch_size=4", "train.eval_interval=4",
+                 "train.eval_batches=1", "train.steps_per_execution=2", "train.warmup_steps=1",
+                 "generate.temperature=0", "generate.max_new_tokens=32"]
+    run_dir = os.path.join(root, "run")
+    train(load_config(os.path.join(common.CONFIGS, CONFIG), overrides), run_dir, verbose=0)
+    return run_dir
+
+
+def latency(run_dir, base_path, calls):
+    _, tokenizer, model = runs.load_run(run_dir)
+    generator = Generator(model, tokenizer)
+    signature = tf.saved_model.load(os.path.join(base_path, "1")).signatures["generate"]
+    options = {k: tf.constant(v) for k, v in OPTIONS.items()}
+    rows = []
+    for batch in (1, 8):
+        prompts = tf.constant([PROMPT] * batch)
+        sides = {"saved_model": lambda: signature(prompts=prompts, **options)["completions"].numpy(),
+                 "in_process": lambda: generator.generate(prompts, *OPTIONS.values())["completions"].numpy()}
+        times = {name: [] for name in sides}
+        for fn in sides.values():
+            fn()
+        for _ in range(calls):
+            for name, fn in sides.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        ms = {name: 1000 * common.median(t) for name, t in times.items()}
+        rows.append({"batch": batch, "saved_model_ms": ms["saved_model"], "in_process_ms": ms["in_process"],
+                     "ratio": ms["saved_model"] / ms["in_process"]})
+    return rows
+
+
+class CountingBatcher(serve.Batcher):
+    """A Batcher that records the size of every batch it runs."""
+
+    sizes = []
+
+    def _execute(self, batch):
+        self.sizes.append(sum(len(r.arrays["prompts"]) for r in batch))
+        super()._execute(batch)
+
+
+def throughput(base_path, requests, enable_batching):
+    server = serve.Server({"m": base_path}, port=0, rest_api_port=0, enable_batching=enable_batching).start()
+    url = f"http://127.0.0.1:{server.rest_port}/v1/models/m:predict"
+
+    def send(prompts=1):
+        body = json.dumps({"signature_name": "generate", "inputs": {"prompts": [PROMPT] * prompts, **OPTIONS}})
+        with urllib.request.urlopen(urllib.request.Request(url, body.encode()), timeout=300) as response:
+            assert response.status == 200
+
+    try:
+        for prompts in (1, 2, 4, 8):  # compiles every batch bucket
+            send(prompts)
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            CountingBatcher.sizes.clear()
+            start = time.perf_counter()
+            list(pool.map(lambda _: send(), range(requests)))
+            seconds = time.perf_counter() - start
+    finally:
+        server.stop()
+    sizes = CountingBatcher.sizes
+    return {"batching": enable_batching, "requests": requests, "seconds": seconds, "requests_per_s": requests / seconds,
+            "mean_batch": sum(sizes) / len(sizes) if sizes else 1.0}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer calls and requests")
+    args = parser.parse_args()
+    calls, requests = (5, 64) if args.quick else (15, 192)
+    serve.Batcher = CountingBatcher  # servables build their batchers from the module's name
+    with tempfile.TemporaryDirectory() as root:
+        run_dir = make_run(root)
+        base_path = os.path.join(root, "models")
+        export_run(run_dir, base_path)
+        latency_rows = latency(run_dir, base_path, calls)
+        print(f"\nlatency, greedy, {OPTIONS['max_new_tokens']} new tokens (median of {calls} calls)")
+        common.print_table(latency_rows, ["batch", "saved_model_ms", "in_process_ms", "ratio"])
+        serve_rows = [throughput(base_path, requests, batching) for batching in (False, True)]
+    print(f"\ntfglm serve, REST, {CLIENTS} clients, one greedy prompt a request")
+    common.print_table(serve_rows, ["batching", "requests", "seconds", "requests_per_s", "mean_batch"])
+    speedup = serve_rows[1]["requests_per_s"] / serve_rows[0]["requests_per_s"]
+    print(f"batching speed-up: {speedup:.2f}x")
+    common.write_json("serve_throughput.json", {"options": OPTIONS, "calls": calls, "latency": latency_rows,
+                                                "serve": serve_rows, "batching_speedup": speedup})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Encoder, BERT pretraining data (masking, sentence pairs), fine-tuning a classifier and labelled-file policy."""
+
+import json
+import logging
+import types
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfglm import labelled
+from tfglm.cli import main
+from tfglm.errors import TfglmError
+from tfglm.pretrain import Segments, mask_generator, pair_dataset, pretraining_dataset
+
+# Ids as tfglm.tokenizers.WordPieceTokenizer assigns them.
+TOKENIZER = types.SimpleNamespace(vocab_size=1000, pad_id=0, cls_id=1, sep_id=2, unk_id=3, mask_id=4)
+SPECIAL = (0, 1, 2)
+
+
+def test_masking_selects_15_percent_of_ordinary_tokens_80_10_10():
+    rng = np.random.RandomState(0)
+    length = 512  # long rows: tf-text rounds each row's count up, which adds at most one token per row
+    token_ids = rng.randint(5, TOKENIZER.vocab_size, size=(200, length)).astype("int32")
+    token_ids[:, 0], token_ids[:, 250], token_ids[:, 400] = 1, 2, 2
+    token_ids[:, 401:] = 0
+    out = mask_generator(TOKENIZER, length)(tf.constant(token_ids))
+    positions = np.asarray(out["mask_positions"])
+    weights = np.asarray(out["mask_weights"]) > 0
+    masked = np.asarray(out["token_ids"])
+    rows = np.broadcast_to(np.arange(len(token_ids))[:, None], positions.shape)
+    selected_rows, selected_positions = rows[weights], positions[weights]
+    ordinary = ~np.isin(token_ids, SPECIAL)
+    assert abs(weights.sum() / ordinary.sum() - 0.15) < 0.01
+    assert not np.isin(token_ids[selected_rows, selected_positions], SPECIAL).any()
+    np.testing.assert_array_equal(np.asarray(out["mask_ids"])[weights], token_ids[selected_rows, selected_positions])
+    new = masked[selected_rows, selected_positions]
+    old = token_ids[selected_rows, selected_positions]
+    as_mask, unchanged = np.mean(new == TOKENIZER.mask_id), np.mean(new == old)
+    assert abs(as_mask - 0.8) < 0.02 and abs(unchanged - 0.1) < 0.02 and abs(1 - as_mask - unchanged - 0.1) < 0.02
+    changed = masked != token_ids
+    changed[selected_rows, selected_positions] = False
+    assert not changed.any()  # only selected positions change, so special tokens never do
+
+
+def _segments(docs):
+    """Documents of segments whose token ids say where they came from: 1000 * segment + 10 + position."""
+    tokens, lengths, has_next, s = [], [], [], 0
+    for doc in docs:
+        for j, n in enumerate(doc):
+            tokens += [1000 * s + 10 + p for p in range(n)]
+            lengths.append(n)
+            has_next.append(j < len(doc) - 1)
+            s += 1
+    return Segments(np.array(tokens, np.int32), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                    np.array(has_next))
+
+
+def test_sentence_pairs_are_half_next_and_next_means_next():
+    rng = np.random.RandomState(1)
+    segments = _segments([rng.randint(2, 9, size=rng.randint(1, 6)) for _ in range(300)])
+    examples = list(pair_dataset(segments, seed=3, start=0, count=4000).as_numpy_iterator())
+    is_next = np.array([e[2] for e in examples])
+    assert abs(is_next.mean() - 0.5) < 0.03
+    for a, b, label in examples[:500]:
+        if label:
+            segment_a, segment_b = a[0] // 1000, b[0] // 1000
+            follows = segment_b == segment_a + 1 and segments.has_next[segment_a] and b[0] % 1000 == 10
+            halves = segment_b == segment_a and not segments.has_next[segment_a] and b[0] == a[-1] + 1
+            assert follows or halves
+    again = list(pair_dataset(segments, seed=3, start=10, count=5).as_numpy_iterator())
+    assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(again, examples[10:15]))
+
+
+def test_pretraining_batches_are_packed_and_masked():
+    segments = _segments([[3, 4, 5]] * 20)
+    tokenizer = types.SimpleNamespace(**{**vars(TOKENIZER), "vocab_size": 30_000})
+    inputs, targets, weights = next(iter(pretraining_dataset(segments, tokenizer, 16, 8, seed=0, num_batches=1)))
+    assert inputs["token_ids"].shape == (8, 16) and inputs["mask_positions"].shape == (8, 2)
+    assert np.all(inputs["token_ids"].numpy()[:, 0] == 1)
+    assert set(np.unique(inputs["segment_ids"].numpy())) == {0, 1}
+    assert targets["nsp"].shape == (8,) and weights["mlm"].shape == (8, 2)
+
+
+def test_encoder_is_bidirectional_ignores_padding_and_ties_the_mlm_head():
+    import keras
+
+    from tfglm.encoder import Encoder, EncoderPretrainer
+
+    keras.utils.set_random_seed(0)
+    model = EncoderPretrainer(Encoder(vocab_size=50, num_layers=2, num_heads=2, hidden_dim=16, max_length=12))
+    tokens = np.random.RandomState(0).randint(5, 50, size=(2, 12)).astype("int32")
+    inputs = {"token_ids": tokens, "segment_ids": np.zeros_like(tokens), "padding_mask": np.arange(12)[None] < 9,
+              "mask_positions": np.zeros((2, 1), "int32")}
+    base = model.encoder(inputs)["sequence_output"].numpy()
+    padded, later = tokens.copy(), tokens.copy()
+    padded[:, 10] = 7
+    later[:, 8] = (later[:, 8] + 1) % 50
+    np.testing.assert_allclose(model.encoder({**inputs, "token_ids": padded})["sequence_output"].numpy()[:, :9],
+                               base[:, :9], atol=1e-5)
+    assert not np.allclose(model.encoder({**inputs, "token_ids": later})["sequence_output"].numpy()[:, 0], base[:, 0])
+    assert model(inputs)["mlm"].shape == (2, 1, 50)
+    assert not any(v.shape[-1] == 50 and len(v.shape) == 2 and "token" not in v.path for v in model.weights)
+
+
+def _write_tsv(path, rows, header="sentence\tlabel"):
+    path.write_text(header + "\n" + "".join(f"{t}\t{y}\n" for t, y in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_classifier_learns_a_separable_task_and_round_trips_its_labels(tmp_path, capsys):
+    rng = np.random.RandomState(0)
+    words = "the a film movie story plot cast scene ending music".split()
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            label = rng.choice(["pos", "neg"])
+            text = " ".join(list(rng.choice(words, 4)) + ["great" if label == "pos" else "awful"])
+            out.append((text, label))
+        return out
+
+    train, test = _write_tsv(tmp_path / "train.tsv", rows(320)), _write_tsv(tmp_path / "test.tsv", rows(60))
+    out = str(tmp_path / "cls")
+    tiny = ["model.kind=bert", "tokenizer.kind=wordpiece", "tokenizer.vocab_size=300", "model.num_layers=1",
+            "model.num_heads=2", "model.hidden_dim=32", "model.max_length=16", "train.jit_compile=false",
+            "train.steps_per_execution=10", "classify.epochs=4", "classify.batch_size=16",
+            "classify.learning_rate=0.003", "classify.dropout=0.0", "generate.max_new_tokens=8"]
+    config = tmp_path / "tiny.yaml"
+    config.write_text("{}\n")
+    args = ["finetune", "--from-scratch", "--config", str(config), "--task", "classify", "--train", train, "--eval",
+            test, "--out", out]
+    assert main(args + sum((["--set", s] for s in tiny), [])) == 0
+    with open(f"{out}/eval.json") as f:
+        scores = json.load(f)
+    assert scores["accuracy"] == 1.0 and scores["macro_f1"] == 1.0
+    assert scores["labels"] == ["neg", "pos"] and np.trace(scores["confusion_matrix"]) == 60
+    assert labelled.load_labels(f"{out}/labels.json") == ["neg", "pos"]
+    capsys.readouterr()
+    assert main(["predict", "--model", out, "--json", "the film plot cast great", "a movie story scene awful"]) == 0
+    predictions = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["label"] for p in predictions] == ["pos", "neg"]
+    assert main(["evaluate", "--model", out, "--data", test]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0
+
+
+def test_label_sets_sort_integers_numerically_and_round_trip(tmp_path):
+    labels = labelled.label_set("x.tsv", ["10", "2", "1", "2", "10", "1"])
+    assert labels == ["1", "2", "10"]
+    labelled.save_labels(tmp_path / "labels.json", labels)
+    assert labelled.load_labels(tmp_path / "labels.json") == labels
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "one", "label": 1}\n{"text": "two", "label": "2"}\n')
+    assert labelled.read_labelled(str(path), "text", "label") == (["one", "two"], ["1", "2"])
+
+
+@pytest.mark.parametrize("content, labels, message", [
+    ("text\tlabel\nfine\t1\n", None, "x.tsv:2: no column 'sentence' (has: text, label)"),
+    ("sentence\tlabel\nfine\t1\nodd\t3\n", ["0", "1"], "x.tsv:3: column 'label': label '3' is not one"),
+    ("sentence\tlabel\nfine\t1\nwith\ta tab\t0\n", None, "x.tsv:3: 3 fields, the header has 2"),
+    ("sentence\tlabel\nfine\t\n", None, "x.tsv:2: column 'label': empty label"),
+])
+def test_bad_rows_are_one_line_errors_naming_file_line_and_column(tmp_path, content, labels, message):
+    path = tmp_path / "x.tsv"
+    path.write_text(content)
+    with pytest.raises(TfglmError) as e:
+        labelled.read_labelled(str(path), "sentence", "label", labels)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_empty_texts_are_skipped_and_counted_and_single_examples_warned(tmp_path, caplog):
+    path = _write_tsv(tmp_path / "x.tsv", [("good", "1"), ("  ", "0"), ("bad", "0"), ("", "1"), ("meh", "2")])
+    with caplog.at_level(logging.WARNING, logger="tfglm"):
+        texts, targets = labelled.read_labelled(path, "sentence", "label")
+        labelled.label_set(path, targets)
+    assert texts == ["good", "bad", "meh"]
+    assert "x.tsv:3: skipped 2 row(s) with empty text" in caplog.text
+    assert "label '2' has only 1 example" in caplog.text
+
+
+def test_cli_prints_a_user_mistake_as_one_line(tmp_path, capsys):
+    train = _write_tsv(tmp_path / "t.csv", [("x", "1")], header="review,stars")
+    assert main(["finetune", "--from-scratch", "--config", "configs/bert-sst2.yaml", "--task", "classify",
+                 "--train", train, "--eval", train, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tfglm: error: ") and "t.csv:2:" in err and "\n" not in err

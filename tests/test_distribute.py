@@ -1,0 +1,194 @@
+"""tf.distribute on CPU: 2 mirrored replicas, 2 workers on 127.0.0.1, crash and resume, bad set-ups."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import TINY
+from tfglm import data, distribute
+from tfglm.config import load_config
+from tfglm.errors import TfglmError
+from tfglm.train import set_precision
+
+WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
+# No clipping: Keras clips each replica's gradient before the all-reduce, which differs from one device.
+COMMON = TINY + ["train.grad_clip=0", "train.steps_per_execution=5", "train.eval_interval=20", "train.steps=40"]
+
+
+def _start(out, weights, overrides, logical_cpus=1, resume=False, tf_config=None):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.path.dirname(__file__)}
+    env.pop("TF_CONFIG", None)
+    if tf_config:
+        env["TF_CONFIG"] = json.dumps(tf_config)
+    return subprocess.Popen([sys.executable, WORKER, str(out), str(weights), str(logical_cpus), "1" if resume else "0",
+                             *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process, timeout=300):
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, err
+
+
+def _weights(path):
+    with np.load(path) as f:
+        return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
+
+
+def _val_losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["val_loss"] for line in f]
+
+
+@pytest.fixture(scope="module")
+def single_device(tmp_path_factory, request):
+    root = tmp_path_factory.mktemp("single")
+    corpus = root / "corpus.txt"
+    corpus.write_text("".join(f"line {i} says {'abcdefgh'[i % 8] * (i % 5 + 1)}.\n" for i in range(1500)))
+    overrides = COMMON + [f"data.files=[{corpus}]", "train.strategy=default"]
+    code, err = _finish(_start(root / "run", root / "w.npz", overrides))
+    assert code == 0, err
+    return overrides, root / "run", _weights(root / "w.npz")
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _cluster(n):
+    return {"worker": [f"127.0.0.1:{p}" for p in _free_ports(n)]}
+
+
+def _assert_close(weights_a, weights_b, atol=2e-3):
+    assert len(weights_a) == len(weights_b)
+    for a, b in zip(weights_a, weights_b):
+        np.testing.assert_allclose(a, b, atol=atol)
+
+
+def test_mirrored_two_cpu_replicas_match_one_device(single_device, tmp_path):
+    overrides, single_run, single_weights = single_device
+    mirrored = [o.replace("train.strategy=default", "train.strategy=mirrored") for o in overrides]
+    code, err = _finish(_start(tmp_path / "run", tmp_path / "w.npz", mirrored, logical_cpus=2))
+    assert code == 0, err
+    np.testing.assert_allclose(_val_losses(tmp_path / "run"), _val_losses(single_run), rtol=1e-3)
+    _assert_close(_weights(tmp_path / "w.npz"), single_weights)
+
+
+def test_global_batch_must_divide_over_replicas(single_device, tmp_path):
+    overrides = [o.replace("train.strategy=default", "train.strategy=mirrored") for o in single_device[0]]
+    code, err = _finish(_start(tmp_path / "run", tmp_path / "w.npz", overrides + ["train.batch_size=7"],
+                               logical_cpus=2))
+    assert code == 2
+    assert err.strip().endswith("train.batch_size: the global batch (7) must divide evenly over 2 replicas")
+
+
+def test_two_workers_match_one_worker(single_device, tmp_path):
+    overrides, single_run, single_weights = single_device
+    overrides = [o.replace("train.strategy=default", "train.strategy=multiworker") for o in overrides]
+    cluster = _cluster(2)
+    workers = [_start(tmp_path / "run", tmp_path / f"w{i}.npz", overrides,
+                      tf_config={"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(2)]
+    for worker in workers:
+        code, err = _finish(worker)
+        assert code == 0, err
+    w0, w1 = _weights(tmp_path / "w0.npz"), _weights(tmp_path / "w1.npz")
+    for a, b in zip(w0, w1):
+        np.testing.assert_array_equal(a, b)  # every worker ends with the same weights
+    _assert_close(w0, single_weights)
+    np.testing.assert_allclose(_val_losses(tmp_path / "run"), _val_losses(single_run), rtol=1e-3)
+    assert sorted(os.listdir(tmp_path / "run")) == ["best.weights.h5", "config.json", "last.weights.h5", "logs",
+                                                    "metrics.jsonl", "tokenizer"]  # the chief alone writes
+
+
+def test_killed_worker_then_restarted_job_resumes_from_last_checkpoint(single_device, tmp_path):
+    overrides = [o.replace("train.strategy=default", "train.strategy=multiworker") for o in single_device[0]]
+    overrides += ["train.steps=200", "train.steps_per_execution=10"]
+    run, cluster = tmp_path / "run", _cluster(2)
+    spec = [{"cluster": cluster, "task": {"type": "worker", "index": i}} for i in range(2)]
+    workers = [_start(run, tmp_path / f"w{i}.npz", overrides, tf_config=spec[i]) for i in range(2)]
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
+        assert time.time() < deadline and workers[0].poll() is None, "no checkpoint was written"
+        time.sleep(0.2)
+    workers[1].kill()  # one worker dies; the job is restarted as a whole
+    workers[0].kill()
+    for w in workers:
+        w.communicate()
+    saved = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert saved and saved[-1] < 200
+
+    cluster = _cluster(2)
+    spec = [{"cluster": cluster, "task": {"type": "worker", "index": i}} for i in range(2)]
+    workers = [_start(run, tmp_path / f"w{i}.npz", overrides, resume=True, tf_config=spec[i]) for i in range(2)]
+    results = [_finish(w) for w in workers]
+    assert all(code == 0 for code, _ in results), results
+    resumed_at = int(results[0][1].split("resuming")[1].split("at step")[1].split()[0])
+    assert resumed_at in saved and resumed_at > 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(20, 201, 20))
+
+
+def test_mixed_float16_on_cpu_is_rejected():
+    with pytest.raises(TfglmError, match="mixed_float16 needs a GPU"):
+        set_precision("mixed_float16")
+
+
+def test_every_training_input_has_a_static_shape():
+    ds = data.train_dataset(np.arange(3000, dtype=np.int32), 16, 8, 0, 0, 10)
+    assert all(spec.shape.is_fully_defined() for spec in ds.element_spec)
+    assert all(spec.shape.is_fully_defined() for spec in data.eval_dataset(np.arange(3000), 16, 8, 2).element_spec)
+
+    class Context:  # what distribute_datasets_from_function passes: worker 1 of 2, one replica each
+        num_input_pipelines, input_pipeline_id = 2, 1
+
+        def get_per_replica_batch_size(self, global_batch):
+            return global_batch // 2
+
+    worker_ds = distribute.per_worker(ds, 8)(Context())
+    assert [s.shape.as_list() for s in worker_ds.element_spec] == [[4, 16], [4, 16]]
+    first_global, first_share = next(iter(ds)), next(iter(worker_ds))
+    np.testing.assert_array_equal(first_share[0], first_global[0][4:])
+
+
+def test_mixed_bfloat16_trains_on_cpu(tmp_path, pattern_file):
+    from tfglm import runs
+    from tfglm.train import train
+
+    config = load_config(overrides=TINY + [f"data.files=[{pattern_file}]", "train.mixed_precision=mixed_bfloat16",
+                                           "train.learning_rate=0.003"])
+    try:
+        model, _ = train(config, str(tmp_path / "run"), verbose=0)
+        assert model.token_embedding.compute_dtype == "bfloat16"
+        assert model.token_embedding.embeddings.dtype == "float32"  # variables stay float32
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    losses = [r["val_loss"] for r in runs.read_metrics(str(tmp_path / "run"))]
+    assert np.isfinite(losses).all() and losses[-1] < 1.0
+
+
+def test_gradient_accumulation_updates_every_k_batches():
+    from tfglm.models import GPT
+    from tfglm.train import compile_model
+
+    config = load_config(overrides=TINY + ["train.grad_accum_steps=2", "train.jit_compile=false",
+                                           "train.steps_per_execution=1"])
+    model = GPT.from_config_tree(config.model, 20)
+    compile_model(model, config.train)
+    x = np.random.RandomState(0).randint(0, 20, size=(8, 16)).astype("int32")
+    before = model.token_embedding.embeddings.numpy().copy()
+    model.train_on_batch(x, x)
+    np.testing.assert_array_equal(model.token_embedding.embeddings.numpy(), before)  # gradient accumulated only
+    model.train_on_batch(x, x)
+    assert not np.allclose(model.token_embedding.embeddings.numpy(), before)

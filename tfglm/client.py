@@ -1,0 +1,85 @@
+"""A client for tfglm models served by `tfglm serve` or TF Serving, over REST or gRPC (TF Serving's APIs).
+
+    client = Client("http://localhost:8501", "tiny")            # or Client("localhost:8500", "tiny", "grpc")
+    client.generate(["ROMEO:"], max_new_tokens=20, temperature=0)  # {"completions": [...], "num_tokens": [...]}
+
+Options left as None are not sent, so the server fills in the model's defaults (its run's `generate` config).
+"""
+
+import json
+import urllib.error
+import urllib.request
+
+from tfglm.errors import TfglmError
+
+DTYPES = {"prompts": "string", "texts": "string", "max_new_tokens": "int32", "temperature": "float32",
+          "top_k": "int32", "top_p": "float32", "seed": "int32", "token_ids": "int32", "lengths": "int32"}
+
+
+class Client:
+    """Calls one model's signatures; `url_or_target` is `http://host:8501` (REST) or `host:8500` (gRPC)."""
+
+    def __init__(self, url_or_target, model_name, protocol="rest", version=None, timeout=60.0):
+        if protocol not in ("rest", "grpc"):
+            raise TfglmError(f"protocol: 'rest' or 'grpc', got {protocol!r}")
+        self.target, self.model_name, self.protocol = url_or_target, model_name, protocol
+        self.version, self.timeout = version, timeout
+        if protocol == "grpc":
+            import grpc
+            from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+            self._stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(url_or_target))
+
+    def generate(self, prompts, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=None):
+        """{"completions": [str], "num_tokens": [int]} for `prompts`."""
+        options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                   "seed": seed}
+        return self.predict("generate", prompts=list(prompts), **options)
+
+    def score(self, texts):
+        """{"log_likelihood": [float], "num_tokens": [int], "perplexity": [float]} for `texts`."""
+        return self.predict("score", texts=list(texts))
+
+    def predict(self, signature_name, **inputs):
+        """The outputs (name -> nested lists) of `signature_name` for `inputs`; None values are not sent."""
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        return self._rest(signature_name, inputs) if self.protocol == "rest" else self._grpc(signature_name, inputs)
+
+    def _rest(self, signature_name, inputs):
+        version = f"/versions/{self.version}" if self.version else ""
+        url = f"{self.target.rstrip('/')}/v1/models/{self.model_name}{version}:predict"
+        body = json.dumps({"signature_name": signature_name, "inputs": inputs}).encode("utf-8")
+        request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.load(response)["outputs"]
+        except urllib.error.HTTPError as e:
+            raise TfglmError(f"{url}: HTTP {e.code}: {_error(e.read())}") from None
+        except OSError as e:
+            raise TfglmError(f"{url}: {e}") from None
+
+    def _grpc(self, signature_name, inputs):
+        import grpc
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+
+        from tfglm.serve import to_json
+
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name, request.model_spec.signature_name = self.model_name, signature_name
+        if self.version:
+            request.model_spec.version.value = self.version
+        for name, value in inputs.items():
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=DTYPES.get(name)))
+        try:
+            response = self._stub.Predict(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise TfglmError(f"{self.target}: {e.code().name}: {e.details()}") from None
+        return {k: to_json(k, tf.make_ndarray(v)) for k, v in response.outputs.items()}
+
+
+def _error(body):
+    try:
+        return json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        return body.decode("utf-8", errors="replace")[:200]

@@ -1,0 +1,118 @@
+"""BERT-style encoder built from the GPT's `TransformerBlock` (with `causal=False`), and its two heads: masked-LM +
+next-sentence pretraining, and sequence classification on [CLS].
+
+Inputs are dicts: `token_ids`, `segment_ids` and `padding_mask` [batch, length] (plus `mask_positions` [batch,
+predictions] for pretraining), as `keras_hub.layers.MultiSegmentPacker` and `MaskedLMMaskGenerator` produce them.
+"""
+
+import keras
+import keras_hub
+from keras import ops
+
+from tfglm.layers import TransformerBlock
+
+INIT = keras.initializers.RandomNormal(stddev=0.02)
+
+
+def gelu(x):
+    return keras.activations.gelu(x, approximate=True)
+
+
+class Encoder(keras.Model):
+    """Token + position + segment embeddings, pre-norm bidirectional blocks that ignore padded keys, a final norm and
+    BERT's tanh pooler on [CLS]. `call` returns {"sequence_output": [batch, length, hidden], "pooled_output":
+    [batch, hidden]}."""
+
+    def __init__(self, vocab_size, num_layers=4, num_heads=4, hidden_dim=128, intermediate_dim=0, max_length=128,
+                 dropout=0.0, num_segments=2, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim or 4 * hidden_dim
+        self.max_length = max_length
+        self.dropout = dropout
+        self.num_segments = num_segments
+        policy = self.dtype_policy
+        self.token_embedding = keras.layers.ReversibleEmbedding(vocab_size, hidden_dim, embeddings_initializer=INIT,
+                                                                dtype=policy, name="token_embedding")
+        self.position_embedding = keras_hub.layers.PositionEmbedding(max_length, initializer=INIT, dtype=policy,
+                                                                     name="position_embedding")
+        self.segment_embedding = keras.layers.Embedding(num_segments, hidden_dim, embeddings_initializer=INIT,
+                                                        dtype=policy, name="segment_embedding")
+        self.embedding_dropout = keras.layers.Dropout(dropout, dtype=policy)
+        self.blocks = [TransformerBlock(num_heads, self.intermediate_dim, dropout, causal=False, dtype=policy,
+                                        name=f"block_{i}") for i in range(num_layers)]
+        self.final_norm = keras.layers.LayerNormalization(epsilon=1e-5, dtype=policy, name="final_norm")
+        self.pooler = keras.layers.Dense(hidden_dim, activation="tanh", kernel_initializer=INIT, dtype=policy,
+                                         name="pooler")
+
+    def call(self, inputs, training=None):
+        x = self.token_embedding(inputs["token_ids"]) + self.segment_embedding(inputs["segment_ids"])
+        x = self.embedding_dropout(x + self.position_embedding(x), training=training)
+        for block in self.blocks:
+            x, _ = block(x, padding_mask=inputs["padding_mask"], training=training)
+        x = self.final_norm(x)
+        return {"sequence_output": x, "pooled_output": self.pooler(x[:, 0])}
+
+    def get_config(self):
+        return {**super().get_config(), "vocab_size": self.vocab_size, "num_layers": self.num_layers,
+                "num_heads": self.num_heads, "hidden_dim": self.hidden_dim,
+                "intermediate_dim": self.intermediate_dim, "max_length": self.max_length, "dropout": self.dropout,
+                "num_segments": self.num_segments}
+
+    @classmethod
+    def from_config_tree(cls, model_config, vocab_size):
+        """The encoder a `tfglm.config.ModelConfig` (kind "bert") describes."""
+        return cls(vocab_size=vocab_size, num_layers=model_config.num_layers, num_heads=model_config.num_heads,
+                   hidden_dim=model_config.hidden_dim, intermediate_dim=model_config.intermediate_dim,
+                   max_length=model_config.max_length, dropout=model_config.dropout)
+
+
+def dummy_inputs(length, predictions=0):
+    """A one-row batch of zeros, to build a model."""
+    inputs = {name: ops.zeros((1, length), "int32") for name in ("token_ids", "segment_ids", "padding_mask")}
+    if predictions:
+        inputs["mask_positions"] = ops.zeros((1, predictions), "int32")
+    return inputs
+
+
+class EncoderPretrainer(keras.Model):
+    """Masked-LM head (output projection tied to the token embeddings) and next-sentence head on the pooled [CLS].
+    `call` returns {"mlm": [batch, predictions, vocab], "nsp": [batch, 2]} logits (NSP class 1: B follows A)."""
+
+    def __init__(self, encoder, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.mlm_head = keras_hub.layers.MaskedLMHead(token_embedding=encoder.token_embedding,
+                                                      intermediate_activation=gelu, kernel_initializer=INIT,
+                                                      dtype=encoder.dtype_policy, name="mlm_head")
+        self.nsp_head = keras.layers.Dense(2, kernel_initializer=INIT, dtype=encoder.dtype_policy, name="nsp_head")
+
+    def call(self, inputs, training=None):
+        out = self.encoder(inputs, training=training)
+        mlm = self.mlm_head(out["sequence_output"], mask_positions=inputs["mask_positions"])
+        return {"mlm": ops.cast(mlm, "float32"), "nsp": ops.cast(self.nsp_head(out["pooled_output"]), "float32")}
+
+
+class EncoderClassifier(keras.Model):
+    """Dropout and a linear layer over the pooled [CLS]; `call` returns [batch, num_classes] logits."""
+
+    def __init__(self, encoder, num_classes, dropout=0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.head_dropout = keras.layers.Dropout(dropout, dtype=encoder.dtype_policy)
+        self.head = keras.layers.Dense(num_classes, kernel_initializer=INIT, dtype=encoder.dtype_policy,
+                                       name="classifier_head")
+
+    def call(self, inputs, training=None):
+        pooled = self.encoder(inputs, training=training)["pooled_output"]
+        return ops.cast(self.head(self.head_dropout(pooled, training=training)), "float32")
+
+
+def build_pretrainer(model_config, vocab_size):
+    """The built `EncoderPretrainer` a `tfglm.config.ModelConfig` (kind "bert") describes."""
+    model = EncoderPretrainer(Encoder.from_config_tree(model_config, vocab_size))
+    model(dummy_inputs(model_config.max_length, predictions=1))
+    return model

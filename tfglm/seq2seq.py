@@ -1,0 +1,155 @@
+"""Encoder-decoder Transformer for translation, from the same `tfglm.layers` blocks as the GPT, and its decoding:
+greedy through the shared `tfglm.generate.decode` loop, or beam search over the same cached step.
+
+While decoding, each decoder layer keeps its self-attention keys/values in a cache updated in place, and reads the
+cross-attention keys/values of the encoded source from a second cache computed once per source batch.
+"""
+
+import keras
+import keras_hub
+import tensorflow as tf
+
+from tfglm.generate import _bucket, decode
+from tfglm.layers import TransformerBlock
+from tfglm.models import GPT
+from tfglm.parallel import PAD
+
+NEG = -1e9
+
+
+class EncoderDecoder(GPT):
+    """A bidirectional encoder over the source (padded keys masked), and a GPT decoder whose blocks also cross-attend
+    to the encoder output. One token embedding serves source, target and the output projection.
+
+    `call({"source_ids", "target_ids"})` returns next-token logits [batch, target_length, vocab] (teacher forcing);
+    source padding is id 0.
+    """
+
+    def __init__(self, vocab_size, num_layers=4, num_heads=4, hidden_dim=128, intermediate_dim=0, max_length=64,
+                 dropout=0.0, **kwargs):
+        super().__init__(vocab_size, num_layers, num_heads, hidden_dim, intermediate_dim, max_length, dropout,
+                         cross_attention=True, **kwargs)
+        init = keras.initializers.RandomNormal(stddev=0.02)
+        self.source_position_embedding = keras_hub.layers.PositionEmbedding(
+            max_length, initializer=init, dtype=self.dtype_policy, name="source_position_embedding")
+        self.encoder_blocks = [TransformerBlock(num_heads, self.intermediate_dim, dropout, causal=False,
+                                                dtype=self.dtype_policy, name=f"encoder_block_{i}")
+                               for i in range(num_layers)]
+        self.encoder_norm = keras.layers.LayerNormalization(epsilon=1e-5, dtype=self.dtype_policy, name="encoder_norm")
+
+    def build(self, input_shape=None):
+        super().build()
+        hidden_shape = (None, None, self.hidden_dim)
+        self.source_position_embedding.build(hidden_shape)
+        for block in self.encoder_blocks:
+            block.build(hidden_shape)
+        self.encoder_norm.build(hidden_shape)
+
+    def encode(self, source_ids, training=None):
+        """The encoder output [batch, source_length, hidden]."""
+        x = self.token_embedding(source_ids)
+        x = self.embedding_dropout(x + self.source_position_embedding(x), training=training)
+        for block in self.encoder_blocks:
+            x, _ = block(x, padding_mask=source_ids != PAD, training=training)
+        return self.encoder_norm(x)
+
+    def call(self, inputs, training=None):
+        source_ids = inputs["source_ids"]
+        hidden, _ = self.forward(inputs["target_ids"], context=self.encode(source_ids, training),
+                                 context_mask=source_ids != PAD, training=training)
+        return self.logits(hidden)
+
+    def cross_caches(self, context):
+        """Each decoder layer's cross-attention keys and values of `context`."""
+        return [block.cross_attention_layer.key_values(context) for block in self.blocks]
+
+
+class SourceDecoder:
+    """The decoder bound to a batch of encoded sources, each repeated `repeats` times (once per beam): the
+    `init_cache` / `forward` / `logits` interface that `tfglm.generate.decode` and `beam_search` drive."""
+
+    def __init__(self, model, source_ids, repeats=1):
+        self.model = model
+        self.context_mask = tf.repeat(source_ids != PAD, repeats, axis=0)
+        self.cross_caches = [tf.repeat(c, repeats, axis=0) for c in model.cross_caches(model.encode(source_ids))]
+        self.init_cache, self.logits = model.init_cache, model.logits
+
+    def forward(self, token_ids, caches, index):
+        return self.model.forward(token_ids, caches, index, context_mask=self.context_mask,
+                                  cross_caches=self.cross_caches)
+
+
+def greedy_search(model, source_ids, total, eot_id):
+    """Greedy decoding by the shared decode loop: tokens [batch, total] from `<eot>` at position 0, and the mask of
+    generated tokens (up to, not including, `<eot>`)."""
+    batch = tf.shape(source_ids)[0]
+    tokens = tf.fill([batch, total], eot_id)
+    return decode(SourceDecoder(model, source_ids), tokens, tf.ones([batch], tf.int32), 1, total - 1,
+                  temperature=tf.constant(0.0), top_k=0, top_p=tf.constant(1.0), seed=0, eot_id=eot_id)
+
+
+def beam_search(model, source_ids, total, eot_id, beam_width, length_penalty):
+    """Beam search from `<eot>`: the best hypothesis of each source (tokens [batch, total] as `greedy_search`) and
+    its mask of generated tokens. Hypotheses are ranked by log-probability / ((5 + length) / 6) ** length_penalty
+    (GNMT); a finished one keeps its score and length, and can only be extended by `<eot>`.
+    """
+    batch, k, vocab = tf.shape(source_ids)[0], beam_width, model.vocab_size
+    decoder = SourceDecoder(model, source_ids, repeats=k)
+    is_eot = tf.range(vocab) == eot_id
+
+    def step(i, tokens, log_probs, lengths, finished, caches):
+        hidden, caches = decoder.forward(tf.reshape(tokens[:, :, i], [batch * k, 1]), caches, i)
+        next_log_probs = tf.reshape(tf.nn.log_softmax(decoder.logits(hidden[:, 0])), [batch, k, vocab])
+        next_log_probs = tf.where(finished[:, :, None], tf.where(is_eot, 0.0, NEG), next_log_probs)
+        scores = tf.reshape(log_probs[:, :, None] + next_log_probs, [batch, k * vocab])
+        grown = lengths[:, :, None] + tf.cast(~finished[:, :, None] & ~is_eot, tf.int32)  # lengths, without <eot>
+        grown = tf.reshape(grown, [batch, k * vocab])
+        _, best = tf.math.top_k(scores / ((5.0 + tf.cast(grown, tf.float32)) / 6.0) ** length_penalty, k)
+        beam, token = best // vocab, best % vocab
+        tokens = tf.gather(tokens, beam, batch_dims=1)
+        tokens = tf.where(tf.range(total) == i + 1, token[:, :, None], tokens)
+        finished = tf.gather(finished, beam, batch_dims=1) | (token == eot_id)
+        caches = [tf.reshape(tf.gather(tf.reshape(c, [batch, k, *c.shape[1:]]), beam, batch_dims=1), tf.shape(c))
+                  for c in caches]
+        return (i + 1, tokens, tf.gather(scores, best, batch_dims=1), tf.gather(grown, best, batch_dims=1), finished,
+                caches)
+
+    def not_finished(i, tokens, log_probs, lengths, finished, caches):
+        return (i + 1 < total) & ~tf.reduce_all(finished)
+
+    start = (0, tf.fill([batch, k, total], eot_id), tf.tile(tf.one_hot([0], k, 0.0, NEG), [batch, 1]),
+             tf.zeros([batch, k], tf.int32), tf.zeros([batch, k], tf.bool), decoder.init_cache(batch * k, total))
+    _, tokens, _, lengths, _, _ = tf.while_loop(not_finished, step, start)
+    positions = tf.range(total)[None, :]
+    return tokens[:, 0], (positions >= 1) & (positions <= lengths[:, :1])  # top_k ranks the best beam first
+
+
+class Translator(tf.Module):
+    """Strings in, strings out: sources are tokenized in the graph, truncated to the model's context, padded into a
+    buffer whose batch and length are rounded up to powers of two, and decoded greedily (`beam_width` 1) or by beam
+    search in one XLA function per such shape."""
+
+    def __init__(self, model, tokenizer, beam_width=1, length_penalty=0.6, jit_compile=True):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.beam_width = beam_width
+        self.length_penalty = length_penalty
+        self._decode = tf.function(self._decode_tokens, jit_compile=jit_compile)
+
+    def _decode_tokens(self, source_ids):
+        eot, total = self.tokenizer.eot_id, self.model.max_length
+        if self.beam_width == 1:
+            return greedy_search(self.model, source_ids, total, eot)
+        return beam_search(self.model, source_ids, total, eot, self.beam_width, self.length_penalty)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="sources")])
+    def translate(self, sources):
+        """{"translations": strings [batch]}; an empty source translates to an empty string."""
+        ids = self.tokenizer.tokenize(sources)[:, :self.model.max_length]
+        batch, lengths = tf.shape(sources)[0], tf.cast(ids.row_lengths(), tf.int32)
+        length = tf.minimum(_bucket(tf.reduce_max(lengths), minimum=8), self.model.max_length)
+        source_ids = ids.to_tensor(default_value=PAD, shape=[_bucket(batch, minimum=1), length])
+        tokens, generated = self._decode(source_ids)
+        generated = generated[:batch] & (lengths > 0)[:, None]
+        return {"translations": self.tokenizer.detokenize(tf.ragged.boolean_mask(tokens[:batch], generated))}
