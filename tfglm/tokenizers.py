@@ -54,8 +54,7 @@ class CharTokenizer(tf.Module):
         return tf.strings.unicode_encode(codepoints, "UTF-8")
 
     def save(self, directory):
-        with open(os.path.join(directory, "tokenizer.json"), "w") as f:
-            json.dump({"kind": self.kind, "chars": "".join(self.chars)}, f, ensure_ascii=False)
+        _write_spec(directory, {"kind": self.kind, "chars": "".join(self.chars)})
 
 
 class SentencePieceTokenizer(tf.Module):
@@ -83,8 +82,7 @@ class SentencePieceTokenizer(tf.Module):
         return self._sp.detokenize(_as_ragged(ids))
 
     def save(self, directory):
-        with open(os.path.join(directory, "tokenizer.json"), "w") as f:
-            json.dump({"kind": self.kind, "model": "sentencepiece.model"}, f)
+        _write_spec(directory, {"kind": self.kind, "model": "sentencepiece.model"})
         with open(os.path.join(directory, "sentencepiece.model"), "wb") as f:
             f.write(self.proto)
 
@@ -113,8 +111,7 @@ class WordPieceTokenizer(tf.Module):
         return self._wp.detokenize(_as_ragged(ids))
 
     def save(self, directory):
-        with open(os.path.join(directory, "tokenizer.json"), "w") as f:
-            json.dump({"kind": self.kind, "vocabulary": "vocab.txt"}, f)
+        _write_spec(directory, {"kind": self.kind, "vocabulary": "vocab.txt"})
         with open(os.path.join(directory, "vocab.txt"), "w", encoding="utf-8") as f:
             f.writelines(token + "\n" for token in self.vocabulary)
 
@@ -125,6 +122,12 @@ def train_wordpiece(lines, vocab_size):
     vocabulary = keras_hub.tokenizers.compute_word_piece_vocabulary(
         dataset, vocab_size, lowercase=True, strip_accents=True, reserved_tokens=WordPieceTokenizer.SPECIALS)
     return WordPieceTokenizer(vocabulary)
+
+
+def _write_spec(directory, spec):
+    """tokenizer.json: the kind and what `load_tokenizer` needs to rebuild the tokenizer."""
+    with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(spec, f, ensure_ascii=False)
 
 
 def _as_ragged(ids):
@@ -153,7 +156,7 @@ def load_tokenizer(directory):
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(path):
         raise TfglmError(f"{path}: no tokenizer here (is this a tfglm run directory?)")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         spec = json.load(f)
     if spec["kind"] == "char":
         return CharTokenizer(spec["chars"])
