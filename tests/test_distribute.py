@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -138,6 +139,20 @@ def test_killed_worker_then_restarted_job_resumes_from_last_checkpoint(single_de
     assert resumed_at in saved and resumed_at > 0
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(20, 201, 20))
+
+
+def test_unreachable_worker_ends_with_one_line_error_within_the_timeout(single_device, tmp_path):
+    overrides = [o.replace("train.strategy=default", "train.strategy=multiworker") for o in single_device[0]]
+    cluster = _cluster(2)  # worker 1 is never started
+    started = time.time()
+    code, err = _finish(_start(tmp_path / "run", tmp_path / "w.npz", overrides + ["train.connect_timeout_s=5"],
+                               tf_config={"cluster": cluster, "task": {"type": "worker", "index": 0}}), timeout=120)
+    assert code in (-signal.SIGTERM, -signal.SIGKILL)  # ended by the start-up watchdog
+    assert err.strip().splitlines()[-1] == (f"tfglm: error: TF_CONFIG: worker 1 at {cluster['worker'][1]} did not join "
+                                            "within 5 s (train.connect_timeout_s); start every task in the cluster, "
+                                            "or fix its address")
+    assert time.time() - started < 60
+    assert not (tmp_path / "run" / "last.weights.h5").exists()
 
 
 def test_mixed_float16_on_cpu_is_rejected():

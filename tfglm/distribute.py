@@ -6,9 +6,12 @@ optimizer, datasets and Keras callbacks (progress bar, RunLogger, TensorBoard), 
 input pipelines and several steps per `tf.function` call.
 """
 
+import contextlib
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import keras
 import tensorflow as tf
@@ -54,9 +57,10 @@ def make_strategy(kind, tpu=None, connect_timeout_s=60):
         if not tf_config.get("cluster"):
             raise TfglmError("train.strategy=multiworker needs TF_CONFIG with a cluster and this task "
                              "(see README, 'Several machines')")
-        # Note: creating the strategy blocks until every worker in TF_CONFIG has joined.
         options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=connect_timeout_s)
-        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options), kind
+        with _join_deadline(tf_config, connect_timeout_s):
+            strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        return strategy, kind
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
         tf.config.experimental_connect_to_cluster(resolver)
@@ -64,6 +68,53 @@ def make_strategy(kind, tpu=None, connect_timeout_s=60):
     except (ValueError, tf.errors.OpError) as e:
         raise TfglmError(f"train.strategy=tpu: no TPU found ({str(e).splitlines()[0]})") from None
     return tf.distribute.TPUStrategy(resolver), kind
+
+
+# The watchdog of `_join_deadline`, run as `python -c WATCHDOG PID SECONDS MESSAGE PEER...`: if its stdin is still open
+# after SECONDS, it names the peers that accept no connection, prints MESSAGE and ends process PID.
+WATCHDOG = """
+import os, select, signal, socket, sys
+pid, seconds, message, peers = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4:]
+if select.select([sys.stdin], [], [], seconds)[0]:
+    sys.exit(0)
+def accepts(address):
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+        return True
+    except (OSError, ValueError):
+        return False
+missing = [peer.split("@")[0] + " at " + peer.split("@")[1] for peer in peers if not accepts(peer.split("@")[1])]
+print(message.format(", ".join(missing) or "a peer"), file=sys.stderr, flush=True)
+os.kill(pid, signal.SIGTERM)
+select.select([sys.stdin], [], [], 3)  # TensorFlow may hold on to SIGTERM: then SIGKILL
+try:
+    os.kill(pid, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+"""
+
+
+@contextlib.contextmanager
+def _join_deadline(tf_config, seconds):
+    """Ends this process with a one-line error if the block has not finished within `seconds`.
+
+    MultiWorkerMirroredStrategy's constructor waits, in C++, holding the GIL and without a timeout, until every
+    worker in TF_CONFIG has joined: no Python thread or exception can interrupt it, so the deadline is kept by a
+    small watchdog process. Nothing has been trained or saved yet at that point, so ending the process loses nothing.
+    """
+    me = tf_config.get("task", {})
+    peers = [f"{job} {i}@{address}" for job, addresses in tf_config["cluster"].items()
+             for i, address in enumerate(addresses) if (job, i) != (me.get("type"), me.get("index"))]
+    message = (f"tfglm: error: TF_CONFIG: {{}} did not join within {seconds} s (train.connect_timeout_s); "
+               "start every task in the cluster, or fix its address")
+    watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(seconds), message, *peers],
+                                stdin=subprocess.PIPE)
+    try:
+        yield
+    finally:
+        watchdog.stdin.close()
+        watchdog.wait()
 
 
 def check_batch(strategy, global_batch_size):
