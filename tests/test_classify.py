@@ -103,12 +103,39 @@ def test_encoder_is_bidirectional_ignores_padding_and_ties_the_mlm_head():
     assert not any(v.shape[-1] == 50 and len(v.shape) == 2 and "token" not in v.path for v in model.weights)
 
 
+def test_mlm_loss_is_the_mean_over_selected_tokens_only():
+    import keras
+
+    from tfglm.config import TrainConfig
+    from tfglm.encoder import Encoder, EncoderPretrainer
+    from tfglm.pretrain import compile_pretrainer
+
+    keras.utils.set_random_seed(0)
+    model = EncoderPretrainer(Encoder(vocab_size=50, num_layers=1, num_heads=2, hidden_dim=16, max_length=12))
+    compile_pretrainer(model, TrainConfig(steps=10, warmup_steps=1, eval_interval=5))
+    rng = np.random.RandomState(0)
+    tokens = rng.randint(5, 50, size=(4, 12)).astype("int32")
+    inputs = {"token_ids": tokens, "segment_ids": np.zeros_like(tokens), "padding_mask": np.ones_like(tokens, bool),
+              "mask_positions": rng.randint(1, 12, size=(4, 6)).astype("int32")}
+    targets = {"mlm": rng.randint(5, 50, size=(4, 6)).astype("int32"), "nsp": np.array([0, 1, 0, 1], "int32")}
+    mlm_weights = np.zeros((4, 6), "float32")
+    mlm_weights[:, :2] = 1  # two of six slots used, as in short segments
+    logs = model.evaluate(inputs, targets, sample_weight={"mlm": mlm_weights, "nsp": np.ones(4, "float32")},
+                          verbose=0, return_dict=True)
+    logits = model(inputs)["mlm"].numpy()[:, :2]
+    expected = keras.losses.sparse_categorical_crossentropy(targets["mlm"][:, :2], logits, from_logits=True)
+    np.testing.assert_allclose(logs["mlm_loss"], float(np.mean(expected)), rtol=1e-4)
+
+
 def _write_tsv(path, rows, header="sentence\tlabel"):
     path.write_text(header + "\n" + "".join(f"{t}\t{y}\n" for t, y in rows), encoding="utf-8")
     return str(path)
 
 
-def test_classifier_learns_a_separable_task_and_round_trips_its_labels(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A tiny classifier fine-tuned from scratch on a separable task: (run directory, test file)."""
+    tmp_path = tmp_path_factory.mktemp("classifier")
     rng = np.random.RandomState(0)
     words = "the a film movie story plot cast scene ending music".split()
 
@@ -131,6 +158,11 @@ def test_classifier_learns_a_separable_task_and_round_trips_its_labels(tmp_path,
     args = ["finetune", "--from-scratch", "--config", str(config), "--task", "classify", "--train", train, "--eval",
             test, "--out", out]
     assert main(args + sum((["--set", s] for s in tiny), [])) == 0
+    return out, test
+
+
+def test_classifier_learns_a_separable_task_and_round_trips_its_labels(classifier, capsys):
+    out, test = classifier
     with open(f"{out}/eval.json") as f:
         scores = json.load(f)
     assert scores["accuracy"] == 1.0 and scores["macro_f1"] == 1.0
@@ -142,6 +174,112 @@ def test_classifier_learns_a_separable_task_and_round_trips_its_labels(tmp_path,
     assert [p["label"] for p in predictions] == ["pos", "neg"]
     assert main(["evaluate", "--model", out, "--data", test]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0
+
+
+# A fresh interpreter as a model server would have it: TensorFlow and tensorflow-text's ops, no tfglm, Keras or
+# keras-hub. Runs `predict` and, in a TF1 session as TF Serving does, `classify` on serialized tf.Examples.
+LOADER = r"""
+import glob, importlib.util, json, os, sys
+sys.modules.update(dict.fromkeys(["tfglm", "keras", "keras_hub", "tf_keras"]))
+import tensorflow as tf
+text_dir = importlib.util.find_spec("tensorflow_text").submodule_search_locations[0]
+for library in glob.glob(os.path.join(text_dir, "python", "ops", "*.so")):
+    tf.load_op_library(library)
+path, texts = sys.argv[1], json.loads(sys.argv[2])
+predict = tf.saved_model.load(path).signatures["serving_default"](texts=tf.constant(texts))
+examples = [tf.train.Example(features=tf.train.Features(feature={"sentence": tf.train.Feature(
+    bytes_list=tf.train.BytesList(value=[t.encode()]))})).SerializeToString() for t in texts]
+with tf.compat.v1.Session(graph=tf.Graph()) as session:
+    signature = tf.compat.v1.saved_model.load(session, ["serve"], path).signature_def["classify"]
+    classify = session.run({k: v.name for k, v in signature.outputs.items()},
+                           {signature.inputs["inputs"].name: examples})
+print(json.dumps({"labels": [t.decode() for t in predict["labels"].numpy()],
+                  "scores": predict["scores"].numpy().tolist(),
+                  "classes": [[c.decode() for c in row] for row in classify["classes"]],
+                  "classify_scores": classify["scores"].tolist()}))
+"""
+
+
+TEXTS = ["the film plot cast great", "a movie story scene awful", "music", "ending great awful great"]
+
+
+@pytest.fixture(scope="module")
+def exported(classifier, tmp_path_factory):
+    """(base path with version 1 of the exported classifier, in-process probabilities of TEXTS)."""
+    from tfglm.classify import predict
+    from tfglm.export import export_run
+
+    base_path = str(tmp_path_factory.mktemp("models"))
+    export_run(classifier[0], base_path, jit_compile=False)
+    expected = predict(classifier[0], TEXTS)
+    assert [p["label"] for p in expected] == ["pos", "neg", expected[2]["label"], expected[3]["label"]]
+    return base_path, [[p["probabilities"][label] for label in ("neg", "pos")] for p in expected]
+
+
+def test_exported_classify_and_predict_in_a_clean_interpreter_equal_in_process(exported):
+    import subprocess
+    import sys
+
+    base_path, probabilities = exported
+    result = subprocess.run([sys.executable, "-c", LOADER, f"{base_path}/1", json.dumps(TEXTS)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    served = json.loads(result.stdout)
+    assert served["labels"] == [["neg", "pos"][int(np.argmax(p))] for p in probabilities]
+    np.testing.assert_allclose(served["scores"], probabilities, atol=1e-5)
+    np.testing.assert_allclose(served["classify_scores"], probabilities, atol=1e-5)
+    assert served["classes"] == [["neg", "pos"]] * len(TEXTS)
+
+
+def test_served_classifier_answers_classify_over_rest_and_grpc_and_predict_through_the_client(exported):
+    import urllib.error
+    import urllib.request
+
+    import grpc
+    from tensorflow_serving.apis import classification_pb2, prediction_service_pb2_grpc
+
+    from tfglm.client import Client
+    from tfglm.serve import Server
+
+    base_path, probabilities = exported
+    server = Server({"cls": base_path}, port=0, rest_api_port=0, poll_s=60).start()
+    try:
+        url = f"http://127.0.0.1:{server.rest_port}/v1/models/cls:classify"
+
+        def post(body):
+            request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request) as response:
+                    return response.status, json.load(response)
+            except urllib.error.HTTPError as e:
+                return e.code, json.load(e)
+
+        status, body = post({"signature_name": "classify", "examples": [{"sentence": t} for t in TEXTS]})
+        assert status == 200
+        assert [[label for label, _ in row] for row in body["result"]] == [["neg", "pos"]] * len(TEXTS)
+        np.testing.assert_allclose([[s for _, s in row] for row in body["result"]], probabilities, atol=1e-5)
+        assert post({"examples": [{"sentence": "x"}]}) == (400, {"error": "signature 'serving_default' is not a "
+                                                               "classification signature (one input 'inputs'; "
+                                                               "outputs 'classes' and/or 'scores')"})
+        assert post({"signature_name": "classify"})[0] == 400
+
+        request = classification_pb2.ClassificationRequest()
+        request.model_spec.name, request.model_spec.signature_name = "cls", "classify"
+        for text in TEXTS:
+            request.input.example_list.examples.add().features.feature["sentence"].bytes_list.value.append(
+                text.encode())
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(
+            grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}"))
+        response = stub.Classify(request, timeout=60)
+        rows = [[[c.label, c.score] for c in r.classes] for r in response.result.classifications]
+        assert [[label for label, _ in row] for row in rows] == [["neg", "pos"]] * len(TEXTS)
+        np.testing.assert_allclose([[s for _, s in row] for row in rows], probabilities, atol=1e-5)
+
+        out = Client(f"http://127.0.0.1:{server.rest_port}", "cls").classify(TEXTS)
+        np.testing.assert_allclose(out["scores"], probabilities, atol=1e-5)
+        assert out["labels"] == [["neg", "pos"][int(np.argmax(p))] for p in probabilities]
+    finally:
+        server.stop()
 
 
 def test_label_sets_sort_integers_numerically_and_round_trip(tmp_path):

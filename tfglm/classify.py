@@ -185,3 +185,36 @@ def predict(run_dir, texts):
     return [{"text": text, "label": labels[int(p.argmax())],
              "probabilities": {label: round(float(q), 5) for label, q in zip(labels, p)}}
             for text, p in zip(texts, probs)]
+
+
+def serving_module(model, tokenizer, config, labels):
+    """The exported object of a classifier (as in `tfglm.export.serving_module`): `predict` takes `texts` and gives
+    each one's `labels` and `scores` (the probability of every label, in labels.json order); `classify` is TF
+    Serving's Classify API: serialized `tf.Example`s with the text in the feature `classify.text_column` in, `classes`
+    (the label names) and `scores` [batch, num_labels] out."""
+    encode_texts = encode(tokenizer, config.model.max_length)
+    names = tf.constant(labels)
+    feature = config.classify.text_column
+
+    def scores(texts):
+        return tf.nn.softmax(model(encode_texts(texts), training=False), axis=-1)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="texts")])
+    def predict(texts):
+        """{"labels": the most probable label of each text, "scores": [batch, num_labels]}."""
+        probs = scores(texts)
+        return {"labels": tf.gather(names, tf.argmax(probs, axis=-1)), "scores": probs}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+    def classify(inputs):
+        """TF Serving's Classify API: {"classes": [batch, num_labels] label names, "scores": their probabilities}."""
+        texts = tf.io.parse_example(inputs, {feature: tf.io.FixedLenFeature([], tf.string)})[feature]
+        probs = scores(texts)
+        return {"classes": tf.tile(names[None], [tf.shape(probs)[0], 1]), "scores": probs}
+
+    module = tf.Module()
+    module.tokenizer = tokenizer
+    module.weights = [variable.value for variable in model.variables]
+    module.predict, module.classify = predict, classify
+    return module
+

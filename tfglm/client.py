@@ -2,6 +2,7 @@
 
     client = Client("http://localhost:8501", "tiny")            # or Client("localhost:8500", "tiny", "grpc")
     client.generate(["ROMEO:"], max_new_tokens=20, temperature=0)  # {"completions": [...], "num_tokens": [...]}
+    client.translate(["A dog runs."]), client.classify(["a great film"])  # translation / classifier exports
 
 Options left as None are not sent, so the server fills in the model's defaults (its run's `generate` config).
 """
@@ -12,7 +13,7 @@ import urllib.request
 
 from tfglm.errors import TfglmError
 
-DTYPES = {"prompts": "string", "texts": "string", "max_new_tokens": "int32", "temperature": "float32",
+DTYPES = {"prompts": "string", "texts": "string", "sources": "string", "max_new_tokens": "int32", "temperature": "float32",
           "top_k": "int32", "top_p": "float32", "seed": "int32", "token_ids": "int32", "lengths": "int32"}
 
 
@@ -39,6 +40,14 @@ class Client:
     def score(self, texts):
         """{"log_likelihood": [float], "num_tokens": [int], "perplexity": [float]} for `texts`."""
         return self.predict("score", texts=list(texts))
+
+    def translate(self, sources):
+        """{"translations": [str]} for `sources` (a translation export)."""
+        return self.predict("translate", sources=list(sources))
+
+    def classify(self, texts):
+        """{"labels": [str], "scores": [[float] per label]} for `texts` (a classifier export's `predict`)."""
+        return self.predict("predict", texts=list(texts))
 
     def predict(self, signature_name, **inputs):
         """The outputs (name -> nested lists) of `signature_name` for `inputs`; None values are not sent."""

@@ -20,6 +20,8 @@ import tempfile
 import tensorflow as tf
 
 from tfglm import runs
+from tfglm.classify import LABELS, load_classifier
+from tfglm.classify import serving_module as classifier_module
 from tfglm.errors import TfglmError
 from tfglm.generate import SIGNATURE, Generator
 from tfglm.models import GPT
@@ -102,6 +104,31 @@ def write_warmup(export_dir, prompt, signature="generate", input_name="prompts")
         writer.write(log.SerializeToString())
 
 
+def _serving(run_dir, jit_compile):
+    """(module, signatures, (warmup signature, its input), warmup text) for the run's kind."""
+    if os.path.exists(runs.path(run_dir, LABELS)):  # a classifier: `predict` (also serving_default) and `classify`
+        config, tokenizer, labels, model = load_classifier(run_dir)
+        module = classifier_module(model, tokenizer, config, labels)
+        signatures = {"predict": module.predict, "classify": module.classify, "serving_default": module.predict}
+        return module, signatures, ("predict", "texts"), config.generate.prompt or "a"
+    config, tokenizer, model = runs.load_run(run_dir)
+    if not isinstance(model, GPT):
+        raise TfglmError(f"{run_dir}: a pretrained encoder has nothing to serve; fine-tune it with tfglm finetune "
+                         "and export that run")
+    if config.model.kind == "translate":  # one `translate` signature: source strings in, translations out
+        from tfglm.seq2seq import Translator
+        from tfglm.translate import serving_module as translation_module
+
+        module = translation_module(Translator(model, tokenizer, config.translate.beam_width,
+                                               config.translate.length_penalty, jit_compile))
+        signatures = {"translate": module.translate, "serving_default": module.translate}
+        return module, signatures, ("translate", "sources"), config.generate.prompt
+    module = serving_module(Generator(model, tokenizer, jit_compile=jit_compile), config.generate)
+    signatures = {name: getattr(module, name) for name in SIGNATURES}
+    signatures["serving_default"] = module.generate
+    return module, signatures, ("generate", "prompts"), config.generate.prompt
+
+
 def export_run(run_dir, base_path, version=None, jit_compile=True):
     """Exports the run in `run_dir` to `base_path/<version>/` (default: the next free version); returns that path.
 
@@ -110,31 +137,16 @@ def export_run(run_dir, base_path, version=None, jit_compile=True):
     """
     if version is not None and version < 1:
         raise TfglmError(f"--version: must be a positive integer, got {version}")
-    config, tokenizer, model = runs.load_run(run_dir)
-    if not isinstance(model, GPT):
-        raise TfglmError(f"{run_dir}: export needs a generative (GPT) run, and this run's model is not one")
+    module, signatures, warmup, prompt = _serving(run_dir, jit_compile)
     os.makedirs(base_path, exist_ok=True)
     version = version or _next_version(base_path)
     target = os.path.join(base_path, str(version))
     if os.path.exists(target):
         raise TfglmError(f"{target}: version {version} already exists (omit --version for the next free one)")
-    if config.model.kind == "translate":  # one `translate` signature: source strings in, translations out
-        from tfglm.seq2seq import Translator
-        from tfglm.translate import serving_module as translation_module
-
-        module = translation_module(Translator(model, tokenizer, config.translate.beam_width,
-                                               config.translate.length_penalty, jit_compile))
-        signatures = {"translate": module.translate, "serving_default": module.translate}
-        warmup = ("translate", "sources")
-    else:
-        module = serving_module(Generator(model, tokenizer, jit_compile=jit_compile), config.generate)
-        signatures = {name: getattr(module, name) for name in SIGNATURES}
-        signatures["serving_default"] = module.generate
-        warmup = ("generate", "prompts")
     tmp = tempfile.mkdtemp(prefix=f"tmp-{version}-", dir=base_path)
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the version from a server running as another user
     try:
-        write_warmup(tmp, config.generate.prompt, *warmup)
+        write_warmup(tmp, prompt, *warmup)
         tf.saved_model.save(module, tmp, signatures=signatures)
         os.replace(tmp, target)
     finally:

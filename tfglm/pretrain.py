@@ -122,8 +122,11 @@ def split_documents(docs, val_fraction, seed):
 
 
 def compile_pretrainer(model, train_config):
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    train.compile_model(model, train_config, loss={"mlm": loss, "nsp": loss},
+    # MLM: the mean over the selected tokens only; the default would divide by every prediction slot, most of them
+    # empty in short segments, and so shrink the MLM loss against NSP's.
+    mlm = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight")
+    nsp = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    train.compile_model(model, train_config, loss={"mlm": mlm, "nsp": nsp},
                         weighted_metrics={"mlm": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                                           "nsp": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]})
 

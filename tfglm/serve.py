@@ -4,8 +4,9 @@ deployments.
 Each model is a base path of numbered versions; the newest is loaded with `tf.saved_model.load`, its warmup requests
 replayed, and only then swapped in, by a thread polling the base paths every `poll_s` seconds. Signatures are called
 with every input, the SignatureDef's `defaults` filling in those a request leaves out, as TF Serving does.
-REST: `GET /v1/models/NAME[/versions/V][/metadata]` and `POST /v1/models/NAME[/versions/V]:predict` (row and
-columnar formats). gRPC: `PredictionService.Predict` and `GetModelMetadata`. A bad request gets a TF Serving-style
+REST: `GET /v1/models/NAME[/versions/V][/metadata]`, `POST /v1/models/NAME[/versions/V]:predict` (row and
+columnar formats) and `:classify` (tf.Example features as JSON). gRPC: `PredictionService.Predict`, `Classify` and
+`GetModelMetadata`. A bad request gets a TF Serving-style
 error (HTTP 400 / 404, gRPC INVALID_ARGUMENT / NOT_FOUND) and the server carries on.
 """
 
@@ -27,7 +28,7 @@ import tensorflow as tf
 import tensorflow_text  # noqa: F401  (registers the tokenizer ops exported graphs use)
 from google.protobuf import json_format, text_format
 from tensorflow.core.protobuf import saved_model_pb2
-from tensorflow_serving.apis import (get_model_metadata_pb2, predict_pb2, prediction_log_pb2,
+from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, predict_pb2, prediction_log_pb2,
                                      prediction_service_pb2_grpc)
 from tensorflow_serving.config import model_server_config_pb2
 
@@ -36,7 +37,7 @@ from tfglm.errors import TfglmError
 log = logging.getLogger("tfglm")
 GENERATE_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
 WARMUP = os.path.join("assets.extra", "tf_serving_warmup_requests")
-ROUTE = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+))?(/metadata|:predict)?")
+ROUTE = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+))?(/metadata|:predict|:classify)?")
 
 
 class RequestError(Exception):
@@ -185,6 +186,18 @@ class Servable:
             if self.batcher:
                 return self.batcher(arrays)
         return self._call(signature_name, arrays)
+
+    def classify(self, signature_name, examples):
+        """(classes, scores) [batch, num_classes] (either may be None) of a classification signature for serialized
+        tf.Examples, as TF Serving's Classify API computes them."""
+        signature = self.signature(signature_name)
+        if list(signature.inputs) != ["inputs"] or not {"classes", "scores"} & set(signature.outputs):
+            raise RequestError(f"signature {signature_name!r} is not a classification signature (one input "
+                               "'inputs'; outputs 'classes' and/or 'scores')")
+        if not examples:
+            raise RequestError("examples: empty batch")
+        outputs = self._call(signature_name, {"inputs": np.array(examples, dtype=object)})
+        return outputs.get("classes"), outputs.get("scores")
 
     def _check(self, name, array, info):
         dtype = tf.as_dtype(info.dtype)
@@ -405,6 +418,47 @@ class Server:
         return {"predictions": [{k: v[i] for k, v in outputs.items()} for i in range(sizes.pop())]}
 
 
+    def rest_classify(self, name, version, body):
+        """The JSON response to a REST classify request: {"result": [[[label, score], ...] per example]}."""
+        try:
+            request = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RequestError(f"JSON Parse error: {e}") from None
+        if not isinstance(request, dict) or not isinstance(request.get("examples"), list):
+            raise RequestError("Missing 'examples' key (a list of {feature: value} objects)")
+        context = request.get("context", {})
+        examples = [to_example({**context, **features}, f"examples[{i}]").SerializeToString()
+                    for i, features in enumerate(request["examples"])]
+        servable = self.servable(name, version)
+        classes, scores = servable.classify(request.get("signature_name") or "serving_default", examples)
+        return {"result": classification_rows(classes, scores)}
+
+
+def to_example(features, where):
+    """A tf.Example from JSON features: strings (or {"b64": ...}) as bytes, integers as int64, numbers as float."""
+    if not isinstance(features, dict):
+        raise RequestError(f"{where}: expected an object of features")
+    example = tf.train.Example()
+    for key, value in features.items():
+        values, feature = value if isinstance(value, list) else [value], example.features.feature[key]
+        if all(isinstance(v, (str, dict)) for v in values):
+            feature.bytes_list.value.extend(_bytes(f"{where}.{key}", values))
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            feature.int64_list.value.extend(values)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            feature.float_list.value.extend(values)
+        else:
+            raise RequestError(f"{where}.{key}: expected strings, integers or numbers, got {json.dumps(value)[:80]}")
+    return example
+
+
+def classification_rows(classes, scores):
+    """[[(label, score), ...] per example], TF Serving's classification result, from either output or both."""
+    batch, num_classes = (classes if classes is not None else scores).shape
+    return [[[classes[i, j].decode("utf-8", errors="replace") if classes is not None else "",
+              float(scores[i, j]) if scores is not None else 0.0] for j in range(num_classes)] for i in range(batch)]
+
+
 def _single_input(signature):
     """The one input without a default, for requests that send a bare value instead of named inputs."""
     required = [k for k in signature.inputs if k not in signature.defaults]
@@ -450,9 +504,11 @@ class RestHandler(BaseHTTPRequestHandler):
         raise RequestError(f"Malformed request: GET {self.path}", 404)
 
     def _post(self, name, version, action, body):
-        if action != ":predict":
-            raise RequestError(f"Malformed request: POST {self.path}", 404)
-        return self.server.app.rest_predict(name, version, body)
+        if action == ":predict":
+            return self.server.app.rest_predict(name, version, body)
+        if action == ":classify":
+            return self.server.app.rest_classify(name, version, body)
+        raise RequestError(f"Malformed request: POST {self.path}", 404)
 
     def _respond(self, handle):
         match = ROUTE.fullmatch(self.path)
@@ -491,7 +547,7 @@ def metadata(servable, as_json=False):
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """TF Serving's gRPC PredictionService: Predict and GetModelMetadata (the rest are UNIMPLEMENTED)."""
+    """TF Serving's gRPC PredictionService: Predict, Classify and GetModelMetadata (the rest are UNIMPLEMENTED)."""
 
     def __init__(self, app):
         self.app = app
@@ -520,6 +576,29 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             response.outputs[name].CopyFrom(tf.make_tensor_proto(outputs[name]))
         return response
 
+    def Classify(self, request, context):
+        try:
+            servable = self._servable(request.model_spec)
+            kind = request.input.WhichOneof("kind")
+            if kind == "example_list":
+                examples = list(request.input.example_list.examples)
+            elif kind == "example_list_with_context":
+                with_context = request.input.example_list_with_context
+                examples = [_with_context(with_context.context, e) for e in with_context.examples]
+            else:
+                raise RequestError("Input is empty")
+            signature_name = request.model_spec.signature_name or "serving_default"
+            classes, scores = servable.classify(signature_name, [e.SerializeToString() for e in examples])
+        except RequestError as e:
+            self._abort(context, e)
+        response = classification_pb2.ClassificationResponse()
+        response.model_spec.name, response.model_spec.signature_name = servable.name, signature_name
+        response.model_spec.version.value = servable.version
+        for row in classification_rows(classes, scores):
+            response.result.classifications.add().classes.extend(
+                classification_pb2.Class(label=label, score=score) for label, score in row)
+        return response
+
     def GetModelMetadata(self, request, context):
         try:
             servable = self._servable(request.model_spec)
@@ -534,3 +613,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def _abort(context, error):
         code = grpc.StatusCode.NOT_FOUND if error.status == 404 else grpc.StatusCode.INVALID_ARGUMENT
         context.abort(code, str(error))
+
+
+def _with_context(context, example):
+    merged = tf.train.Example()
+    merged.CopyFrom(context)
+    merged.MergeFrom(example)
+    return merged
