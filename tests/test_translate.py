@@ -143,14 +143,52 @@ def test_cli_translate_and_evaluate_bleu(run_dir, tmp_path, capsys, caplog):
     assert "--source and --reference" in capsys.readouterr().err
 
 
-def test_exported_translate_in_a_clean_interpreter_equals_in_process(run_dir, translators, held_out, tmp_path):
+def test_exported_translate_in_a_clean_interpreter_and_served_equals_in_process(run_dir, translators, held_out, tmp_path):
     """The export decodes with the run's beam width (3), one batch of the held-out sources."""
     path = export_run(run_dir, str(tmp_path / "models"))
     sources = [s for s, _ in held_out]
     out = subprocess.run([sys.executable, "-c", LOADER, path, json.dumps(sources)], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == translate_texts(translators[3], sources)
+    expected = translate_texts(translators[3], sources)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
+
+    from tfglm.client import Client
+    from tfglm.serve import Server
+
+    server = Server({"en-de": str(tmp_path / "models")}, port=0, rest_api_port=0, poll_s=60).start()
+    try:
+        assert Client(f"http://127.0.0.1:{server.rest_port}", "en-de").translate(sources) == expected
+        assert Client(f"127.0.0.1:{server.grpc_port}", "en-de", "grpc").translate(sources[:2]) == expected[:2]
+    finally:
+        server.stop()
+
+
+def test_resumed_translation_run_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatch):
+    import keras
+
+    from test_train import _fit_with, _stop_at_step
+    from tfglm.config import load_config
+    from tfglm.translate import train_translation
+
+    config = tmp_path / "reverse.yaml"
+    config.write_text(CONFIG % (_write_tsv(tmp_path / "train.tsv", _reversal_pairs(400, 0)),
+                                _write_tsv(tmp_path / "val.tsv", _reversal_pairs(40, 1))))
+    config = load_config(str(config), ["train.steps=40", "train.eval_interval=20", "train.steps_per_execution=10",
+                                       "model.num_layers=1", "model.hidden_dim=32"])
+    reference, run = str(tmp_path / "reference"), str(tmp_path / "run")
+    train_translation(config, reference, verbose=0)
+    monkeypatch.setattr(keras.Model, "fit", _fit_with(keras.Model.fit, _stop_at_step(30)))
+    with pytest.raises(KeyboardInterrupt):
+        train_translation(config, run, verbose=0)
+    monkeypatch.undo()
+    assert [r["step"] for r in runs.read_metrics(run)] == [20]
+    train_translation(config, run, resume=True, verbose=0)
+    rows, expected = runs.read_metrics(run), runs.read_metrics(reference)
+    assert [r["step"] for r in rows] == [20, 40]
+    assert rows[-1]["val_loss"] == pytest.approx(expected[-1]["val_loss"], abs=1e-4)
+    for a, b in zip(runs.load_run(run, runs.LAST)[2].weights, runs.load_run(reference, runs.LAST)[2].weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
 
 
 def test_misaligned_files_are_rejected_naming_both_counts(tmp_path):

@@ -166,9 +166,7 @@ def cmd_train(args):
     if config.model.kind == "translate":
         from tfglm.translate import train_translation
 
-        if args.resume:
-            raise TfglmError("--resume: translation runs cannot be resumed yet; start afresh with --overwrite")
-        train_translation(config, args.out)
+        train_translation(config, args.out, resume=args.resume)
         print(f"\nmodel: {os.path.abspath(args.out)}")
         return
     if config.model.kind != "gpt":

@@ -2,7 +2,8 @@
 
     client = Client("http://localhost:8501", "tiny")            # or Client("localhost:8500", "tiny", "grpc")
     client.generate(["ROMEO:"], max_new_tokens=20, temperature=0)  # {"completions": [...], "num_tokens": [...]}
-    client.translate(["A dog runs."]), client.classify(["a great film"])  # translation / classifier exports
+    client.translate(["A dog runs."])   # ["Ein Hund rennt."] from a translation export
+    client.classify(["a great film"])  # {"labels": ["pos"], "scores": [[0.1, 0.9]]} from a classifier export
 
 Options left as None are not sent, so the server fills in the model's defaults (its run's `generate` config).
 """
@@ -42,8 +43,9 @@ class Client:
         return self.predict("score", texts=list(texts))
 
     def translate(self, sources):
-        """{"translations": [str]} for `sources` (a translation export)."""
-        return self.predict("translate", sources=list(sources))
+        """The translations [str] of `sources` (a translation export)."""
+        out = self.predict("translate", sources=list(sources))
+        return out["translations"] if isinstance(out, dict) else out  # REST gives a signature's only output bare
 
     def classify(self, texts):
         """{"labels": [str], "scores": [[float] per label]} for `texts` (a classifier export's `predict`)."""

@@ -85,6 +85,26 @@ class RunLogger(keras.callbacks.Callback):
             f.write(json.dumps(row) + "\n")
 
 
+def run_callbacks(run_dir, train_config, tokens_per_step, step):
+    """RunLogger and TensorBoard for a run starting (or resuming) at `step`: metrics.jsonl keeps the rows up to
+    `step` (a crashed run may have logged past its last checkpoint) and the best validation loss among them."""
+    rows = runs.read_metrics(run_dir, up_to_step=step)
+    with open(runs.path(run_dir, runs.METRICS), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    best = min([r["val_loss"] for r in rows], default=np.inf)
+    return [RunLogger(run_dir, train_config, tokens_per_step, best),
+            keras.callbacks.TensorBoard(runs.path(run_dir, runs.LOGS))]
+
+
+def resumed_step(model, run_dir):
+    """Loads the run's last checkpoint (weights and optimizer state) into the compiled `model`; returns its step.
+    (Keras checkpoints hold no seed-generator state: with dropout, a resumed run draws other masks.)"""
+    model.load_weights(runs.path(run_dir, runs.LAST))
+    step = int(model.optimizer.iterations.numpy())
+    log.info("resuming %s at step %d", run_dir, step)
+    return step
+
+
 def prepare_tokens(config, run_dir, resume, chief=True):
     """Reads and checks the corpus, trains (or reloads) the tokenizer and returns (tokenizer, train, val) tokens."""
     files = data.resolve_files(config.data.files) if config.data.files else data.embedded_corpus_files()
@@ -133,21 +153,9 @@ def train(config, run_dir, resume=False, verbose=None, tpu=None):
     with strategy.scope():
         model = GPT.from_config_tree(config.model, tokenizer.vocab_size)
         compile_model(model, t, jit_compile)
-        if resume:
-            model.load_weights(runs.path(run_dir, runs.LAST))
-    step = int(model.optimizer.iterations.numpy())
-    if resume:
-        keras.utils.set_random_seed(t.seed + step)  # dropout masks after a resume: deterministic per (seed, step)
-        log.info("resuming %s at step %d", run_dir, step)
+        step = resumed_step(model, run_dir) if resume else 0
 
-    callbacks = []
-    if chief:
-        rows = runs.read_metrics(run_dir, up_to_step=step)
-        with open(runs.path(run_dir, runs.METRICS), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        best = min([r["val_loss"] for r in rows], default=np.inf)
-        callbacks = [RunLogger(run_dir, t, t.batch_size * config.model.max_length, best),
-                     keras.callbacks.TensorBoard(runs.path(run_dir, runs.LOGS))]
+    callbacks = run_callbacks(run_dir, t, t.batch_size * config.model.max_length, step) if chief else []
     if step >= t.steps:
         return model, tokenizer
     seq_len = config.model.max_length

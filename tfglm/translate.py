@@ -19,7 +19,7 @@ from keras import ops
 from tfglm import parallel, runs, train
 from tfglm.errors import TfglmError
 from tfglm.seq2seq import EncoderDecoder, Translator
-from tfglm.tokenizers import SentencePieceTokenizer, train_sentencepiece
+from tfglm.tokenizers import SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 
 log = logging.getLogger("tfglm")
 EVAL = "eval.json"
@@ -40,11 +40,15 @@ class SmoothedCrossEntropy(keras.losses.Loss):
                                                      label_smoothing=self.smoothing)
 
 
-def train_translation(config, run_dir, verbose=None):
-    """Trains `config` (model.kind translate) into `run_dir`; returns (model, tokenizer)."""
+def train_translation(config, run_dir, resume=False, verbose=None):
+    """Trains `config` (model.kind translate) into `run_dir`, or continues the run there; returns (model, tokenizer).
+    A resumed run reloads its tokenizer, weights and optimizer state and skips the batches it has seen."""
     tr, t, length = config.translate, config.train, config.model.max_length
-    if os.path.exists(runs.path(run_dir, runs.CONFIG)):
-        raise TfglmError(f"{run_dir}: already holds a run; choose another --out (or --overwrite)")
+    if resume:
+        if not os.path.exists(runs.path(run_dir, runs.LAST)):
+            raise TfglmError(f"{run_dir}: nothing to resume (no {runs.LAST})")
+    elif os.path.exists(runs.path(run_dir, runs.CONFIG)):
+        raise TfglmError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
     if not (tr.val_pairs or tr.val_source):
         raise TfglmError("config: translate.val_source and translate.val_target (or translate.val_pairs): "
                          "validation pairs are required")
@@ -52,9 +56,12 @@ def train_translation(config, run_dir, verbose=None):
     val_sources, val_targets = parallel.read_pairs(tr.val_source, tr.val_target, tr.val_pairs)
     train.set_precision(t.mixed_precision)
     keras.utils.set_random_seed(t.seed)  # before the tokenizer: reseeding drops the eager kernels that hold its model
-    tokenizer = SentencePieceTokenizer(train_sentencepiece(sources + targets, config.tokenizer.vocab_size))
-    os.makedirs(runs.path(run_dir, runs.TOKENIZER), exist_ok=True)
-    tokenizer.save(runs.path(run_dir, runs.TOKENIZER))
+    if resume:
+        tokenizer = load_tokenizer(runs.path(run_dir, runs.TOKENIZER))
+    else:
+        tokenizer = SentencePieceTokenizer(train_sentencepiece(sources + targets, config.tokenizer.vocab_size))
+        os.makedirs(runs.path(run_dir, runs.TOKENIZER), exist_ok=True)
+        tokenizer.save(runs.path(run_dir, runs.TOKENIZER))
     runs.atomic_write(runs.path(run_dir, runs.CONFIG), config.save)
     target_tokens = parallel.report_lengths(sources, targets, tokenizer, length, tr.pairs or tr.source)
     parallel.report_lengths(val_sources, val_targets, tokenizer, length, tr.val_pairs or tr.val_source)
@@ -64,13 +71,15 @@ def train_translation(config, run_dir, verbose=None):
     model = EncoderDecoder.from_config_tree(config.model, tokenizer.vocab_size)
     train.compile_model(model, t, loss=SmoothedCrossEntropy(tokenizer.vocab_size, tr.label_smoothing),
                         weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-    train_ds = parallel.dataset(sources, targets, tokenizer, length, t.batch_size, seed=t.seed)
+    step = train.resumed_step(model, run_dir) if resume else 0
+    callbacks = train.run_callbacks(run_dir, t, t.batch_size * target_tokens, step)
+    if step >= t.steps:
+        return model, tokenizer
+    train_ds = parallel.dataset(sources, targets, tokenizer, length, t.batch_size, seed=t.seed).skip(step)
     val_ds = parallel.dataset(val_sources, val_targets, tokenizer, length, t.batch_size).take(t.eval_batches)
-    callbacks = [train.RunLogger(run_dir, t, t.batch_size * target_tokens, np.inf),
-                 keras.callbacks.TensorBoard(runs.path(run_dir, runs.LOGS))]
     model.fit(train_ds, validation_data=val_ds.cache(), epochs=t.steps // t.eval_interval,
-              steps_per_epoch=t.eval_interval, callbacks=callbacks, shuffle=False,
-              verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose)
+              initial_epoch=step // t.eval_interval, steps_per_epoch=t.eval_interval, callbacks=callbacks,
+              shuffle=False, verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose)
     return model, tokenizer
 
 
