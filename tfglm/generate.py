@@ -50,12 +50,13 @@ def decode(model, tokens, lengths, prefill_length, max_new_tokens, temperature, 
     """
     batch, total = tf.shape(tokens)[0], tf.shape(tokens)[1]
     caches = model.init_cache(batch, total)
+    projection = model.output_projection()
     _, caches = model.forward(tokens[:, :prefill_length], caches, 0)
     limit = tf.minimum(lengths + max_new_tokens, total)  # exclusive end of each row's generation
 
     def step(i, tokens, caches, done):
         hidden, caches = model.forward(tf.slice(tokens, [0, i], [-1, 1]), caches, i)
-        sampled = sample(model.logits(hidden[:, 0]), temperature, top_k, top_p, tf.stack([seed, i]))
+        sampled = sample(model.logits(hidden[:, 0], projection), temperature, top_k, top_p, tf.stack([seed, i]))
         position = i + 1
         in_prompt = position < lengths
         prompt_token = tf.slice(tokens, [0, position], [-1, 1])[:, 0]

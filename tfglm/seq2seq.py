@@ -66,13 +66,14 @@ class EncoderDecoder(GPT):
 
 class SourceDecoder:
     """The decoder bound to a batch of encoded sources, each repeated `repeats` times (once per beam): the
-    `init_cache` / `forward` / `logits` interface that `tfglm.generate.decode` and `beam_search` drive."""
+    `init_cache` / `forward` / `logits` / `output_projection` interface that `tfglm.generate.decode` and
+    `beam_search` drive."""
 
     def __init__(self, model, source_ids, repeats=1):
         self.model = model
         self.context_mask = tf.repeat(source_ids != PAD, repeats, axis=0)
         self.cross_caches = [tf.repeat(c, repeats, axis=0) for c in model.cross_caches(model.encode(source_ids))]
-        self.init_cache, self.logits = model.init_cache, model.logits
+        self.init_cache, self.logits, self.output_projection = model.init_cache, model.logits, model.output_projection
 
     def forward(self, token_ids, caches, index):
         return self.model.forward(token_ids, caches, index, context_mask=self.context_mask,
@@ -96,10 +97,11 @@ def beam_search(model, source_ids, total, eot_id, beam_width, length_penalty):
     batch, k, vocab = tf.shape(source_ids)[0], beam_width, model.vocab_size
     decoder = SourceDecoder(model, source_ids, repeats=k)
     is_eot = tf.range(vocab) == eot_id
+    projection = decoder.output_projection()
 
     def step(i, tokens, log_probs, lengths, finished, caches):
         hidden, caches = decoder.forward(tf.reshape(tokens[:, :, i], [batch * k, 1]), caches, i)
-        next_log_probs = tf.reshape(tf.nn.log_softmax(decoder.logits(hidden[:, 0])), [batch, k, vocab])
+        next_log_probs = tf.reshape(tf.nn.log_softmax(decoder.logits(hidden[:, 0], projection)), [batch, k, vocab])
         next_log_probs = tf.where(finished[:, :, None], tf.where(is_eot, 0.0, NEG), next_log_probs)
         scores = tf.reshape(log_probs[:, :, None] + next_log_probs, [batch, k * vocab])
         grown = lengths[:, :, None] + tf.cast(~finished[:, :, None] & ~is_eot, tf.int32)  # lengths, without <eot>
