@@ -132,20 +132,23 @@ def _write_tsv(path, rows, header="sentence\tlabel"):
     return str(path)
 
 
+WORDS = "the a film movie story plot cast scene ending music".split()
+
+
+def _separable_rows(rng, n, positive_share=0.5):
+    """(text, label) rows: four filler words, then "great" (pos) or "awful" (neg)."""
+    labels = np.where(rng.uniform(size=n) < positive_share, "pos", "neg")
+    return [(" ".join(list(rng.choice(WORDS, 4)) + ["great" if y == "pos" else "awful"]), y) for y in labels]
+
+
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
     """A tiny classifier fine-tuned from scratch on a separable task: (run directory, test file)."""
     tmp_path = tmp_path_factory.mktemp("classifier")
     rng = np.random.RandomState(0)
-    words = "the a film movie story plot cast scene ending music".split()
 
     def rows(n):
-        out = []
-        for _ in range(n):
-            label = rng.choice(["pos", "neg"])
-            text = " ".join(list(rng.choice(words, 4)) + ["great" if label == "pos" else "awful"])
-            out.append((text, label))
-        return out
+        return _separable_rows(rng, n)
 
     train, test = _write_tsv(tmp_path / "train.tsv", rows(320)), _write_tsv(tmp_path / "test.tsv", rows(60))
     out = str(tmp_path / "cls")
@@ -174,6 +177,36 @@ def test_classifier_learns_a_separable_task_and_round_trips_its_labels(classifie
     assert [p["label"] for p in predictions] == ["pos", "neg"]
     assert main(["evaluate", "--model", out, "--data", test]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0
+
+
+def test_a_pretrained_gpt_learns_to_classify_on_its_last_token_with_balanced_class_weights(tmp_path):
+    import tensorflow as tf
+
+    from conftest import tiny_config
+    from tfglm.classify import balanced_class_weights, finetune, predict
+    from tfglm.export import export_run
+    from tfglm.train import train
+
+    assert balanced_class_weights(np.array([0, 0, 0, 1]), 2) == pytest.approx({0: 4 / 6, 1: 2.0})
+    rng = np.random.RandomState(1)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"{t}.\n" for t, _ in _separable_rows(rng, 300)))
+    config = tiny_config(f"data.files=[{corpus}]", "model.max_length=32", "classify.epochs=4",
+                         "classify.batch_size=16", "classify.learning_rate=0.003", "classify.dropout=0.0",
+                         "classify.class_weights=balanced", "train.jit_compile=false")
+    train(config, str(tmp_path / "gpt"), verbose=0)
+    train_file = _write_tsv(tmp_path / "train.tsv", _separable_rows(rng, 320, positive_share=0.25))
+    test_file = _write_tsv(tmp_path / "test.tsv", _separable_rows(rng, 60))
+    out = str(tmp_path / "cls")
+    scores = finetune(config, out, train_file, test_file, pretrained=str(tmp_path / "gpt"), verbose=0)
+    assert scores["accuracy"] == 1.0 and scores["labels"] == ["neg", "pos"]
+    texts = ["the film plot cast great", "a movie story scene awful"]
+    expected = predict(out, texts)
+    assert [p["label"] for p in expected] == ["pos", "neg"]
+    served = tf.saved_model.load(export_run(out, str(tmp_path / "models"), jit_compile=False))
+    outputs = served.signatures["predict"](texts=tf.constant(texts))
+    np.testing.assert_allclose(outputs["scores"].numpy(),
+                               [[p["probabilities"][y] for y in ("neg", "pos")] for p in expected], atol=1e-5)
 
 
 # A fresh interpreter as a model server would have it: TensorFlow and tensorflow-text's ops, no tfglm, Keras or

@@ -1,5 +1,6 @@
-"""Fine-tuning an encoder to classify texts: a head on the pooled [CLS], early stopping on validation accuracy, and
-accuracy, macro-F1 and the confusion matrix of the best model in eval.json.
+"""Fine-tuning a classifier: a head on an encoder's pooled [CLS] (model.kind bert) or on a GPT's last token (gpt),
+optional balanced class weights, early stopping on validation accuracy, and accuracy, macro-F1 and the confusion
+matrix of the best model in eval.json.
 
 A classifier run directory holds config.json, tokenizer/, labels.json (the label set, in class-index order),
 best.weights.h5 (the best validation accuracy so far), metrics.jsonl (one line an epoch) and eval.json.
@@ -18,16 +19,27 @@ import tensorflow as tf
 from tfglm import labelled, runs, train
 from tfglm.encoder import Encoder, EncoderClassifier, dummy_inputs
 from tfglm.errors import TfglmError
+from tfglm.models import GPT, GPTClassifier
 from tfglm.pretrain import packer
-from tfglm.tokenizers import load_tokenizer, train_wordpiece
+from tfglm.tokenizers import (CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece,
+                              train_wordpiece)
 
 log = logging.getLogger("tfglm")
 LABELS = "labels.json"
 EVAL = "eval.json"
 
 
-def encode(tokenizer, length):
-    """strings [batch] -> encoder inputs, tokenized and packed as [CLS] text [SEP] in the graph."""
+def encode(tokenizer, model_config):
+    """strings [batch] -> classifier inputs, tokenized in the graph: for an encoder packed as [CLS] text [SEP]; for a
+    GPT `<eot>` + text (its training context), truncated to the context and right-padded, with each row's length."""
+    length = model_config.max_length
+    if model_config.kind == "gpt":
+        def fn(texts):
+            ids = tokenizer.tokenize(texts)
+            ids = tf.concat([tf.fill([tf.shape(texts)[0], 1], tokenizer.eot_id), ids], axis=1)[:, :length]
+            return {"token_ids": ids.to_tensor(default_value=tokenizer.eot_id, shape=[None, length]),
+                    "lengths": tf.cast(ids.row_lengths(), tf.int32)}
+        return fn
     pack = packer(tokenizer, length)
 
     def fn(texts):
@@ -37,22 +49,44 @@ def encode(tokenizer, length):
     return fn
 
 
-def text_dataset(texts, tokenizer, length, batch_size, targets=None, seed=None):
-    """Batches of encoder inputs (and targets); with `seed`, shuffled anew each epoch, repeated, full batches."""
+def text_dataset(texts, tokenizer, model_config, batch_size, targets=None, seed=None):
+    """Batches of classifier inputs (and targets); with `seed`, shuffled anew each epoch, repeated, full batches."""
     ds = tf.data.Dataset.from_tensor_slices(texts if targets is None else (texts, np.asarray(targets, np.int32)))
     if seed is not None:
         ds = ds.shuffle(len(texts), seed=seed, reshuffle_each_iteration=True).repeat()
     ds = ds.batch(batch_size, drop_remainder=seed is not None)
-    fn = encode(tokenizer, length)
+    fn = encode(tokenizer, model_config)
     ds = ds.map(fn if targets is None else lambda x, y: (fn(x), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def build_classifier(config, vocab_size, num_classes, encoder=None):
-    encoder = encoder or Encoder.from_config_tree(config.model, vocab_size)
-    model = EncoderClassifier(encoder, num_classes, config.classify.dropout)
-    model(dummy_inputs(config.model.max_length))
+def build_classifier(config, vocab_size, num_classes, backbone=None):
+    """A classifier on `backbone` (a pretrained encoder or GPT), or on a new one with random weights."""
+    length = config.model.max_length
+    if config.model.kind == "gpt":
+        model = GPTClassifier(backbone or GPT.from_config_tree(config.model, vocab_size), num_classes,
+                              config.classify.dropout)
+        model({"token_ids": np.zeros((1, length), "int32"), "lengths": np.ones((1,), "int32")})
+        return model
+    model = EncoderClassifier(backbone or Encoder.from_config_tree(config.model, vocab_size), num_classes,
+                              config.classify.dropout)
+    model(dummy_inputs(length))
     return model
+
+
+def new_tokenizer(config, texts):
+    """The vocabulary of a classifier trained from scratch, learnt from its training texts."""
+    if config.model.kind == "bert":
+        return train_wordpiece(texts, config.tokenizer.vocab_size)
+    if config.tokenizer.kind == "char":
+        return CharTokenizer("".join(texts))
+    return SentencePieceTokenizer(train_sentencepiece(texts, config.tokenizer.vocab_size))
+
+
+def balanced_class_weights(ids, num_classes):
+    """{class: total / (classes * count)}, as scikit-learn's "balanced"."""
+    counts = np.bincount(ids, minlength=num_classes)
+    return {i: len(ids) / (num_classes * count) if count else 0.0 for i, count in enumerate(counts)}
 
 
 def finetune_schedule(config, num_rows):
@@ -97,8 +131,8 @@ def split_validation(texts, targets, fraction, seed):
 
 
 def finetune(config, run_dir, train_file, eval_file, pretrained=None, val_file=None, verbose=None):
-    """Fine-tunes a classifier into `run_dir`: from the pretrained run's encoder, or from scratch when `pretrained`
-    is None (a WordPiece vocabulary is then trained on the training texts). Returns the eval.json scores."""
+    """Fine-tunes a classifier into `run_dir`: from the pretrained run's encoder or GPT, or from scratch when
+    `pretrained` is None (a vocabulary is then trained on the training texts). Returns the eval.json scores."""
     if os.path.exists(runs.path(run_dir, runs.CONFIG)):
         raise TfglmError(f"{run_dir}: already holds a run; choose another --out (or --overwrite)")
     c = config.classify
@@ -116,10 +150,11 @@ def finetune(config, run_dir, train_file, eval_file, pretrained=None, val_file=N
     os.makedirs(run_dir, exist_ok=True)
     keras.utils.set_random_seed(config.train.seed)
     if pretrained:
-        _, tokenizer, pretrainer = runs.load_run(pretrained)
-        model = build_classifier(config, tokenizer.vocab_size, len(labels), pretrainer.encoder)
+        _, tokenizer, pretrained_model = runs.load_run(pretrained)
+        backbone = pretrained_model if isinstance(pretrained_model, GPT) else pretrained_model.encoder
+        model = build_classifier(config, tokenizer.vocab_size, len(labels), backbone)
     else:
-        tokenizer = train_wordpiece(texts, config.tokenizer.vocab_size)
+        tokenizer = new_tokenizer(config, texts)
         model = build_classifier(config, tokenizer.vocab_size, len(labels))
     tokenizer_dir = runs.path(run_dir, runs.TOKENIZER)
     os.makedirs(tokenizer_dir, exist_ok=True)
@@ -130,15 +165,15 @@ def finetune(config, run_dir, train_file, eval_file, pretrained=None, val_file=N
     t = finetune_schedule(config, len(texts))
     train.compile_model(model, t, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                         weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-    length = config.model.max_length
-    train_ds = text_dataset(texts, tokenizer, length, t.batch_size, ids, seed=t.seed)
-    val_ds = text_dataset(val[0], tokenizer, length, t.batch_size, val[1]).cache()
+    train_ds = text_dataset(texts, tokenizer, config.model, t.batch_size, ids, seed=t.seed)
+    val_ds = text_dataset(val[0], tokenizer, config.model, t.batch_size, val[1]).cache()
+    class_weight = balanced_class_weights(ids, len(labels)) if c.class_weights == "balanced" else None
     log.info("fine-tuning on %d rows (%d for validation), %d labels, %d steps an epoch", len(texts), len(val[0]),
              len(labels), t.eval_interval)
     callbacks = [BestKeeper(run_dir), keras.callbacks.EarlyStopping("val_accuracy", patience=c.patience, mode="max"),
                  keras.callbacks.TensorBoard(runs.path(run_dir, runs.LOGS))]
     model.fit(train_ds, validation_data=val_ds, epochs=c.epochs, steps_per_epoch=t.eval_interval,
-              callbacks=callbacks, shuffle=False,
+              callbacks=callbacks, shuffle=False, class_weight=class_weight,
               verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose)
     model.load_weights(runs.path(run_dir, runs.BEST))
     result = {"file": eval_file, **score(model, tokenizer, config, labels, eval_texts, eval_targets)}
@@ -158,7 +193,7 @@ def load_classifier(run_dir):
 
 
 def probabilities(model, tokenizer, config, texts):
-    ds = text_dataset(texts, tokenizer, config.model.max_length, config.classify.batch_size)
+    ds = text_dataset(texts, tokenizer, config.model, config.classify.batch_size)
     return keras.ops.convert_to_numpy(keras.ops.softmax(model.predict(ds, verbose=0), axis=-1))
 
 
@@ -192,7 +227,7 @@ def serving_module(model, tokenizer, config, labels):
     each one's `labels` and `scores` (the probability of every label, in labels.json order); `classify` is TF
     Serving's Classify API: serialized `tf.Example`s with the text in the feature `classify.text_column` in, `classes`
     (the label names) and `scores` [batch, num_labels] out."""
-    encode_texts = encode(tokenizer, config.model.max_length)
+    encode_texts = encode(tokenizer, config.model)
     names = tf.constant(labels)
     feature = config.classify.text_column
 

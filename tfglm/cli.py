@@ -226,8 +226,9 @@ def cmd_finetune(args):
     if not args.model and not (args.from_scratch and args.config):
         raise TfglmError("--model: give a pretrained run, or --from-scratch with --config")
     config = runs.read_config(args.model, args.set) if args.model else load_config(args.config, args.set)
-    if config.model.kind != "bert":
-        raise TfglmError(f"model.kind: fine-tuning needs an encoder ('bert'), got {config.model.kind!r}")
+    if config.model.kind not in ("bert", "gpt"):
+        raise TfglmError(f"model.kind: fine-tuning needs an encoder ('bert') or a GPT ('gpt'), got "
+                         f"{config.model.kind!r}")
     if args.overwrite:
         _overwrite(args.out)
     pretrained = None if args.from_scratch else args.model

@@ -76,6 +76,7 @@ class ClassifyConfig:
     batch_size: int = 32
     learning_rate: float = 1e-4
     dropout: float = 0.1  # before the classification head
+    class_weights: str = "none"  # "balanced": weight each class's loss by total / (classes * its count)
 
 
 @dataclasses.dataclass
@@ -189,6 +190,7 @@ def validate(config):
         (c.batch_size >= 1, "classify.batch_size", "must be >= 1"),
         (c.learning_rate > 0, "classify.learning_rate", "must be > 0"),
         (0.0 <= c.dropout < 1.0, "classify.dropout", "must be in [0, 1)"),
+        (c.class_weights in ("none", "balanced"), "classify.class_weights", "must be 'none' or 'balanced'"),
         (0.0 <= config.translate.label_smoothing < 1.0, "translate.label_smoothing", "must be in [0, 1)"),
         (config.translate.beam_width >= 1, "translate.beam_width", "must be >= 1 (1 is greedy)"),
         (config.translate.length_penalty >= 0, "translate.length_penalty", "must be >= 0"),
