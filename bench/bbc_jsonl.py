@@ -13,22 +13,29 @@ import numpy as np
 from tfglm import data
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="runs/bbc-data")
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
+def write_split(out_dir):
+    """Writes OUT/bbc-train.jsonl and OUT/bbc-test.jsonl; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
     files = data.embedded_corpus_files()
     order = np.random.RandomState(0).permutation(len(files))
     n_test = len(files) // 5
-    for name, part in (("bbc-test", order[:n_test]), ("bbc-train", order[n_test:])):
-        with open(os.path.join(args.out, f"{name}.jsonl"), "w", encoding="utf-8") as out:
+    paths = []
+    for name, part in (("bbc-train", order[n_test:]), ("bbc-test", order[:n_test])):
+        paths.append(os.path.join(out_dir, f"{name}.jsonl"))
+        with open(paths[-1], "w", encoding="utf-8") as out:
             for i in part:
                 with open(files[i], encoding="utf-8", errors="replace") as f:
                     text = " ".join(f.read().split())
                 topic = os.path.basename(os.path.dirname(files[i]))
                 out.write(json.dumps({"text": text, "topic": topic}, ensure_ascii=False) + "\n")
-        print(os.path.join(args.out, f"{name}.jsonl"), len(part))
+        print(paths[-1], len(part))
+    return paths
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="runs/bbc-data")
+    write_split(parser.parse_args().out)
 
 
 if __name__ == "__main__":
