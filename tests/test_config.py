@@ -25,8 +25,8 @@ def test_nanogpt_recipe_config():
 
 def test_dotted_overrides_are_typed():
     config = load_config(overrides=["train.steps=500", "model.dropout=0.1", "data.files=[a.txt, b.txt]",
-                                    "generate.prompt=Hello there"])
-    assert config.train.steps == 500 and config.model.dropout == 0.1
+                                    "generate.prompt=Hello there", "train.learning_rate=2e-3"])
+    assert config.train.steps == 500 and config.model.dropout == 0.1 and config.train.learning_rate == 0.002
     assert config.data.files == ["a.txt", "b.txt"] and config.generate.prompt == "Hello there"
 
 
@@ -35,6 +35,7 @@ def test_dotted_overrides_are_typed():
     (["optimizer.lr=3"], "optimizer: unknown section"),
     (["train.steps=many"], "train.steps: expected int"),
     (["train.jit_compile=3"], "train.jit_compile: expected bool"),
+    (["train.learning_rate=fast"], "train.learning_rate: expected float"),
     (["model.hidden_dim=130"], "model.hidden_dim: must be a positive multiple of model.num_heads"),
     (["train.eval_interval=300"], "train.eval_interval: must divide train.steps"),
     (["tokenizer.kind=words"], "tokenizer.kind"),

@@ -136,6 +136,11 @@ def _coerce(value, kind, where, name):
         return float(value)
     if kind is list and isinstance(value, str):
         return [value]
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise TfglmError(f"{where}: {name}: expected {kind.__name__}, got {value!r}")
     return value
