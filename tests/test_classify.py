@@ -138,7 +138,7 @@ def test_pretraining_learns_masked_words_and_next_segments(tmp_path, capsys):
         rows.append((" ".join(cycle[(start + k) % len(cycle)] for k in range(rng.randint(4, 11))), 0))
     corpus = _write_tsv(tmp_path / "rows.tsv", rows)
     overrides = ["model.num_layers=2", "model.hidden_dim=64", "model.num_heads=2", "model.max_length=32",
-                 "tokenizer.vocab_size=300", "train.steps=300", "train.eval_interval=150", "train.warmup_steps=20",
+                 "tokenizer.vocab_size=300", "train.steps=600", "train.eval_interval=300", "train.warmup_steps=20",
                  "train.steps_per_execution=50", "train.eval_batches=4", "data.val_fraction=0.05",
                  "generate.max_new_tokens=8", "model.dropout=0.0", "train.min_learning_rate=0.001"]
     out = str(tmp_path / "bert")
@@ -146,8 +146,9 @@ def test_pretraining_learns_masked_words_and_next_segments(tmp_path, capsys):
                 + sum((["--set", o] for o in overrides), [])) == 0
     with open(f"{out}/metrics.jsonl") as f:
         last = [json.loads(line) for line in f][-1]
-    assert last["step"] == 300
-    assert last["val_mlm_accuracy"] > 0.2  # without context the best guess is right 1 time in 12 (12 words)
+    assert last["step"] == 600
+    # Without context the best guess is right 1 time in 12 (12 words); MLM sits there for its first ~300 steps.
+    assert last["val_mlm_accuracy"] > 0.3
     assert last["val_nsp_accuracy"] > 0.8
 
 
