@@ -2,7 +2,7 @@
 fine-tune it on SST-2 train (early stopping on sst2/dev.tsv), and score sst2/test.tsv (the GLUE dev set); then the
 same classifier from scratch (random weights, its own WordPiece vocabulary). Reports accuracy, macro-F1 and wall time.
 
-    nice -n 10 python bench/quality_sst2.py [--pretrain-steps 1500] [--epochs 1] [--out runs/bench-sst2]
+    nice -n 10 python bench/quality_sst2.py [--pretrain-steps 1500] [--epochs 1] [--set KEY=VALUE] [--out runs/bench-sst2]
 """
 
 import argparse
@@ -25,6 +25,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--pretrain-steps", type=int, default=1500)
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--out", default=os.path.join(common.ROOT, "runs", "bench-sst2"))
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
@@ -32,7 +33,7 @@ def main():
     files = [train] + data.embedded_corpus_files()
     config = load_config(os.path.join(common.CONFIGS, "bert-sst2.yaml"), [
         "data.files=" + json.dumps(files), f"train.steps={args.pretrain_steps}",
-        f"train.eval_interval={args.pretrain_steps // 3}", f"classify.epochs={args.epochs}"])
+        f"train.eval_interval={args.pretrain_steps // 3}", f"classify.epochs={args.epochs}"] + args.set)
     result = {"config": config.to_dict(), "cpu_count": os.cpu_count()}
 
     start = time.time()
