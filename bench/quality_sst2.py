@@ -2,7 +2,8 @@
 fine-tune it on SST-2 train (early stopping on sst2/dev.tsv), and score sst2/test.tsv (the GLUE dev set); then the
 same classifier from scratch (random weights, its own WordPiece vocabulary). Reports accuracy, macro-F1 and wall time.
 
-    nice -n 10 python bench/quality_sst2.py [--pretrain-steps 1500] [--epochs 1] [--set KEY=VALUE] [--out runs/bench-sst2]
+    nice -n 10 python bench/quality_sst2.py [--pretrain-steps 1500] [--epochs 1] [--set KEY=VALUE]
+        [--out runs/bench-sst2]
 """
 
 import argparse

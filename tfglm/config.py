@@ -132,15 +132,13 @@ def _build(cls, values, where, prefix):
 
 
 def _coerce(value, kind, where, name):
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is list and isinstance(value, str):
-        return [value]
-    if kind is float and isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
-        try:
+    if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # ints, and strings such as 2e-3 (YAML 1.1 reads a float without a dot as a string)
             return float(value)
         except ValueError:
             pass
+    if kind is list and isinstance(value, str):
+        return [value]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise TfglmError(f"{where}: {name}: expected {kind.__name__}, got {value!r}")
     return value
