@@ -82,6 +82,23 @@ def test_pretraining_batches_are_packed_and_masked():
     assert targets["nsp"].shape == (8,) and weights["mlm"].shape == (8, 2)
 
 
+def test_pretraining_batches_keep_every_selected_token_when_cut_to_their_width():
+    rng = np.random.RandomState(2)
+    segments = _segments([rng.randint(1, 40, size=rng.randint(1, 4)) for _ in range(200)])
+    tokenizer = types.SimpleNamespace(**{**vars(TOKENIZER), "vocab_size": 30_000})
+    widths = set()
+    for inputs, targets, weights in pretraining_dataset(segments, tokenizer, 64, 8, seed=0, num_batches=40):
+        width = inputs["token_ids"].shape[1]
+        widths.add(width)
+        real = inputs["padding_mask"].numpy().sum(1)
+        assert width == min(w for w in (16, 32, 64) if w >= real.max())
+        assert inputs["mask_positions"].shape[1] == targets["mlm"].shape[1] == np.ceil(0.15 * (width - 3))
+        # tf-text selects ceil(15%) of each row's ordinary tokens (all but [CLS] and two [SEP]): none was cut off
+        expected = np.ceil((real - 3).astype(np.float32) * np.float32(0.15))
+        np.testing.assert_array_equal(weights["mlm"].numpy().sum(1), expected)
+    assert widths == {16, 32, 64}
+
+
 def test_encoder_is_bidirectional_ignores_padding_and_ties_the_mlm_head():
     import keras
 

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfglm import labelled, runs, train
+from tfglm import data, labelled, runs, train
 from tfglm.encoder import Encoder, EncoderClassifier, dummy_inputs
 from tfglm.errors import TfglmError
 from tfglm.models import GPT, GPTClassifier
@@ -50,13 +50,19 @@ def encode(tokenizer, model_config):
 
 
 def text_dataset(texts, tokenizer, model_config, batch_size, targets=None, seed=None):
-    """Batches of classifier inputs (and targets); with `seed`, shuffled anew each epoch, repeated, full batches."""
+    """Batches of classifier inputs (and targets), in order, each cut to its longest row (`data.trim_padding`); with
+    `seed`, shuffled anew each epoch, repeated, and full batches of texts of similar length (`data.bucket_by_length`)."""
     ds = tf.data.Dataset.from_tensor_slices(texts if targets is None else (texts, np.asarray(targets, np.int32)))
-    if seed is not None:
-        ds = ds.shuffle(len(texts), seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.batch(batch_size, drop_remainder=seed is not None)
-    fn = encode(tokenizer, model_config)
+    encode_texts = encode(tokenizer, model_config)
+    if seed is None:
+        fn = lambda texts: data.trim_padding(encode_texts(texts), model_config.max_length)  # noqa: E731
+        ds = ds.batch(batch_size)
+    else:  # tokenized a thousand at a time, then regrouped by length
+        fn = encode_texts
+        ds = ds.shuffle(len(texts), seed=seed, reshuffle_each_iteration=True).repeat().batch(1024)
     ds = ds.map(fn if targets is None else lambda x, y: (fn(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if seed is not None:
+        ds = data.bucket_by_length(ds.unbatch(), batch_size, model_config.max_length)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

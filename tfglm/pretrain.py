@@ -5,7 +5,8 @@ Segments are the non-empty lines of each text file (one document a file) and the
 JSONL: `classify.text_column`, one document a row). Example i is a pure function of (seed, i): a random segment A
 and, with probability 1/2, the segment after it in its document (NSP label 1; the last segment of a document is cut
 in two halves instead), else a random segment (label 0). `[CLS] A [SEP] B [SEP]` is packed to `model.max_length`
-(the longer segment trimmed first), and each time a batch is drawn 15% of its non-special tokens are selected anew
+(the longer segment trimmed first); examples of similar length are batched together, each batch cut to its longest
+row (most pairs are far shorter than the context), and each time a batch is drawn 15% of its non-special tokens are selected anew
 for prediction: 80% become [MASK], 10% a random token, 10% stay. The last `data.val_fraction` of the documents (in
 a seeded order) is validation, masked once and cached; metrics.jsonl reports `val_mlm_accuracy` and
 `val_nsp_accuracy`.
@@ -60,8 +61,9 @@ def tokenize_documents(docs, tokenizer):
                     has_next=np.concatenate([np.arange(len(doc)) < len(doc) - 1 for doc in docs]))
 
 
-def pair_dataset(segments, seed, start, count):
-    """Examples (A ids, B ids, is_next) number start.. start + count - 1, each a pure function of (seed, index)."""
+def pair_dataset(segments, seed, start, count=None):
+    """Examples (A ids, B ids, is_next) number start.. start + count - 1 (endless without `count`), each a pure
+    function of (seed, index)."""
     tokens, splits = tf.constant(segments.tokens), tf.constant(segments.splits)
     has_next = tf.constant(segments.has_next)
     n = len(segments.has_next)
@@ -78,7 +80,8 @@ def pair_dataset(segments, seed, start, count):
         b_start, b_end = tf.where(is_next, a_end, splits[r]), tf.where(is_next, b_end, splits[r + 1])
         return tokens[a_start:a_end], tokens[b_start:b_end], tf.cast(is_next, tf.int32)
 
-    return tf.data.Dataset.range(start, start + count).map(example, num_parallel_calls=tf.data.AUTOTUNE)
+    indices = tf.data.Dataset.counter(start) if count is None else tf.data.Dataset.range(start, start + count)
+    return indices.map(example, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def packer(tokenizer, length):
@@ -96,20 +99,29 @@ def mask_generator(tokenizer, length):
 
 
 def pretraining_dataset(segments, tokenizer, length, batch_size, seed, num_batches):
-    """Batches (inputs, targets, sample weights) for `EncoderPretrainer`."""
+    """`num_batches` batches (inputs, targets, sample weights) for `EncoderPretrainer`, of examples of similar length,
+    each cut to its longest row (`data.bucket_by_length`)."""
     pack = packer(tokenizer, length)
     masker = mask_generator(tokenizer, length)
 
-    def mask(token_ids, segment_ids, is_next):
-        masked = masker(token_ids)
-        inputs = {"token_ids": masked["token_ids"], "segment_ids": segment_ids,
-                  "padding_mask": token_ids != tokenizer.pad_id, "mask_positions": masked["mask_positions"]}
-        weights = {"mlm": masked["mask_weights"], "nsp": tf.ones_like(is_next, tf.float32)}
-        return inputs, {"mlm": masked["mask_ids"], "nsp": is_next}, weights
+    def example(a, b, is_next):
+        token_ids, segment_ids = pack((a, b))
+        inputs = {"token_ids": token_ids, "segment_ids": segment_ids, "padding_mask": token_ids != tokenizer.pad_id}
+        return inputs, is_next
 
-    ds = pair_dataset(segments, seed, 0, num_batches * batch_size)
-    ds = ds.map(lambda a, b, is_next: (*pack((a, b)), is_next), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size, drop_remainder=True).map(mask, num_parallel_calls=tf.data.AUTOTUNE)
+    def mask(inputs, is_next):
+        masked = masker(inputs["token_ids"])
+        # A row of width w has at most w - 3 selectable tokens, so at most ceil(15% of them) are selected: the slots
+        # beyond are always empty, and their logits over the whole vocabulary would cost as much as the encoder.
+        width = tf.cast(tf.shape(inputs["token_ids"])[1] - 3, tf.float32)
+        slots = tf.cast(tf.math.ceil(width * MASK_RATE), tf.int32)
+        positions, ids, mask_weights = (masked[k][:, :slots] for k in ("mask_positions", "mask_ids", "mask_weights"))
+        inputs = {**inputs, "token_ids": masked["token_ids"], "mask_positions": positions}
+        weights = {"mlm": mask_weights, "nsp": tf.ones_like(is_next, tf.float32)}
+        return inputs, {"mlm": ids, "nsp": is_next}, weights
+
+    ds = data.bucket_by_length(pair_dataset(segments, seed, 0).map(example), batch_size, length)
+    return ds.take(num_batches).map(mask, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def split_documents(docs, val_fraction, seed):
