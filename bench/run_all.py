@@ -10,7 +10,8 @@ import os
 import subprocess
 import sys
 
-SCRIPTS = ("train_throughput.py", "data_throughput.py", "quality_tiny_shakespeare.py", "generate_throughput.py")
+SCRIPTS = ("train_throughput.py", "profile_train_step.py", "data_throughput.py", "quality_tiny_shakespeare.py",
+           "generate_throughput.py")
 
 
 def main():

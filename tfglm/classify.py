@@ -50,8 +50,9 @@ def encode(tokenizer, model_config):
 
 
 def text_dataset(texts, tokenizer, model_config, batch_size, targets=None, seed=None):
-    """Batches of classifier inputs (and targets), in order, each cut to its longest row (`data.trim_padding`); with
-    `seed`, shuffled anew each epoch, repeated, and full batches of texts of similar length (`data.bucket_by_length`)."""
+    """Batches of classifier inputs (and targets), in order, each cut to its longest row (`data.trim_padding`);
+    with `seed`, shuffled anew each epoch, repeated, and full batches of texts of similar length
+    (`data.bucket_by_length`)."""
     ds = tf.data.Dataset.from_tensor_slices(texts if targets is None else (texts, np.asarray(targets, np.int32)))
     encode_texts = encode(tokenizer, model_config)
     if seed is None:

@@ -6,9 +6,9 @@ JSONL: `classify.text_column`, one document a row). Example i is a pure function
 and, with probability 1/2, the segment after it in its document (NSP label 1; the last segment of a document is cut
 in two halves instead), else a random segment (label 0). `[CLS] A [SEP] B [SEP]` is packed to `model.max_length`
 (the longer segment trimmed first); examples of similar length are batched together, each batch cut to its longest
-row (most pairs are far shorter than the context), and each time a batch is drawn 15% of its non-special tokens are selected anew
-for prediction: 80% become [MASK], 10% a random token, 10% stay. The last `data.val_fraction` of the documents (in
-a seeded order) is validation, masked once and cached; metrics.jsonl reports `val_mlm_accuracy` and
+row (most pairs are far shorter than the context), and each time a batch is drawn 15% of its non-special tokens are
+selected anew for prediction: 80% become [MASK], 10% a random token, 10% stay. The last `data.val_fraction` of the
+documents (in a seeded order) is validation, masked once and cached; metrics.jsonl reports `val_mlm_accuracy` and
 `val_nsp_accuracy`.
 """
 
