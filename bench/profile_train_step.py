@@ -72,11 +72,7 @@ def main():
     x, y = tf.constant(tokens[:, :-1]), tf.constant(tokens[:, 1:])
     model = GPT.from_config_tree(m, vocab)
     compile_model(model, t)
-    # tf.data's autotuning thread backs off 10, 20, 40 ... ms, and a `fit` call with it on can end only on one of
-    # those ticks: measured fit times snap to 10 x (2^k - 1) ms (5.11 s for 3.3 s of work), so it is off here.
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    dataset = tf.data.Dataset.from_tensors((x, y)).repeat().with_options(options)
+    dataset = common.without_autotune(tf.data.Dataset.from_tensors((x, y)).repeat())
     peak = common.matmul_peak_gflops()
 
     steps = args.steps - args.steps % t.steps_per_execution

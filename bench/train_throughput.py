@@ -89,7 +89,7 @@ def child(kind, name, steps, quick):
     x, y, vocab, _ = batches(config, warmup)
     rss_before = common.peak_rss_mb()
     model, _, inputs = build(kind, config, vocab)
-    dataset = tf.data.Dataset.from_tensor_slices((inputs(x), y)).repeat()
+    dataset = common.without_autotune(tf.data.Dataset.from_tensor_slices((inputs(x), y)).repeat())
     fit_seconds(model, dataset, steps)
     print(json.dumps({"rss_before_model_mb": rss_before, "peak_rss_mb": common.peak_rss_mb()}))
 
@@ -113,7 +113,7 @@ def run_config(name, quick):
     for kind in MODELS:
         keras.utils.set_random_seed(t.seed)
         model, params, inputs = build(kind, config, vocab)
-        dataset = tf.data.Dataset.from_tensor_slices((inputs(x), y)).repeat()
+        dataset = common.without_autotune(tf.data.Dataset.from_tensor_slices((inputs(x), y)).repeat())
         first, _ = fit_seconds(model, dataset, spe)  # compiles
         if warmup > spe:
             fit_seconds(model, dataset, warmup - spe)
