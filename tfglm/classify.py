@@ -55,16 +55,18 @@ def text_dataset(texts, tokenizer, model_config, batch_size, targets=None, seed=
     (`data.bucket_by_length`)."""
     ds = tf.data.Dataset.from_tensor_slices(texts if targets is None else (texts, np.asarray(targets, np.int32)))
     encode_texts = encode(tokenizer, model_config)
+
+    def on_texts(fn):
+        return fn if targets is None else lambda x, y: (fn(x), y)
+
     if seed is None:
-        fn = lambda texts: data.trim_padding(encode_texts(texts), model_config.max_length)  # noqa: E731
-        ds = ds.batch(batch_size)
-    else:  # tokenized a thousand at a time, then regrouped by length
-        fn = encode_texts
-        ds = ds.shuffle(len(texts), seed=seed, reshuffle_each_iteration=True).repeat().batch(1024)
-    ds = ds.map(fn if targets is None else lambda x, y: (fn(x), y), num_parallel_calls=tf.data.AUTOTUNE)
-    if seed is not None:
-        ds = data.bucket_by_length(ds.unbatch(), batch_size, model_config.max_length)
-    return ds.prefetch(tf.data.AUTOTUNE)
+        trimmed = lambda texts: data.trim_padding(encode_texts(texts), model_config.max_length)  # noqa: E731
+        ds = ds.batch(batch_size).map(on_texts(trimmed), num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)
+    # Tokenized a thousand at a time, then regrouped by length.
+    ds = ds.shuffle(len(texts), seed=seed, reshuffle_each_iteration=True).repeat().batch(1024)
+    ds = ds.map(on_texts(encode_texts), num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    return data.bucket_by_length(ds, batch_size, model_config.max_length).prefetch(tf.data.AUTOTUNE)
 
 
 def build_classifier(config, vocab_size, num_classes, backbone=None):

@@ -61,9 +61,8 @@ def tokenize_documents(docs, tokenizer):
                     has_next=np.concatenate([np.arange(len(doc)) < len(doc) - 1 for doc in docs]))
 
 
-def pair_dataset(segments, seed, start, count=None):
-    """Examples (A ids, B ids, is_next) number start.. start + count - 1 (endless without `count`), each a pure
-    function of (seed, index)."""
+def pair_dataset(segments, seed, start):
+    """Endless examples (A ids, B ids, is_next) numbered from `start`, each a pure function of (seed, index)."""
     tokens, splits = tf.constant(segments.tokens), tf.constant(segments.splits)
     has_next = tf.constant(segments.has_next)
     n = len(segments.has_next)
@@ -80,8 +79,7 @@ def pair_dataset(segments, seed, start, count=None):
         b_start, b_end = tf.where(is_next, a_end, splits[r]), tf.where(is_next, b_end, splits[r + 1])
         return tokens[a_start:a_end], tokens[b_start:b_end], tf.cast(is_next, tf.int32)
 
-    indices = tf.data.Dataset.counter(start) if count is None else tf.data.Dataset.range(start, start + count)
-    return indices.map(example, num_parallel_calls=tf.data.AUTOTUNE)
+    return tf.data.Dataset.counter(start).map(example, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def packer(tokenizer, length):
