@@ -5,7 +5,8 @@ Reports the validation loss at each validation point with its wall time (metrics
 compilation) and the wall time at the first point at or below nanoGPT's 1.886 (its validation loss after 2,000
 iterations, about 2 min 16 s on this machine). Skips when ../shared/data is absent.
 
-    python bench/quality_tiny_shakespeare.py [--quick]     # --quick: 500 steps (the target is not expected)
+    python bench/quality_tiny_shakespeare.py [--quick] [--set KEY=VALUE ...]
+        # --quick: 500 steps (the target is not expected); --set: config overrides, e.g. train.learning_rate=3e-3
 """
 
 import argparse
@@ -27,11 +28,12 @@ NANOGPT_SECONDS = 136
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="500 steps instead of 2,000")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = parser.parse_args()
     if not os.path.exists(common.SHAKESPEARE):
         print(f"SKIPPED: {os.path.normpath(common.SHAKESPEARE)} is absent (needs ../shared/data)")
         return 0
-    overrides = [f"data.files={os.path.abspath(common.SHAKESPEARE)}"] + (["train.steps=500"] if args.quick else [])
+    overrides = [f"data.files={os.path.abspath(common.SHAKESPEARE)}"] + (["train.steps=500"] if args.quick else []) + args.set
     config = load_config(os.path.join(common.CONFIGS, "gpt-char-tiny.yaml"), overrides)
     peak_before = common.matmul_peak_gflops()
     with tempfile.TemporaryDirectory() as run_dir:
@@ -50,7 +52,7 @@ def main():
     print(f"reached {NANOGPT_VAL_LOSS}: " + (f"at step {reached['step']}, {reached['wall_s']:.1f} s" if reached
                                              else "no"))
     common.write_json("quality_tiny_shakespeare.json", {
-        "quick": args.quick, "steps": config.train.steps, "eval_batches": config.train.eval_batches,
+        "quick": args.quick, "overrides": args.set, "steps": config.train.steps, "eval_batches": config.train.eval_batches,
         "metrics": rows, "train_call_s": total,
         "matmul_peak_gflops": {"before": peak_before, "after": peak_after}, "target_val_loss": NANOGPT_VAL_LOSS,
         "reached_target": reached and {"step": reached["step"], "wall_s": reached["wall_s"]}})
