@@ -33,7 +33,8 @@ def main():
     if not os.path.exists(common.SHAKESPEARE):
         print(f"SKIPPED: {os.path.normpath(common.SHAKESPEARE)} is absent (needs ../shared/data)")
         return 0
-    overrides = [f"data.files={os.path.abspath(common.SHAKESPEARE)}"] + (["train.steps=500"] if args.quick else []) + args.set
+    overrides = [f"data.files={os.path.abspath(common.SHAKESPEARE)}", *(["train.steps=500"] if args.quick else []),
+                 *args.set]
     config = load_config(os.path.join(common.CONFIGS, "gpt-char-tiny.yaml"), overrides)
     peak_before = common.matmul_peak_gflops()
     with tempfile.TemporaryDirectory() as run_dir:
@@ -52,8 +53,8 @@ def main():
     print(f"reached {NANOGPT_VAL_LOSS}: " + (f"at step {reached['step']}, {reached['wall_s']:.1f} s" if reached
                                              else "no"))
     common.write_json("quality_tiny_shakespeare.json", {
-        "quick": args.quick, "overrides": args.set, "steps": config.train.steps, "eval_batches": config.train.eval_batches,
-        "metrics": rows, "train_call_s": total,
+        "quick": args.quick, "overrides": args.set, "steps": config.train.steps,
+        "eval_batches": config.train.eval_batches, "metrics": rows, "train_call_s": total,
         "matmul_peak_gflops": {"before": peak_before, "after": peak_after}, "target_val_loss": NANOGPT_VAL_LOSS,
         "reached_target": reached and {"step": reached["step"], "wall_s": reached["wall_s"]}})
     return 0

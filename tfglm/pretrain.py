@@ -118,7 +118,8 @@ def pretraining_dataset(segments, tokenizer, length, batch_size, seed, num_batch
         weights = {"mlm": mask_weights, "nsp": tf.ones_like(is_next, tf.float32)}
         return inputs, {"mlm": ids, "nsp": is_next}, weights
 
-    ds = data.bucket_by_length(pair_dataset(segments, seed, 0).map(example), batch_size, length)
+    examples = pair_dataset(segments, seed, 0).map(example, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = data.bucket_by_length(examples, batch_size, length)
     return ds.take(num_batches).map(mask, num_parallel_calls=tf.data.AUTOTUNE)
 
 
