@@ -1,7 +1,8 @@
 """Generation throughput: `tfglm.generate.Generator.generate` vs KerasHub `GPT2CausalLM.generate`, greedy, 16-token
 prompts, 128 new tokens, batch 1 and 8, for a 6 x 384 model with context 256 and a 50,257-token vocabulary (random
-weights: same shapes, same cost). Also the batch-1 memory-bandwidth bound: weight bytes / read bandwidth, both
-measured in this run.
+weights: same shapes, same cost), and tfglm's model again through its exported SavedModel: the `generate` signature
+of `tfglm.export.serving_module`, saved and loaded back in this process. Also the batch-1 memory-bandwidth bound:
+weight bytes / read bandwidth, both measured in this run.
 
 tfglm's entry point takes strings, so it gets a stand-in tokenizer (`CodepointIds`): ids are the prompt's code points
 and `<eot>` is 50,256 as in GPT-2. Tokenizing 15 characters and joining 128 ids into a string are included in its
@@ -12,6 +13,8 @@ as a `token_ids` / `padding_mask` batch of length 144, with no stop token.
 """
 
 import argparse
+import shutil
+import tempfile
 import time
 
 import common
@@ -20,6 +23,8 @@ import keras_hub
 import numpy as np
 import tensorflow as tf
 
+from tfglm.config import GenerateConfig
+from tfglm.export import serving_module
 from tfglm.generate import Generator
 from tfglm.models import GPT
 
@@ -42,18 +47,41 @@ class CodepointIds:
         return tf.strings.reduce_join(tf.strings.as_string(ids), axis=-1, separator=" ")
 
 
-def tfglm_runner(batch):
-    """A callable running one tfglm generation of `batch` prompts; returns the number of generated tokens."""
+def tfglm_generator():
     model = GPT(VOCAB, LAYERS, HEADS, WIDTH, max_length=CONTEXT)
     model.build()
-    generator = Generator(model, CodepointIds())
+    return Generator(model, CodepointIds())
+
+
+def tfglm_runner(batch):
+    """A callable running one tfglm generation of `batch` prompts; returns the number of generated tokens."""
+    generator = tfglm_generator()
     prompts = tf.constant([PROMPT] * batch)
 
     def run():
         out = generator.generate(prompts, NEW_TOKENS, 0.0, 0, 1.0, 0)
         return int(out["num_tokens"].numpy().sum())
 
-    return run, model.count_params()
+    return run, generator.model.count_params()
+
+
+def exported_runner(batch):
+    """The same through the SavedModel's `generate` signature (as `tfglm export` writes it), loaded back."""
+    generator = tfglm_generator()
+    module = serving_module(generator, GenerateConfig())
+    path = tempfile.mkdtemp(prefix="tfglm-generate-")
+    tf.saved_model.save(module, path, signatures={"generate": module.generate})
+    generate = tf.saved_model.load(path).signatures["generate"]
+    shutil.rmtree(path)
+    # Every input given: a loaded signature called from Python does not fill in the SignatureDef's defaults.
+    inputs = {"prompts": tf.constant([PROMPT] * batch), "max_new_tokens": tf.constant(NEW_TOKENS),
+              "temperature": tf.constant(0.0), "top_k": tf.constant(0), "top_p": tf.constant(1.0),
+              "seed": tf.constant(0)}
+
+    def run():
+        return int(generate(**inputs)["num_tokens"].numpy().sum())
+
+    return run, generator.model.count_params()
 
 
 def keras_hub_runner(batch):
@@ -85,7 +113,8 @@ def main():
     rows = []
     for batch in BATCHES:
         runners = {}
-        for name, make in (("tfglm", tfglm_runner), ("keras_hub", keras_hub_runner)):
+        for name, make in (("tfglm", tfglm_runner), ("tfglm_exported", exported_runner),
+                           ("keras_hub", keras_hub_runner)):
             keras.utils.set_random_seed(0)
             run, params = make(batch)
             start = time.perf_counter()
@@ -103,8 +132,9 @@ def main():
                          "ms_per_step": 1e3 * seconds / NEW_TOKENS, "first_call_s": r["first_s"],
                          "times_s": [round(t, 3) for t in r["times"]]})
         # The median of paired per-round ratios: robust to the machine's load moving between rounds.
-        rows[-2]["tfglm_over_keras_hub"] = common.median(
-            [k / t for t, k in zip(runners["tfglm"]["times"], runners["keras_hub"]["times"])])
+        for row in rows[-3:-1]:
+            row["tfglm_over_keras_hub"] = common.median(
+                [k / t for t, k in zip(runners[row["model"]]["times"], runners["keras_hub"]["times"])])
     weight_bytes = 4 * rows[0]["params"]
     bound = bandwidth * 1e9 / weight_bytes
     for row in rows:  # decode steps/s against the weight-reading bound (a step reads every weight once)
