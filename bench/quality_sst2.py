@@ -58,40 +58,39 @@ def main():
     train, dev, test = (os.path.join(SST2, f"{name}.tsv") for name in ("train", "dev", "test"))
     result = {"cpu_count": os.cpu_count()}
 
-    def pretrained_run(name, config, pretrain_fn):
-        start = time.time()
-        run_dir = os.path.join(args.out, f"{name}-pretrained")
-        pretrain_fn(config, run_dir, verbose=2)
-        result[name] = {"config": config.to_dict(), "pretrain": {"wall_s": round(time.time() - start, 1),
-                                                                 "metrics": runs.read_metrics(run_dir)[-1]}}
-        return run_dir
-
-    def finetuned(name, config, source):
+    def run(name, config, pretrain_fn=None):
+        """Pretrains with `pretrain_fn` (none: from scratch), fine-tunes, and records both in `result[name]`."""
+        entry = result[name] = {"config": config.to_dict()}
+        source = None
+        if pretrain_fn:
+            start = time.time()
+            source = os.path.join(args.out, f"{name}-pretrained")
+            pretrain_fn(config, source, verbose=2)
+            entry["pretrain"] = {"wall_s": round(time.time() - start, 1), "metrics": runs.read_metrics(source)[-1]}
         start = time.time()
         scores = finetune(config, os.path.join(args.out, name), train, test, pretrained=source, val_file=dev,
                           verbose=2)
-        result.setdefault(name, {"config": config.to_dict()}).update(wall_s=round(time.time() - start, 1),
-                                                                     **scores)
-        print(json.dumps({name: {k: v for k, v in result[name].items() if k != "config"}}))
+        entry.update(wall_s=round(time.time() - start, 1), **scores)
+        print(json.dumps({name: {k: v for k, v in entry.items() if k != "config"}}))
 
     if "gpt" in names:
         files = gpt_corpus(os.path.join(args.out, "corpus"), train)
         config = load_config(os.path.join(common.CONFIGS, "gpt-sst2.yaml"), [
             "data.files=" + json.dumps(files), f"train.steps={args.gpt_steps}",
             f"train.eval_interval={max(args.gpt_steps // 4, 1)}", f"classify.epochs={args.epochs}"] + args.set)
-        finetuned("gpt", config, pretrained_run("gpt", config, train_gpt))
+        run("gpt", config, train_gpt)
     if {"encoder", "scratch"} & set(names):
         config = load_config(os.path.join(common.CONFIGS, "bert-sst2.yaml"), [
             "data.files=" + json.dumps([train] + data.embedded_corpus_files()), f"train.steps={args.pretrain_steps}",
             f"train.eval_interval={max(args.pretrain_steps // 3, 1)}", f"classify.epochs={args.epochs}"] + args.set)
         if "encoder" in names:
-            finetuned("encoder", config, pretrained_run("encoder", config, pretrain))
+            run("encoder", config, pretrain)
         if "scratch" in names:
-            finetuned("scratch", config, None)
+            run("scratch", config)
     common.write_json("quality_sst2.json", result)
     columns = ["run", "test accuracy", "macro-F1", "pretrain s", "fine-tune s"]
     common.print_table([{"run": name, "test accuracy": result[name]["accuracy"], "macro-F1": result[name]["macro_f1"],
-                         "pretrain s": result[name].get("pretrain", {}).get("wall_s", 0),
+                         "pretrain s": result[name].get("pretrain", {}).get("wall_s", "—"),
                          "fine-tune s": result[name]["wall_s"]} for name in names], columns)
 
 
