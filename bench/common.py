@@ -41,6 +41,20 @@ def best_seconds(fn, repeats):
     return min(times)
 
 
+def alternating_seconds(fns, calls):
+    """name -> wall seconds of each of `calls` calls of fns[name]() (after one untimed call each), the functions
+    called in turn, so that a change of the machine's load falls on all of them alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(calls):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def matmul_peak_gflops(n=2048, repeats=5):
     """fp32 GFLOP/s of an n x n matmul under XLA, best of `repeats`."""
     a = tf.random.normal([n, n])

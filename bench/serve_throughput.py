@@ -59,15 +59,7 @@ def latency(run_dir, base_path, calls):
         prompts = tf.constant([PROMPT] * batch)
         sides = {"saved_model": lambda: signature(prompts=prompts, **options)["completions"].numpy(),
                  "in_process": lambda: generator.generate(prompts, *OPTIONS.values())["completions"].numpy()}
-        times = {name: [] for name in sides}
-        for fn in sides.values():
-            fn()
-        for _ in range(calls):
-            for name, fn in sides.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-        ms = {name: 1000 * common.median(t) for name, t in times.items()}
+        ms = {name: 1000 * common.median(t) for name, t in common.alternating_seconds(sides, calls).items()}
         rows.append({"batch": batch, "saved_model_ms": ms["saved_model"], "in_process_ms": ms["in_process"],
                      "ratio": ms["saved_model"] / ms["in_process"]})
     return rows
