@@ -53,8 +53,10 @@ def _parser():
     pretrain.add_argument("--out", required=True, help="run directory")
     pretrain.add_argument("--overwrite", action="store_true", help="delete a run already in --out and start afresh")
 
-    finetune = commands.add_parser("finetune", help="fine-tune a pretrained encoder (or one from scratch) on a task")
-    finetune.add_argument("--model", help="pretrained run directory (its config and tokenizer are used)")
+    finetune = commands.add_parser("finetune", help="fine-tune a pretrained encoder or GPT (or one from scratch) on a "
+                                                     "task")
+    finetune.add_argument("--model", help="pretrained run directory, from `tfglm pretrain` (an encoder) or `tfglm "
+                                           "train` (a GPT); its config and tokenizer are used")
     finetune.add_argument("--task", required=True, choices=["classify"])
     finetune.add_argument("--train", required=True, help="labelled TSV, CSV or JSONL file")
     finetune.add_argument("--eval", required=True, help="labelled file scored into eval.json with the best model")
