@@ -5,9 +5,9 @@ timed in fp32, bf16 and int8, each under XLA (as tfglm's decode loop runs it) an
 measured in the same run.
 
 int8 is tried both ways a weight-only int8 decode could run: int8 x int8 -> int32 (`tf.matmul(output_type=int32)`),
-and int8 weights cast to fp32 in the graph and scaled per column. fp32, bf16 and the latter are also timed per step of an
-XLA while loop, as the decode loop runs them. Variants alternate call by call; the figure is the
-median of 40 calls (10 with `--quick`).
+and int8 weights cast to fp32 in the graph and scaled per column. fp32, bf16 and the latter are also timed per step
+of an XLA while loop, as the decode loop runs them. Variants alternate call by call; the figure is the median of 40
+calls (10 with `--quick`).
 
     python bench/probe_decode_precision.py [--quick]
 """
@@ -39,7 +39,8 @@ def variants(batch):
         dtype = name.split()[0]
         out[(name, "xla")] = (dtype, 1, tf.function(lambda p=product, h=h: p(h), jit_compile=True))
         out[(name, "tensorflow")] = (dtype, 1, tf.function(lambda p=product, h=h: p(h)))
-    for name in ("float32", "bfloat16", "int8 dequantized"):  # as the decode loop runs them: XLA may hoist work out of a loop
+    # As the decode loop runs them: XLA may hoist work out of a loop.
+    for name in ("float32", "bfloat16", "int8 dequantized"):
         product, h = products[name]
         out[(name, f"xla, {LOOP_STEPS}-step loop")] = (name.split()[0], LOOP_STEPS, in_loop(product, h))
     return out
@@ -63,10 +64,8 @@ def main():
     rows = []
     for batch in (1, 8):
         probes = variants(batch)
-        for _, _, fn in probes.values():  # compiles
-            fn().numpy()
-        times = common.alternating_seconds({key: lambda fn=fn: fn().numpy() for key, (_, _, fn) in probes.items()},
-                                           calls)
+        times = common.alternating_seconds(  # its untimed first call of each compiles it
+            {key: lambda fn=fn: fn().numpy() for key, (_, _, fn) in probes.items()}, calls)
         fp32_xla = common.median(times[("float32", "xla")])
         for (name, runtime), (dtype, steps, _) in probes.items():
             seconds = common.median(times[(name, runtime)]) / steps
