@@ -38,8 +38,9 @@ def main():
     result = {"pretrained": args.pretrained, "config": config.to_dict(), "cpu_count": os.cpu_count(),
               "wall_s": round(time.time() - start, 1), **scores}
     common.write_json("quality_bbc.json", result)
-    common.print_table([{"run": "pretrained" if args.pretrained else "from scratch", "test accuracy": scores["accuracy"],
-                         "macro-F1": scores["macro_f1"], "wall s": result["wall_s"]}],
+    common.print_table([{"run": "pretrained" if args.pretrained else "from scratch",
+                         "test accuracy": scores["accuracy"], "macro-F1": scores["macro_f1"],
+                         "wall s": result["wall_s"]}],
                        ["run", "test accuracy", "macro-F1", "wall s"])
     print("labels", scores["labels"], "confusion", scores["confusion_matrix"])
 
