@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from tfglm import data
+from tfglm.data import corpus as data
 
 
 def write_split(out_dir):

@@ -19,8 +19,8 @@ SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "inp
 def shakespeare_tokens():
     """(train tokens, validation tokens, vocab size) of Tiny Shakespeare with tfglm's char tokenizer (90/10 split),
     or None when ../shared/data is absent."""
-    from tfglm import data
-    from tfglm.tokenizers import CharTokenizer
+    from tfglm.data import corpus as data
+    from tfglm.data.tokenizers import CharTokenizer
 
     if not os.path.exists(SHAKESPEARE):
         return None

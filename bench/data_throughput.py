@@ -18,9 +18,9 @@ import common
 import numpy as np
 import sentencepiece
 
-from tfglm import data
+from tfglm.data import corpus as data
 from tfglm.config import load_config
-from tfglm.tokenizers import CharTokenizer, SentencePieceTokenizer, train_sentencepiece
+from tfglm.data.tokenizers import CharTokenizer, SentencePieceTokenizer, train_sentencepiece
 
 CONFIGS = {"tiny": "gpt-char-tiny.yaml", "shakespeare": "gpt-char-shakespeare.yaml"}
 

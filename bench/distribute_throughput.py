@@ -23,10 +23,11 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tfglm import data, distribute  # noqa: E402
+from tfglm.data import corpus as data  # noqa: E402
+from tfglm.tasks import distribute  # noqa: E402
 from tfglm.config import load_config  # noqa: E402
-from tfglm.models import GPT  # noqa: E402
-from tfglm.train import compile_model  # noqa: E402
+from tfglm.models.gpt import GPT  # noqa: E402
+from tfglm.tasks.trainer import compile_model  # noqa: E402
 
 
 class Timer(keras.callbacks.Callback):

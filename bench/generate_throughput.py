@@ -24,9 +24,9 @@ import numpy as np
 import tensorflow as tf
 
 from tfglm.config import GenerateConfig
-from tfglm.export import serving_module
-from tfglm.generate import Generator
-from tfglm.models import GPT
+from tfglm.serving.export import serving_module
+from tfglm.generation.decode import Generator
+from tfglm.models.gpt import GPT
 
 VOCAB, LAYERS, HEADS, WIDTH, CONTEXT = 50257, 6, 6, 384, 256
 PROMPT = "First Citizen: "  # 15 characters; with <eot>, a 16-token prompt

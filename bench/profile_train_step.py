@@ -18,8 +18,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfglm.config import load_config
-from tfglm.models import GPT
-from tfglm.train import compile_model
+from tfglm.models.gpt import GPT
+from tfglm.tasks.trainer import compile_model
 
 
 def mean_ms(fn, repeats):

@@ -14,8 +14,8 @@ import time
 import bbc_jsonl
 import common
 
-from tfglm import runs
-from tfglm.classify import finetune
+from tfglm.tasks import runs
+from tfglm.tasks.classify import finetune
 from tfglm.config import load_config
 
 

@@ -13,9 +13,9 @@ import time
 
 import common
 
-from tfglm import runs
+from tfglm.tasks import runs
 from tfglm.config import load_config
-from tfglm.translate import evaluate, train_translation
+from tfglm.tasks.seq2seq import evaluate, train_translation
 
 MULTI30K = os.path.join(common.ROOT, "..", "shared", "data", "multi30k")
 

@@ -22,11 +22,13 @@ import time
 import common
 import imdb_corpus
 
-from tfglm import data, labelled, runs
-from tfglm.classify import finetune
+from tfglm.data import corpus as data
+from tfglm.data import labelled
+from tfglm.tasks import runs
+from tfglm.tasks.classify import finetune
 from tfglm.config import load_config
-from tfglm.pretrain import pretrain
-from tfglm.train import train as train_gpt
+from tfglm.tasks.masked_lm import pretrain
+from tfglm.tasks.trainer import train as train_gpt
 
 SST2 = os.path.join(common.ROOT, "..", "shared", "data", "sst2")
 RUNS = ("gpt", "encoder", "scratch")

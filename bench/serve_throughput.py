@@ -25,11 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 import common
 import tensorflow as tf
 
-from tfglm import runs, serve
+from tfglm.tasks import runs
+from tfglm.serving import server as serve
 from tfglm.config import load_config
-from tfglm.export import export_run
-from tfglm.generate import Generator
-from tfglm.train import train
+from tfglm.serving.export import export_run
+from tfglm.generation.decode import Generator
+from tfglm.tasks.trainer import train
 
 PROMPT = "ROMEO:"
 OPTIONS = {"max_new_tokens": 32, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}

@@ -22,10 +22,10 @@ import keras_hub
 import numpy as np
 import tensorflow as tf
 
-from tfglm import data
+from tfglm.data import corpus as data
 from tfglm.config import load_config
-from tfglm.models import GPT
-from tfglm.train import compile_model
+from tfglm.models.gpt import GPT
+from tfglm.tasks.trainer import compile_model
 
 MODELS = ("tfglm", "keras_hub")
 # name: (config file, full plan, quick plan); a plan is (steps_per_execution, warm-up steps, steps a round, rounds).

@@ -17,7 +17,7 @@ if int(logical_cpus) > 1:
 
 from tfglm.config import load_config  # noqa: E402
 from tfglm.errors import TfglmError  # noqa: E402
-from tfglm.train import train  # noqa: E402
+from tfglm.tasks.trainer import train  # noqa: E402
 
 try:
     model, _ = train(load_config(overrides=overrides), out, resume=resume == "1", verbose=0)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfglm import labelled
+from tfglm.data import labelled
 from tfglm.cli import main
 from tfglm.errors import TfglmError
-from tfglm.pretrain import Segments, mask_generator, pair_dataset, pretraining_dataset
+from tfglm.tasks.masked_lm import Segments, mask_generator, pair_dataset, pretraining_dataset
 
 # Ids as tfglm.tokenizers.WordPieceTokenizer assigns them.
 TOKENIZER = types.SimpleNamespace(vocab_size=1000, pad_id=0, cls_id=1, sep_id=2, unk_id=3, mask_id=4)
@@ -102,7 +102,8 @@ def test_pretraining_batches_keep_every_selected_token_when_cut_to_their_width()
 def test_encoder_is_bidirectional_ignores_padding_and_ties_the_mlm_head():
     import keras
 
-    from tfglm.encoder import Encoder, EncoderPretrainer
+    from tfglm.models.encoder import Encoder
+    from tfglm.models.heads import EncoderPretrainer
 
     keras.utils.set_random_seed(0)
     model = EncoderPretrainer(Encoder(vocab_size=50, num_layers=2, num_heads=2, hidden_dim=16, max_length=12))
@@ -124,8 +125,9 @@ def test_mlm_loss_is_the_mean_over_selected_tokens_only():
     import keras
 
     from tfglm.config import TrainConfig
-    from tfglm.encoder import Encoder, EncoderPretrainer
-    from tfglm.pretrain import compile_pretrainer
+    from tfglm.models.encoder import Encoder
+    from tfglm.models.heads import EncoderPretrainer
+    from tfglm.tasks.masked_lm import compile_pretrainer
 
     keras.utils.set_random_seed(0)
     model = EncoderPretrainer(Encoder(vocab_size=50, num_layers=1, num_heads=2, hidden_dim=16, max_length=12))
@@ -225,9 +227,9 @@ def test_a_pretrained_gpt_learns_to_classify_on_its_last_token_with_balanced_cla
     import tensorflow as tf
 
     from conftest import tiny_config
-    from tfglm.classify import balanced_class_weights, finetune, predict
-    from tfglm.export import export_run
-    from tfglm.train import train
+    from tfglm.tasks.classify import balanced_class_weights, finetune, predict
+    from tfglm.serving.export import export_run
+    from tfglm.tasks.trainer import train
 
     assert balanced_class_weights(np.array([0, 0, 0, 1]), 2) == pytest.approx({0: 4 / 6, 1: 2.0})
     rng = np.random.RandomState(1)
@@ -281,8 +283,8 @@ TEXTS = ["the film plot cast great", "a movie story scene awful", "music", "endi
 @pytest.fixture(scope="module")
 def exported(classifier, tmp_path_factory):
     """(base path with version 1 of the exported classifier, in-process probabilities of TEXTS)."""
-    from tfglm.classify import predict
-    from tfglm.export import export_run
+    from tfglm.tasks.classify import predict
+    from tfglm.serving.export import export_run
 
     base_path = str(tmp_path_factory.mktemp("models"))
     export_run(classifier[0], base_path, jit_compile=False)
@@ -313,8 +315,8 @@ def test_served_classifier_answers_classify_over_rest_and_grpc_and_predict_throu
     import grpc
     from tensorflow_serving.apis import classification_pb2, prediction_service_pb2_grpc
 
-    from tfglm.client import Client
-    from tfglm.serve import Server
+    from tfglm.serving.client import Client
+    from tfglm.serving.server import Server
 
     base_path, probabilities = exported
     server = Server({"cls": base_path}, port=0, rest_api_port=0, poll_s=60).start()

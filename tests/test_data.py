@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfglm import data
+from tfglm.data import corpus as data
 from tfglm.errors import TfglmError
-from tfglm.tokenizers import CharTokenizer
+from tfglm.data.tokenizers import CharTokenizer
 
 
 def test_packing_gives_exact_shapes_and_loses_no_token():

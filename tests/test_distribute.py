@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import TINY
-from tfglm import data, distribute
+from tfglm.data import corpus as data
+from tfglm.tasks import distribute
 from tfglm.config import load_config
 from tfglm.errors import TfglmError
-from tfglm.train import set_precision
+from tfglm.tasks.trainer import set_precision
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
 # No clipping: Keras clips each replica's gradient before the all-reduce, which differs from one device.
@@ -178,8 +179,8 @@ def test_every_training_input_has_a_static_shape():
 
 
 def test_mixed_bfloat16_trains_on_cpu(tmp_path, pattern_file):
-    from tfglm import runs
-    from tfglm.train import train
+    from tfglm.tasks import runs
+    from tfglm.tasks.trainer import train
 
     config = load_config(overrides=TINY + [f"data.files=[{pattern_file}]", "train.mixed_precision=mixed_bfloat16",
                                            "train.learning_rate=0.003"])
@@ -194,8 +195,8 @@ def test_mixed_bfloat16_trains_on_cpu(tmp_path, pattern_file):
 
 
 def test_gradient_accumulation_updates_every_k_batches():
-    from tfglm.models import GPT
-    from tfglm.train import compile_model
+    from tfglm.models.gpt import GPT
+    from tfglm.tasks.trainer import compile_model
 
     config = load_config(overrides=TINY + ["train.grad_accum_steps=2", "train.jit_compile=false",
                                            "train.steps_per_execution=1"])

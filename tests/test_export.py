@@ -10,11 +10,11 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from tfglm import runs
+from tfglm.tasks import runs
 from tfglm.cli import main
-from tfglm.export import WARMUP, export_run
-from tfglm.generate import Generator
-from tfglm.train import train
+from tfglm.serving.export import WARMUP, export_run
+from tfglm.generation.decode import Generator
+from tfglm.tasks.trainer import train
 
 DOCUMENT = "the cat sat on the mat. "
 PROMPTS = ["the cat", "", "mat. the", "t"]

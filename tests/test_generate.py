@@ -7,10 +7,11 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from tfglm import runs
+from tfglm.tasks import runs
 from tfglm.cli import generate_texts, main
-from tfglm.generate import Generator, sample
-from tfglm.train import train
+from tfglm.generation.decode import Generator
+from tfglm.generation.sampling import sample
+from tfglm.tasks.trainer import train
 
 
 @pytest.fixture(scope="module")

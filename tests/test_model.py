@@ -1,7 +1,7 @@
 import keras
 import numpy as np
 
-from tfglm.models import GPT
+from tfglm.models.gpt import GPT
 
 
 def _model():

@@ -15,13 +15,13 @@ import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
 
 from test_export import GREEDY, PROMPTS, run_dir  # noqa: F401  (run_dir: the module's trained tiny model)
-from tfglm import runs
+from tfglm.tasks import runs
 from tfglm.cli import main
-from tfglm.client import Client
+from tfglm.serving.client import Client
 from tfglm.errors import TfglmError
-from tfglm.export import export_run
-from tfglm.generate import Generator
-from tfglm.serve import Server, read_model_config
+from tfglm.serving.export import export_run
+from tfglm.generation.decode import Generator
+from tfglm.serving.server import Server, read_model_config
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 import tensorflow as tf
 
-from tfglm.tokenizers import CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece
+from tfglm.data.tokenizers import CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 
 MIXED = ["Hello, world!  Tabs\tand\nnewlines.", "Ünïcödé: naïve café — 日本語テキスト ☃ 😀", ""]
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "Ünïcödé naïve café 日本語", "numbers 12345 and CAPS"] * 50

@@ -9,10 +9,10 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from tfglm import runs
+from tfglm.tasks import runs
 from tfglm.errors import TfglmError
-from tfglm.generate import Generator
-from tfglm.train import train
+from tfglm.generation.decode import Generator
+from tfglm.tasks.trainer import train
 
 
 def _metrics(run_dir):

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfglm import parallel, runs
+from tfglm.data import parallel
+from tfglm.tasks import runs
 from tfglm.cli import main
 from tfglm.errors import TfglmError
-from tfglm.export import export_run
-from tfglm.seq2seq import EncoderDecoder, beam_search, greedy_search
-from tfglm.translate import load_translator, translate_texts
+from tfglm.serving.export import export_run
+from tfglm.generation.beam import beam_search, greedy_search
+from tfglm.models.encoder_decoder import EncoderDecoder
+from tfglm.tasks.seq2seq import load_translator, translate_texts
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
 CONFIG = """
@@ -153,8 +155,8 @@ def test_exported_translate_in_a_clean_interpreter_and_served_equals_in_process(
     expected = translate_texts(translators[3], sources)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
 
-    from tfglm.client import Client
-    from tfglm.serve import Server
+    from tfglm.serving.client import Client
+    from tfglm.serving.server import Server
 
     server = Server({"en-de": str(tmp_path / "models")}, port=0, rest_api_port=0, poll_s=60).start()
     try:
@@ -169,7 +171,7 @@ def test_resumed_translation_run_ends_where_an_uninterrupted_one_does(tmp_path, 
 
     from test_train import _fit_with, _stop_at_step
     from tfglm.config import load_config
-    from tfglm.translate import train_translation
+    from tfglm.tasks.seq2seq import train_translation
 
     config = tmp_path / "reverse.yaml"
     config.write_text(CONFIG % (_write_tsv(tmp_path / "train.tsv", _reversal_pairs(400, 0)),

@@ -109,7 +109,7 @@ def _parser():
 
 def _overwrite(run_dir):
     """Deletes the run in `run_dir` for --overwrite, refusing a directory that is not a run."""
-    from tfglm import runs
+    from tfglm.tasks import runs
 
     if os.path.isdir(run_dir):
         if not os.path.exists(runs.path(run_dir, runs.CONFIG)):
@@ -145,10 +145,10 @@ def generate_texts(generator, prompts, settings):
 
 
 def cmd_train(args):
-    from tfglm import runs
+    from tfglm.tasks import runs
     from tfglm.config import load_config
-    from tfglm.generate import Generator
-    from tfglm.train import train
+    from tfglm.generation.decode import Generator
+    from tfglm.tasks.trainer import train
 
     overrides = list(args.set)
     if args.data:
@@ -166,7 +166,7 @@ def cmd_train(args):
         if args.overwrite:
             _overwrite(args.out)
     if config.model.kind == "translate":
-        from tfglm.translate import train_translation
+        from tfglm.tasks.seq2seq import train_translation
 
         train_translation(config, args.out, resume=args.resume)
         print(f"\nmodel: {os.path.abspath(args.out)}")
@@ -182,8 +182,8 @@ def cmd_train(args):
 
 
 def cmd_generate(args):
-    from tfglm import runs
-    from tfglm.generate import Generator
+    from tfglm.tasks import runs
+    from tfglm.generation.decode import Generator
 
     config, tokenizer, model = runs.load_run(args.model)
     if config.model.kind != "gpt":
@@ -201,14 +201,14 @@ def cmd_generate(args):
 
 
 def cmd_export(args):
-    from tfglm.export import export_run
+    from tfglm.serving.export import export_run
 
     print(export_run(args.model, args.out, args.version, jit_compile=not args.no_jit_compile))
 
 
 def cmd_pretrain(args):
     from tfglm.config import load_config
-    from tfglm.pretrain import pretrain
+    from tfglm.tasks.masked_lm import pretrain
 
     overrides = list(args.set) + (["data.files=" + json.dumps(args.data)] if args.data else [])
     config = load_config(args.config, overrides)
@@ -219,8 +219,8 @@ def cmd_pretrain(args):
 
 
 def cmd_finetune(args):
-    from tfglm import runs
-    from tfglm.classify import finetune
+    from tfglm.tasks import runs
+    from tfglm.tasks.classify import finetune
     from tfglm.config import load_config
 
     if args.model and args.config:
@@ -240,10 +240,10 @@ def cmd_finetune(args):
 
 
 def cmd_evaluate(args):
-    from tfglm import runs
+    from tfglm.tasks import runs
 
     if runs.read_config(args.model).model.kind == "translate":
-        from tfglm.translate import evaluate
+        from tfglm.tasks.seq2seq import evaluate
 
         if not (args.source and args.reference):
             raise TfglmError("--source and --reference: a translation run is scored on source sentences and their "
@@ -252,7 +252,7 @@ def cmd_evaluate(args):
         print(f"BLEU = {result['bleu']}  ({result['signature']})")
         print(json.dumps(result))
         return
-    from tfglm.classify import evaluate
+    from tfglm.tasks.classify import evaluate
 
     if not args.data:
         raise TfglmError("--data: a classifier is scored on a labelled TSV, CSV or JSONL file")
@@ -260,14 +260,14 @@ def cmd_evaluate(args):
 
 
 def cmd_translate(args):
-    from tfglm.translate import load_translator, translate_texts
+    from tfglm.tasks.seq2seq import load_translator, translate_texts
 
     for text, translation in zip(args.texts, translate_texts(load_translator(args.model, args.beam), args.texts)):
         print(json.dumps({"text": text, "translation": translation}, ensure_ascii=False) if args.json else translation)
 
 
 def cmd_predict(args):
-    from tfglm.classify import predict
+    from tfglm.tasks.classify import predict
 
     for row in predict(args.model, args.texts):
         if args.json:
@@ -281,7 +281,7 @@ def cmd_serve(args):
     import time
 
     try:
-        from tfglm.serve import Server, read_model_config
+        from tfglm.serving.server import Server, read_model_config
     except ImportError as e:
         raise TfglmError(f"serve needs tensorflow-serving-api ({e}): pip install 'tfglm[serve]'") from None
     if bool(args.model_config_file) == bool(args.model_base_path):
@@ -302,7 +302,7 @@ def cmd_serve(args):
 
 
 def cmd_client(args):
-    from tfglm.client import Client
+    from tfglm.serving.client import Client
 
     client = Client(args.server, args.model, "grpc" if args.grpc else "rest")
     out = client.generate(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)

@@ -16,12 +16,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfglm import data, labelled, runs, train
-from tfglm.encoder import Encoder, EncoderClassifier, dummy_inputs
+from tfglm.data import corpus as data
+from tfglm.data import labelled
+from tfglm.tasks import runs
+from tfglm.tasks import trainer as train
+from tfglm.models.encoder import Encoder, dummy_inputs
 from tfglm.errors import TfglmError
-from tfglm.models import GPT, GPTClassifier
-from tfglm.pretrain import packer
-from tfglm.tokenizers import (CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece,
+from tfglm.models.gpt import GPT
+from tfglm.models.heads import EncoderClassifier, GPTClassifier
+from tfglm.tasks.masked_lm import packer
+from tfglm.data.tokenizers import (CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece,
                               train_wordpiece)
 
 log = logging.getLogger("tfglm")

@@ -9,8 +9,8 @@ import os
 
 from tfglm.config import load_config
 from tfglm.errors import TfglmError
-from tfglm.models import GPT
-from tfglm.tokenizers import load_tokenizer
+from tfglm.models.gpt import GPT
+from tfglm.data.tokenizers import load_tokenizer
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer"
@@ -57,11 +57,11 @@ def load_run(run_dir, weights=BEST):
     config = read_config(run_dir)
     tokenizer = load_tokenizer(path(run_dir, TOKENIZER))
     if config.model.kind == "bert":
-        from tfglm.encoder import build_pretrainer
+        from tfglm.models.heads import build_pretrainer
 
         model = build_pretrainer(config.model, tokenizer.vocab_size)
     elif config.model.kind == "translate":
-        from tfglm.seq2seq import EncoderDecoder
+        from tfglm.models.encoder_decoder import EncoderDecoder
 
         model = EncoderDecoder.from_config_tree(config.model, tokenizer.vocab_size)
     else:

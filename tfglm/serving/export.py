@@ -19,12 +19,12 @@ import tempfile
 
 import tensorflow as tf
 
-from tfglm import runs
-from tfglm.classify import LABELS, load_classifier
-from tfglm.classify import serving_module as classifier_module
+from tfglm.tasks import runs
+from tfglm.tasks.classify import LABELS, load_classifier
+from tfglm.tasks.classify import serving_module as classifier_module
 from tfglm.errors import TfglmError
-from tfglm.generate import SIGNATURE, Generator
-from tfglm.models import GPT
+from tfglm.generation.decode import SIGNATURE, Generator
+from tfglm.models.gpt import GPT
 
 WARMUP = os.path.join("assets.extra", "tf_serving_warmup_requests")
 SIGNATURES = ("generate", "score", "tokenize", "detokenize")  # plus serving_default, the same as generate
@@ -116,8 +116,8 @@ def _serving(run_dir, jit_compile):
         raise TfglmError(f"{run_dir}: a pretrained encoder has nothing to serve; fine-tune it with tfglm finetune "
                          "and export that run")
     if config.model.kind == "translate":  # one `translate` signature: source strings in, translations out
-        from tfglm.seq2seq import Translator
-        from tfglm.translate import serving_module as translation_module
+        from tfglm.generation.beam import Translator
+        from tfglm.tasks.seq2seq import serving_module as translation_module
 
         module = translation_module(Translator(model, tokenizer, config.translate.beam_width,
                                                config.translate.length_penalty, jit_compile))

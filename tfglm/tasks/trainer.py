@@ -13,10 +13,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfglm import data, distribute, runs
+from tfglm.data import corpus as data
+from tfglm.tasks import distribute
+from tfglm.tasks import runs
 from tfglm.errors import TfglmError
-from tfglm.models import GPT
-from tfglm.tokenizers import CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece
+from tfglm.models.gpt import GPT
+from tfglm.data.tokenizers import CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 
 log = logging.getLogger("tfglm")
 

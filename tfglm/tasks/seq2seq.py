@@ -16,10 +16,13 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tfglm import parallel, runs, train
+from tfglm.data import parallel
+from tfglm.tasks import runs
+from tfglm.tasks import trainer as train
 from tfglm.errors import TfglmError
-from tfglm.seq2seq import EncoderDecoder, Translator
-from tfglm.tokenizers import SentencePieceTokenizer, load_tokenizer, train_sentencepiece
+from tfglm.generation.beam import Translator
+from tfglm.models.encoder_decoder import EncoderDecoder
+from tfglm.data.tokenizers import SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 
 log = logging.getLogger("tfglm")
 EVAL = "eval.json"

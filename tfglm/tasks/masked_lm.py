@@ -23,9 +23,12 @@ import keras_hub
 import numpy as np
 import tensorflow as tf
 
-from tfglm import data, labelled, runs, train
+from tfglm.data import corpus as data
+from tfglm.data import labelled
+from tfglm.tasks import runs
+from tfglm.tasks import trainer as train
 from tfglm.errors import TfglmError
-from tfglm.tokenizers import train_wordpiece
+from tfglm.data.tokenizers import train_wordpiece
 
 log = logging.getLogger("tfglm")
 MASK_RATE = 0.15
@@ -144,7 +147,7 @@ def compile_pretrainer(model, train_config):
 
 def pretrain(config, run_dir, verbose=None):
     """Pretrains the encoder `config` describes into `run_dir`; returns the model and tokenizer."""
-    from tfglm.encoder import build_pretrainer
+    from tfglm.models.heads import build_pretrainer
 
     if config.model.kind != "bert":
         raise TfglmError(f"config: model.kind: pretrain needs 'bert', got {config.model.kind!r}")

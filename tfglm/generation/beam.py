@@ -1,67 +1,16 @@
-"""Encoder-decoder Transformer for translation, from the same `tfglm.layers` blocks as the GPT, and its decoding:
-greedy through the shared `tfglm.generate.decode` loop, or beam search over the same cached step.
+"""Decoding an encoder-decoder: greedy through the shared `tfglm.generation.decode` loop, or beam search over the same
+cached step, behind a strings-in, strings-out `Translator`.
 
 While decoding, each decoder layer keeps its self-attention keys/values in a cache updated in place, and reads the
 cross-attention keys/values of the encoded source from a second cache computed once per source batch.
 """
 
-import keras
-import keras_hub
 import tensorflow as tf
 
-from tfglm.generate import _bucket, decode
-from tfglm.layers import TransformerBlock
-from tfglm.models import GPT
-from tfglm.parallel import PAD
+from tfglm.data.parallel import PAD
+from tfglm.generation.decode import bucket, decode
 
 NEG = -1e9
-
-
-class EncoderDecoder(GPT):
-    """A bidirectional encoder over the source (padded keys masked), and a GPT decoder whose blocks also cross-attend
-    to the encoder output. One token embedding serves source, target and the output projection.
-
-    `call({"source_ids", "target_ids"})` returns next-token logits [batch, target_length, vocab] (teacher forcing);
-    source padding is id 0.
-    """
-
-    def __init__(self, vocab_size, num_layers=4, num_heads=4, hidden_dim=128, intermediate_dim=0, max_length=64,
-                 dropout=0.0, **kwargs):
-        super().__init__(vocab_size, num_layers, num_heads, hidden_dim, intermediate_dim, max_length, dropout,
-                         cross_attention=True, **kwargs)
-        init = keras.initializers.RandomNormal(stddev=0.02)
-        self.source_position_embedding = keras_hub.layers.PositionEmbedding(
-            max_length, initializer=init, dtype=self.dtype_policy, name="source_position_embedding")
-        self.encoder_blocks = [TransformerBlock(num_heads, self.intermediate_dim, dropout, causal=False,
-                                                dtype=self.dtype_policy, name=f"encoder_block_{i}")
-                               for i in range(num_layers)]
-        self.encoder_norm = keras.layers.LayerNormalization(epsilon=1e-5, dtype=self.dtype_policy, name="encoder_norm")
-
-    def build(self, input_shape=None):
-        super().build()
-        hidden_shape = (None, None, self.hidden_dim)
-        self.source_position_embedding.build(hidden_shape)
-        for block in self.encoder_blocks:
-            block.build(hidden_shape)
-        self.encoder_norm.build(hidden_shape)
-
-    def encode(self, source_ids, training=None):
-        """The encoder output [batch, source_length, hidden]."""
-        x = self.token_embedding(source_ids)
-        x = self.embedding_dropout(x + self.source_position_embedding(x), training=training)
-        for block in self.encoder_blocks:
-            x, _ = block(x, padding_mask=source_ids != PAD, training=training)
-        return self.encoder_norm(x)
-
-    def call(self, inputs, training=None):
-        source_ids = inputs["source_ids"]
-        hidden, _ = self.forward(inputs["target_ids"], context=self.encode(source_ids, training),
-                                 context_mask=source_ids != PAD, training=training)
-        return self.logits(hidden)
-
-    def cross_caches(self, context):
-        """Each decoder layer's cross-attention keys and values of `context`."""
-        return [block.cross_attention_layer.key_values(context) for block in self.blocks]
 
 
 class SourceDecoder:
@@ -150,8 +99,8 @@ class Translator(tf.Module):
         """{"translations": strings [batch]}; an empty source translates to an empty string."""
         ids = self.tokenizer.tokenize(sources)[:, :self.model.max_length]
         batch, lengths = tf.shape(sources)[0], tf.cast(ids.row_lengths(), tf.int32)
-        length = tf.minimum(_bucket(tf.reduce_max(lengths), minimum=8), self.model.max_length)
-        source_ids = ids.to_tensor(default_value=PAD, shape=[_bucket(batch, minimum=1), length])
+        length = tf.minimum(bucket(tf.reduce_max(lengths), minimum=8), self.model.max_length)
+        source_ids = ids.to_tensor(default_value=PAD, shape=[bucket(batch, minimum=1), length])
         tokens, generated = self._decode(source_ids)
         generated = generated[:batch] & (lengths > 0)[:, None]
         return {"translations": self.tokenizer.detokenize(tf.ragged.boolean_mask(tokens[:batch], generated))}

@@ -8,6 +8,8 @@ rounded up to powers of two, and decoded. XLA compiles once per such shape bucke
 
 import tensorflow as tf
 
+from tfglm.generation.sampling import sample
+
 SIGNATURE = [
     tf.TensorSpec([None], tf.string, name="prompts"),
     tf.TensorSpec([], tf.int32, name="max_new_tokens"),
@@ -16,29 +18,6 @@ SIGNATURE = [
     tf.TensorSpec([], tf.float32, name="top_p"),
     tf.TensorSpec([], tf.int32, name="seed"),
 ]
-INF = float("inf")
-
-
-def sample(logits, temperature, top_k, top_p, seed):
-    """Next token ids [batch] from logits [batch, vocab]: greedy when temperature is 0, else sampling from the
-    temperature-scaled distribution restricted to the top-k tokens (0 = all) and then to the top-p nucleus."""
-
-    def greedy():
-        return tf.argmax(logits, axis=-1, output_type=tf.int32)
-
-    def stochastic():
-        scaled = logits / temperature
-        vocab = tf.shape(scaled)[-1]
-        ranked = tf.sort(scaled, axis=-1, direction="DESCENDING")
-        k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)
-        ranked = tf.where(tf.range(vocab) < k, ranked, -INF)
-        mass_before = tf.math.cumsum(tf.nn.softmax(ranked, axis=-1), axis=-1, exclusive=True)
-        threshold = tf.reduce_min(tf.where(mass_before < top_p, ranked, INF), axis=-1, keepdims=True)
-        kept = tf.where(scaled >= threshold, scaled, -INF)
-        return tf.random.stateless_categorical(kept, 1, seed=seed, dtype=tf.int32)[:, 0]
-
-    return tf.cond(temperature > 0, stochastic, greedy)
-
 
 
 def decode(model, tokens, lengths, prefill_length, max_new_tokens, temperature, top_k, top_p, seed, eot_id):
@@ -77,7 +56,7 @@ def decode(model, tokens, lengths, prefill_length, max_new_tokens, temperature, 
     return tokens, generated & before_eot
 
 
-def _bucket(n, minimum=16):
+def bucket(n, minimum=16):
     """The next power of two >= n (at least `minimum`)."""
     n = tf.maximum(n, minimum)
     return tf.cast(2 ** tf.math.ceil(tf.math.log(tf.cast(n, tf.float32)) / tf.math.log(2.0) - 1e-6), tf.int32)
@@ -110,11 +89,11 @@ class Generator(tf.Module):
         max_new_tokens = tf.clip_by_value(max_new_tokens, 1, self.context - 1)
         ids = self.prompt_ids(prompts, max_new_tokens)
         batch = tf.shape(prompts)[0]
-        padded_batch = _bucket(batch, minimum=1)
+        padded_batch = bucket(batch, minimum=1)
         lengths = tf.pad(tf.cast(ids.row_lengths(), tf.int32), [[0, padded_batch - batch]], constant_values=1)
         longest = tf.reduce_max(lengths)
-        total = tf.minimum(_bucket(longest + max_new_tokens), self.context)
-        prefill = tf.minimum(_bucket(longest), total)
+        total = tf.minimum(bucket(longest + max_new_tokens), self.context)
+        prefill = tf.minimum(bucket(longest), total)
         tokens = ids.to_tensor(default_value=self.tokenizer.eot_id, shape=[padded_batch, total])
         tokens, generated = self._decode(tokens, lengths, prefill, max_new_tokens, temperature, top_k, top_p, seed)
         completions = self.tokenizer.detokenize(tf.ragged.boolean_mask(tokens, generated)[:batch])

@@ -93,23 +93,3 @@ class GPT(keras.Model):
                     max_length=model_config.max_length, dropout=model_config.dropout)
         model.build()
         return model
-
-
-class GPTClassifier(keras.Model):
-    """A GPT with dropout and a linear head on the final hidden state of each text's last token (the one position
-    that has seen the whole text). Inputs: {"token_ids": [batch, length] (right-padded), "lengths": [batch]};
-    `call` returns [batch, num_classes] logits."""
-
-    def __init__(self, gpt, num_classes, dropout=0.1, **kwargs):
-        super().__init__(**kwargs)
-        self.gpt = gpt
-        self.head_dropout = keras.layers.Dropout(dropout, dtype=gpt.dtype_policy)
-        self.head = keras.layers.Dense(num_classes, kernel_initializer=keras.initializers.RandomNormal(stddev=0.02),
-                                       dtype=gpt.dtype_policy, name="classifier_head")
-
-    def call(self, inputs, training=None):
-        hidden, _ = self.gpt.forward(inputs["token_ids"], training=training)
-        last = ops.one_hot(inputs["lengths"] - 1, ops.shape(hidden)[1], dtype=hidden.dtype)
-        pooled = ops.einsum("bl,blh->bh", last, hidden)
-        return ops.cast(self.head(self.head_dropout(pooled, training=training)), "float32")
-
