@@ -1,13 +1,34 @@
-"""Transformer building blocks shared by every tfglm model: attention (with a KV cache) and the pre-norm block.
+"""Transformer building blocks shared by every tfglm model: attention (with a KV cache), the pre-norm block, the
+position embedding and the feed-forward activation.
 
 Owned here rather than taken from keras-hub's `TransformerDecoder`: one fused QKV projection instead of three, and a
 per-layer cache updated in place at one position (keras-hub restacks the whole cache of all layers every step).
+
+Every layer and the feed-forward activation are registered under the package "tfglm", so `.keras` files of the models
+built from them load without `custom_objects`.
 """
 
 import keras
+import keras_hub
 from keras import ops
 
 
+@keras.saving.register_keras_serializable(package="tfglm")
+def gelu(x):
+    """GELU (tanh approximation), the activation of every feed-forward layer."""
+    return keras.activations.gelu(x, approximate=True)
+
+
+@keras.saving.register_keras_serializable(package="tfglm")
+class PositionEmbedding(keras_hub.layers.PositionEmbedding):
+    """keras-hub's learned position embedding, fixed for `Model.summary()`: that passes `build`'s argument
+    (`inputs_shape`) by name to `compute_output_shape`, which keras-hub names `input_shape` (a TypeError)."""
+
+    def compute_output_shape(self, inputs_shape):
+        return inputs_shape
+
+
+@keras.saving.register_keras_serializable(package="tfglm")
 class MultiHeadAttention(keras.layers.Layer):
     """Scaled dot-product attention over `num_heads` heads with a fused QKV projection.
 
@@ -92,6 +113,7 @@ class MultiHeadAttention(keras.layers.Layer):
                 "cross": self.cross}
 
 
+@keras.saving.register_keras_serializable(package="tfglm")
 class TransformerBlock(keras.layers.Layer):
     """Pre-norm block: x + attention(norm(x)), then x + feed_forward(norm(x)) with a GELU feed-forward.
 
@@ -119,8 +141,7 @@ class TransformerBlock(keras.layers.Layer):
         self.feed_forward_norm = keras.layers.LayerNormalization(epsilon=self.epsilon, dtype=policy,
                                                                  name="feed_forward_norm")
         self.feed_forward_in = keras.layers.Dense(self.intermediate_dim, kernel_initializer=init, dtype=policy,
-                                                  activation=lambda t: keras.activations.gelu(t, approximate=True),
-                                                  name="feed_forward_in")
+                                                  activation=gelu, name="feed_forward_in")
         self.feed_forward_out = keras.layers.Dense(hidden_dim, kernel_initializer=init, dtype=policy,
                                                    name="feed_forward_out")
         self.residual_dropout = keras.layers.Dropout(self.dropout, dtype=policy)

@@ -1,27 +1,35 @@
-"""BERT-style encoder built from the GPT's `TransformerBlock` (with `causal=False`), and its two heads: masked-LM +
-next-sentence pretraining, and sequence classification on [CLS].
+"""BERT-style encoder built from the GPT's `TransformerBlock` (with `causal=False`); its heads (masked-LM +
+next-sentence pretraining, classification on [CLS]) are in `tfglm.models.heads`.
 
 Inputs are dicts: `token_ids`, `segment_ids` and `padding_mask` [batch, length] (plus `mask_positions` [batch,
 predictions] for pretraining), as `keras_hub.layers.MultiSegmentPacker` and `MaskedLMMaskGenerator` produce them.
 """
 
 import keras
-import keras_hub
 from keras import ops
 
-from tfglm.layers import TransformerBlock
+from tfglm.layers import PositionEmbedding, TransformerBlock
 
 INIT = keras.initializers.RandomNormal(stddev=0.02)
 
 
-def gelu(x):
-    return keras.activations.gelu(x, approximate=True)
-
-
+@keras.saving.register_keras_serializable(package="tfglm")
 class Encoder(keras.Model):
     """Token + position + segment embeddings, summed and normalized as in BERT; pre-norm bidirectional blocks that
     ignore padded keys, a final norm and BERT's tanh pooler on [CLS]. `call` returns {"sequence_output": [batch,
-    length, hidden], "pooled_output": [batch, hidden]}."""
+    length, hidden], "pooled_output": [batch, hidden]}.
+
+    Examples:
+    ```python
+    import numpy as np
+    from tfglm.models.encoder import Encoder
+
+    encoder = Encoder(vocab_size=100, num_layers=2, num_heads=2, hidden_dim=32, max_length=16)
+    out = encoder({"token_ids": np.array([[2, 17, 42, 3, 0]]), "segment_ids": np.zeros((1, 5), "int32"),
+                   "padding_mask": np.array([[1, 1, 1, 1, 0]])})
+    out["sequence_output"].shape, out["pooled_output"].shape  # (1, 5, 32), (1, 32)
+    ```
+    """
 
     def __init__(self, vocab_size, num_layers=4, num_heads=4, hidden_dim=128, intermediate_dim=0, max_length=128,
                  dropout=0.0, num_segments=2, **kwargs):
@@ -37,8 +45,8 @@ class Encoder(keras.Model):
         policy = self.dtype_policy
         self.token_embedding = keras.layers.ReversibleEmbedding(vocab_size, hidden_dim, embeddings_initializer=INIT,
                                                                 dtype=policy, name="token_embedding")
-        self.position_embedding = keras_hub.layers.PositionEmbedding(max_length, initializer=INIT, dtype=policy,
-                                                                     name="position_embedding")
+        self.position_embedding = PositionEmbedding(max_length, initializer=INIT, dtype=policy,
+                                                    name="position_embedding")
         self.segment_embedding = keras.layers.Embedding(num_segments, hidden_dim, embeddings_initializer=INIT,
                                                         dtype=policy, name="segment_embedding")
         # Without it the 0.02-scale embeddings are swamped by the first block's output, and MLM sat longer on the

@@ -1,18 +1,33 @@
 """Transformer language models built from `tfglm.layers`."""
 
 import keras
-import keras_hub
 from keras import ops
 
-from tfglm.layers import TransformerBlock
+from tfglm.layers import PositionEmbedding, TransformerBlock
 
 
+@keras.saving.register_keras_serializable(package="tfglm")
 class GPT(keras.Model):
     """Decoder-only Transformer: token + learned position embeddings, pre-norm causal blocks, final norm, and an
     output projection tied to the token embeddings.
 
     `call(token_ids)` returns next-token logits [batch, length, vocab] for training with `fit`; `forward` and
-    `logits` are the cached path used by `tfglm.generate`.
+    `logits` are the cached path used by `tfglm.generation.decode`. `cross_attention=True` makes it the decoder of
+    an `EncoderDecoder`: its blocks also attend to an encoded source (`forward`'s `context` or `cross_caches`).
+
+    Examples:
+    ```python
+    import numpy as np
+    from tfglm.models.gpt import GPT
+
+    gpt = GPT(vocab_size=100, num_layers=2, num_heads=2, hidden_dim=32, max_length=16)
+    logits = gpt(np.array([[5, 17, 42]]))  # [1, 3, 100]
+
+    caches = gpt.init_cache(batch_size=1, length=16)  # the same logits, one token at a time
+    hidden, caches = gpt.forward(np.array([[5, 17]]), caches, index=0)
+    hidden, caches = gpt.forward(np.array([[42]]), caches, index=2)
+    last = gpt.logits(hidden)  # logits[:, 2:] again, from the cache
+    ```
     """
 
     def __init__(self, vocab_size, num_layers=4, num_heads=4, hidden_dim=128, intermediate_dim=0, max_length=64,
@@ -25,12 +40,12 @@ class GPT(keras.Model):
         self.intermediate_dim = intermediate_dim or 4 * hidden_dim
         self.max_length = max_length
         self.dropout = dropout
+        self.cross_attention = cross_attention
         init = keras.initializers.RandomNormal(stddev=0.02)
         self.token_embedding = keras.layers.ReversibleEmbedding(vocab_size, hidden_dim, embeddings_initializer=init,
                                                                 dtype=self.dtype_policy, name="token_embedding")
-        self.position_embedding = keras_hub.layers.PositionEmbedding(max_length, initializer=init,
-                                                                     dtype=self.dtype_policy,
-                                                                     name="position_embedding")
+        self.position_embedding = PositionEmbedding(max_length, initializer=init, dtype=self.dtype_policy,
+                                                    name="position_embedding")
         self.embedding_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
         self.blocks = [TransformerBlock(num_heads, self.intermediate_dim, dropout, causal=True,
                                         cross_attention=cross_attention, dtype=self.dtype_policy, name=f"block_{i}")
@@ -83,7 +98,8 @@ class GPT(keras.Model):
     def get_config(self):
         return {**super().get_config(), "vocab_size": self.vocab_size, "num_layers": self.num_layers,
                 "num_heads": self.num_heads, "hidden_dim": self.hidden_dim,
-                "intermediate_dim": self.intermediate_dim, "max_length": self.max_length, "dropout": self.dropout}
+                "intermediate_dim": self.intermediate_dim, "max_length": self.max_length, "dropout": self.dropout,
+                "cross_attention": self.cross_attention}
 
     @classmethod
     def from_config_tree(cls, model_config, vocab_size):

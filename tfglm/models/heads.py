@@ -1,24 +1,49 @@
 """Task heads on the backbones: a classifier on a GPT's last token, a classifier on an encoder's [CLS], and the
-encoder's masked-LM + next-sentence pretraining heads."""
+encoder's masked-LM + next-sentence pretraining heads.
+
+Each takes its backbone as a constructor argument; `get_config` holds the backbone's serialized config, and
+`from_config` rebuilds it from there.
+"""
 
 import keras
 import keras_hub
 from keras import ops
 
-from tfglm.models.encoder import INIT, Encoder, dummy_inputs, gelu
+from tfglm.layers import gelu
+from tfglm.models.encoder import INIT, Encoder, dummy_inputs
 
 
+@keras.saving.register_keras_serializable(package="tfglm")
 class GPTClassifier(keras.Model):
     """A GPT with dropout and a linear head on the final hidden state of each text's last token (the one position
     that has seen the whole text). Inputs: {"token_ids": [batch, length] (right-padded), "lengths": [batch]};
-    `call` returns [batch, num_classes] logits."""
+    `call` returns [batch, num_classes] logits.
+
+    Examples:
+    ```python
+    import numpy as np
+    from tfglm.models.gpt import GPT
+    from tfglm.models.heads import GPTClassifier
+
+    gpt = GPT(vocab_size=100, num_layers=2, num_heads=2, hidden_dim=32, max_length=16)
+    classifier = GPTClassifier(gpt, num_classes=3)
+    logits = classifier({"token_ids": np.array([[5, 17, 42, 0], [8, 9, 0, 0]]), "lengths": np.array([3, 2])})
+    ```
+    """
 
     def __init__(self, gpt, num_classes, dropout=0.1, **kwargs):
         super().__init__(**kwargs)
         self.gpt = gpt
+        self.num_classes = num_classes
+        self.dropout = dropout
         self.head_dropout = keras.layers.Dropout(dropout, dtype=gpt.dtype_policy)
         self.head = keras.layers.Dense(num_classes, kernel_initializer=keras.initializers.RandomNormal(stddev=0.02),
                                        dtype=gpt.dtype_policy, name="classifier_head")
+
+    def build(self, input_shape=None):
+        if not self.gpt.built:  # the head calls `gpt.forward`, which would build its layers but not the GPT
+            self.gpt.build()
+        self.head.build((None, self.gpt.hidden_dim))
 
     def call(self, inputs, training=None):
         hidden, _ = self.gpt.forward(inputs["token_ids"], training=training)
@@ -26,10 +51,31 @@ class GPTClassifier(keras.Model):
         pooled = ops.einsum("bl,blh->bh", last, hidden)
         return ops.cast(self.head(self.head_dropout(pooled, training=training)), "float32")
 
+    def get_config(self):
+        return {**super().get_config(), "gpt": keras.saving.serialize_keras_object(self.gpt),
+                "num_classes": self.num_classes, "dropout": self.dropout}
 
+    @classmethod
+    def from_config(cls, config):
+        return cls(**{**config, "gpt": keras.saving.deserialize_keras_object(config["gpt"])})
+
+
+@keras.saving.register_keras_serializable(package="tfglm")
 class EncoderPretrainer(keras.Model):
     """Masked-LM head (output projection tied to the token embeddings) and next-sentence head on the pooled [CLS].
-    `call` returns {"mlm": [batch, predictions, vocab], "nsp": [batch, 2]} logits (NSP class 1: B follows A)."""
+    `call` returns {"mlm": [batch, predictions, vocab], "nsp": [batch, 2]} logits (NSP class 1: B follows A).
+
+    Examples:
+    ```python
+    from tfglm.models.encoder import Encoder, dummy_inputs
+    from tfglm.models.heads import EncoderPretrainer
+
+    pretrainer = EncoderPretrainer(Encoder(vocab_size=100, num_layers=2, num_heads=2, hidden_dim=32, max_length=16))
+    inputs = dummy_inputs(length=8, predictions=2)  # token_ids, segment_ids, padding_mask, mask_positions
+    out = pretrainer(inputs)
+    out["mlm"].shape, out["nsp"].shape  # (1, 2, 100), (1, 2)
+    ```
+    """
 
     def __init__(self, encoder, **kwargs):
         super().__init__(**kwargs)
@@ -44,13 +90,33 @@ class EncoderPretrainer(keras.Model):
         mlm = self.mlm_head(out["sequence_output"], mask_positions=inputs["mask_positions"])
         return {"mlm": ops.cast(mlm, "float32"), "nsp": ops.cast(self.nsp_head(out["pooled_output"]), "float32")}
 
+    def get_config(self):
+        return {**super().get_config(), "encoder": keras.saving.serialize_keras_object(self.encoder)}
 
+    @classmethod
+    def from_config(cls, config):
+        return cls(**{**config, "encoder": keras.saving.deserialize_keras_object(config["encoder"])})
+
+
+@keras.saving.register_keras_serializable(package="tfglm")
 class EncoderClassifier(keras.Model):
-    """Dropout and a linear layer over the pooled [CLS]; `call` returns [batch, num_classes] logits."""
+    """Dropout and a linear layer over the pooled [CLS]; `call` returns [batch, num_classes] logits.
+
+    Examples:
+    ```python
+    from tfglm.models.encoder import Encoder, dummy_inputs
+    from tfglm.models.heads import EncoderClassifier
+
+    encoder = Encoder(vocab_size=100, num_layers=2, num_heads=2, hidden_dim=32, max_length=16)
+    logits = EncoderClassifier(encoder, num_classes=3)(dummy_inputs(length=8))  # [1, 3]
+    ```
+    """
 
     def __init__(self, encoder, num_classes, dropout=0.1, **kwargs):
         super().__init__(**kwargs)
         self.encoder = encoder
+        self.num_classes = num_classes
+        self.dropout = dropout
         self.head_dropout = keras.layers.Dropout(dropout, dtype=encoder.dtype_policy)
         self.head = keras.layers.Dense(num_classes, kernel_initializer=INIT, dtype=encoder.dtype_policy,
                                        name="classifier_head")
@@ -58,6 +124,14 @@ class EncoderClassifier(keras.Model):
     def call(self, inputs, training=None):
         pooled = self.encoder(inputs, training=training)["pooled_output"]
         return ops.cast(self.head(self.head_dropout(pooled, training=training)), "float32")
+
+    def get_config(self):
+        return {**super().get_config(), "encoder": keras.saving.serialize_keras_object(self.encoder),
+                "num_classes": self.num_classes, "dropout": self.dropout}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**{**config, "encoder": keras.saving.deserialize_keras_object(config["encoder"])})
 
 
 def build_pretrainer(model_config, vocab_size):
