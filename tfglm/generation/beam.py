@@ -19,14 +19,15 @@ class SourceDecoder:
     `beam_search` drive."""
 
     def __init__(self, model, source_ids, repeats=1):
-        self.model = model
+        self.decoder = model.decoder
         self.context_mask = tf.repeat(source_ids != PAD, repeats, axis=0)
         self.cross_caches = [tf.repeat(c, repeats, axis=0) for c in model.cross_caches(model.encode(source_ids))]
-        self.init_cache, self.logits, self.output_projection = model.init_cache, model.logits, model.output_projection
+        self.init_cache, self.logits = self.decoder.init_cache, self.decoder.logits
+        self.output_projection = self.decoder.output_projection
 
     def forward(self, token_ids, caches, index):
-        return self.model.forward(token_ids, caches, index, context_mask=self.context_mask,
-                                  cross_caches=self.cross_caches)
+        return self.decoder.forward(token_ids, caches, index, context_mask=self.context_mask,
+                                    cross_caches=self.cross_caches)
 
 
 def greedy_search(model, source_ids, total, eot_id):
