@@ -89,6 +89,19 @@ def test_keras_file_round_trips_with_identical_outputs(name, tmp_path):
         np.testing.assert_array_equal(actual, expected)
 
 
+def test_a_fresh_interpreter_loads_a_keras_file_after_importing_tfglm_models(tmp_path):
+    """One import registers every class: a GPTClassifier's file also needs the GPT's (in another module)."""
+    model = _build("GPTClassifier", gpt, encoder, encoder_decoder, heads)
+    model.save(tmp_path / "model.keras")
+    np.save(tmp_path / "inputs.npy", INPUTS["GPTClassifier"])
+    script = ("import sys, keras, numpy as np, tfglm.models; model = keras.saving.load_model(sys.argv[1]); "
+              "np.save(sys.argv[2], np.asarray(model(np.load(sys.argv[3], allow_pickle=True).item())))")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # `-c` imports tfglm from here
+    subprocess.run([sys.executable, "-c", script, tmp_path / "model.keras", tmp_path / "out.npy",
+                    tmp_path / "inputs.npy"], cwd=repo, check=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), _outputs(model, "GPTClassifier")[0])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_summary_lists_every_parameter(name):
     model = _build(name, gpt, encoder, encoder_decoder, heads)
