@@ -1,7 +1,7 @@
 """Generation throughput: `tfglm.generate.Generator.generate` vs KerasHub `GPT2CausalLM.generate`, greedy, 16-token
 prompts, 128 new tokens, batch 1 and 8, for a 6 x 384 model with context 256 and a 50,257-token vocabulary (random
 weights: same shapes, same cost), and tfglm's model again through its exported SavedModel: the `generate` signature
-of `tfglm.export.serving_module`, saved and loaded back in this process. Also the batch-1 memory-bandwidth bound:
+of `tfglm.tasks.causal_lm.serving_module`, saved and loaded back in this process. Also the batch-1 memory-bandwidth bound:
 weight bytes / read bandwidth, both measured in this run.
 
 tfglm's entry point takes strings, so it gets a stand-in tokenizer (`CodepointIds`): ids are the prompt's code points
@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfglm.config import GenerateConfig
-from tfglm.serving.export import serving_module
+from tfglm.tasks.causal_lm import serving_module
 from tfglm.generation.decode import Generator
 from tfglm.models.gpt import GPT
 

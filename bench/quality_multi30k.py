@@ -15,7 +15,8 @@ import common
 
 from tfglm.tasks import runs
 from tfglm.config import load_config
-from tfglm.tasks.seq2seq import evaluate, train_translation
+from tfglm.tasks.seq2seq import evaluate
+from tfglm.tasks.trainer import train
 
 MULTI30K = os.path.join(common.ROOT, "..", "shared", "data", "multi30k")
 
@@ -37,7 +38,7 @@ def main():
     result = {"config": config.to_dict(), "cpu_count": os.cpu_count()}
 
     start = time.time()
-    train_translation(config, args.out, verbose=2)
+    train(config, args.out, verbose=2)
     result["train_s"] = round(time.time() - start, 1)
     result["metrics"] = runs.read_metrics(args.out)
     test = [os.path.join(MULTI30K, f"test_2016_flickr.{lang}.gz") for lang in ("en", "de")]

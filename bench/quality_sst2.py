@@ -27,8 +27,7 @@ from tfglm.data import labelled
 from tfglm.tasks import runs
 from tfglm.tasks.classify import finetune
 from tfglm.config import load_config
-from tfglm.tasks.masked_lm import pretrain
-from tfglm.tasks.trainer import train as train_gpt
+from tfglm.tasks import trainer
 
 SST2 = os.path.join(common.ROOT, "..", "shared", "data", "sst2")
 RUNS = ("gpt", "encoder", "scratch")
@@ -80,13 +79,13 @@ def main():
         config = load_config(os.path.join(common.CONFIGS, "gpt-sst2.yaml"), [
             "data.files=" + json.dumps(files), f"train.steps={args.gpt_steps}",
             f"train.eval_interval={max(args.gpt_steps // 4, 1)}", f"classify.epochs={args.epochs}"] + args.set)
-        run("gpt", config, train_gpt)
+        run("gpt", config, trainer.train)
     if {"encoder", "scratch"} & set(names):
         config = load_config(os.path.join(common.CONFIGS, "bert-sst2.yaml"), [
             "data.files=" + json.dumps([train] + data.embedded_corpus_files()), f"train.steps={args.pretrain_steps}",
             f"train.eval_interval={max(args.pretrain_steps // 3, 1)}", f"classify.epochs={args.epochs}"] + args.set)
         if "encoder" in names:
-            run("encoder", config, pretrain)
+            run("encoder", config, trainer.train)
         if "scratch" in names:
             run("scratch", config)
     common.write_json("quality_sst2.json", result)

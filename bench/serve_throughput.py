@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import common
 import tensorflow as tf
 
-from tfglm.tasks import runs
+from tfglm.tasks.registry import load_run
 from tfglm.serving import server as serve
 from tfglm.config import load_config
 from tfglm.serving.export import export_run
@@ -51,7 +51,7 @@ def make_run(root):
 
 
 def latency(run_dir, base_path, calls):
-    _, tokenizer, model = runs.load_run(run_dir)
+    _, tokenizer, model, _ = load_run(run_dir)
     generator = Generator(model, tokenizer)
     signature = tf.saved_model.load(os.path.join(base_path, "1")).signatures["generate"]
     options = {k: tf.constant(v) for k, v in OPTIONS.items()}

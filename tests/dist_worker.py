@@ -1,6 +1,6 @@
 """Runs tfglm.train.train in its own process for the distribution tests (TF_CONFIG and devices are per process).
 
-usage: dist_worker.py OUT WEIGHTS_NPZ LOGICAL_CPUS RESUME OVERRIDE...
+usage: dist_worker.py OUT WEIGHTS_NPZ LOGICAL_CPUS RESUME OVERRIDE... [task=NAME]
 """
 
 import logging
@@ -20,7 +20,9 @@ from tfglm.errors import TfglmError  # noqa: E402
 from tfglm.tasks.trainer import train  # noqa: E402
 
 try:
-    model, _ = train(load_config(overrides=overrides), out, resume=resume == "1", verbose=0)
+    task = next((o.split("=", 1)[1] for o in overrides if o.startswith("task=")), None)
+    overrides = [o for o in overrides if not o.startswith("task=")]
+    model = train(load_config(overrides=overrides), out, task=task, resume=resume == "1", verbose=0).model
 except TfglmError as e:
     print(f"tfglm: error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -11,7 +11,8 @@ import tensorflow as tf
 from tfglm.data import labelled
 from tfglm.cli import main
 from tfglm.errors import TfglmError
-from tfglm.tasks.masked_lm import Segments, mask_generator, pair_dataset, pretraining_dataset
+from tfglm.data.corpus import per_token_weights
+from tfglm.tasks.masked_lm import Segments, mask_batch, pair_dataset, pretraining_dataset
 
 # Ids as tfglm.tokenizers.WordPieceTokenizer assigns them.
 TOKENIZER = types.SimpleNamespace(vocab_size=1000, pad_id=0, cls_id=1, sep_id=2, unk_id=3, mask_id=4)
@@ -24,16 +25,17 @@ def test_masking_selects_15_percent_of_ordinary_tokens_80_10_10():
     token_ids = rng.randint(5, TOKENIZER.vocab_size, size=(200, length)).astype("int32")
     token_ids[:, 0], token_ids[:, 250], token_ids[:, 400] = 1, 2, 2
     token_ids[:, 401:] = 0
-    out = mask_generator(TOKENIZER, length)(tf.constant(token_ids))
-    positions = np.asarray(out["mask_positions"])
-    weights = np.asarray(out["mask_weights"]) > 0
-    masked = np.asarray(out["token_ids"])
+    inputs, targets, weights = mask_batch({"token_ids": tf.constant(token_ids)}, tf.zeros([200], tf.int32), TOKENIZER,
+                                          seed=0, index=tf.constant(7, tf.int64))
+    positions = np.asarray(inputs["mask_positions"])
+    weights = np.asarray(weights["mlm"]) > 0
+    masked = np.asarray(inputs["token_ids"])
     rows = np.broadcast_to(np.arange(len(token_ids))[:, None], positions.shape)
     selected_rows, selected_positions = rows[weights], positions[weights]
     ordinary = ~np.isin(token_ids, SPECIAL)
     assert abs(weights.sum() / ordinary.sum() - 0.15) < 0.01
     assert not np.isin(token_ids[selected_rows, selected_positions], SPECIAL).any()
-    np.testing.assert_array_equal(np.asarray(out["mask_ids"])[weights], token_ids[selected_rows, selected_positions])
+    np.testing.assert_array_equal(np.asarray(targets["mlm"])[weights], token_ids[selected_rows, selected_positions])
     new = masked[selected_rows, selected_positions]
     old = token_ids[selected_rows, selected_positions]
     as_mask, unchanged = np.mean(new == TOKENIZER.mask_id), np.mean(new == old)
@@ -41,6 +43,9 @@ def test_masking_selects_15_percent_of_ordinary_tokens_80_10_10():
     changed = masked != token_ids
     changed[selected_rows, selected_positions] = False
     assert not changed.any()  # only selected positions change, so special tokens never do
+    again, _, _ = mask_batch({"token_ids": tf.constant(token_ids)}, tf.zeros([200], tf.int32), TOKENIZER, seed=0,
+                             index=tf.constant(7, tf.int64))
+    np.testing.assert_array_equal(again["token_ids"], masked)  # a pure function of (seed, batch index)
 
 
 def _segments(docs):
@@ -82,21 +87,29 @@ def test_pretraining_batches_are_packed_and_masked():
     assert targets["nsp"].shape == (8,) and weights["mlm"].shape == (8, 2)
 
 
-def test_pretraining_batches_keep_every_selected_token_when_cut_to_their_width():
+def test_pretraining_batches_are_cut_to_their_width_and_masked_within_it():
     rng = np.random.RandomState(2)
     segments = _segments([rng.randint(1, 40, size=rng.randint(1, 4)) for _ in range(200)])
     tokenizer = types.SimpleNamespace(**{**vars(TOKENIZER), "vocab_size": 30_000})
-    widths = set()
-    for inputs, targets, weights in pretraining_dataset(segments, tokenizer, 64, 8, seed=0, num_batches=40):
+    widths, selected, ordinary = set(), 0, 0
+    batches = list(pretraining_dataset(segments, tokenizer, 64, 8, seed=0, num_batches=40))
+    for inputs, targets, weights in batches:
         width = inputs["token_ids"].shape[1]
         widths.add(width)
         real = inputs["padding_mask"].numpy().sum(1)
         assert width == min(w for w in (16, 32, 64) if w >= real.max())
         assert inputs["mask_positions"].shape[1] == targets["mlm"].shape[1] == np.ceil(0.15 * (width - 3))
-        # tf-text selects ceil(15%) of each row's ordinary tokens (all but [CLS] and two [SEP]): none was cut off
-        expected = np.ceil((real - 3).astype(np.float32) * np.float32(0.15))
-        np.testing.assert_array_equal(weights["mlm"].numpy().sum(1), expected)
+        chosen = weights["mlm"].numpy() > 0
+        positions = inputs["mask_positions"].numpy()[chosen]
+        assert (positions >= 1).all() and (positions < np.repeat(real, chosen.sum(1)) - 1).all()  # inside the text
+        selected += chosen.sum()
+        ordinary += (real - 3).sum()
     assert widths == {16, 32, 64}
+    assert abs(selected / ordinary - 0.15) < 0.03
+    resumed = list(pretraining_dataset(segments, tokenizer, 64, 8, seed=0, num_batches=40, start=30))
+    assert len(resumed) == 10
+    for (a, _, _), (b, _, _) in zip(resumed, batches[30:]):  # a resumed run gets the same batches, masked alike
+        np.testing.assert_array_equal(a["token_ids"], b["token_ids"])
 
 
 def test_encoder_is_bidirectional_ignores_padding_and_ties_the_mlm_head():
@@ -127,11 +140,14 @@ def test_mlm_loss_is_the_mean_over_selected_tokens_only():
     from tfglm.config import TrainConfig
     from tfglm.models.encoder import Encoder
     from tfglm.models.heads import EncoderPretrainer
-    from tfglm.tasks.masked_lm import compile_pretrainer
+    from tfglm.config import load_config
+    from tfglm.tasks.masked_lm import MaskedLM
+    from tfglm.tasks.trainer import compile_model
 
     keras.utils.set_random_seed(0)
     model = EncoderPretrainer(Encoder(vocab_size=50, num_layers=1, num_heads=2, hidden_dim=16, max_length=12))
-    compile_pretrainer(model, TrainConfig(steps=10, warmup_steps=1, eval_interval=5))
+    task = MaskedLM(load_config(overrides=["model.kind=bert", "tokenizer.kind=wordpiece"]), None)
+    compile_model(model, TrainConfig(steps=10, warmup_steps=1, eval_interval=5), **task.compile_options())
     rng = np.random.RandomState(0)
     tokens = rng.randint(5, 50, size=(4, 12)).astype("int32")
     inputs = {"token_ids": tokens, "segment_ids": np.zeros_like(tokens), "padding_mask": np.ones_like(tokens, bool),
@@ -139,7 +155,8 @@ def test_mlm_loss_is_the_mean_over_selected_tokens_only():
     targets = {"mlm": rng.randint(5, 50, size=(4, 6)).astype("int32"), "nsp": np.array([0, 1, 0, 1], "int32")}
     mlm_weights = np.zeros((4, 6), "float32")
     mlm_weights[:, :2] = 1  # two of six slots used, as in short segments
-    logs = model.evaluate(inputs, targets, sample_weight={"mlm": mlm_weights, "nsp": np.ones(4, "float32")},
+    logs = model.evaluate(inputs, targets, sample_weight={"mlm": per_token_weights(mlm_weights).numpy(),
+                                                          "nsp": np.ones(4, "float32")},
                           verbose=0, return_dict=True)
     logits = model(inputs)["mlm"].numpy()[:, :2]
     expected = keras.losses.sparse_categorical_crossentropy(targets["mlm"][:, :2], logits, from_logits=True)
@@ -231,7 +248,7 @@ def test_a_pretrained_gpt_learns_to_classify_on_its_last_token_with_balanced_cla
     from tfglm.serving.export import export_run
     from tfglm.tasks.trainer import train
 
-    assert balanced_class_weights(np.array([0, 0, 0, 1]), 2) == pytest.approx({0: 4 / 6, 1: 2.0})
+    assert balanced_class_weights(np.array([0, 0, 0, 1]), 2) == pytest.approx([4 / 6, 2.0])
     rng = np.random.RandomState(1)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"{t}.\n" for t, _ in _separable_rows(rng, 300)))

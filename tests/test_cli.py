@@ -1,6 +1,7 @@
 """A user's mistake is one line on stderr and exit status 2, never a traceback; nothing saved is touched."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -47,3 +48,80 @@ def test_process_prints_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"tfglm: error: {tmp_path / 'nope.yaml'}: config file not found"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    corpus = root / "corpus.txt"
+    corpus.write_text("abcdefgh\n" * 300)
+    sets = [a for s in TINY + ["train.jit_compile=false"] for a in ("--set", s)]
+    assert main(["train", *sets, "--data", str(corpus), "--out", str(root / "run")]) == 0
+    return root / "run"
+
+
+def _one_line(capsys, code, message):
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("tfglm: error: ") and message in err, err
+
+
+def test_former_tracebacks_are_one_line(tmp_path, tiny_run, capsys):
+    _one_line(capsys, main(_train_args(tmp_path, "--set", "model.num_heads=0")), "model.num_heads: must be >= 1")
+    _one_line(capsys, main(_train_args(tmp_path, "--set", "train.steps=99999999999999999750")),
+              "train.steps: must be in [1, 1e12]")
+    (tmp_path / "afile").write_text("x")
+    _one_line(capsys, main(["train", "--out", str(tmp_path / "afile")]), "--out names a file")
+    _one_line(capsys, main(["export", "--model", str(tiny_run), "--out", str(tmp_path / "afile")]),
+              "--out names a file")
+    _one_line(capsys, main(["generate", "--model", str(tiny_run), "--prompt", "ab\udcffc"]),
+              "--prompt 1: not valid UTF-8")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken)
+    (broken / "config.json").write_text('{"model": ')
+    _one_line(capsys, main(["generate", "--model", str(broken)]), "config.json:1: invalid JSON")
+
+
+def test_an_unreadable_best_checkpoint_falls_back_to_last_and_unreadable_last_is_one_line(tmp_path, tiny_run, capsys,
+                                                                                           caplog):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "best.weights.h5").write_bytes(b"half a file")
+    assert main(["generate", "--model", str(run), "--prompt", "abc", "--temperature", "0"]) == 0
+    assert "best.weights.h5: unreadable checkpoint; trying" in caplog.text
+    capsys.readouterr()
+    (run / "last.weights.h5").write_bytes(b"")
+    _one_line(capsys, main(["generate", "--model", str(run)]), "unreadable checkpoint")
+    _one_line(capsys, main(["train", "--out", str(run), "--resume"]), "last.weights.h5: unreadable checkpoint")
+
+
+def test_every_config_error_at_once_and_steps_alone_fits_the_intervals(tmp_path, capsys):
+    _one_line(capsys, main(_train_args(tmp_path, "--set", "model.num_heads=3", "--set", "train.eval_interval=7",
+                                       "--set", "generate.top_p=2")),
+              "model.hidden_dim: must be a positive multiple of model.num_heads (3), got 32; train.eval_interval: "
+              "must divide train.steps (40), got 7; train.steps_per_execution: must divide train.eval_interval (7), "
+              "got 10; generate.top_p: must be in (0.0, 1.0], got 2.0")
+    from tfglm.config import load_config
+
+    for steps in (1, 7, 100, 1001):
+        t = load_config("configs/default.yaml", [f"train.steps={steps}"]).train
+        assert t.warmup_steps < steps and steps % t.eval_interval == 0 and t.eval_interval % t.steps_per_execution == 0
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path, caplog):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tokenizer").mkdir()  # a start that failed after its tokenizer, before config.json
+    args = [a for s in ("train.steps=1", "train.eval_interval=1", "train.steps_per_execution=1", "train.warmup_steps=0",
+                        "train.jit_compile=false") for a in ("--set", s)] + ["--data", str(_corpus(tmp_path))]
+    assert main(_train_args(tmp_path, "--overwrite", *args)) == 0
+    os.remove(run / "last.weights.h5")  # as if killed before its first checkpoint
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    assert "no checkpoint yet; starting the run from step 0" in caplog.text
+    os.remove(run / "last.weights.h5")
+    assert main(_train_args(tmp_path, *args)) == 0  # a plain rerun is accepted too
+
+
+def _corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("abcdefgh\n" * 300)
+    return path

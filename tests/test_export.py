@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from tfglm.tasks import runs
+from tfglm.tasks.registry import load_run
 from tfglm.cli import main
 from tfglm.serving.export import WARMUP, export_run
 from tfglm.generation.decode import Generator
@@ -109,7 +109,7 @@ def served(base_path, random_text):
 
 
 def _in_process(run_dir, prompts):
-    _, tokenizer, model = runs.load_run(run_dir)
+    _, tokenizer, model, _ = load_run(run_dir)
     generator = Generator(model, tokenizer)  # held: a tf.function method keeps only a weak reference to it
     out = generator.generate(tf.constant(prompts), *GREEDY.values())
     return [t.decode() for t in out["completions"].numpy()], out["num_tokens"].numpy().tolist()

@@ -2,12 +2,11 @@
 
 import logging
 
-import numpy as np
 import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from tfglm.tasks import runs
+from tfglm.tasks.registry import load_run
 from tfglm.cli import generate_texts, main
 from tfglm.generation.decode import Generator
 from tfglm.generation.sampling import sample
@@ -30,7 +29,7 @@ def documents_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def generator(documents_run):
-    _, tokenizer, model = runs.load_run(documents_run)
+    _, tokenizer, model, _ = load_run(documents_run)
     return Generator(model, tokenizer)
 
 
@@ -93,8 +92,13 @@ def test_cli_generate_and_its_errors(documents_run, capsys):
     assert '"completion": "defgh"' in capsys.readouterr().out
     assert main(["generate", "--model", documents_run, "--max-new-tokens", "16"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "tfglm: error: config: generate.max_new_tokens: must be in [1, model.max_length (16)), got 16"
+    assert err == ("tfglm: error: config: generate.max_new_tokens: must be in [1, 15] for this model (context 16), "
+                   "got 16")
     assert main(["generate", "--model", documents_run, "--temperature", "-1"]) == 2
-    assert "generate.temperature: must be >= 0" in capsys.readouterr().err
+    assert "generate.temperature: must be in [0.0, inf), got -1.0" in capsys.readouterr().err
+    for option, value, message in (("--seed", "4294967301", "generate.seed: must be in [0, 2147483647]"),
+                                   ("--temperature", "inf", "generate.temperature: must be finite")):
+        assert main(["generate", "--model", documents_run, option, value]) == 2
+        assert message in capsys.readouterr().err
     assert main(["generate", "--model", documents_run + "-missing"]) == 2
     assert "no such run directory" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
 
 from test_export import GREEDY, PROMPTS, run_dir  # noqa: F401  (run_dir: the module's trained tiny model)
-from tfglm.tasks import runs
+from tfglm.tasks.registry import load_run
 from tfglm.cli import main
 from tfglm.serving.client import Client
 from tfglm.errors import TfglmError
@@ -34,7 +34,7 @@ def base_path(run_dir, tmp_path_factory):  # noqa: F811
 @pytest.fixture(scope="module")
 def expected(run_dir):  # noqa: F811
     """Greedy completions and token counts of the in-process Generator, each prompt alone."""
-    _, tokenizer, model = runs.load_run(run_dir)
+    _, tokenizer, model, _ = load_run(run_dir)
     generator = Generator(model, tokenizer, jit_compile=False)
     out = generator.generate(tf.constant(PROMPTS), *GREEDY.values())
     return {p: (c.decode(), int(n)) for p, c, n in zip(PROMPTS, out["completions"].numpy(), out["num_tokens"].numpy())}

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from conftest import tiny_config
 from tfglm.tasks import runs
+from tfglm.tasks.registry import load_run
 from tfglm.errors import TfglmError
 from tfglm.generation.decode import Generator
 from tfglm.tasks.trainer import train
@@ -30,7 +31,7 @@ def test_tiny_model_learns_a_pattern_and_generates_it(tmp_path, pattern_file):
     assert set(rows[-1]) >= {"step", "train_loss", "val_loss", "tokens_per_s", "wall_s"}
     assert os.listdir(os.path.join(run_dir, runs.LOGS))  # TensorBoard event files
 
-    _, tokenizer, model = runs.load_run(run_dir)
+    _, tokenizer, model, _ = load_run(run_dir)
     generator = Generator(model, tokenizer)
     out = generator.generate(tf.constant(["abc", "fgh\nab"]), 12, 0.0, 0, 1.0, 0)
     assert out["completions"].numpy().tolist() == [b"defgh\nabcdef", b"cdefgh\nabcde"]
@@ -64,8 +65,8 @@ def test_resume_after_a_stopped_run_continues_from_the_saved_step(tmp_path, patt
     assert [r["step"] for r in rows] == [20, 40]
     # Same data order, same optimizer state: the resumed run ends where the uninterrupted one does.
     assert rows[-1]["val_loss"] == pytest.approx(reference[-1]["val_loss"], abs=1e-4)
-    _, _, resumed = runs.load_run(run_dir, runs.LAST)
-    _, _, uninterrupted = runs.load_run(reference_dir, runs.LAST)
+    _, _, resumed, _ = load_run(run_dir, runs.LAST)
+    _, _, uninterrupted, _ = load_run(reference_dir, runs.LAST)
     for a, b in zip(resumed.weights, uninterrupted.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
 
@@ -84,7 +85,7 @@ def test_a_crash_while_saving_never_corrupts_the_last_checkpoint(tmp_path, patte
 
     def save_then_crash(self, path, *args, **kwargs):
         saves.append(path)
-        if len(saves) == 2:
+        if saves.count(path) == 2 and path.endswith("last.weights.h5"):  # the step-40 save of the last checkpoint
             with open(path, "wb") as f:
                 f.write(b"half a file")
             raise KeyboardInterrupt
@@ -94,7 +95,7 @@ def test_a_crash_while_saving_never_corrupts_the_last_checkpoint(tmp_path, patte
     with pytest.raises(KeyboardInterrupt):
         train(config, run_dir, verbose=0)
     monkeypatch.undo()
-    _, _, model = runs.load_run(run_dir, runs.LAST)  # the step-20 checkpoint is intact
+    _, _, model, _ = load_run(run_dir, runs.LAST)  # the step-20 checkpoint is intact
     assert model.count_params() > 0
     train(config, run_dir, resume=True, verbose=0)
     assert [r["step"] for r in _metrics(run_dir)] == [20, 40]
@@ -107,3 +108,42 @@ def test_metrics_log_is_json_lines(tmp_path, pattern_file):
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [20, 40]
     assert all(r["tokens_per_s"] > 0 and r["val_perplexity"] > 1 for r in rows)
+
+
+
+@pytest.mark.parametrize("kill_at", ["before best", "writing best", "after best", "writing last", "after last"])
+def test_a_kill_at_any_point_of_the_checkpoint_sequence_loses_nothing(tmp_path, pattern_file, monkeypatch, kill_at):
+    """Each validation point appends its metrics row, then writes best (when better), then last. Killed at each
+    point of step 40's sequence, a run continued with --resume ends with the uninterrupted run's weights (last and
+    best) and its metrics rows."""
+    config = tiny_config(f"data.files=[{pattern_file}]", "train.steps=60")
+    reference_dir, run_dir = str(tmp_path / "reference"), str(tmp_path / "run")
+    train(config, reference_dir, verbose=0)
+    when, target = kill_at.split()
+    original = runs.atomic_write
+    seen = []
+
+    def atomic_write(path, write):
+        seen.append(os.path.basename(path))
+        if seen.count(f"{target}.weights.h5") < 2:  # step 20's checkpoints go through
+            return original(path, write)
+        if when == "writing":  # killed mid-write: a torn temporary file, never renamed
+            with open(os.path.join(os.path.dirname(path), "tmp-" + os.path.basename(path)), "wb") as f:
+                f.write(b"half a file")
+        elif when == "after":
+            original(path, write)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "atomic_write", atomic_write)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run_dir, verbose=0)
+    monkeypatch.undo()
+    assert [r["step"] for r in _metrics(run_dir)] == [20, 40]  # the row came first
+    train(config, run_dir, resume=True, verbose=0)
+    rows, reference = _metrics(run_dir), _metrics(reference_dir)
+    assert [r["step"] for r in rows] == [20, 40, 60]
+    assert [r["val_loss"] for r in rows] == pytest.approx([r["val_loss"] for r in reference], abs=1e-4)
+    for name in (runs.LAST, runs.BEST):
+        resumed, uninterrupted = load_run(run_dir, name).model, load_run(reference_dir, name).model
+        for a, b in zip(resumed.weights, uninterrupted.weights):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)

@@ -1,4 +1,5 @@
-"""`tfglm` command line: train, generate and export. A user's mistake is one line on stderr, never a traceback."""
+"""`tfglm` command line. Every training command runs the one trainer on the run's task; every command that reads a
+run looks its task up in the registry. A user's mistake is one line on stderr, never a traceback."""
 
 import argparse
 import json
@@ -6,88 +7,91 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 
+from tfglm.config import GENERATE_OPTIONS
 from tfglm.errors import TfglmError
 
 log = logging.getLogger("tfglm")
 
 
 def _add_generate_options(parser):
-    parser.add_argument("--max-new-tokens", type=int)
-    parser.add_argument("--temperature", type=float, help="0 is greedy")
-    parser.add_argument("--top-k", type=int, help="0 disables")
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--seed", type=int)
+    for option in GENERATE_OPTIONS:
+        parser.add_argument("--" + option.name.replace("_", "-"), type=option.type, help=option.help)
+
+
+def _add_training_options(parser, config_help):
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=200")
+    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="delete a run already in --out and start afresh")
+    parser.add_argument("--tpu", help="TPU name or address (implies train.strategy tpu under auto)")
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="tfglm", description="TensorFlow Generative Language Models")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="show TensorFlow's and XLA's own log lines")
+    parser = argparse.ArgumentParser(prog="tfglm", description="TensorFlow Generative Language Models",
+                                     parents=[common])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a GPT on text files (or the embedded corpus)")
-    train.add_argument("--config", help="YAML config (default: configs/default.yaml values)")
-    train.add_argument("--data", nargs="+", help="training text files, directories or globs (overrides data.files)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=200")
-    train.add_argument("--out", required=True, help="run directory")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    train.add_argument("--overwrite", action="store_true", help="delete a run already in --out and start afresh")
-    train.add_argument("--tpu", help="TPU name or address (implies train.strategy tpu under auto)")
+    def command(name, help):
+        return commands.add_parser(name, help=help, parents=[common])
 
-    generate = commands.add_parser("generate", help="generate text from a trained run")
+    train = command("train", "train a model on text files (or the embedded corpus): a GPT, an encoder (masked LM) "
+                             "or a translation model, by the config's model.kind")
+    _add_training_options(train, "YAML config (default: configs/default.yaml values)")
+    train.add_argument("--data", nargs="+", help="training text files, directories or globs (overrides data.files)")
+
+    pretrain = command("pretrain", "pretrain a BERT-style encoder (masked LM + next sentence)")
+    _add_training_options(pretrain, "YAML config with model.kind bert (configs/bert-*.yaml)")
+    pretrain.add_argument("--data", nargs="+", help="text files, directories, globs, or labelled TSV/CSV/JSONL files")
+
+    finetune = command("finetune", "fine-tune a pretrained encoder or GPT (or one from scratch) on a task")
+    _add_training_options(finetune, "YAML config, for --from-scratch without --model")
+    finetune.add_argument("--model", help="pretrained run directory, from `tfglm pretrain` (an encoder) or `tfglm "
+                                          "train` (a GPT); its config and tokenizer are used")
+    finetune.add_argument("--task", default="classify", choices=["classify"])
+    finetune.add_argument("--train", help="labelled TSV, CSV or JSONL file")
+    finetune.add_argument("--eval", help="labelled file scored into eval.json with the best model")
+    finetune.add_argument("--val", help="labelled file for early stopping (default: classify.val_fraction of --train)")
+    finetune.add_argument("--from-scratch", action="store_true", help="random initial weights (no pretraining)")
+
+    generate = command("generate", "generate text from a trained run")
     generate.add_argument("--model", required=True, help="run directory")
     generate.add_argument("--prompt", action="append", help="seed text (repeat for several prompts)")
     _add_generate_options(generate)
     generate.add_argument("--json", action="store_true", help="print one JSON object per prompt")
 
-    export = commands.add_parser("export", help="export a trained run as a TF Serving SavedModel version")
+    export = command("export", "export a trained run as a TF Serving SavedModel version")
     export.add_argument("--model", required=True, help="run directory")
     export.add_argument("--out", required=True, help="model base path; the export is written to OUT/<version>/")
     export.add_argument("--version", type=int, help="version number (default: the next free one)")
     export.add_argument("--no-jit-compile", action="store_true",
                         help="decode without XLA (for a model server without --xla_cpu_compilation_enabled=true)")
 
-    pretrain = commands.add_parser("pretrain", help="pretrain a BERT-style encoder (masked LM + next sentence)")
-    pretrain.add_argument("--config", required=True, help="YAML config with model.kind bert (configs/bert-*.yaml)")
-    pretrain.add_argument("--data", nargs="+", help="text files, directories, globs, or labelled TSV/CSV/JSONL files")
-    pretrain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    pretrain.add_argument("--out", required=True, help="run directory")
-    pretrain.add_argument("--overwrite", action="store_true", help="delete a run already in --out and start afresh")
-
-    finetune = commands.add_parser("finetune", help="fine-tune a pretrained encoder or GPT (or one from scratch) on a "
-                                                     "task")
-    finetune.add_argument("--model", help="pretrained run directory, from `tfglm pretrain` (an encoder) or `tfglm "
-                                           "train` (a GPT); its config and tokenizer are used")
-    finetune.add_argument("--task", required=True, choices=["classify"])
-    finetune.add_argument("--train", required=True, help="labelled TSV, CSV or JSONL file")
-    finetune.add_argument("--eval", required=True, help="labelled file scored into eval.json with the best model")
-    finetune.add_argument("--val", help="labelled file for early stopping (default: classify.val_fraction of --train)")
-    finetune.add_argument("--from-scratch", action="store_true", help="random initial weights (no pretraining)")
-    finetune.add_argument("--config", help="YAML config, for --from-scratch without --model")
-    finetune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                          help="override, e.g. classify.label_column=topic")
-    finetune.add_argument("--out", required=True, help="run directory")
-    finetune.add_argument("--overwrite", action="store_true", help="delete a run already in --out and start afresh")
-
-    evaluate = commands.add_parser("evaluate", help="score a fine-tuned classifier (--data) or a translation run "
-                                                    "(--source, --reference: corpus BLEU)")
-    evaluate.add_argument("--model", required=True, help="fine-tuned or translation run directory")
-    evaluate.add_argument("--data", help="classifier: labelled TSV, CSV or JSONL file")
+    evaluate = command("evaluate", "score a run into its eval.json: a language model's perplexity on text (--data), "
+                                   "a classifier on labelled data (--data), a translation model's BLEU (--source, "
+                                   "--reference)")
+    evaluate.add_argument("--model", required=True, help="run directory")
+    evaluate.add_argument("--data", help="text files (language model) or a labelled TSV, CSV or JSONL file")
     evaluate.add_argument("--source", help="translation: source sentences, one a line (.gz read as gzip)")
     evaluate.add_argument("--reference", help="translation: reference translations, aligned with --source")
     evaluate.add_argument("--beam", type=int, help="translation: beam width (default translate.beam_width; 1 greedy)")
 
-    translate = commands.add_parser("translate", help="translate texts with a translation run")
+    translate = command("translate", "translate texts with a translation run")
     translate.add_argument("--model", required=True, help="translation run directory")
     translate.add_argument("texts", nargs="+", help="texts to translate")
     translate.add_argument("--beam", type=int, help="beam width (default translate.beam_width; 1 is greedy)")
     translate.add_argument("--json", action="store_true", help="print one JSON object per text")
 
-    predict = commands.add_parser("predict", help="classify texts with a fine-tuned run")
+    predict = command("predict", "classify texts with a fine-tuned run")
     predict.add_argument("--model", required=True, help="fine-tuned run directory")
     predict.add_argument("texts", nargs="+", help="texts to classify")
     predict.add_argument("--json", action="store_true", help="print one JSON object per text")
 
-    serve = commands.add_parser("serve", help="serve exported models over TF Serving's REST and gRPC APIs")
+    serve = command("serve", "serve exported models over TF Serving's REST and gRPC APIs")
     serve.add_argument("--port", type=int, default=8500, help="gRPC port")
     serve.add_argument("--rest_api_port", type=int, default=8501, help="REST port (0 disables REST)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -98,7 +102,7 @@ def _parser():
     serve.add_argument("--max_prompt_bytes", type=int, default=64 * 1024, help="longest text accepted, in bytes")
     serve.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0, help="new-version poll interval")
 
-    client = commands.add_parser("client", help="generate with a model served by tfglm serve or TF Serving")
+    client = command("client", "generate with a model served by tfglm serve or TF Serving")
     client.add_argument("--server", default="http://127.0.0.1:8501", help="REST URL, or host:port with --grpc")
     client.add_argument("--grpc", action="store_true", help="use gRPC (--server host:8500)")
     client.add_argument("--model", required=True, help="model name")
@@ -108,24 +112,82 @@ def _parser():
 
 
 def _overwrite(run_dir):
-    """Deletes the run in `run_dir` for --overwrite, refusing a directory that is not a run."""
-    from tfglm.tasks import runs
-
+    """Deletes the run in `run_dir` for --overwrite, refusing a directory that is not a run (or a failed start's
+    leftovers: a tokenizer/ and nothing else)."""
     if os.path.isdir(run_dir):
-        if not os.path.exists(runs.path(run_dir, runs.CONFIG)):
+        leftovers = set(os.listdir(run_dir)) <= {"tokenizer", "tmp-config.json"}
+        if not os.path.exists(os.path.join(run_dir, "config.json")) and not leftovers:
             raise TfglmError(f"{run_dir}: --overwrite only replaces a tfglm run directory, and this is not one")
         shutil.rmtree(run_dir)
+
+
+def _training_config(args, overrides, default_config=None):
+    """The config of a training command: the run's own for --resume, else --config (or `default_config`, a run
+    directory's) with the overrides."""
+    from tfglm.config import load_config
+    from tfglm.tasks import runs
+
+    if args.resume:
+        if args.config:
+            raise TfglmError("--resume continues the run's own config.json; drop --config (use --set to change it)")
+        if not runs.is_run(args.out):
+            raise TfglmError(f"{args.out}: nothing to resume (no {runs.CONFIG})")
+        return runs.read_config(args.out, overrides)
+    config = runs.read_config(default_config, overrides) if default_config else load_config(args.config, overrides)
+    if args.overwrite:
+        _overwrite(args.out)
+    return config
+
+
+def _data_overrides(args):
+    return list(args.set) + (["data.files=" + json.dumps(args.data)] if getattr(args, "data", None) else [])
+
+
+def cmd_train(args, task=None):
+    from tfglm.tasks.trainer import train
+
+    run = train(_training_config(args, _data_overrides(args)), args.out, task=task, resume=args.resume, tpu=args.tpu)
+    print(f"\nmodel: {os.path.abspath(args.out)}")
+    if run.task.generates:
+        from tfglm.tasks.registry import load_run
+
+        best = load_run(args.out)
+        settings = best.config.generate
+        texts, _ = generate_texts(best.task.generator(best.model), [settings.prompt], settings)
+        print(f"sample (prompt {settings.prompt!r}, temperature {settings.temperature}):\n{settings.prompt}{texts[0]}")
+
+
+def cmd_pretrain(args):
+    cmd_train(args, task="masked_lm")
+
+
+def cmd_finetune(args):
+    from tfglm.tasks.classify import evaluate_run
+    from tfglm.tasks.trainer import train
+
+    overrides = list(args.set)
+    if not args.resume:
+        if args.model and args.config:
+            raise TfglmError("--config: fine-tuning uses the --model run's config; change it with --set")
+        if not args.model and not (args.from_scratch and args.config):
+            raise TfglmError("--model: give a pretrained run, or --from-scratch with --config")
+        if not (args.train and args.eval):
+            raise TfglmError("--train and --eval: a fine-tune needs a labelled training file and one to score")
+        overrides += [f"classify.train_file={json.dumps(args.train)}", f"classify.eval_file={json.dumps(args.eval)}",
+                      f"classify.val_file={json.dumps(args.val or '')}",
+                      f"train.init_from={json.dumps('' if args.from_scratch else args.model)}"]
+    config = _training_config(args, overrides, default_config=None if args.resume else args.model)
+    train(config, args.out, task=args.task, resume=args.resume, tpu=args.tpu)
+    print(json.dumps(evaluate_run(args.out, config.classify.eval_file)))
+    print(f"model: {os.path.abspath(args.out)}")
 
 
 def _generate_settings(config, args=None):
     """The run's `generate` config with any command-line values applied, validated like a config."""
     from tfglm.config import load_config
 
-    overrides = []
-    for key in ("max_new_tokens", "temperature", "top_k", "top_p", "seed"):
-        value = getattr(args, key, None) if args else None
-        if value is not None:
-            overrides.append(f"generate.{key}={value}")
+    overrides = [f"generate.{o.name}={getattr(args, o.name)}" for o in GENERATE_OPTIONS
+                 if args is not None and getattr(args, o.name, None) is not None]
     return load_config(base=config.to_dict(), overrides=overrides).generate
 
 
@@ -144,54 +206,19 @@ def generate_texts(generator, prompts, settings):
     return [c.decode("utf-8", errors="replace") for c in out["completions"].numpy()], out["num_tokens"].numpy()
 
 
-def cmd_train(args):
-    from tfglm.tasks import runs
-    from tfglm.config import load_config
-    from tfglm.generation.decode import Generator
-    from tfglm.tasks.trainer import train
-
-    overrides = list(args.set)
-    if args.data:
-        overrides.append("data.files=" + json.dumps(args.data))
-    if args.resume:
-        if args.config:
-            raise TfglmError("--resume continues the run's own config.json; drop --config (use --set to change it)")
-        config_path = runs.path(args.out, runs.CONFIG)
-        if not os.path.exists(config_path):
-            raise TfglmError(f"{args.out}: nothing to resume (no {runs.CONFIG})")
-        with open(config_path) as f:
-            config = load_config(base=json.load(f), overrides=overrides)
-    else:
-        config = load_config(args.config, overrides)
-        if args.overwrite:
-            _overwrite(args.out)
-    if config.model.kind == "translate":
-        from tfglm.tasks.seq2seq import train_translation
-
-        train_translation(config, args.out, resume=args.resume)
-        print(f"\nmodel: {os.path.abspath(args.out)}")
-        return
-    if config.model.kind != "gpt":
-        raise TfglmError(f"model.kind: train is for GPTs; pretrain a {config.model.kind!r} encoder with tfglm pretrain")
-    train(config, args.out, resume=args.resume, tpu=args.tpu)
-    _, tokenizer, model = runs.load_run(args.out)
-    settings = _generate_settings(config)
-    texts, _ = generate_texts(Generator(model, tokenizer), [settings.prompt], settings)
-    print(f"\nmodel: {os.path.abspath(args.out)}")
-    print(f"sample (prompt {settings.prompt!r}, temperature {settings.temperature}):\n{settings.prompt}{texts[0]}")
-
-
 def cmd_generate(args):
-    from tfglm.tasks import runs
-    from tfglm.generation.decode import Generator
+    from tfglm.tasks.registry import load_run
 
-    config, tokenizer, model = runs.load_run(args.model)
-    if config.model.kind != "gpt":
-        use = "translate" if config.model.kind == "translate" else "predict"
-        raise TfglmError(f"{args.model}: a {config.model.kind!r} model does not generate free text; use tfglm {use}")
-    settings = _generate_settings(config, args)
+    run = load_run(args.model)
+    generator = run.task.generator(run.model)
+    settings = _generate_settings(run.config, args)
     prompts = args.prompt or [settings.prompt]
-    texts, counts = generate_texts(Generator(model, tokenizer), prompts, settings)
+    for i, prompt in enumerate(prompts, 1):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TfglmError(f"--prompt {i}: not valid UTF-8 (byte {e.start} of the prompt)") from None
+    texts, counts = generate_texts(generator, prompts, settings)
     for prompt, text, count in zip(prompts, texts, counts):
         if args.json:
             print(json.dumps({"prompt": prompt, "completion": text, "num_tokens": int(count)}, ensure_ascii=False))
@@ -206,57 +233,16 @@ def cmd_export(args):
     print(export_run(args.model, args.out, args.version, jit_compile=not args.no_jit_compile))
 
 
-def cmd_pretrain(args):
-    from tfglm.config import load_config
-    from tfglm.tasks.masked_lm import pretrain
-
-    overrides = list(args.set) + (["data.files=" + json.dumps(args.data)] if args.data else [])
-    config = load_config(args.config, overrides)
-    if args.overwrite:
-        _overwrite(args.out)
-    pretrain(config, args.out)
-    print(f"\nmodel: {os.path.abspath(args.out)}")
-
-
-def cmd_finetune(args):
-    from tfglm.tasks import runs
-    from tfglm.tasks.classify import finetune
-    from tfglm.config import load_config
-
-    if args.model and args.config:
-        raise TfglmError("--config: fine-tuning uses the --model run's config; change it with --set")
-    if not args.model and not (args.from_scratch and args.config):
-        raise TfglmError("--model: give a pretrained run, or --from-scratch with --config")
-    config = runs.read_config(args.model, args.set) if args.model else load_config(args.config, args.set)
-    if config.model.kind not in ("bert", "gpt"):
-        raise TfglmError(f"model.kind: fine-tuning needs an encoder ('bert') or a GPT ('gpt'), got "
-                         f"{config.model.kind!r}")
-    if args.overwrite:
-        _overwrite(args.out)
-    pretrained = None if args.from_scratch else args.model
-    result = finetune(config, args.out, args.train, args.eval, pretrained=pretrained, val_file=args.val)
-    print(json.dumps(result))
-    print(f"model: {os.path.abspath(args.out)}")
-
-
 def cmd_evaluate(args):
     from tfglm.tasks import runs
+    from tfglm.tasks.registry import load_run
 
-    if runs.read_config(args.model).model.kind == "translate":
-        from tfglm.tasks.seq2seq import evaluate
-
-        if not (args.source and args.reference):
-            raise TfglmError("--source and --reference: a translation run is scored on source sentences and their "
-                             "reference translations")
-        result = evaluate(args.model, args.source, args.reference, args.beam)
+    run = load_run(args.model)
+    result = run.task.evaluate(run.model, args)
+    runs.write_json(runs.path(args.model, runs.EVAL), result)
+    if "bleu" in result:
         print(f"BLEU = {result['bleu']}  ({result['signature']})")
-        print(json.dumps(result))
-        return
-    from tfglm.tasks.classify import evaluate
-
-    if not args.data:
-        raise TfglmError("--data: a classifier is scored on a labelled TSV, CSV or JSONL file")
-    print(json.dumps(evaluate(args.model, args.data)))
+    print(json.dumps(result))
 
 
 def cmd_translate(args):
@@ -280,10 +266,8 @@ def cmd_predict(args):
 def cmd_serve(args):
     import time
 
-    try:
-        from tfglm.serving.server import Server, read_model_config
-    except ImportError as e:
-        raise TfglmError(f"serve needs tensorflow-serving-api ({e}): pip install 'tfglm[serve]'") from None
+    from tfglm.serving.server import Server, read_model_config
+
     if bool(args.model_config_file) == bool(args.model_base_path):
         raise TfglmError("give --model_base_path (with --model_name) or --model_config_file, not both")
     models = read_model_config(args.model_config_file) if args.model_config_file else {
@@ -305,20 +289,33 @@ def cmd_client(args):
     from tfglm.serving.client import Client
 
     client = Client(args.server, args.model, "grpc" if args.grpc else "rest")
-    out = client.generate(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    out = client.generate(args.prompt, **{o.name: getattr(args, o.name) for o in GENERATE_OPTIONS})
     for prompt, completion in zip(args.prompt, out["completions"]):
         print(prompt + completion)
         print("-" * 40)
+
+
+def _quiet(verbose):
+    """Without --verbose, TensorFlow, XLA, absl and Python warnings stay off the console; tfglm's own lines stay."""
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if verbose else "3"
+    if not verbose:
+        warnings.filterwarnings("ignore")
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 def main(argv=None):
     logging.basicConfig(format="tfglm: %(levelname)s: %(message)s", level=logging.INFO)
     logging.getLogger("tfglm").setLevel(logging.INFO)
     args = _parser().parse_args(argv)
+    _quiet(args.verbose)
+    commands = {"train": cmd_train, "generate": cmd_generate, "export": cmd_export, "pretrain": cmd_pretrain,
+                "finetune": cmd_finetune, "evaluate": cmd_evaluate, "predict": cmd_predict,
+                "translate": cmd_translate, "serve": cmd_serve, "client": cmd_client}
     try:
-        {"train": cmd_train, "generate": cmd_generate, "export": cmd_export, "pretrain": cmd_pretrain,
-         "finetune": cmd_finetune, "evaluate": cmd_evaluate, "predict": cmd_predict, "translate": cmd_translate,
-         "serve": cmd_serve, "client": cmd_client}[args.command](args)
+        commands[args.command](args)
     except TfglmError as e:
         print(f"tfglm: error: {e}", file=sys.stderr)
         return 2

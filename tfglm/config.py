@@ -2,12 +2,16 @@
 
 import dataclasses
 import json
+import logging
+import math
 import os
 import typing
 
 import yaml
 
 from tfglm.errors import TfglmError
+
+log = logging.getLogger("tfglm")
 
 
 @dataclasses.dataclass
@@ -54,16 +58,45 @@ class TrainConfig:
     mixed_precision: str = "float32"  # float32 | mixed_bfloat16 | mixed_float16
     grad_accum_steps: int = 1  # the optimizer updates every k batches with their mean gradient
     connect_timeout_s: int = 60  # multi-worker: how long to wait for every peer in TF_CONFIG
+    init_from: str = ""  # a run directory whose weights start this run's backbone (fine-tuning a pretrained model)
 
 
-@dataclasses.dataclass
-class GenerateConfig:
-    prompt: str = ""
-    max_new_tokens: int = 32  # prompt + new tokens must fit in model.max_length
-    temperature: float = 0.8
-    top_k: int = 0  # 0 disables top-k
-    top_p: float = 1.0
-    seed: int = 0
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A generation option: its name, Python type, default and valid range [low, high] (`low_open`: low excluded).
+    The one declaration read by the config, the CLI, the export signature, the server and the client."""
+    name: str
+    type: type
+    default: object
+    low: float
+    high: float = None
+    low_open: bool = False
+    help: str = ""
+
+    def check(self, value, context=None):
+        """None if `value` is valid (for a model of `context` tokens), else what is wrong."""
+        high = context - 1 if self.name == "max_new_tokens" and context else self.high
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be finite, got {value}"
+        low_ok = value > self.low if self.low_open else value >= self.low
+        if not low_ok or (high is not None and value > high):
+            where = f"{'(' if self.low_open else '['}{self.low}, {'inf)' if high is None else f'{high}]'}"
+            model = f" for this model (context {context})" if high != self.high else ""
+            return f"must be in {where}{model}, got {value}"
+        return None
+
+
+GENERATE_OPTIONS = (
+    Option("max_new_tokens", int, 32, 1, help="new tokens at most; below the model's context"),
+    Option("temperature", float, 0.8, 0.0, help="0 is greedy"),
+    Option("top_k", int, 0, 0, help="sample from the k most likely tokens; 0 disables"),
+    Option("top_p", float, 1.0, 0.0, 1.0, low_open=True, help="sample from the smallest set holding this mass"),
+    Option("seed", int, 0, 0, 2 ** 31 - 1, help="the same seed gives the same text"),
+)
+
+GenerateConfig = dataclasses.make_dataclass(
+    "GenerateConfig", [("prompt", str, dataclasses.field(default=""))]
+    + [(o.name, o.type, dataclasses.field(default=o.default)) for o in GENERATE_OPTIONS])
 
 
 @dataclasses.dataclass
@@ -77,6 +110,9 @@ class ClassifyConfig:
     learning_rate: float = 1e-4
     dropout: float = 0.1  # before the classification head
     class_weights: str = "none"  # "balanced": weight each class's loss by total / (classes * its count)
+    train_file: str = ""  # labelled files: training rows, validation rows (default: val_fraction of the training
+    val_file: str = ""  # rows) and rows scored into eval.json after training
+    eval_file: str = ""
 
 
 @dataclasses.dataclass
@@ -145,7 +181,7 @@ def _coerce(value, kind, where, name):
 
 
 def validate(config):
-    """Rejects impossible values, naming the key."""
+    """Rejects impossible values, naming every key that has one."""
     m, t, g, tok, c = config.model, config.train, config.generate, config.tokenizer, config.classify
     checks = [
         (m.kind in ("gpt", "bert", "translate"), "model.kind",
@@ -154,7 +190,7 @@ def validate(config):
          f"must be 'sentencepiece' for model.kind 'translate', got {tok.kind!r}"),
         (m.num_layers >= 1, "model.num_layers", "must be >= 1"),
         (m.num_heads >= 1, "model.num_heads", "must be >= 1"),
-        (m.hidden_dim >= 1 and m.hidden_dim % m.num_heads == 0, "model.hidden_dim",
+        (m.hidden_dim >= 1 and m.num_heads >= 1 and m.hidden_dim % m.num_heads == 0, "model.hidden_dim",
          f"must be a positive multiple of model.num_heads ({m.num_heads}), got {m.hidden_dim}"),
         (m.intermediate_dim >= 0, "model.intermediate_dim", "must be >= 0 (0 means 4 * hidden_dim)"),
         (m.max_length >= 2, "model.max_length", "must be >= 2"),
@@ -165,15 +201,16 @@ def validate(config):
          f"must be 'wordpiece' exactly when model.kind is 'bert' (model.kind {m.kind!r}, tokenizer.kind {tok.kind!r})"),
         (tok.vocab_size >= 300, "tokenizer.vocab_size", "must be >= 300 (256 byte pieces are reserved)"),
         (0.0 < config.data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)"),
-        (t.steps >= 1, "train.steps", "must be >= 1"),
+        (1 <= t.steps <= 10 ** 12, "train.steps", "must be in [1, 1e12]"),
         (t.batch_size >= 1, "train.batch_size", "must be >= 1"),
         (t.learning_rate > 0, "train.learning_rate", "must be > 0"),
         (0 <= t.min_learning_rate <= t.learning_rate, "train.min_learning_rate", "must be in [0, train.learning_rate]"),
         (0 <= t.warmup_steps < t.steps, "train.warmup_steps", "must be in [0, train.steps)"),
-        (t.eval_interval >= 1 and t.steps % t.eval_interval == 0, "train.eval_interval",
+        (t.eval_interval >= 1 and t.steps >= 1 and t.steps % t.eval_interval == 0, "train.eval_interval",
          f"must divide train.steps ({t.steps}), got {t.eval_interval}"),
         (t.eval_batches >= 1, "train.eval_batches", "must be >= 1"),
-        (t.steps_per_execution >= 1 and t.eval_interval % t.steps_per_execution == 0, "train.steps_per_execution",
+        (t.steps_per_execution >= 1 and t.eval_interval >= 1 and t.eval_interval % t.steps_per_execution == 0,
+         "train.steps_per_execution",
          f"must divide train.eval_interval ({t.eval_interval}), got {t.steps_per_execution}"),
         (t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)"),
         (t.strategy in ("auto", "default", "mirrored", "multiworker", "tpu"), "train.strategy",
@@ -182,11 +219,6 @@ def validate(config):
          f"must be float32, mixed_bfloat16 or mixed_float16, got {t.mixed_precision!r}"),
         (t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1"),
         (t.connect_timeout_s >= 1, "train.connect_timeout_s", "must be >= 1"),
-        (m.kind == "translate" or 1 <= g.max_new_tokens < m.max_length, "generate.max_new_tokens",
-         f"must be in [1, model.max_length ({m.max_length})), got {g.max_new_tokens}"),
-        (g.temperature >= 0, "generate.temperature", "must be >= 0 (0 is greedy)"),
-        (g.top_k >= 0, "generate.top_k", "must be >= 0 (0 disables top-k)"),
-        (0 < g.top_p <= 1, "generate.top_p", "must be in (0, 1]"),
         (0.0 <= c.val_fraction < 1.0, "classify.val_fraction", "must be in [0, 1)"),
         (c.epochs >= 1, "classify.epochs", "must be >= 1"),
         (c.patience >= 1, "classify.patience", "must be >= 1"),
@@ -198,10 +230,36 @@ def validate(config):
         (config.translate.beam_width >= 1, "translate.beam_width", "must be >= 1 (1 is greedy)"),
         (config.translate.length_penalty >= 0, "translate.length_penalty", "must be >= 0"),
     ]
-    for ok, key, message in checks:
-        if not ok:
-            raise TfglmError(f"config: {key}: {message}")
+    context = m.max_length if m.kind != "translate" else None
+    checks += [(message is None, f"generate.{o.name}", message)
+               for o in GENERATE_OPTIONS for message in [o.check(getattr(g, o.name), context)]]
+    errors = [f"{key}: {message}" for ok, key, message in checks if not ok]
+    if errors:
+        raise TfglmError("config: " + "; ".join(errors))
     return config
+
+
+def fit_intervals(config, fixed):
+    """Scales the training intervals not in `fixed` (keys the user set) down to fit `train.steps`: warm-up below it,
+    the evaluation interval dividing it, steps per execution dividing that. So `--set train.steps=N` alone works."""
+    t = config.train
+    if t.steps < 1:
+        return config
+    changes = {}
+    if "train.warmup_steps" not in fixed and t.warmup_steps >= t.steps:
+        changes["warmup_steps"] = t.steps // 10
+    interval = t.eval_interval
+    if "train.eval_interval" not in fixed and (interval < 1 or t.steps % interval):
+        interval = max(d for d in range(1, max(1, min(interval, t.steps)) + 1) if t.steps % d == 0)
+        changes["eval_interval"] = interval
+    per_execution = t.steps_per_execution
+    if "train.steps_per_execution" not in fixed and interval >= 1 and (per_execution < 1 or interval % per_execution):
+        changes["steps_per_execution"] = max(d for d in range(1, max(1, min(per_execution, interval)) + 1)
+                                             if interval % d == 0)
+    if not changes:
+        return config
+    log.info("train.steps %d: %s", t.steps, ", ".join(f"train.{k} {getattr(t, k)} -> {v}" for k, v in changes.items()))
+    return dataclasses.replace(config, train=dataclasses.replace(t, **changes))
 
 
 def parse_override(text):
@@ -216,10 +274,19 @@ def parse_override(text):
     return key.strip().split("."), value
 
 
-def load_config(path=None, overrides=(), base=None):
-    """Reads YAML `path` (or starts from `base`/defaults), applies `--set` overrides and validates."""
+def load_config(path=None, overrides=(), base=None, where="config"):
+    """Reads YAML `path` (or starts from `base`/defaults), applies `--set` overrides and validates. Training intervals
+    the overrides leave alone follow an overridden `train.steps` (`fit_intervals`).
+
+    Examples:
+    ```python
+    from tfglm import load_config
+
+    config = load_config(overrides=["train.steps=100", "model.dropout=0.1"])
+    assert config.train.steps % config.train.eval_interval == 0  # the interval followed the steps
+    ```
+    """
     values = base if base is not None else {}
-    where = "config"
     if path:
         where = path
         if not os.path.isfile(path):
@@ -233,6 +300,7 @@ def load_config(path=None, overrides=(), base=None):
             raise TfglmError(f"{path}:{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
     config = _build(Config, values, where, "")
     values = config.to_dict()
+    fixed = set()
     for text in overrides:
         keys, value = parse_override(text)
         node = values
@@ -241,5 +309,8 @@ def load_config(path=None, overrides=(), base=None):
                 raise TfglmError(f"--set {text}: {'.'.join(keys[:i + 1])}: unknown section")
             node = node[key]
         node[keys[-1]] = value
+        fixed.add(".".join(keys))
         config = _build(Config, values, "--set", "")
+    if "train.steps" in fixed:
+        config = fit_intervals(config, fixed)
     return validate(config)

@@ -13,6 +13,13 @@ import keras_hub
 from keras import ops
 
 
+def init():
+    """A new N(0, 0.02) initializer for one layer's weights. An unseeded Keras initializer takes its seed when made and
+    draws the same stream on every call, so a shared one made the feed-forward output weights a reshaped copy of the
+    input weights (and the attention output a slice of the QKV weights)."""
+    return keras.initializers.RandomNormal(stddev=0.02)
+
+
 @keras.saving.register_keras_serializable(package="tfglm")
 def gelu(x):
     """GELU (tanh approximation), the activation of every feed-forward layer."""
@@ -54,18 +61,17 @@ class MultiHeadAttention(keras.layers.Layer):
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
         self.head_dim = hidden_dim // self.num_heads
-        init = keras.initializers.RandomNormal(stddev=0.02)
         if self.cross:
-            self.query = keras.layers.Dense(hidden_dim, kernel_initializer=init, dtype=self.dtype_policy, name="query")
-            self.key_value = keras.layers.Dense(2 * hidden_dim, kernel_initializer=init, dtype=self.dtype_policy,
+            self.query = keras.layers.Dense(hidden_dim, kernel_initializer=init(), dtype=self.dtype_policy, name="query")
+            self.key_value = keras.layers.Dense(2 * hidden_dim, kernel_initializer=init(), dtype=self.dtype_policy,
                                                 name="key_value")
             self.query.build(input_shape)
             self.key_value.build(input_shape)
         else:
-            self.qkv = keras.layers.Dense(3 * hidden_dim, kernel_initializer=init, dtype=self.dtype_policy,
+            self.qkv = keras.layers.Dense(3 * hidden_dim, kernel_initializer=init(), dtype=self.dtype_policy,
                                           name="qkv")
             self.qkv.build(input_shape)
-        self.output_dense = keras.layers.Dense(hidden_dim, kernel_initializer=init, dtype=self.dtype_policy,
+        self.output_dense = keras.layers.Dense(hidden_dim, kernel_initializer=init(), dtype=self.dtype_policy,
                                                name="output")
         self.output_dense.build(input_shape)
         self.attention_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
@@ -134,15 +140,14 @@ class TransformerBlock(keras.layers.Layer):
 
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
-        init = keras.initializers.RandomNormal(stddev=0.02)
         policy = self.dtype_policy
         self.attention_norm = keras.layers.LayerNormalization(epsilon=self.epsilon, dtype=policy, name="attention_norm")
         self.attention = MultiHeadAttention(self.num_heads, self.dropout, self.causal, dtype=policy, name="attention")
         self.feed_forward_norm = keras.layers.LayerNormalization(epsilon=self.epsilon, dtype=policy,
                                                                  name="feed_forward_norm")
-        self.feed_forward_in = keras.layers.Dense(self.intermediate_dim, kernel_initializer=init, dtype=policy,
+        self.feed_forward_in = keras.layers.Dense(self.intermediate_dim, kernel_initializer=init(), dtype=policy,
                                                   activation=gelu, name="feed_forward_in")
-        self.feed_forward_out = keras.layers.Dense(hidden_dim, kernel_initializer=init, dtype=policy,
+        self.feed_forward_out = keras.layers.Dense(hidden_dim, kernel_initializer=init(), dtype=policy,
                                                    name="feed_forward_out")
         self.residual_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
         for layer in (self.attention_norm, self.attention, self.feed_forward_norm, self.feed_forward_in):

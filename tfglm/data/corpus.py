@@ -190,3 +190,12 @@ def bucket_by_length(ds, batch_size, max_length):
                                       [batch_size] * len(widths), drop_remainder=True)
     return ds.map(lambda inputs, *rest: (trim_padding(inputs, max_length), *rest),
                   num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def per_token_weights(mask):
+    """Sample weights for a loss averaged over the tokens `mask` selects in a whole batch: the mask scaled by
+    size / selected, so a sum-over-batch-size reduction gives that mean. Unlike a mean over the weights, it splits
+    exactly over replicas (each takes the same share of the batch's elements), so every strategy computes the same
+    loss as one device."""
+    mask = tf.cast(mask, tf.float32)
+    return mask * tf.cast(tf.size(mask), tf.float32) / tf.maximum(tf.reduce_sum(mask), 1.0)

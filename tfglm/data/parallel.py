@@ -14,6 +14,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from tfglm.data.corpus import per_token_weights
 from tfglm.errors import TfglmError
 
 log = logging.getLogger("tfglm")
@@ -88,7 +89,7 @@ def bucket_lengths(max_length):
 
 def dataset(sources, targets, tokenizer, max_length, batch_size, seed=None):
     """Endless batches of ({"source_ids", "target_ids"}, labels, weights) for teacher forcing: target_ids is `<eot>`
-    + target, labels is target + `<eot>`, weights mask the padding. Pairs are bucketed by length and every tensor of
+    + target, labels is target + `<eot>`, weights mask the padding (`corpus.per_token_weights`). Pairs are bucketed by length and every tensor of
     a bucket is padded to its length, so there are few static shapes. With `seed`, shuffled anew on each pass."""
     eot = tokenizer.eot_id
     ds = tf.data.Dataset.from_tensor_slices((sources, targets))
@@ -102,4 +103,4 @@ def dataset(sources, targets, tokenizer, max_length, batch_size, seed=None):
     ds = ds.bucket_by_sequence_length(
         lambda x, y: tf.maximum(tf.size(x["source_ids"]), tf.size(y)), [n + 1 for n in lengths],
         [batch_size] * (len(lengths) + 1), pad_to_bucket_boundary=True, drop_remainder=True)
-    return ds.map(lambda x, y: (x, y, tf.cast(y != PAD, tf.float32))).prefetch(tf.data.AUTOTUNE)
+    return ds.map(lambda x, y: (x, y, per_token_weights(y != PAD))).prefetch(tf.data.AUTOTUNE)

@@ -25,6 +25,16 @@ class CharTokenizer(tf.Module):
 
     Written here rather than taken from keras-hub: keras-hub's `UnicodeCodepointTokenizer` uses raw code points as
     ids, so a 65-symbol corpus would still need a vocabulary (and output layer) as large as its highest code point.
+
+    Examples:
+    ```python
+    import tensorflow as tf
+    from tfglm import CharTokenizer
+
+    tokenizer = CharTokenizer("hello world")
+    ids = tokenizer.tokenize(tf.constant(["hello", "low"]))  # ragged ids, one per character
+    assert tokenizer.detokenize(ids).numpy().tolist() == [b"hello", b"low"]
+    ```
     """
 
     kind = "char"
@@ -62,6 +72,18 @@ class SentencePieceTokenizer(tf.Module):
 
     Identity normalisation, no dummy prefix and byte fallback make `detokenize(tokenize(text)) == text` for any
     valid UTF-8 text, including characters never seen in training.
+
+    Examples:
+    ```python
+    import tensorflow as tf
+    from tfglm import SentencePieceTokenizer
+    from tfglm.data.tokenizers import train_sentencepiece
+
+    lines = ["the cat sat on the mat", "the dog sat on the log"] * 50
+    tokenizer = SentencePieceTokenizer(train_sentencepiece(lines, vocab_size=300))
+    ids = tokenizer.tokenize(tf.constant(["the cat", "naïve ☃"]))  # unseen characters fall back to bytes
+    assert tokenizer.detokenize(ids).numpy().tolist() == ["the cat".encode(), "naïve ☃".encode()]
+    ```
     """
 
     kind = "sentencepiece"
@@ -91,6 +113,15 @@ class WordPieceTokenizer(tf.Module):
     """BERT's lower-cased WordPiece, run in the graph by keras-hub's `WordPieceTokenizer`, for encoders.
 
     The first ids are `SPECIALS`: [PAD] 0, [CLS] 1, [SEP] 2, [UNK] 3, [MASK] 4.
+
+    Examples:
+    ```python
+    import tensorflow as tf
+    from tfglm import WordPieceTokenizer
+
+    tokenizer = WordPieceTokenizer(WordPieceTokenizer.SPECIALS + ["the", "cat", "sat", "##s"])
+    assert tokenizer.tokenize(tf.constant(["The cats sat"])).to_list() == [[5, 6, 8, 7]]
+    ```
     """
 
     kind = "wordpiece"
@@ -104,7 +135,9 @@ class WordPieceTokenizer(tf.Module):
         self.vocab_size = len(self.vocabulary)
         self.pad_id, self.cls_id, self.sep_id, self.unk_id, self.mask_id = range(len(self.SPECIALS))
 
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
     def tokenize(self, strings):
+        """Ragged ids, also when called eagerly (where keras-hub's tokenizer would give Python lists)."""
         return self._wp.tokenize(strings)
 
     def detokenize(self, ids):

@@ -79,7 +79,20 @@ def beam_search(model, source_ids, total, eot_id, beam_width, length_penalty):
 class Translator(tf.Module):
     """Strings in, strings out: sources are tokenized in the graph, truncated to the model's context, padded into a
     buffer whose batch and length are rounded up to powers of two, and decoded greedily (`beam_width` 1) or by beam
-    search in one XLA function per such shape."""
+    search in one XLA function per such shape.
+
+    Examples:
+    ```python
+    import tensorflow as tf
+    from tfglm import CharTokenizer, EncoderDecoder, Translator
+
+    tokenizer = CharTokenizer(" abcdefgh")
+    model = EncoderDecoder(tokenizer.vocab_size, num_layers=1, num_heads=2, hidden_dim=16, max_length=16)
+    model.build()
+    translator = Translator(model, tokenizer, beam_width=2, jit_compile=False)
+    translator.translate(tf.constant(["abc", "de f"]))["translations"]  # strings [2] (an untrained model's)
+    ```
+    """
 
     def __init__(self, model, tokenizer, beam_width=1, length_penalty=0.6, jit_compile=True):
         super().__init__()

@@ -8,16 +8,12 @@ rounded up to powers of two, and decoded. XLA compiles once per such shape bucke
 
 import tensorflow as tf
 
+from tfglm.config import GENERATE_OPTIONS
 from tfglm.generation.sampling import sample
 
-SIGNATURE = [
-    tf.TensorSpec([None], tf.string, name="prompts"),
-    tf.TensorSpec([], tf.int32, name="max_new_tokens"),
-    tf.TensorSpec([], tf.float32, name="temperature"),
-    tf.TensorSpec([], tf.int32, name="top_k"),
-    tf.TensorSpec([], tf.float32, name="top_p"),
-    tf.TensorSpec([], tf.int32, name="seed"),
-]
+DTYPES = {int: tf.int32, float: tf.float32}
+SIGNATURE = [tf.TensorSpec([None], tf.string, name="prompts")] + [
+    tf.TensorSpec([], DTYPES[o.type], name=o.name) for o in GENERATE_OPTIONS]
 
 
 def decode(model, tokens, lengths, prefill_length, max_new_tokens, temperature, top_k, top_p, seed, eot_id):
@@ -63,7 +59,22 @@ def bucket(n, minimum=16):
 
 
 class Generator(tf.Module):
-    """Strings in, strings out, for a GPT and its tokenizer; `generate` is a `tf.function` with a fixed signature."""
+    """Strings in, strings out, for a GPT and its tokenizer; `generate` is a `tf.function` with a fixed signature.
+
+    Examples:
+    ```python
+    import tensorflow as tf
+    from tfglm import GPT, CharTokenizer, Generator
+
+    tokenizer = CharTokenizer("abcdefgh")
+    model = GPT(tokenizer.vocab_size, num_layers=1, num_heads=2, hidden_dim=16, max_length=32)
+    model.build()
+    generator = Generator(model, tokenizer, jit_compile=False)
+    # prompts, max_new_tokens, temperature (0: greedy), top_k (0: off), top_p (1: off), seed
+    out = generator.generate(tf.constant(["abc", "h"]), 5, 0.8, 4, 0.9, 7)
+    out["completions"], out["num_tokens"]  # strings [2], int32 [2]
+    ```
+    """
 
     def __init__(self, model, tokenizer, jit_compile=True):
         super().__init__()

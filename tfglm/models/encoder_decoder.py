@@ -9,7 +9,7 @@ import h5py
 import keras
 
 from tfglm.data.parallel import PAD
-from tfglm.layers import PositionEmbedding, TransformerBlock
+from tfglm.layers import PositionEmbedding, TransformerBlock, init
 from tfglm.models.gpt import GPT
 
 # Where a weight file of the EncoderDecoder that subclassed GPT (before the decoder was its own model) keeps each
@@ -57,7 +57,7 @@ class EncoderDecoder(keras.Model):
         self.decoder = GPT(vocab_size, num_layers, num_heads, hidden_dim, self.intermediate_dim, max_length, dropout,
                            cross_attention=True, dtype=policy, name="decoder")
         self.source_position_embedding = PositionEmbedding(
-            max_length, initializer=keras.initializers.RandomNormal(stddev=0.02), dtype=policy,
+            max_length, initializer=init(), dtype=policy,
             name="source_position_embedding")
         self.embedding_dropout = keras.layers.Dropout(dropout, dtype=policy)
         self.encoder_blocks = [TransformerBlock(num_heads, self.intermediate_dim, dropout, causal=False, dtype=policy,

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from tfglm.layers import PositionEmbedding, TransformerBlock
+from tfglm.layers import PositionEmbedding, TransformerBlock, init
 
 
 @keras.saving.register_keras_serializable(package="tfglm")
@@ -41,10 +41,9 @@ class GPT(keras.Model):
         self.max_length = max_length
         self.dropout = dropout
         self.cross_attention = cross_attention
-        init = keras.initializers.RandomNormal(stddev=0.02)
-        self.token_embedding = keras.layers.ReversibleEmbedding(vocab_size, hidden_dim, embeddings_initializer=init,
+        self.token_embedding = keras.layers.ReversibleEmbedding(vocab_size, hidden_dim, embeddings_initializer=init(),
                                                                 dtype=self.dtype_policy, name="token_embedding")
-        self.position_embedding = PositionEmbedding(max_length, initializer=init, dtype=self.dtype_policy,
+        self.position_embedding = PositionEmbedding(max_length, initializer=init(), dtype=self.dtype_policy,
                                                     name="position_embedding")
         self.embedding_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
         self.blocks = [TransformerBlock(num_heads, self.intermediate_dim, dropout, causal=True,

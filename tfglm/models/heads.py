@@ -9,8 +9,8 @@ import keras
 import keras_hub
 from keras import ops
 
-from tfglm.layers import gelu
-from tfglm.models.encoder import INIT, Encoder, dummy_inputs
+from tfglm.layers import gelu, init
+from tfglm.models.encoder import Encoder, dummy_inputs
 
 
 @keras.saving.register_keras_serializable(package="tfglm")
@@ -37,7 +37,7 @@ class GPTClassifier(keras.Model):
         self.num_classes = num_classes
         self.dropout = dropout
         self.head_dropout = keras.layers.Dropout(dropout, dtype=gpt.dtype_policy)
-        self.head = keras.layers.Dense(num_classes, kernel_initializer=keras.initializers.RandomNormal(stddev=0.02),
+        self.head = keras.layers.Dense(num_classes, kernel_initializer=init(),
                                        dtype=gpt.dtype_policy, name="classifier_head")
 
     def build(self, input_shape=None):
@@ -81,11 +81,13 @@ class EncoderPretrainer(keras.Model):
         super().__init__(**kwargs)
         self.encoder = encoder
         self.mlm_head = keras_hub.layers.MaskedLMHead(token_embedding=encoder.token_embedding,
-                                                      intermediate_activation=gelu, kernel_initializer=INIT,
-                                                      dtype=encoder.dtype_policy, name="mlm_head")
-        self.nsp_head = keras.layers.Dense(2, kernel_initializer=INIT, dtype=encoder.dtype_policy, name="nsp_head")
+                                                      intermediate_activation=gelu, kernel_initializer=init(),
+                                                      dtype="float32", name="mlm_head")
+        self.nsp_head = keras.layers.Dense(2, kernel_initializer=init(), dtype=encoder.dtype_policy, name="nsp_head")
 
     def call(self, inputs, training=None):
+        # The MLM head computes in float32: keras-hub's MaskedLMHead adds its bias unconverted, which fails under
+        # mixed_bfloat16.
         out = self.encoder(inputs, training=training)
         mlm = self.mlm_head(out["sequence_output"], mask_positions=inputs["mask_positions"])
         return {"mlm": ops.cast(mlm, "float32"), "nsp": ops.cast(self.nsp_head(out["pooled_output"]), "float32")}
@@ -118,7 +120,7 @@ class EncoderClassifier(keras.Model):
         self.num_classes = num_classes
         self.dropout = dropout
         self.head_dropout = keras.layers.Dropout(dropout, dtype=encoder.dtype_policy)
-        self.head = keras.layers.Dense(num_classes, kernel_initializer=INIT, dtype=encoder.dtype_policy,
+        self.head = keras.layers.Dense(num_classes, kernel_initializer=init(), dtype=encoder.dtype_policy,
                                        name="classifier_head")
 
     def call(self, inputs, training=None):

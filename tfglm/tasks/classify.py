@@ -6,31 +6,30 @@ A classifier run directory holds config.json, tokenizer/, labels.json (the label
 best.weights.h5 (the best validation accuracy so far), metrics.jsonl (one line an epoch) and eval.json.
 """
 
+import argparse
 import dataclasses
-import json
 import logging
 import os
-import sys
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfglm.data import corpus as data
-from tfglm.data import labelled
-from tfglm.tasks import runs
-from tfglm.tasks import trainer as train
+from tfglm.data import corpus, labelled
 from tfglm.models.encoder import Encoder, dummy_inputs
 from tfglm.errors import TfglmError
 from tfglm.models.gpt import GPT
 from tfglm.models.heads import EncoderClassifier, GPTClassifier
+from tfglm.tasks import runs
+from tfglm.tasks.base import Task
 from tfglm.tasks.masked_lm import packer
+from tfglm.tasks.registry import load_run
+from tfglm.tasks.trainer import train
 from tfglm.data.tokenizers import (CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece,
                               train_wordpiece)
 
 log = logging.getLogger("tfglm")
 LABELS = "labels.json"
-EVAL = "eval.json"
 
 
 def encode(tokenizer, model_config):
@@ -53,24 +52,27 @@ def encode(tokenizer, model_config):
     return fn
 
 
-def text_dataset(texts, tokenizer, model_config, batch_size, targets=None, seed=None):
-    """Batches of classifier inputs (and targets), in order, each cut to its longest row (`data.trim_padding`);
-    with `seed`, shuffled anew each epoch, repeated, and full batches of texts of similar length
-    (`data.bucket_by_length`)."""
+def text_dataset(texts, tokenizer, model_config, batch_size, targets=None, seed=None, class_weights=None):
+    """Batches of classifier inputs (and targets, and with `class_weights` each row's weight), in order, each cut to
+    its longest row (`corpus.trim_padding`); with `seed`, shuffled anew each epoch, repeated, and full batches of
+    texts of similar length (`corpus.bucket_by_length`)."""
     ds = tf.data.Dataset.from_tensor_slices(texts if targets is None else (texts, np.asarray(targets, np.int32)))
+    if class_weights is not None:
+        weights = tf.constant(class_weights, tf.float32)
+        ds = ds.map(lambda x, y: (x, y, tf.gather(weights, y)))
     encode_texts = encode(tokenizer, model_config)
 
     def on_texts(fn):
-        return fn if targets is None else lambda x, y: (fn(x), y)
+        return fn if targets is None else lambda x, *rest: (fn(x), *rest)
 
     if seed is None:
-        trimmed = lambda texts: data.trim_padding(encode_texts(texts), model_config.max_length)  # noqa: E731
+        trimmed = lambda texts: corpus.trim_padding(encode_texts(texts), model_config.max_length)  # noqa: E731
         ds = ds.batch(batch_size).map(on_texts(trimmed), num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
     # Tokenized a thousand at a time, then regrouped by length.
     ds = ds.shuffle(len(texts), seed=seed, reshuffle_each_iteration=True).repeat().batch(1024)
     ds = ds.map(on_texts(encode_texts), num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-    return data.bucket_by_length(ds, batch_size, model_config.max_length).prefetch(tf.data.AUTOTUNE)
+    return corpus.bucket_by_length(ds, batch_size, model_config.max_length).prefetch(tf.data.AUTOTUNE)
 
 
 def build_classifier(config, vocab_size, num_classes, backbone=None):
@@ -97,9 +99,9 @@ def new_tokenizer(config, texts):
 
 
 def balanced_class_weights(ids, num_classes):
-    """{class: total / (classes * count)}, as scikit-learn's "balanced"."""
+    """Each class's weight, total / (classes * count), as scikit-learn's "balanced"."""
     counts = np.bincount(ids, minlength=num_classes)
-    return {i: len(ids) / (num_classes * count) if count else 0.0 for i, count in enumerate(counts)}
+    return [len(ids) / (num_classes * count) if count else 0.0 for count in counts]
 
 
 def finetune_schedule(config, num_rows):
@@ -116,24 +118,6 @@ def finetune_schedule(config, num_rows):
                                steps_per_execution=per_execution)
 
 
-class BestKeeper(keras.callbacks.Callback):
-    """Each epoch: a metrics.jsonl line, and best.weights.h5 when validation accuracy improves."""
-
-    def __init__(self, run_dir):
-        super().__init__()
-        self.run_dir = run_dir
-        self.best = -1.0
-
-    def on_epoch_end(self, epoch, logs=None):
-        row = {"epoch": epoch + 1, "step": int(self.model.optimizer.iterations.numpy()),
-               **{k: round(float(v), 5) for k, v in logs.items()}}
-        if logs["val_accuracy"] > self.best:
-            self.best = logs["val_accuracy"]
-            runs.atomic_write(runs.path(self.run_dir, runs.BEST), self.model.save_weights)
-        with open(runs.path(self.run_dir, runs.METRICS), "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
 def split_validation(texts, targets, fraction, seed):
     order = np.random.RandomState(seed).permutation(len(texts))
     n_val = int(len(texts) * fraction)
@@ -143,66 +127,126 @@ def split_validation(texts, targets, fraction, seed):
     return [([texts[i] for i in part], [targets[i] for i in part]) for part in (order[n_val:], order[:n_val])]
 
 
+class Classify(Task):
+    """Sequence classification: a head on an encoder's [CLS] or a GPT's last token, trained on a labelled file
+    (`classify.train_file`), validated each epoch (`classify.val_file`, or a held-out share of the training rows),
+    with early stopping on validation accuracy. `train.init_from` names a pretrained run to start from."""
+
+    name = "classify"
+    model_kinds = ("bert", "gpt")
+    monitor = ("val_accuracy", "max")
+
+    def __init__(self, config, run_dir):
+        super().__init__(config, run_dir)
+        self.patience = config.classify.patience
+
+    def load_vocabulary(self):
+        self.tokenizer = load_tokenizer(runs.path(self.run_dir, runs.TOKENIZER))
+        self.labels = labelled.load_labels(runs.path(self.run_dir, LABELS))
+
+    def prepare(self, resume, chief):
+        config, c = self.config, self.config.classify
+        if not c.train_file:
+            raise TfglmError("classify.train_file: no training file (--train)")
+        texts, targets = labelled.read_labelled(c.train_file, c.text_column, c.label_column)
+        if resume:
+            self.load_vocabulary()
+        else:
+            self.labels = labelled.label_set(c.train_file, targets)
+        index = {label: i for i, label in enumerate(self.labels)}
+        ids = [index[t] for t in targets]
+        if c.val_file:
+            val_texts, val_targets = labelled.read_labelled(c.val_file, c.text_column, c.label_column, self.labels)
+            self.val = val_texts, [index[t] for t in val_targets]
+        else:
+            (texts, ids), self.val = split_validation(texts, ids, c.val_fraction, config.train.seed)
+        self.texts, self.ids = texts, ids
+        if not resume:
+            if config.train.init_from:
+                self.tokenizer = load_tokenizer(runs.path(config.train.init_from, runs.TOKENIZER))
+            else:
+                self.tokenizer = new_tokenizer(config, texts)
+            if chief:
+                os.makedirs(runs.path(self.run_dir, runs.TOKENIZER), exist_ok=True)
+                self.tokenizer.save(runs.path(self.run_dir, runs.TOKENIZER))
+                labelled.save_labels(runs.path(self.run_dir, LABELS), self.labels)
+        log.info("fine-tuning on %d rows (%d for validation), %d labels", len(texts), len(self.val[0]),
+                 len(self.labels))
+
+    def schedule(self):
+        return finetune_schedule(self.config, len(self.texts))
+
+    def build_model(self):
+        return build_classifier(self.config, self.tokenizer.vocab_size, len(self.labels))
+
+    def backbone(self, model):
+        return model.gpt if isinstance(model, GPTClassifier) else model.encoder
+
+    def initialize(self, model):
+        if self.config.train.init_from:
+            pretrained = load_run(self.config.train.init_from)
+            self.backbone(model).set_weights(pretrained.task.backbone(pretrained.model).get_weights())
+
+    def compile_options(self):
+        return {"weighted_metrics": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]}
+
+    def datasets(self, step):
+        t, c = self.schedule(), self.config.classify
+        weights = balanced_class_weights(self.ids, len(self.labels)) if c.class_weights == "balanced" else None
+        train = text_dataset(self.texts, self.tokenizer, self.config.model, t.batch_size, self.ids, seed=t.seed,
+                             class_weights=weights)
+        val = text_dataset(self.val[0], self.tokenizer, self.config.model, t.batch_size, self.val[1])
+        return train.skip(step), val.cache()
+
+    def tokens_per_step(self):
+        return self.config.classify.batch_size * self.config.model.max_length
+
+    def evaluate(self, model, args):
+        """Accuracy, macro-F1 and the confusion matrix on the labelled file `--data`."""
+        if not args.data:
+            raise TfglmError("--data: a classifier is scored on a labelled TSV, CSV or JSONL file")
+        c = self.config.classify
+        texts, targets = labelled.read_labelled(args.data, c.text_column, c.label_column, self.labels)
+        return {"file": args.data, **score(model, self.tokenizer, self.config, self.labels, texts, targets)}
+
+    def predict(self, model, texts):
+        """[{"text", "label", "probabilities": {label: p}}] for each text."""
+        if not all(t.strip() for t in texts):
+            raise TfglmError("predict: empty text")
+        probs = probabilities(model, self.tokenizer, self.config, texts)
+        return [{"text": text, "label": self.labels[int(p.argmax())],
+                 "probabilities": {label: round(float(q), 5) for label, q in zip(self.labels, p)}}
+                for text, p in zip(texts, probs)]
+
+    def serving(self, model, jit_compile):
+        module = serving_module(model, self.tokenizer, self.config, self.labels)
+        signatures = {"predict": module.predict, "classify": module.classify, "serving_default": module.predict}
+        return module, signatures, ("predict", "texts"), self.config.generate.prompt or "a"
+
+
 def finetune(config, run_dir, train_file, eval_file, pretrained=None, val_file=None, verbose=None):
-    """Fine-tunes a classifier into `run_dir`: from the pretrained run's encoder or GPT, or from scratch when
-    `pretrained` is None (a vocabulary is then trained on the training texts). Returns the eval.json scores."""
-    if os.path.exists(runs.path(run_dir, runs.CONFIG)):
-        raise TfglmError(f"{run_dir}: already holds a run; choose another --out (or --overwrite)")
-    c = config.classify
-    texts, targets = labelled.read_labelled(train_file, c.text_column, c.label_column)
-    labels = labelled.label_set(train_file, targets)
-    index = {label: i for i, label in enumerate(labels)}
-    ids = [index[t] for t in targets]
-    if val_file:
-        val_texts, val_targets = labelled.read_labelled(val_file, c.text_column, c.label_column, labels)
-        val = val_texts, [index[t] for t in val_targets]
-    else:
-        (texts, ids), val = split_validation(texts, ids, c.val_fraction, config.train.seed)
-    eval_texts, eval_targets = labelled.read_labelled(eval_file, c.text_column, c.label_column, labels)
+    """Fine-tunes a classifier into `run_dir` (from the `pretrained` run, or from scratch) and scores its best
+    weights on `eval_file` into eval.json; returns the scores."""
+    config = dataclasses.replace(
+        config, classify=dataclasses.replace(config.classify, train_file=train_file, val_file=val_file or "",
+                                             eval_file=eval_file),
+        train=dataclasses.replace(config.train, init_from=pretrained or ""))
+    train(config, run_dir, task="classify", verbose=verbose)
+    return evaluate_run(run_dir, eval_file)
 
-    os.makedirs(run_dir, exist_ok=True)
-    keras.utils.set_random_seed(config.train.seed)
-    if pretrained:
-        _, tokenizer, pretrained_model = runs.load_run(pretrained)
-        backbone = pretrained_model if isinstance(pretrained_model, GPT) else pretrained_model.encoder
-        model = build_classifier(config, tokenizer.vocab_size, len(labels), backbone)
-    else:
-        tokenizer = new_tokenizer(config, texts)
-        model = build_classifier(config, tokenizer.vocab_size, len(labels))
-    tokenizer_dir = runs.path(run_dir, runs.TOKENIZER)
-    os.makedirs(tokenizer_dir, exist_ok=True)
-    tokenizer.save(tokenizer_dir)
-    labelled.save_labels(runs.path(run_dir, LABELS), labels)
-    runs.atomic_write(runs.path(run_dir, runs.CONFIG), config.save)
 
-    t = finetune_schedule(config, len(texts))
-    train.compile_model(model, t, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-    train_ds = text_dataset(texts, tokenizer, config.model, t.batch_size, ids, seed=t.seed)
-    val_ds = text_dataset(val[0], tokenizer, config.model, t.batch_size, val[1]).cache()
-    class_weight = balanced_class_weights(ids, len(labels)) if c.class_weights == "balanced" else None
-    log.info("fine-tuning on %d rows (%d for validation), %d labels, %d steps an epoch", len(texts), len(val[0]),
-             len(labels), t.eval_interval)
-    callbacks = [BestKeeper(run_dir), keras.callbacks.EarlyStopping("val_accuracy", patience=c.patience, mode="max"),
-                 keras.callbacks.TensorBoard(runs.path(run_dir, runs.LOGS))]
-    model.fit(train_ds, validation_data=val_ds, epochs=c.epochs, steps_per_epoch=t.eval_interval,
-              callbacks=callbacks, shuffle=False, class_weight=class_weight,
-              verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose)
-    model.load_weights(runs.path(run_dir, runs.BEST))
-    result = {"file": eval_file, **score(model, tokenizer, config, labels, eval_texts, eval_targets)}
-    with open(runs.path(run_dir, EVAL), "w") as f:
-        json.dump(result, f, indent=1)
+def evaluate_run(run_dir, path):
+    """The run's scores on the labelled file `path`, written to its eval.json."""
+    run = load_run(run_dir)
+    result = run.task.evaluate(run.model, argparse.Namespace(data=path))
+    runs.write_json(runs.path(run_dir, runs.EVAL), result)
     return result
 
 
-def load_classifier(run_dir):
-    """(config, tokenizer, labels, model) of a fine-tuned run, with its best weights."""
-    config = runs.read_config(run_dir)
-    labels = labelled.load_labels(runs.path(run_dir, LABELS))
-    tokenizer = load_tokenizer(runs.path(run_dir, runs.TOKENIZER))
-    model = build_classifier(config, tokenizer.vocab_size, len(labels))
-    model.load_weights(runs.path(run_dir, runs.BEST))
-    return config, tokenizer, labels, model
+def predict(run_dir, texts):
+    """`Classify.predict` with the run's best weights."""
+    run = load_run(run_dir)
+    return run.task.predict(run.model, texts)
 
 
 def probabilities(model, tokenizer, config, texts):
@@ -214,25 +258,6 @@ def score(model, tokenizer, config, labels, texts, targets):
     predicted = probabilities(model, tokenizer, config, texts).argmax(-1)
     index = {label: i for i, label in enumerate(labels)}
     return labelled.scores(np.array([index[t] for t in targets]), predicted, labels)
-
-
-def evaluate(run_dir, path):
-    """Scores of the fine-tuned run on a labelled file (columns as in its config)."""
-    config, tokenizer, labels, model = load_classifier(run_dir)
-    c = config.classify
-    texts, targets = labelled.read_labelled(path, c.text_column, c.label_column, labels)
-    return {"file": path, **score(model, tokenizer, config, labels, texts, targets)}
-
-
-def predict(run_dir, texts):
-    """[{"text", "label", "probabilities": {label: p}}] for each text."""
-    config, tokenizer, labels, model = load_classifier(run_dir)
-    if not all(t.strip() for t in texts):
-        raise TfglmError("predict: empty text")
-    probs = probabilities(model, tokenizer, config, texts)
-    return [{"text": text, "label": labels[int(p.argmax())],
-             "probabilities": {label: round(float(q), 5) for label, q in zip(labels, p)}}
-            for text, p in zip(texts, probs)]
 
 
 def serving_module(model, tokenizer, config, labels):

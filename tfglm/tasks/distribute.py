@@ -127,37 +127,50 @@ def check_batch(strategy, global_batch_size):
 
 def per_worker(dataset, global_batch_size):
     """A `distribute_datasets_from_function` dataset_fn: each worker takes its slice of every global batch of
-    `dataset`, split into per-replica batches, so N workers see exactly the batches one worker would."""
+    `dataset` (any structure: inputs, targets, sample weights) and splits it into per-replica batches, so N workers
+    see exactly the batches one worker would. Batches of different widths (length buckets) stay whole."""
 
     def dataset_fn(context):
         share = global_batch_size // context.num_input_pipelines
         start = context.input_pipeline_id * share
-        return (dataset.map(lambda x, y: (x[start:start + share], y[start:start + share]))
-                .unbatch().batch(context.get_per_replica_batch_size(global_batch_size), drop_remainder=True)
-                .prefetch(tf.data.AUTOTUNE))
+        per_replica = context.get_per_replica_batch_size(global_batch_size)
+
+        def split(*batch):  # a short last batch (validation) gives its replicas what it has
+            return tf.data.Dataset.range(share // per_replica).map(lambda i: tf.nest.map_structure(
+                lambda t: t[start + i * per_replica:start + (i + 1) * per_replica], batch))
+
+        return dataset.flat_map(split).prefetch(tf.data.AUTOTUNE)
 
     return dataset_fn
 
 
 def fit_distributed(model, strategy, train_fn, val_fn, epochs, initial_epoch, steps_per_epoch, steps_per_execution,
                     callbacks, verbose, jit_compile=True):
-    """Keras `fit` semantics under any strategy, for the model's own loss and optimizer: `train_fn`/`val_fn` are
-    dataset_fns (see `per_worker`). Callbacks see the logs `fit` gives them (`loss`, `val_loss`)."""
+    """Keras `fit` semantics under any strategy, for the model's compiled loss, metrics and optimizer: `train_fn` and
+    `val_fn` are dataset_fns (see `per_worker`). Callbacks see the logs `fit` gives them (`loss`, `val_loss`,
+    `val_<metric>`)."""
     train_iter = iter(strategy.distribute_datasets_from_function(train_fn))
 
-    def replica_loss(x, y, training):
-        """This replica's share of the global mean loss: Keras losses divide by the number of replicas."""
-        return model.loss(y, model(x, training=training))
+    def unpack(batch):
+        return batch if len(batch) == 3 else (*batch, None)
+
+    # The compiled loss and metrics build their state on first use: do it here, eagerly, on one replica's batch.
+    context = tf.distribute.InputContext(1, 0, strategy.num_replicas_in_sync)
+    x, y, weights = unpack(next(iter(val_fn(context))))
+    y_pred = model(x, training=False)
+    model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=weights)
+    model.compute_metrics(x, y, y_pred, sample_weight=weights)
 
     @tf.function(jit_compile=jit_compile)
-    def loss_and_grads(x, y):  # XLA on the per-replica computation; the all-reduce stays outside it
+    def loss_and_grads(x, y, weights):  # XLA on the per-replica computation; the all-reduce stays outside it
         with tf.GradientTape() as tape:
-            loss = replica_loss(x, y, True)
+            # This replica's share of the global mean loss: Keras losses divide by the number of replicas.
+            loss = model.compute_loss(x=x, y=y, y_pred=model(x, training=True), sample_weight=weights)
             scaled = model.optimizer.scale_loss(loss)
         return loss, tape.gradient(scaled, model.trainable_variables)
 
-    def train_step(x, y):
-        loss, grads = loss_and_grads(x, y)
+    def train_step(batch):
+        loss, grads = loss_and_grads(*unpack(batch))
         model.optimizer.apply(grads, model.trainable_variables)
         return loss
 
@@ -165,13 +178,12 @@ def fit_distributed(model, strategy, train_fn, val_fn, epochs, initial_epoch, st
     def train_steps(iterator):
         total = tf.constant(0.0)
         for _ in tf.range(steps_per_execution):
-            x, y = next(iterator)
-            total += strategy.reduce("SUM", strategy.run(train_step, args=(x, y)), axis=None)
+            total += strategy.reduce("SUM", strategy.run(train_step, args=(next(iterator),)), axis=None)
         return total / steps_per_execution
 
     @tf.function
-    def eval_step(x, y):
-        return strategy.reduce("SUM", strategy.run(replica_loss, args=(x, y, False)), axis=None)
+    def eval_step(batch):
+        strategy.run(model.test_step, args=(batch,))
 
     callback_list = keras.callbacks.CallbackList(callbacks, add_history=True, add_progbar=verbose != 0,
                                                  model=model, verbose=verbose, epochs=epochs, steps=steps_per_epoch)
@@ -186,9 +198,13 @@ def fit_distributed(model, strategy, train_fn, val_fn, epochs, initial_epoch, st
             losses.append(float(train_steps(train_iter)))
             callback_list.on_train_batch_end(step + steps_per_execution - 1, {"loss": sum(losses) / len(losses)})
         callback_list.on_test_begin()
-        val_losses = [float(eval_step(x, y)) for x, y in strategy.distribute_datasets_from_function(val_fn)]
-        logs = {"loss": sum(losses) / len(losses), "val_loss": sum(val_losses) / len(val_losses)}
-        callback_list.on_test_end({"loss": logs["val_loss"]})
+        for metric in model.metrics:
+            metric.reset_state()
+        for batch in strategy.distribute_datasets_from_function(val_fn):
+            eval_step(batch)
+        val_logs = {k: float(v) for k, v in model.get_metrics_result().items()}
+        logs = {"loss": sum(losses) / len(losses), **{f"val_{k}": v for k, v in val_logs.items()}}
+        callback_list.on_test_end(val_logs)
         callback_list.on_epoch_end(epoch, logs)
         if model.stop_training:
             break

@@ -1,5 +1,5 @@
 """BERT pretraining: a WordPiece vocabulary trained on the corpus, sentence-pair examples with dynamic masking built
-in `tf.data`, and Keras `fit` with the GPT's optimizer, schedule, checkpoints and metrics log.
+in `tf.data`, trained by the one trainer (`tfglm.tasks.trainer`).
 
 Segments are the non-empty lines of each text file (one document a file) and the texts of labelled files (TSV, CSV,
 JSONL: `classify.text_column`, one document a row). Example i is a pure function of (seed, i): a random segment A
@@ -14,21 +14,20 @@ documents (in a seeded order) is validation, masked once and cached; metrics.jso
 
 import dataclasses
 import logging
-import math
 import os
-import sys
 
 import keras
 import keras_hub
 import numpy as np
 import tensorflow as tf
 
-from tfglm.data import corpus as data
-from tfglm.data import labelled
-from tfglm.tasks import runs
-from tfglm.tasks import trainer as train
+from tfglm.data import corpus, labelled
+from tfglm.data.corpus import per_token_weights
+from tfglm.data.tokenizers import load_tokenizer, train_wordpiece
 from tfglm.errors import TfglmError
-from tfglm.data.tokenizers import train_wordpiece
+from tfglm.models.heads import build_pretrainer
+from tfglm.tasks import runs
+from tfglm.tasks.base import Task
 
 log = logging.getLogger("tfglm")
 MASK_RATE = 0.15
@@ -91,39 +90,46 @@ def packer(tokenizer, length):
                                                pad_value=tokenizer.pad_id)
 
 
-def mask_generator(tokenizer, length):
-    """BERT's dynamic masking; [PAD], [CLS] and [SEP] are never selected."""
-    return keras_hub.layers.MaskedLMMaskGenerator(
-        vocabulary_size=tokenizer.vocab_size, mask_selection_rate=MASK_RATE, mask_token_id=tokenizer.mask_id,
-        mask_selection_length=math.ceil(MASK_RATE * (length - 3)),
-        unselectable_token_ids=[tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id])
+def mask_batch(inputs, is_next, tokenizer, seed, index):
+    """BERT's dynamic masking of batch `index`, a pure function of (seed, index) so that a resumed run masks as an
+    uninterrupted one did (keras-hub's `MaskedLMMaskGenerator` draws from a stateful generator, which it cannot).
+    Each non-special token is selected with probability 15%, at most ceil(15% of (width - 3)) a row (the most a row
+    of that width can have, so the slots are few); a selected token becomes [MASK] 80% of the time, a random token
+    10%, and stays 10%. Returns (inputs with `mask_positions`, targets, sample weights)."""
+    token_ids = inputs["token_ids"]
+    width = tf.shape(token_ids)[1]
+    slots = tf.cast(tf.math.ceil(tf.cast(width - 3, tf.float32) * MASK_RATE), tf.int32)
+    key = tf.stack([tf.constant(seed, tf.int64), index])
+    draw = tf.random.stateless_uniform(tf.shape(token_ids), key)
+    special = (token_ids == tokenizer.pad_id) | (token_ids == tokenizer.cls_id) | (token_ids == tokenizer.sep_id)
+    draw = tf.where(special, 2.0, draw)
+    smallest, positions = tf.math.top_k(-draw, slots)  # each row's `slots` lowest draws, the candidates
+    selected = -smallest < MASK_RATE
+    targets = tf.gather(token_ids, positions, batch_dims=1)
+    action = tf.random.stateless_uniform(tf.shape(positions), key + 1)
+    random_ids = tf.random.stateless_uniform(tf.shape(positions), key + 2, 0, tokenizer.vocab_size, tf.int32)
+    replacement = tf.where(action < 0.8, tokenizer.mask_id, tf.where(action < 0.9, random_ids, targets))
+    rows = tf.broadcast_to(tf.range(tf.shape(token_ids)[0])[:, None], tf.shape(positions))
+    updates = tf.boolean_mask(tf.stack([rows, positions], -1), selected)
+    masked = tf.tensor_scatter_nd_update(token_ids, updates, tf.boolean_mask(replacement, selected))
+    inputs = {**inputs, "token_ids": masked, "mask_positions": positions}
+    weights = {"mlm": per_token_weights(selected), "nsp": tf.ones_like(is_next, tf.float32)}
+    return inputs, {"mlm": targets, "nsp": is_next}, weights
 
 
-def pretraining_dataset(segments, tokenizer, length, batch_size, seed, num_batches):
-    """`num_batches` batches (inputs, targets, sample weights) for `EncoderPretrainer`, of examples of similar length,
-    each cut to its longest row (`data.bucket_by_length`)."""
+def pretraining_dataset(segments, tokenizer, length, batch_size, seed, num_batches, start=0):
+    """Batches [start, num_batches) (inputs, targets, sample weights) for `EncoderPretrainer`, of examples of similar
+    length, each cut to its longest row (`corpus.bucket_by_length`), each masked by `mask_batch`."""
     pack = packer(tokenizer, length)
-    masker = mask_generator(tokenizer, length)
 
     def example(a, b, is_next):
         token_ids, segment_ids = pack((a, b))
         inputs = {"token_ids": token_ids, "segment_ids": segment_ids, "padding_mask": token_ids != tokenizer.pad_id}
         return inputs, is_next
 
-    def mask(inputs, is_next):
-        masked = masker(inputs["token_ids"])
-        # A row of width w has at most w - 3 selectable tokens, so at most ceil(15% of them) are selected: the slots
-        # beyond are always empty, and their logits over the whole vocabulary would cost as much as the encoder.
-        width = tf.cast(tf.shape(inputs["token_ids"])[1] - 3, tf.float32)
-        slots = tf.cast(tf.math.ceil(width * MASK_RATE), tf.int32)
-        positions, ids, mask_weights = (masked[k][:, :slots] for k in ("mask_positions", "mask_ids", "mask_weights"))
-        inputs = {**inputs, "token_ids": masked["token_ids"], "mask_positions": positions}
-        weights = {"mlm": mask_weights, "nsp": tf.ones_like(is_next, tf.float32)}
-        return inputs, {"mlm": ids, "nsp": is_next}, weights
-
     examples = pair_dataset(segments, seed, 0).map(example, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = data.bucket_by_length(examples, batch_size, length)
-    return ds.take(num_batches).map(mask, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = corpus.bucket_by_length(examples, batch_size, length).take(num_batches).enumerate().skip(start)
+    return ds.map(lambda i, batch: mask_batch(*batch, tokenizer, seed, i), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def split_documents(docs, val_fraction, seed):
@@ -135,49 +141,56 @@ def split_documents(docs, val_fraction, seed):
     return [docs[i] for i in order[:-n_val]], [docs[i] for i in order[-n_val:]]
 
 
-def compile_pretrainer(model, train_config):
-    # MLM: the mean over the selected tokens only; the default would divide by every prediction slot, most of them
-    # empty in short segments, and so shrink the MLM loss against NSP's.
-    mlm = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight")
-    nsp = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    train.compile_model(model, train_config, loss={"mlm": mlm, "nsp": nsp},
-                        weighted_metrics={"mlm": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-                                          "nsp": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]})
+class MaskedLM(Task):
+    """BERT pretraining: masked LM + next sentence on an encoder (model.kind bert)."""
 
+    name = "masked_lm"
+    model_kinds = ("bert",)
 
-def pretrain(config, run_dir, verbose=None):
-    """Pretrains the encoder `config` describes into `run_dir`; returns the model and tokenizer."""
-    from tfglm.models.heads import build_pretrainer
+    def load_vocabulary(self):
+        self.tokenizer = load_tokenizer(runs.path(self.run_dir, runs.TOKENIZER))
 
-    if config.model.kind != "bert":
-        raise TfglmError(f"config: model.kind: pretrain needs 'bert', got {config.model.kind!r}")
-    if os.path.exists(runs.path(run_dir, runs.CONFIG)):
-        raise TfglmError(f"{run_dir}: already holds a run; choose another --out (or --overwrite)")
-    os.makedirs(run_dir, exist_ok=True)
-    files = data.resolve_files(config.data.files) if config.data.files else data.embedded_corpus_files()
-    data.scan_files(files)
-    docs = read_documents(files, config.classify.text_column)
-    tokenizer = train_wordpiece([s for doc in docs for s in doc], config.tokenizer.vocab_size)
-    tokenizer_dir = runs.path(run_dir, runs.TOKENIZER)
-    os.makedirs(tokenizer_dir, exist_ok=True)
-    tokenizer.save(tokenizer_dir)
-    runs.atomic_write(runs.path(run_dir, runs.CONFIG), config.save)
-    t = config.train
-    train_docs, val_docs = split_documents(docs, config.data.val_fraction, t.seed)
-    train_segments, val_segments = tokenize_documents(train_docs, tokenizer), tokenize_documents(val_docs, tokenizer)
-    log.info("corpus: %d documents, %d segments, %d tokens for training; %d documents for validation; "
-             "vocabulary %d", len(train_docs), len(train_segments.has_next), len(train_segments.tokens),
-             len(val_docs), tokenizer.vocab_size)
+    def prepare(self, resume, chief):
+        config = self.config
+        files = corpus.resolve_files(config.data.files) if config.data.files else corpus.embedded_corpus_files()
+        corpus.scan_files(files)
+        docs = read_documents(files, config.classify.text_column)
+        if resume:
+            self.load_vocabulary()
+        else:
+            log.info("training a %d-token WordPiece vocabulary", config.tokenizer.vocab_size)
+            self.tokenizer = train_wordpiece([s for doc in docs for s in doc], config.tokenizer.vocab_size)
+            if chief:
+                os.makedirs(runs.path(self.run_dir, runs.TOKENIZER), exist_ok=True)
+                self.tokenizer.save(runs.path(self.run_dir, runs.TOKENIZER))
+        train_docs, val_docs = split_documents(docs, config.data.val_fraction, config.train.seed)
+        self.train_segments = tokenize_documents(train_docs, self.tokenizer)
+        self.val_segments = tokenize_documents(val_docs, self.tokenizer)
+        log.info("corpus: %d documents, %d segments, %d tokens for training; %d documents for validation; "
+                 "vocabulary %d", len(train_docs), len(self.train_segments.has_next), len(self.train_segments.tokens),
+                 len(val_docs), self.tokenizer.vocab_size)
 
-    keras.utils.set_random_seed(t.seed)
-    model = build_pretrainer(config.model, tokenizer.vocab_size)
-    compile_pretrainer(model, t)
-    length = config.model.max_length
-    train_ds = pretraining_dataset(train_segments, tokenizer, length, t.batch_size, t.seed, t.steps)
-    val_ds = pretraining_dataset(val_segments, tokenizer, length, t.batch_size, t.seed + 1, t.eval_batches).cache()
-    callbacks = [train.RunLogger(run_dir, t, t.batch_size * length, np.inf),
-                 keras.callbacks.TensorBoard(runs.path(run_dir, runs.LOGS))]
-    model.fit(train_ds.prefetch(tf.data.AUTOTUNE), validation_data=val_ds, epochs=t.steps // t.eval_interval,
-              steps_per_epoch=t.eval_interval, callbacks=callbacks, shuffle=False,
-              verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose)
-    return model, tokenizer
+    def build_model(self):
+        return build_pretrainer(self.config.model, self.tokenizer.vocab_size)
+
+    def compile_options(self):
+        # MLM: the mean over the selected tokens only (the weights are `corpus.per_token_weights`); a plain mean
+        # would divide by every prediction slot, most of them empty in short segments.
+        mlm = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        nsp = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        accuracy = lambda: [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]  # noqa: E731
+        return {"loss": {"mlm": mlm, "nsp": nsp}, "weighted_metrics": {"mlm": accuracy(), "nsp": accuracy()}}
+
+    def datasets(self, step):
+        t, length = self.config.train, self.config.model.max_length
+        train = pretraining_dataset(self.train_segments, self.tokenizer, length, t.batch_size, t.seed, t.steps,
+                                    start=step)
+        val = pretraining_dataset(self.val_segments, self.tokenizer, length, t.batch_size, t.seed + 1,
+                                  t.eval_batches).cache()
+        return train.prefetch(tf.data.AUTOTUNE), val
+
+    def tokens_per_step(self):
+        return self.config.train.batch_size * self.config.model.max_length
+
+    def backbone(self, model):
+        return model.encoder

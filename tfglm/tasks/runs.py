@@ -1,7 +1,9 @@
-"""A run directory: config.json, tokenizer/, last and best weights, metrics.jsonl and TensorBoard logs/.
+"""A run directory: run.json, config.json, tokenizer/, last and best weights, metrics.jsonl and TensorBoard logs/.
 
 Every file is written to a temporary name and renamed into place, so an interrupted run never leaves a half-written
 checkpoint. `last.weights.h5` holds the model and optimizer state; the optimizer's step counter is the run's step.
+run.json records the run's task and every start: {"task", "tfglm_version", "starts": [{"step", "strategy",
+"replicas", "mixed_precision"}], "resumed_from_step": [...]}.
 """
 
 import json
@@ -9,15 +11,15 @@ import os
 
 from tfglm.config import load_config
 from tfglm.errors import TfglmError
-from tfglm.models.gpt import GPT
-from tfglm.data.tokenizers import load_tokenizer
 
+RUN = "run.json"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer"
 LAST = "last.weights.h5"
 BEST = "best.weights.h5"
 METRICS = "metrics.jsonl"
 LOGS = "logs"
+EVAL = "eval.json"
 
 
 def path(run_dir, name):
@@ -25,10 +27,31 @@ def path(run_dir, name):
 
 
 def atomic_write(target, write):
-    """Calls write(tmp_path), then renames tmp_path over target."""
+    """Calls write(tmp_path), then renames tmp_path over target. An I/O error (a full disk) is one line naming the
+    path, and the previous file is left as it was."""
     tmp = os.path.join(os.path.dirname(target), "tmp-" + os.path.basename(target))
-    write(tmp)
-    os.replace(tmp, target)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise TfglmError(f"{target}: cannot write ({e.strerror or e}); the previous version is intact") from None
+
+
+def write_json(target, value):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=1, ensure_ascii=False)
+    atomic_write(target, write)
+
+
+def read_json(target):
+    try:
+        with open(target, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise TfglmError(f"{target}:{e.lineno}: invalid JSON ({e.msg}); the file is damaged") from None
 
 
 def read_metrics(run_dir, up_to_step=None):
@@ -41,36 +64,43 @@ def read_metrics(run_dir, up_to_step=None):
     return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
 
 
+def is_run(run_dir):
+    return os.path.exists(path(run_dir, CONFIG))
+
+
 def read_config(run_dir, overrides=()):
     """The resolved config a run directory holds, with `--set` overrides applied."""
     if not os.path.isdir(run_dir):
         raise TfglmError(f"{run_dir}: no such run directory")
-    if not os.path.exists(path(run_dir, CONFIG)):
+    if not is_run(run_dir):
         raise TfglmError(f"{run_dir}: not a tfglm run directory (no {CONFIG})")
-    with open(path(run_dir, CONFIG)) as f:
-        return load_config(base=json.load(f), overrides=overrides)
+    return load_config(base=read_json(path(run_dir, CONFIG)), overrides=overrides, where=path(run_dir, CONFIG))
 
 
-def load_run(run_dir, weights=BEST):
-    """(config, tokenizer, model) of a trained run (a GPT, or an encoder pretrainer for model.kind bert); falls back
-    to the last checkpoint if there is no best one."""
-    config = read_config(run_dir)
-    tokenizer = load_tokenizer(path(run_dir, TOKENIZER))
-    if config.model.kind == "bert":
-        from tfglm.models.heads import build_pretrainer
+def task_name(run_dir, config):
+    """The run's task, from run.json; runs written before run.json existed are recognised by their files."""
+    if os.path.exists(path(run_dir, RUN)):
+        return read_json(path(run_dir, RUN))["task"]
+    if os.path.exists(path(run_dir, "labels.json")):
+        return "classify"
+    return {"gpt": "causal_lm", "bert": "masked_lm", "translate": "seq2seq"}[config.model.kind]
 
-        model = build_pretrainer(config.model, tokenizer.vocab_size)
-    elif config.model.kind == "translate":
-        from tfglm.models.encoder_decoder import EncoderDecoder
 
-        model = EncoderDecoder.from_config_tree(config.model, tokenizer.vocab_size)
-    else:
-        model = GPT.from_config_tree(config.model, tokenizer.vocab_size)
-    weights_path = path(run_dir, weights)
-    if not os.path.exists(weights_path):
-        weights_path = path(run_dir, LAST)
-    if not os.path.exists(weights_path):
-        raise TfglmError(f"{run_dir}: no checkpoint yet ({BEST} or {LAST})")
-    model.load_weights(weights_path)  # the optimizer state in the file is ignored
-    return config, tokenizer, model
+def record_start(run_dir, task, step, strategy, replicas, mixed_precision):
+    """Adds this start (step 0, or the step resumed from) to run.json."""
+    from tfglm import __version__
 
+    record = read_json(path(run_dir, RUN)) if os.path.exists(path(run_dir, RUN)) else {"task": task, "starts": []}
+    record.update(tfglm_version=__version__, strategy=strategy, replicas=replicas, mixed_precision=mixed_precision)
+    record["starts"].append({"step": step, "strategy": strategy, "replicas": replicas,
+                             "mixed_precision": mixed_precision})
+    record["resumed_from_step"] = [s["step"] for s in record["starts"][1:]]
+    write_json(path(run_dir, RUN), record)
+
+
+def checkpoint(run_dir, name=BEST):
+    """The path of checkpoint `name`, or of the last one when that is missing; an error when there is neither."""
+    for candidate in (name, LAST):
+        if os.path.exists(path(run_dir, candidate)) and os.path.getsize(path(run_dir, candidate)) > 0:
+            return path(run_dir, candidate)
+    raise TfglmError(f"{run_dir}: no checkpoint yet ({BEST} or {LAST})")

@@ -5,10 +5,9 @@ A translation run directory holds what a GPT run does (config.json, tokenizer/, 
 whose losses are label-smoothed, logs/), plus eval.json after `tfglm evaluate`.
 """
 
-import json
+import argparse
 import logging
 import os
-import sys
 import time
 
 import keras
@@ -17,23 +16,24 @@ import tensorflow as tf
 from keras import ops
 
 from tfglm.data import parallel
-from tfglm.tasks import runs
-from tfglm.tasks import trainer as train
 from tfglm.errors import TfglmError
+from tfglm.tasks import runs
+from tfglm.tasks.base import Task
+from tfglm.tasks.registry import load_run
 from tfglm.generation.beam import Translator
 from tfglm.models.encoder_decoder import EncoderDecoder
 from tfglm.data.tokenizers import SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 
 log = logging.getLogger("tfglm")
-EVAL = "eval.json"
 SOURCES = tf.TensorSpec([None], tf.string, name="sources")
 
 
 class SmoothedCrossEntropy(keras.losses.Loss):
-    """Token cross-entropy against labels smoothed by `smoothing`, averaged over the weighted (non-padding) tokens."""
+    """Token cross-entropy against labels smoothed by `smoothing`; with `corpus.per_token_weights` its sum over the
+    batch size is the mean over the non-padding tokens."""
 
     def __init__(self, vocab_size, smoothing, name="smoothed_cross_entropy"):
-        super().__init__(name=name, reduction="mean_with_sample_weight")
+        super().__init__(name=name, reduction="sum_over_batch_size")
         self.vocab_size = vocab_size
         self.smoothing = smoothing
 
@@ -43,58 +43,110 @@ class SmoothedCrossEntropy(keras.losses.Loss):
                                                      label_smoothing=self.smoothing)
 
 
-def train_translation(config, run_dir, resume=False, verbose=None):
-    """Trains `config` (model.kind translate) into `run_dir`, or continues the run there; returns (model, tokenizer).
-    A resumed run reloads its tokenizer, weights and optimizer state and skips the batches it has seen."""
-    tr, t, length = config.translate, config.train, config.model.max_length
-    if resume:
-        if not os.path.exists(runs.path(run_dir, runs.LAST)):
-            raise TfglmError(f"{run_dir}: nothing to resume (no {runs.LAST})")
-    elif os.path.exists(runs.path(run_dir, runs.CONFIG)):
-        raise TfglmError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
-    if not (tr.val_pairs or tr.val_source):
-        raise TfglmError("config: translate.val_source and translate.val_target (or translate.val_pairs): "
-                         "validation pairs are required")
-    sources, targets = parallel.read_pairs(tr.source, tr.target, tr.pairs)
-    val_sources, val_targets = parallel.read_pairs(tr.val_source, tr.val_target, tr.val_pairs)
-    train.set_precision(t.mixed_precision)
-    keras.utils.set_random_seed(t.seed)  # before the tokenizer: reseeding drops the eager kernels that hold its model
-    if resume:
-        tokenizer = load_tokenizer(runs.path(run_dir, runs.TOKENIZER))
-    else:
-        tokenizer = SentencePieceTokenizer(train_sentencepiece(sources + targets, config.tokenizer.vocab_size))
-        os.makedirs(runs.path(run_dir, runs.TOKENIZER), exist_ok=True)
-        tokenizer.save(runs.path(run_dir, runs.TOKENIZER))
-    runs.atomic_write(runs.path(run_dir, runs.CONFIG), config.save)
-    target_tokens = parallel.report_lengths(sources, targets, tokenizer, length, tr.pairs or tr.source)
-    parallel.report_lengths(val_sources, val_targets, tokenizer, length, tr.val_pairs or tr.val_source)
-    log.info("%d training and %d validation pairs, vocabulary %d", len(sources), len(val_sources),
-             tokenizer.vocab_size)
+class Seq2Seq(Task):
+    """Translation: an `EncoderDecoder` trained on parallel text (`translate.*` files) with label smoothing and
+    teacher forcing; BLEU by `evaluate`; a `translate` export signature."""
 
-    model = EncoderDecoder.from_config_tree(config.model, tokenizer.vocab_size)
-    train.compile_model(model, t, loss=SmoothedCrossEntropy(tokenizer.vocab_size, tr.label_smoothing),
-                        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-    step = train.resumed_step(model, run_dir) if resume else 0
-    callbacks = train.run_callbacks(run_dir, t, t.batch_size * target_tokens, step)
-    if step >= t.steps:
-        return model, tokenizer
-    train_ds = parallel.dataset(sources, targets, tokenizer, length, t.batch_size, seed=t.seed).skip(step)
-    val_ds = parallel.dataset(val_sources, val_targets, tokenizer, length, t.batch_size).take(t.eval_batches)
-    model.fit(train_ds, validation_data=val_ds.cache(), epochs=t.steps // t.eval_interval,
-              initial_epoch=step // t.eval_interval, steps_per_epoch=t.eval_interval, callbacks=callbacks,
-              shuffle=False, verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose)
-    return model, tokenizer
+    name = "seq2seq"
+    model_kinds = ("translate",)
+
+    def load_vocabulary(self):
+        self.tokenizer = load_tokenizer(runs.path(self.run_dir, runs.TOKENIZER))
+
+    def prepare(self, resume, chief):
+        tr, length = self.config.translate, self.config.model.max_length
+        if not (tr.val_pairs or tr.val_source):
+            raise TfglmError("config: translate.val_source and translate.val_target (or translate.val_pairs): "
+                             "validation pairs are required")
+        self.sources, self.targets = parallel.read_pairs(tr.source, tr.target, tr.pairs)
+        self.val_sources, self.val_targets = parallel.read_pairs(tr.val_source, tr.val_target, tr.val_pairs)
+        if resume:
+            self.load_vocabulary()
+        else:
+            log.info("training a %d-token SentencePiece vocabulary", self.config.tokenizer.vocab_size)
+            self.tokenizer = SentencePieceTokenizer(train_sentencepiece(self.sources + self.targets,
+                                                                        self.config.tokenizer.vocab_size))
+            if chief:
+                os.makedirs(runs.path(self.run_dir, runs.TOKENIZER), exist_ok=True)
+                self.tokenizer.save(runs.path(self.run_dir, runs.TOKENIZER))
+        self.target_tokens = parallel.report_lengths(self.sources, self.targets, self.tokenizer, length,
+                                                     tr.pairs or tr.source)
+        parallel.report_lengths(self.val_sources, self.val_targets, self.tokenizer, length,
+                                tr.val_pairs or tr.val_source)
+        log.info("%d training and %d validation pairs, vocabulary %d", len(self.sources), len(self.val_sources),
+                 self.tokenizer.vocab_size)
+
+    def build_model(self):
+        return EncoderDecoder.from_config_tree(self.config.model, self.tokenizer.vocab_size)
+
+    def compile_options(self):
+        return {"loss": SmoothedCrossEntropy(self.tokenizer.vocab_size, self.config.translate.label_smoothing),
+                "weighted_metrics": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]}
+
+    def datasets(self, step):
+        t, length = self.config.train, self.config.model.max_length
+        train = parallel.dataset(self.sources, self.targets, self.tokenizer, length, t.batch_size, seed=t.seed)
+        val = parallel.dataset(self.val_sources, self.val_targets, self.tokenizer, length, t.batch_size)
+        return train.skip(step), val.take(t.eval_batches).cache()
+
+    def tokens_per_step(self):
+        return self.config.train.batch_size * self.target_tokens
+
+    def samples(self, model):
+        """The first validation source, translated greedily (no XLA)."""
+        if not hasattr(self, "_sampler"):
+            self._sampler = Translator(model, self.tokenizer, beam_width=1, jit_compile=False)
+        source = self.val_sources[0]
+        return {"translate": f"{source} -> {translate_texts(self._sampler, [source])[0]}"}
+
+    def translator(self, model, beam_width=None, jit_compile=True):
+        """A `Translator`; beam width and length penalty from the config unless given."""
+        if beam_width is not None and beam_width < 1:
+            raise TfglmError(f"--beam: must be >= 1 (1 is greedy), got {beam_width}")
+        tr = self.config.translate
+        return Translator(model, self.tokenizer, beam_width or tr.beam_width, tr.length_penalty,
+                          jit_compile=jit_compile)
+
+    def evaluate(self, model, args):
+        """Corpus BLEU (sacrebleu, default 13a tokenization) of the translations of `--source` against
+        `--reference`."""
+        import sacrebleu
+
+        if not (args.source and args.reference):
+            raise TfglmError("--source and --reference: a translation run is scored on source sentences and their "
+                             "reference translations")
+        translator = self.translator(model, getattr(args, "beam", None))
+        sources, references = parallel.read_pairs(args.source, args.reference)
+        start = time.time()
+        log.info("translating %d sentences (beam %d)", len(sources), translator.beam_width)
+        hypotheses = translate_texts(translator, sources)
+        bleu = sacrebleu.metrics.BLEU()
+        score = bleu.corpus_score(hypotheses, [references])
+        return {"source": args.source, "reference": args.reference, "sentences": len(sources),
+                "bleu": round(score.score, 2), "signature": str(bleu.get_signature()),
+                "beam_width": translator.beam_width, "length_penalty": translator.length_penalty,
+                "translate_s": round(time.time() - start, 1)}
+
+    def serving(self, model, jit_compile):
+        module = serving_module(self.translator(model, jit_compile=jit_compile))
+        signatures = {"translate": module.translate, "serving_default": module.translate}
+        return module, signatures, ("translate", "sources"), self.config.generate.prompt
 
 
 def load_translator(run_dir, beam_width=None, jit_compile=True):
-    """A `Translator` for the run's best weights; beam width and length penalty from its config unless given."""
-    config, tokenizer, model = runs.load_run(run_dir)
-    if config.model.kind != "translate":
-        raise TfglmError(f"{run_dir}: not a translation run (model.kind {config.model.kind!r})")
-    if beam_width is not None and beam_width < 1:
-        raise TfglmError(f"--beam: must be >= 1 (1 is greedy), got {beam_width}")
-    return Translator(model, tokenizer, beam_width or config.translate.beam_width, config.translate.length_penalty,
-                      jit_compile=jit_compile)
+    """A `Translator` for the translation run's best weights."""
+    run = load_run(run_dir)
+    if not isinstance(run.task, Seq2Seq):
+        raise TfglmError(f"{run_dir}: not a translation run (its task is {run.task.name})")
+    return run.task.translator(run.model, beam_width, jit_compile)
+
+
+def evaluate(run_dir, source, reference, beam_width=None):
+    """`Seq2Seq.evaluate` of the run's best weights, written to its eval.json."""
+    run = load_run(run_dir)
+    result = run.task.evaluate(run.model, argparse.Namespace(source=source, reference=reference, beam=beam_width))
+    runs.write_json(runs.path(run_dir, runs.EVAL), result)
+    return result
 
 
 def translate_texts(translator, texts, batch_size=64):
@@ -114,28 +166,9 @@ def translate_texts(translator, texts, batch_size=64):
     return out
 
 
-def evaluate(run_dir, source, reference, beam_width=None):
-    """Corpus BLEU (sacrebleu, default 13a tokenization) of the run's translations of `source` against `reference`;
-    written to the run's eval.json and returned."""
-    import sacrebleu
-
-    translator = load_translator(run_dir, beam_width)
-    sources, references = parallel.read_pairs(source, reference)
-    start = time.time()
-    hypotheses = translate_texts(translator, sources)
-    bleu = sacrebleu.metrics.BLEU()
-    score = bleu.corpus_score(hypotheses, [references])
-    result = {"source": source, "reference": reference, "sentences": len(sources), "bleu": round(score.score, 2),
-              "signature": str(bleu.get_signature()), "beam_width": translator.beam_width,
-              "length_penalty": translator.length_penalty, "translate_s": round(time.time() - start, 1)}
-    with open(runs.path(run_dir, EVAL), "w") as f:
-        json.dump(result, f, indent=1)
-    return result
-
-
 def serving_module(translator):
     """The exported object: a `translate` signature (sources in, translations out), the tokenizer and the weights
-    (as in `tfglm.export.serving_module`)."""
+    (as in `tfglm.tasks.causal_lm.serving_module`)."""
 
     @tf.function(input_signature=[SOURCES])
     def translate(sources):

@@ -1,0 +1,78 @@
+"""The Task interface: what one kind of run owns. The one trainer (`tfglm.tasks.trainer.train`) gives every task the
+same strategies, precision, checkpoints, resume, metrics and TensorBoard; a task supplies what is specific to it."""
+
+from tfglm.errors import TfglmError
+
+
+class Task:
+    """One kind of run: causal LM, masked LM + next sentence, classification, sequence-to-sequence.
+
+    A task is made for a config and a run directory. `load_vocabulary` (a run's saved tokenizer, labels, ...) or
+    `prepare` (read the data; build and save the vocabulary of a new run) comes first; then `schedule`,
+    `build_model`, `datasets` and the rest. Subclasses set `name` (the registry key, recorded in run.json),
+    `model_kinds` (the `model.kind` values they train) and, where validation loss is not the measure, `monitor`.
+    """
+
+    name = None
+    model_kinds = ()
+    monitor = ("val_loss", "min")  # the validation metric that picks best.weights.h5, and whether lower is better
+    patience = None  # stop after this many validation points without a better `monitor`; None never stops early
+    generates = False  # whether `generator` makes free text
+
+    def __init__(self, config, run_dir):
+        if config.model.kind not in self.model_kinds:
+            raise TfglmError(f"model.kind: the {self.name} task trains {' or '.join(map(repr, self.model_kinds))} "
+                             f"models, got {config.model.kind!r}")
+        self.config, self.run_dir = config, run_dir
+        self.tokenizer = None
+
+    def load_vocabulary(self):
+        """Reads what the run saved besides its weights (the tokenizer; labels) into this task."""
+        raise NotImplementedError
+
+    def prepare(self, resume, chief):
+        """Reads and checks the data; a new run builds its vocabulary and (on the chief) saves it."""
+        raise NotImplementedError
+
+    def schedule(self):
+        """The run's `train` settings (a TrainConfig): the config's, or derived from task settings such as epochs."""
+        return self.config.train
+
+    def build_model(self):
+        """A new, built model for `self.tokenizer`, with random weights."""
+        raise NotImplementedError
+
+    def initialize(self, model):
+        """Starts a new run's `model` from pretrained weights where the task has them (`train.init_from`)."""
+
+    def compile_options(self):
+        """`loss` and `weighted_metrics` for Keras `compile` (next-token cross-entropy when not given)."""
+        return {}
+
+    def datasets(self, step):
+        """(train, validation) `tf.data` datasets; train yields the batches of steps [step, schedule().steps)."""
+        raise NotImplementedError
+
+    def tokens_per_step(self):
+        """Tokens a training step sees, for the tokens/s figure."""
+        raise NotImplementedError
+
+    def samples(self, model):
+        """{name: text} written to TensorBoard at each validation point (generated text for generative tasks)."""
+        return {}
+
+    def backbone(self, model):
+        """The part of `model` another task can start from (`train.init_from`)."""
+        return model
+
+    def generator(self, model):
+        """A strings-in, strings-out generator (`tfglm generate`), for tasks that generate free text."""
+        raise TfglmError(f"{self.run_dir}: a {self.name} run does not generate free text")
+
+    def evaluate(self, model, args):
+        """Scores the run on the files `args` names (the `tfglm evaluate` options); returns what eval.json holds."""
+        raise TfglmError(f"{self.run_dir}: a {self.name} run has no evaluation")
+
+    def serving(self, model, jit_compile):
+        """(module, {signature name: function}, (warmup signature, its input), warmup text) for `tfglm export`."""
+        raise TfglmError(f"{self.run_dir}: a {self.name} run has nothing to serve")
