@@ -135,8 +135,18 @@ def per_worker(dataset, global_batch_size):
         start = context.input_pipeline_id * share
         per_replica = context.get_per_replica_batch_size(global_batch_size)
 
-        def split(*batch):  # a short last batch (validation) gives its replicas what it has
-            return tf.data.Dataset.range(share // per_replica).map(lambda i: tf.nest.map_structure(
+        replicas = share // per_replica
+
+        def stack(t):  # [global batch, ...] -> this worker's [replicas, per_replica, ...], shapes kept static
+            part = tf.reshape(t[start:start + share], tf.concat([[replicas, per_replica], tf.shape(t)[1:]], 0))
+            part.set_shape([replicas, per_replica, *t.shape[1:]])
+            return part
+
+        def split(*batch):
+            if all(t.shape[0] == global_batch_size for t in tf.nest.flatten(batch)):
+                return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(stack, batch))
+            # A batch of unknown size (validation's last, short one): each replica gets what there is of its share.
+            return tf.data.Dataset.range(replicas).map(lambda i: tf.nest.map_structure(
                 lambda t: t[start + i * per_replica:start + (i + 1) * per_replica], batch))
 
         return dataset.flat_map(split).prefetch(tf.data.AUTOTUNE)
