@@ -111,14 +111,23 @@ def test_metrics_log_is_json_lines(tmp_path, pattern_file):
 
 
 
+@pytest.fixture(scope="module")
+def sixty_steps(tmp_path_factory):
+    """(config, run directory) of an uninterrupted 60-step run."""
+    root = tmp_path_factory.mktemp("sixty")
+    (root / "pattern.txt").write_text("abcdefgh\n" * 400, encoding="utf-8")
+    config = tiny_config(f"data.files=[{root / 'pattern.txt'}]", "train.steps=60", "train.jit_compile=false")
+    train(config, str(root / "run"), verbose=0)
+    return config, str(root / "run")
+
+
 @pytest.mark.parametrize("kill_at", ["before best", "writing best", "after best", "writing last", "after last"])
-def test_a_kill_at_any_point_of_the_checkpoint_sequence_loses_nothing(tmp_path, pattern_file, monkeypatch, kill_at):
+def test_a_kill_at_any_point_of_the_checkpoint_sequence_loses_nothing(tmp_path, sixty_steps, monkeypatch, kill_at):
     """Each validation point appends its metrics row, then writes best (when better), then last. Killed at each
     point of step 40's sequence, a run continued with --resume ends with the uninterrupted run's weights (last and
     best) and its metrics rows."""
-    config = tiny_config(f"data.files=[{pattern_file}]", "train.steps=60")
-    reference_dir, run_dir = str(tmp_path / "reference"), str(tmp_path / "run")
-    train(config, reference_dir, verbose=0)
+    config, reference_dir = sixty_steps
+    run_dir = str(tmp_path / "run")
     when, target = kill_at.split()
     original = runs.atomic_write
     seen = []
