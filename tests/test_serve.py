@@ -166,7 +166,7 @@ def test_model_config_file_and_cli_errors(base_path, tmp_path, capsys):
     config = tmp_path / "models.config"
     config.write_text(f'model_config_list {{ config {{ name: "tiny" base_path: "{base_path}" '
                       'model_platform: "tensorflow" } }')
-    assert read_model_config(str(config)) == {"tiny": base_path}
+    assert {k: v.base_path for k, v in read_model_config(str(config)).items()} == {"tiny": base_path}
     config.write_text("model_config_list { config { nme: 1 } }")
     with pytest.raises(TfglmError, match="--model_config_file"):
         read_model_config(str(config))
