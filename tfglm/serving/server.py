@@ -308,7 +308,7 @@ class Model:
         self.policy, self.labels = config.model_version_policy, dict(config.version_labels)
         self.servable_options = servable_options
         self.servables = {}  # version -> Servable; replaced as a whole, so readers need no lock
-        self._failed = set()
+        self._failed, self._retired = set(), []
 
     def wanted(self, versions):
         """The versions to serve among those on disk, by the version policy (TF Serving's default: the latest)."""
@@ -320,8 +320,13 @@ class Model:
         return set(sorted(versions)[-max(self.policy.latest.num_versions, 1):])
 
     def poll(self):
-        """Loads and warms up the versions the policy wants that are not served yet, then swaps them in and drops
-        the versions it no longer wants. A version that fails to load is not retried (nor counted as on disk)."""
+        """Loads and warms up the versions the policy wants that are not served yet, then swaps them in and retires
+        the versions it no longer wants; their memory is released at the next poll, once the requests they were
+        serving are done (freeing a version pauses Python's threads for about 0.1 s: TensorFlow's teardown runs under
+        the GIL). A version that fails to load is not retried (nor counted as on disk)."""
+        if self._retired:
+            self._retired.clear()
+            release_memory()
         try:
             on_disk = [int(v) for v in os.listdir(self.base_path)
                        if v.isdigit() and os.path.exists(os.path.join(self.base_path, v, "saved_model.pb"))]
@@ -344,9 +349,8 @@ class Model:
             old, self.servables = self.servables, {**kept, **loaded}
             for version in sorted(set(old) - set(kept)):
                 old[version].close()
+                self._retired.append(old[version])
                 log.info("%s: version %d unloaded", self.name, version)
-            del old
-            release_memory()
 
     def get(self, version=None, label=None):
         servables = self.servables
@@ -488,6 +492,8 @@ class Server:
         """Removes stale exports, loads every model's versions, then starts polling and both front ends."""
         from tfglm.serving import grpc_api, rest  # they import this module
 
+        gc.collect()
+        gc.freeze()  # the objects alive now (TensorFlow's, mostly) stay: later collections, a swap's too, skip them
         for model in self.models.values():
             remove_stale_exports(model.base_path)
             model.poll()
