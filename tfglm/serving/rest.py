@@ -51,6 +51,7 @@ log = logging.getLogger("tfglm")
 ROUTE = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?(/metadata|:predict|:classify|:regress)?")
 METHODS = {None: "GET", "/metadata": "GET", ":predict": "POST", ":classify": "POST", ":regress": "POST"}
 METRICS = "/monitoring/prometheus/metrics"
+LINGER_S = 2.0
 
 
 def error_bytes(status, message, headers=()):
@@ -61,20 +62,47 @@ def error_bytes(status, message, headers=()):
     return "\r\n".join(head).encode() + b"\r\n\r\n" + body
 
 
+class LingeringTransport:
+    """A transport whose `close` sends what is buffered and a FIN, then reads and drops what the client still sends
+    for up to LINGER_S before closing (Apache's and nginx's "lingering close"): closing a socket with unread input
+    makes the kernel reset the connection and drop the unsent response, say a 413 answered before the body."""
+
+    def __init__(self, transport, loop):
+        self._transport, self._loop, self.lingering = transport, loop, False
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def is_closing(self):
+        return self.lingering or self._transport.is_closing()
+
+    def close(self):
+        if self.is_closing():
+            return
+        if not self._transport.can_write_eof():
+            return self._transport.close()
+        self.lingering = True
+        self._transport.write_eof()
+        self._transport.resume_reading()
+        self._loop.call_later(LINGER_S, self._transport.close)
+
+
 class HttpProtocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol plus a deadline for each request's headers (`header_timeout_s`, from the
-    connection's first byte or the request's), answered 408, and h11's rejections of malformed requests answered as
-    TF Serving's JSON rather than uvicorn's plain text."""
+    connection's first byte or the request's), answered 408, h11's rejections of malformed requests answered as
+    TF Serving's JSON rather than uvicorn's plain text, and connections closed lingering."""
 
     def __init__(self, *args, header_timeout_s, **kwargs):
         super().__init__(*args, **kwargs)
         self.header_timeout_s, self._timer = header_timeout_s, None
 
     def connection_made(self, transport):
-        super().connection_made(transport)
+        super().connection_made(LingeringTransport(transport, self.loop))
         self._arm()
 
     def data_received(self, data):
+        if self.transport.lingering:
+            return
         if self._timer is None and self.conn.their_state is h11.IDLE:
             self._arm()
         super().data_received(data)
