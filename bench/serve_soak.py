@@ -25,7 +25,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import common
 import grpc
@@ -238,8 +237,8 @@ def main():
     }
     print("\noutcomes by kind:", json.dumps(outcomes, indent=1))
     print("\nRSS over time (s, MB, newest version on disk):", [(t, round(mb), v) for t, mb, v in rss])
-    common.print_table([summary], ["requests", "5xx", "dropped", "wrong_answers", "p50_ms", "p90_ms", "p99_ms", "max_ms",
-                                   "rss_start_mb", "rss_end_mb"])
+    common.print_table([summary], ["requests", "5xx", "dropped", "wrong_answers", "p50_ms", "p90_ms", "p99_ms",
+                                   "max_ms", "rss_start_mb", "rss_end_mb"])
     common.write_json("serve_soak.json", {"summary": summary, "outcomes": outcomes, "rss": rss})
 
 

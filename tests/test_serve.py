@@ -297,7 +297,8 @@ def test_limits_body_size_batch_size_and_queue_bound(strict, monkeypatch):
     for size in (40000, 1 << 20):  # answered before the body is read; the server then drains it (lingering close)
         status, headers, body = raw(strict.rest_port, PREDICT + b"Content-Length: %d\r\n\r\n" % size + b" " * size)
         assert status == 413 and "at most 32768" in body["error"]
-    chunked = PREDICT + b"Transfer-Encoding: chunked\r\n\r\n" + (b"4000\r\n" + b" " * 0x4000 + b"\r\n") * 3 + b"0\r\n\r\n"
+    chunk = b"4000\r\n" + b" " * 0x4000 + b"\r\n"
+    chunked = PREDICT + b"Transfer-Encoding: chunked\r\n\r\n" + chunk * 3 + b"0\r\n\r\n"
     status, headers, body = raw(strict.rest_port, chunked)
     assert status == 413 and "more than 32768 bytes" in body["error"]
 
@@ -523,7 +524,8 @@ def test_regress_runs_a_regression_signature(tmp_path):
     tf.saved_model.save(module, str(tmp_path / "r" / "1"), signatures={"serving_default": regress})
     server = Server({"r": str(tmp_path / "r")}, port=0, rest_api_port=0, poll_s=60).start()
     try:
-        assert rest(server, "/v1/models/r:regress", {"examples": [{"x": 1.5}, {"x": 2.5}]}) == (200, {"result": [3.0, 5.0]})
+        examples = {"examples": [{"x": 1.5}, {"x": 2.5}]}
+        assert rest(server, "/v1/models/r:regress", examples) == (200, {"result": [3.0, 5.0]})
         request = regression_pb2.RegressionRequest()
         request.model_spec.name = "r"
         request.input.example_list.examples.add().features.feature["x"].float_list.value.append(0.25)

@@ -76,6 +76,10 @@ class LingeringTransport:
     def is_closing(self):
         return self.lingering or self._transport.is_closing()
 
+    def write(self, data):  # once closing, what the app still sends is dropped
+        if not self.lingering:
+            self._transport.write(data)
+
     def close(self):
         if self.is_closing():
             return

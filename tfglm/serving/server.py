@@ -372,7 +372,8 @@ class Model:
             raise RequestError(f"Servable not found for request: Latest({self.name})", 404)
         response = get_model_status_pb2.GetModelStatusResponse()
         for v in versions:
-            status = response.model_version_status.add(version=v, state=get_model_status_pb2.ModelVersionStatus.AVAILABLE)
+            status = response.model_version_status.add(version=v)
+            status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
             status.status.SetInParent()  # error_code OK, error_message ""
         return response
 
