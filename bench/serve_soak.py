@@ -3,7 +3,7 @@ new model version every `--swap-every` seconds, for `--seconds`; reports status 
 connection, no wrong answer expected), latency percentiles of the good requests and the server's RSS over time.
 
 The model is `configs/gpt-char-tiny.yaml`'s (4 x 128, context 64, characters), trained for 4 steps on a synthetic
-corpus and exported with XLA; the server is `tfglm serve --enable_batching --max_batch_size 8` in a process of its
+corpus and exported with XLA (or without: `--no-jit-compile`); the server is `tfglm serve --enable_batching --max_batch_size 8` in a process of its
 own (its RSS is read from /proc). Good requests are greedy or seeded-sampled completions of short prompts with the
 export's default options, checked against the answer each got alone at the start; a new version is a copy of
 version 1, so every version must answer the same.
@@ -45,7 +45,7 @@ RAW_BAD = [b"Content-Length: abc\r\n\r\n", b"Content-Length: -1\r\n\r\n", b"Cont
            b"Content-Length: 99999999999999999999\r\n\r\n", b"Content-Length: 1000000000\r\n\r\n"]
 
 
-def make_export(root):
+def make_export(root, jit_compile):
     corpus = os.path.join(root, "corpus.txt")
     with open(corpus, "w") as f:
         f.write("ROMEO: what light through yonder window breaks?\nJULIET: it is the east.\n" * 2000)
@@ -55,7 +55,7 @@ def make_export(root):
     run_dir = os.path.join(root, "run")
     train(load_config(os.path.join(common.CONFIGS, "gpt-char-tiny.yaml"), overrides), run_dir, verbose=0)
     base = os.path.join(root, "models")
-    export_run(run_dir, base)
+    export_run(run_dir, base, jit_compile=jit_compile)
     return base
 
 
@@ -218,9 +218,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--swap-every", type=float, default=30, help="seconds between new versions")
+    parser.add_argument("--no-jit-compile", action="store_true", help="export without XLA")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
-        results, rss, served, seconds = soak(make_export(root), args.seconds, args.swap_every)
+        results, rss, served, seconds = soak(make_export(root, not args.no_jit_compile), args.seconds,
+                                             args.swap_every)
     outcomes = {}
     for name, outcome, *_ in results:
         outcomes.setdefault(name, {}).setdefault(str(outcome), 0)
@@ -234,12 +236,16 @@ def main():
         "good_requests": len(good), "requests_per_s": len(results) / seconds,
         **{f"p{q}_ms": 1000 * float(np.percentile(good, q)) for q in (50, 90, 99)}, "max_ms": 1000 * good[-1],
         "rss_start_mb": rss[0][1], "rss_end_mb": rss[-1][1], "versions_served_at_end": served,
+        "xla": not args.no_jit_compile, "swap_every_s": args.swap_every,
+        "slowest": [(round(s, 3), round(at, 1)) for _, _, s, _, at in sorted(results, key=lambda r: r[2])[-5:]],
     }
     print("\noutcomes by kind:", json.dumps(outcomes, indent=1))
     print("\nRSS over time (s, MB, newest version on disk):", [(t, round(mb), v) for t, mb, v in rss])
     common.print_table([summary], ["requests", "5xx", "dropped", "wrong_answers", "p50_ms", "p90_ms", "p99_ms",
                                    "max_ms", "rss_start_mb", "rss_end_mb"])
-    common.write_json("serve_soak.json", {"summary": summary, "outcomes": outcomes, "rss": rss})
+    print("slowest requests (s, at s):", summary["slowest"])
+    name = "serve_soak.json" if summary["xla"] else "serve_soak_no_xla.json"
+    common.write_json(name, {"summary": summary, "outcomes": outcomes, "rss": rss})
 
 
 if __name__ == "__main__":

@@ -17,11 +17,9 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      prediction_service_pb2_grpc, regression_pb2)
 
 from tfglm.errors import TfglmError
-from tfglm.serving.server import RequestError
+from tfglm.serving.server import CODES, RequestError
 
 log = logging.getLogger("tfglm")
-CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
-         413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 MAX_RESPONSE_BYTES = 64 << 20
 VALUE_FIELDS = [f.name for f in tensor_pb2.TensorProto.DESCRIPTOR.fields if f.name.endswith("_val")]
 
@@ -100,7 +98,7 @@ class Service(prediction_service_pb2_grpc.PredictionServiceServicer, model_servi
         except Exception as e:  # a server fault: report it, keep serving
             log.exception("gRPC %s", type(e).__name__)
             error = RequestError(f"{type(e).__name__}: {e}", 500)
-        context.abort(CODES.get(error.status, grpc.StatusCode.INTERNAL), str(error))
+        context.abort(getattr(grpc.StatusCode, CODES.get(error.status, "INTERNAL")), str(error))
 
     @staticmethod
     def _version(spec):

@@ -181,7 +181,7 @@ def app(server, pool):
             with server.metrics.request() as labels:
                 return await _models(request, labels)
         except RequestError as e:
-            return error_response(e.status, str(e))
+            return error_response(e.status, str(e), e.headers)
         except Exception as e:  # a server fault: report it, keep serving
             log.exception("REST %s %s", request.method, request.scope["path"])
             return error_response(500, f"{type(e).__name__}: {e}")
@@ -194,8 +194,8 @@ def app(server, pool):
         name, version, label, action = match.groups()
         route = (name, int(version) if version else None, label)
         allowed = METHODS[action]
-        if request.method not in (allowed, "HEAD" if allowed == "GET" else allowed):
-            return error_response(405, f"{request.method} is not allowed on {path}; use {allowed}", {"Allow": allowed})
+        if request.method not in ({"GET", "HEAD"} if allowed == "GET" else {"POST"}):
+            raise RequestError(f"{request.method} is not allowed on {path}; use {allowed}", 405, {"Allow": allowed})
         if action is None:
             status = server.model(name).status(*route[1:])
             labels["model"] = name

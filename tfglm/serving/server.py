@@ -40,17 +40,17 @@ GENERATE_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
 WARMUP = os.path.join("assets.extra", "tf_serving_warmup_requests")
 STALE_EXPORT_S = 600  # a `tmp-*` export directory untouched this long is left over from a killed `tfglm export`
 # gRPC status names of the HTTP statuses a request can end with (metrics use them for both protocols).
-CODES = {200: "OK", 400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 408: "DEADLINE_EXCEEDED", 413: "RESOURCE_EXHAUSTED",
-         503: "UNAVAILABLE", 500: "INTERNAL"}
+CODES = {200: "OK", 400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 405: "UNIMPLEMENTED", 408: "DEADLINE_EXCEEDED",
+         413: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE", 500: "INTERNAL"}
 
 
 class RequestError(Exception):
-    """A request the server will not serve; `status` is the HTTP status: 400 (gRPC INVALID_ARGUMENT), 404
-    (NOT_FOUND), 408 (DEADLINE_EXCEEDED), 413 (RESOURCE_EXHAUSTED) or 503 (UNAVAILABLE: retry later)."""
+    """A request the server will not serve; `status` is the HTTP status (CODES has the gRPC code of each), `headers`
+    any HTTP headers the answer needs."""
 
-    def __init__(self, message, status=400):
+    def __init__(self, message, status=400, headers=None):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers
 
 
 def check_generate_options(arrays, context):
