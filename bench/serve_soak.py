@@ -136,7 +136,8 @@ class Traffic:
 
 
 def raw_status(port, data, pause_s=None):
-    """The HTTP status of `data` sent on a socket (a byte every `pause_s` if given), or 'dropped'."""
+    """The HTTP status of `data` sent on a socket (a byte every `pause_s` if given), 'dropped' if the server closed
+    without answering, or 'reset' if the connection was reset before an answer was read."""
     with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
         for i in range(len(data)) if pause_s else [None]:
             if select.select([sock], [], [], 0)[0]:  # the server has answered
@@ -145,17 +146,21 @@ def raw_status(port, data, pause_s=None):
             if pause_s:
                 time.sleep(pause_s)
         response = b""
-        while chunk := sock.recv(65536):
-            response += chunk
+        try:
+            while chunk := sock.recv(65536):
+                response += chunk
+        except ConnectionResetError:
+            if not response:
+                return "reset"
     return int(response.split()[1]) if response else "dropped"
 
 
-def soak(base, seconds, swap_every):
+def soak(base, seconds, swap_every, server_log):
     rest_port, grpc_port = free_port(), free_port()
     server = subprocess.Popen([sys.executable, "-m", "tfglm", "serve", "--model_name", "m", "--model_base_path", base,
                                "--port", str(grpc_port), "--rest_api_port", str(rest_port), "--enable_batching",
                                "--max_batch_size", "8", "--read_timeout_seconds", "2"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=server_log, stderr=subprocess.STDOUT)
     traffic = Traffic(rest_port, grpc_port)
     try:
         deadline = time.monotonic() + 600
@@ -220,9 +225,11 @@ def main():
     parser.add_argument("--swap-every", type=float, default=30, help="seconds between new versions")
     parser.add_argument("--no-jit-compile", action="store_true", help="export without XLA")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as root:
+    with tempfile.TemporaryDirectory() as root, tempfile.TemporaryFile("w+") as server_log:
         results, rss, served, seconds = soak(make_export(root, not args.no_jit_compile), args.seconds,
-                                             args.swap_every)
+                                             args.swap_every, server_log)
+        server_log.seek(0)
+        errors = [line for line in server_log if ": ERROR: " in line or "Traceback" in line]
     outcomes = {}
     for name, outcome, *_ in results:
         outcomes.setdefault(name, {}).setdefault(str(outcome), 0)
@@ -236,6 +243,7 @@ def main():
         "good_requests": len(good), "requests_per_s": len(results) / seconds,
         **{f"p{q}_ms": 1000 * float(np.percentile(good, q)) for q in (50, 90, 99)}, "max_ms": 1000 * good[-1],
         "rss_start_mb": rss[0][1], "rss_end_mb": rss[-1][1], "versions_served_at_end": served,
+        "server_errors_logged": len(errors),
         "xla": not args.no_jit_compile, "swap_every_s": args.swap_every,
         "slowest": [(round(s, 3), round(at, 1)) for _, _, s, _, at in sorted(results, key=lambda r: r[2])[-5:]],
     }
@@ -244,6 +252,7 @@ def main():
     common.print_table([summary], ["requests", "5xx", "dropped", "wrong_answers", "p50_ms", "p90_ms", "p99_ms",
                                    "max_ms", "rss_start_mb", "rss_end_mb"])
     print("slowest requests (s, at s):", summary["slowest"])
+    print(f"server log: {len(errors)} errors", *errors[:5], sep="\n")
     name = "serve_soak.json" if summary["xla"] else "serve_soak_no_xla.json"
     common.write_json(name, {"summary": summary, "outcomes": outcomes, "rss": rss})
 

@@ -51,7 +51,7 @@ log = logging.getLogger("tfglm")
 ROUTE = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?(/metadata|:predict|:classify|:regress)?")
 METHODS = {None: "GET", "/metadata": "GET", ":predict": "POST", ":classify": "POST", ":regress": "POST"}
 METRICS = "/monitoring/prometheus/metrics"
-LINGER_S = 2.0
+LINGER_S = 5.0
 
 
 def error_bytes(status, message, headers=()):
@@ -83,10 +83,11 @@ class LingeringTransport:
     def close(self):
         if self.is_closing():
             return
-        if not self._transport.can_write_eof():
-            return self._transport.close()
         self.lingering = True
-        self._transport.write_eof()
+        try:
+            self._transport.write_eof()
+        except (OSError, NotImplementedError):  # the client is gone, or the transport cannot half-close
+            return self._transport.close()
         self._transport.resume_reading()
         self._loop.call_later(LINGER_S, self._transport.close)
 

@@ -8,8 +8,10 @@ This module holds what both fronts share: the models and their versions, the bat
 Each model is a base path of numbered versions. A thread polls the base paths every `poll_s` seconds and serves the
 versions the model's version policy asks for (TF Serving's: the latest N, default 1; all; or specific ones). A new
 version is loaded with `tf.saved_model.load` and warmed up at every batch size a request can bring before it takes
-traffic; a version that leaves the policy is dropped and its memory released. Signatures are called with every
-input, the SignatureDef's `defaults` filling in those a request leaves out, as TF Serving does.
+traffic; a version that leaves the policy is retired and freed at the next poll. (TensorFlow keeps what XLA compiled
+for a freed version: its compilation cache has no eviction, tensorflow/tensorflow#64170, so each swap of an XLA
+export still costs some tens of MB per compiled shape; exports without XLA swap with flat memory.) Signatures are
+called with every input, the SignatureDef's `defaults` filling in those a request leaves out, as TF Serving does.
 """
 
 import collections
