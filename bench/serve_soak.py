@@ -191,10 +191,11 @@ def soak(base, seconds, swap_every, server_log):
                     name, outcome, right = kind.__name__, "dropped", True
                 results.append((name, outcome, time.monotonic() - sent, right, sent - start))
 
-        def slow_clients():
+        def slow_clients():  # one every 2 s, each in a thread of its own, joined before the server stops
             while not stop.wait(2):
-                threading.Thread(target=lambda: results.append(
-                    ("slow", traffic.slow(rng)[1], 0.0, True, time.monotonic() - start)), daemon=True).start()
+                threads.append(threading.Thread(target=lambda: results.append(
+                    ("slow", traffic.slow(rng)[1], 0.0, True, time.monotonic() - start))))
+                threads[-1].start()
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
         threads.append(threading.Thread(target=slow_clients))
@@ -210,7 +211,7 @@ def soak(base, seconds, swap_every, server_log):
             time.sleep(5)
             rss.append((round(time.monotonic() - start, 1), rss_mb(server.pid), version))
         stop.set()
-        for thread in threads:
+        for thread in threads:  # by index: it also reaches a slow client started while slow_clients ends
             thread.join(timeout=300)
         served = json.load(urllib.request.urlopen(traffic.url, timeout=30))["model_version_status"]
     finally:

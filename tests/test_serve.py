@@ -578,7 +578,8 @@ def test_new_version_is_picked_up_without_restart(server, run_dir, base_path, ex
 def test_version_swap_under_load_loses_nothing_and_does_not_stall(run_dir, tmp_path):  # noqa: F811
     """An XLA export (each batch shape compiles on its first call unless warmed up), 4 clients sending 1-4 prompts
     a request while version 2 appears and is swapped in: every answer right, the first request after the swap no
-    slower than twice the steady median, and version 1 freed."""
+    slower than twice the steady 90th percentile (without the warm-up of every batch shape it took 2.9 s against
+    12 ms), and version 1 freed."""
     base = str(tmp_path / "m")
     export_run(run_dir, base)
     server = Server({"m": base}, port=0, rest_api_port=0, enable_batching=True, poll_s=0.1, max_batch_size=4).start()
@@ -598,7 +599,7 @@ def test_version_swap_under_load_loses_nothing_and_does_not_stall(run_dir, tmp_p
         for c in clients:
             c.start()
         time.sleep(3)
-        steady = statistics.median(seconds for _, seconds, _ in results)
+        steady = statistics.quantiles([seconds for _, seconds, _ in results], n=10)[-1]  # p90: a shared machine
         version_1 = weakref.ref(server.models["m"].servables[1])
         shutil.copytree(os.path.join(base, "1"), os.path.join(base, "tmp-2"))  # version 2, written as export does
         os.replace(os.path.join(base, "tmp-2"), os.path.join(base, "2"))

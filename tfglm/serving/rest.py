@@ -8,13 +8,14 @@
 
 Why uvicorn + Starlette: uvicorn is the most used and most actively kept Python HTTP server, Starlette's ASGI
 responses stream (a `StreamingResponse` of server-sent events is all the OpenAI-compatible `"stream": true` needs),
-and most limits are theirs: uvicorn answers 503 beyond `max_connections` connections or requests in flight
-(`limit_concurrency`), h11 rejects oversized or malformed request lines and headers (a Content-Length of `abc` or
-`-1`) and closes idle keep-alive connections, Starlette routes and answers 405 with `Allow`. What they lack is added
-here, once each: a deadline for a request's headers (uvicorn has none, encode/uvicorn#157), answered 408 (in
-`HttpProtocol`), and a body size and read-time limit (in `read_body`): 413 and 408. Every error, theirs included, is
-TF Serving's `{"error": message}`, except uvicorn's plain-text 503. Model work runs on a pool of `num_threads`
-threads, admitted through the server's queue bound (503 with `Retry-After` when full).
+and more of the limits are theirs than aiohttp's (which has a body limit but no connection cap): uvicorn answers 503
+beyond `max_connections` connections or requests in flight (`limit_concurrency`), h11 rejects oversized or malformed
+request lines and headers (a Content-Length of `abc` or `-1`) and closes idle keep-alive connections, Starlette
+routes and answers 405 with `Allow`. What they lack is added here, once each: a deadline for a request's headers
+(neither has one; encode/uvicorn#157), answered 408 (`HttpProtocol`); a body size and read-time limit, 413 and 408
+(`read_body`); and a lingering close (`LingeringTransport`). Every error, theirs included, is TF Serving's
+`{"error": message}`, except uvicorn's plain-text 503. Model work runs on a pool of `num_threads` threads, admitted
+through the server's queue bound (503 with `Retry-After` when full).
 """
 
 import asyncio

@@ -495,6 +495,11 @@ class Server:
         """Removes stale exports, loads every model's versions, then starts polling and both front ends."""
         from tfglm.serving import grpc_api, rest  # they import this module
 
+        # TensorFlow's inter-op pool (one thread a core by default) runs every request's function call; a new
+        # version's XLA compilation holds one of its threads for seconds, which stalled the serving version's
+        # requests. Settable only before TensorFlow starts, as under `tfglm serve`.
+        with contextlib.suppress(RuntimeError):
+            tf.config.threading.set_inter_op_parallelism_threads(max(self.num_threads, os.cpu_count() or 1))
         gc.collect()
         gc.freeze()  # the objects alive now (TensorFlow's, mostly) stay: later collections, a swap's too, skip them
         for model in self.models.values():
