@@ -8,8 +8,8 @@ Every call is greedy, at most 32 new tokens from a 6-character prompt.
 1. Latency, batch 1 and 8: the loaded SavedModel's `generate` signature and the in-process `Generator` (the same
    weights, both XLA-compiled), alternating call by call; median of `--calls` calls each after one warm-up call.
 2. Throughput: `tfglm serve` on 127.0.0.1, 16 client threads sending `--requests` one-prompt REST predict requests
-   (columnar, greedy), with batching off and on; requests/s over the whole run, after one request each of 1, 2, 4
-   and 8 prompts (which compiles every batch bucket). Also the mean batch size the batcher formed.
+   (columnar, greedy), with batching off and on; requests/s over the whole run (the server's warm-up has compiled
+   every batch bucket). Also the mean batch size the batcher formed, from the server's metrics.
 
     nice -n 10 .venv/bin/python bench/serve_throughput.py [--quick]
 """
@@ -66,38 +66,31 @@ def latency(run_dir, base_path, calls):
     return rows
 
 
-class CountingBatcher(serve.Batcher):
-    """A Batcher that records the size of every batch it runs."""
-
-    sizes = []
-
-    def _execute(self, batch):
-        self.sizes.append(sum(len(r.arrays["prompts"]) for r in batch))
-        super()._execute(batch)
-
-
 def throughput(base_path, requests, enable_batching):
-    server = serve.Server({"m": base_path}, port=0, rest_api_port=0, enable_batching=enable_batching).start()
+    server = serve.Server({"m": base_path}, port=0, rest_api_port=0, enable_batching=enable_batching,
+                          max_batch_size=8).start()
     url = f"http://127.0.0.1:{server.rest_port}/v1/models/m:predict"
 
-    def send(prompts=1):
-        body = json.dumps({"signature_name": "generate", "inputs": {"prompts": [PROMPT] * prompts, **OPTIONS}})
+    def send():
+        body = json.dumps({"signature_name": "generate", "inputs": {"prompts": [PROMPT], **OPTIONS}})
         with urllib.request.urlopen(urllib.request.Request(url, body.encode()), timeout=300) as response:
             assert response.status == 200
 
+    def batches():  # (prompts, batches) run so far, from the server's Prometheus metrics
+        sample = server.metrics.registry.get_sample_value
+        return [sample(f"tfglm_batch_size_{s}", {"model": "m"}) or 0 for s in ("sum", "count")]
+
     try:
-        for prompts in (1, 2, 4, 8):  # compiles every batch bucket
-            send(prompts)
+        before = batches()  # after the warm-up, which ran every batch bucket
         with ThreadPoolExecutor(CLIENTS) as pool:
-            CountingBatcher.sizes.clear()
             start = time.perf_counter()
             list(pool.map(lambda _: send(), range(requests)))
             seconds = time.perf_counter() - start
+        prompts, count = (a - b for a, b in zip(batches(), before))
     finally:
         server.stop()
-    sizes = CountingBatcher.sizes
     return {"batching": enable_batching, "requests": requests, "seconds": seconds, "requests_per_s": requests / seconds,
-            "mean_batch": sum(sizes) / len(sizes) if sizes else 1.0}
+            "mean_batch": prompts / count if enable_batching and count else 1.0}
 
 
 def main():
@@ -105,7 +98,6 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer calls and requests")
     args = parser.parse_args()
     calls, requests = (5, 64) if args.quick else (15, 192)
-    serve.Batcher = CountingBatcher  # servables build their batchers from the module's name
     with tempfile.TemporaryDirectory() as root:
         run_dir = make_run(root)
         base_path = os.path.join(root, "models")

@@ -1,4 +1,4 @@
-"""Generate text with a tfglm model served by TF Serving, over gRPC (needs `pip install 'tfglm[serve]'`).
+"""Generate text with a tfglm model served by TF Serving, over gRPC (tensorflow-serving-api comes with tfglm).
 
     python export/grpc_client.py --model tiny --prompt "ROMEO:" --prompt "JULIET:" --max-new-tokens 50 --seed 1
 

@@ -101,6 +101,14 @@ def _parser():
     serve.add_argument("--enable_batching", action="store_true", help="batch concurrent greedy generate requests")
     serve.add_argument("--max_prompt_bytes", type=int, default=64 * 1024, help="longest text accepted, in bytes")
     serve.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0, help="new-version poll interval")
+    serve.add_argument("--max_batch_size", type=int, default=32,
+                       help="most prompts (rows) a request may hold, and the batcher's largest batch")
+    serve.add_argument("--max_enqueued_requests", type=int, default=64,
+                       help="requests running or waiting, over both protocols, before 503 / UNAVAILABLE")
+    serve.add_argument("--max_connections", type=int, default=256, help="REST connections before 503")
+    serve.add_argument("--max_request_bytes", type=int, default=4 << 20, help="largest REST body or gRPC message")
+    serve.add_argument("--read_timeout_seconds", type=float, default=10.0,
+                       help="time a REST request has to send its headers, and again its body (then 408)")
 
     client = command("client", "generate with a model served by tfglm serve or TF Serving")
     client.add_argument("--server", default="http://127.0.0.1:8501", help="REST URL, or host:port with --grpc")
@@ -273,7 +281,9 @@ def cmd_serve(args):
     models = read_model_config(args.model_config_file) if args.model_config_file else {
         args.model_name: args.model_base_path}
     server = Server(models, args.host, args.port, args.rest_api_port or None, args.enable_batching,
-                    args.max_prompt_bytes, args.file_system_poll_wait_seconds).start()
+                    args.max_prompt_bytes, args.file_system_poll_wait_seconds, max_batch_size=args.max_batch_size,
+                    max_enqueued_requests=args.max_enqueued_requests, max_connections=args.max_connections,
+                    max_request_bytes=args.max_request_bytes, read_timeout_s=args.read_timeout_seconds).start()
     rest = f", REST on http://{args.host}:{server.rest_port}" if args.rest_api_port else ""
     log.info("serving %s: gRPC on %s:%d%s", ", ".join(models), args.host, server.grpc_port, rest)
     try:

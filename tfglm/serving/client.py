@@ -74,7 +74,7 @@ class Client:
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
 
-        from tfglm.serving.server import to_json
+        from tfglm.serving.rest import to_json
 
         request = predict_pb2.PredictRequest()
         request.model_spec.name, request.model_spec.signature_name = self.model_name, signature_name

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 
 import tensorflow as tf
+from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
 from tfglm.errors import TfglmError
 from tfglm.tasks.registry import load_run
@@ -28,12 +29,8 @@ def _next_version(base_path):
 
 def write_warmup(export_dir, prompt, signature="generate", input_name="prompts"):
     """assets.extra/tf_serving_warmup_requests: one `signature` PredictRequest (config defaults), so the server
-    compiles the decode loop while loading rather than on the first request."""
-    try:
-        from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
-    except ImportError:
-        raise TfglmError("export needs tensorflow-serving-api for the warmup requests: "
-                         "pip install 'tfglm[serve]'") from None
+    compiles the decode loop while loading rather than on the first request (`tfglm serve` replays it at every
+    batch size it takes)."""
     request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(signature_name=signature))
     request.inputs[input_name].CopyFrom(tf.make_tensor_proto([prompt], dtype=tf.string))
     log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))

@@ -1,35 +1,38 @@
 """`tfglm serve`: TF Serving's REST and gRPC APIs over `tfglm export` directories, for development and small
 deployments.
 
-Each model is a base path of numbered versions; the newest is loaded with `tf.saved_model.load`, its warmup requests
-replayed, and only then swapped in, by a thread polling the base paths every `poll_s` seconds. Signatures are called
-with every input, the SignatureDef's `defaults` filling in those a request leaves out, as TF Serving does.
-REST: `GET /v1/models/NAME[/versions/V][/metadata]`, `POST /v1/models/NAME[/versions/V]:predict` (row and
-columnar formats) and `:classify` (tf.Example features as JSON). gRPC: `PredictionService.Predict`, `Classify` and
-`GetModelMetadata`. A bad request gets a TF Serving-style
-error (HTTP 400 / 404, gRPC INVALID_ARGUMENT / NOT_FOUND) and the server carries on.
+This module holds what both fronts share: the models and their versions, the batcher, the limits and the metrics.
+`tfglm.serving.rest` is the REST front (uvicorn + Starlette), `tfglm.serving.grpc_api` the gRPC one; both turn a
+`RequestError` into TF Serving's error (HTTP 4xx/503 with `{"error": ...}`, gRPC INVALID_ARGUMENT, NOT_FOUND, ...).
+
+Each model is a base path of numbered versions. A thread polls the base paths every `poll_s` seconds and serves the
+versions the model's version policy asks for (TF Serving's: the latest N, default 1; all; or specific ones). A new
+version is loaded with `tf.saved_model.load` and warmed up at every batch size a request can bring before it takes
+traffic; a version that leaves the policy is retired and freed at the next poll. (TensorFlow keeps what XLA compiled
+for a freed version: its compilation cache has no eviction, tensorflow/tensorflow#64170, so each swap of an XLA
+export still costs some tens of MB per compiled shape; exports without XLA swap with flat memory.) Signatures are
+called with every input, the SignatureDef's `defaults` filling in those a request leaves out, as TF Serving does.
 """
 
-import base64
 import collections
-import json
+import contextlib
+import ctypes
+import gc
 import logging
 import os
 import queue
-import re
+import shutil
 import threading
 import time
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import grpc
 import numpy as np
+import prometheus_client
 import tensorflow as tf
 import tensorflow_text  # noqa: F401  (registers the tokenizer ops exported graphs use)
-from google.protobuf import json_format, text_format
+from google.protobuf import text_format
 from tensorflow.core.protobuf import saved_model_pb2
-from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, predict_pb2, prediction_log_pb2,
-                                     prediction_service_pb2_grpc)
+from tensorflow_serving.apis import get_model_status_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from tfglm.errors import TfglmError
@@ -37,15 +40,19 @@ from tfglm.errors import TfglmError
 log = logging.getLogger("tfglm")
 GENERATE_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
 WARMUP = os.path.join("assets.extra", "tf_serving_warmup_requests")
-ROUTE = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+))?(/metadata|:predict|:classify)?")
+STALE_EXPORT_S = 600  # a `tmp-*` export directory untouched this long is left over from a killed `tfglm export`
+# gRPC status names of the HTTP statuses a request can end with (metrics use them for both protocols).
+CODES = {200: "OK", 400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 405: "UNIMPLEMENTED", 408: "DEADLINE_EXCEEDED",
+         413: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE", 500: "INTERNAL"}
 
 
 class RequestError(Exception):
-    """A bad request; `status` is the HTTP status, 400 (gRPC INVALID_ARGUMENT) or 404 (NOT_FOUND)."""
+    """A request the server will not serve; `status` is the HTTP status (CODES has the gRPC code of each), `headers`
+    any HTTP headers the answer needs."""
 
-    def __init__(self, message, status=400):
+    def __init__(self, message, status=400, headers=None):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers
 
 
 def check_generate_options(arrays, context):
@@ -54,7 +61,7 @@ def check_generate_options(arrays, context):
     if n < 1 or (context and n > context - 1):
         limit = f"[1, {context - 1}] for this model (context {context})" if context else ">= 1"
         raise RequestError(f"max_new_tokens: {n} is out of range; it must be in {limit}")
-    if temperature < 0:
+    if not temperature >= 0:
         raise RequestError(f"temperature: must be >= 0 (0 is greedy), got {temperature}")
     if top_k < 0:
         raise RequestError(f"top_k: must be >= 0 (0 disables top-k), got {top_k}")
@@ -63,21 +70,23 @@ def check_generate_options(arrays, context):
 
 
 class Batcher:
-    """Runs concurrent greedy `generate` requests as one batch.
+    """Runs concurrent greedy `generate` requests with identical options as one batch.
 
-    Callers queue their request and wait. One worker thread takes the oldest request, then keeps taking queued ones
-    for up to `timeout_s` or until `max_batch_size` prompts are collected; requests with the same options
-    (max_new_tokens, temperature, ...) as the oldest join its batch, the others wait for a later one. The batch's
-    prompts are concatenated, run in one call, and the outputs split back by request. Greedy completions do not
-    depend on the rest of the batch (tests/test_export.py checks it); sampled ones do (a row's random numbers depend
-    on its place), so requests with temperature > 0, like those of `max_batch_size` prompts or more, run alone on
-    the caller's thread, and a seeded request gets the same text whatever other clients send.
+    Callers queue their request and wait. One worker thread takes the oldest waiting request and, for up to
+    `timeout_s` or until `max_batch_size` prompts are collected, more from the queue; the batch is the oldest request
+    plus every other waiting one whose options (max_new_tokens, temperature, top_k, top_p, seed) are the same, in
+    arrival order; the others wait for a later batch. The batch's prompts are concatenated, run in one call, and the
+    outputs split back by request. Greedy completions do not depend on the rest of the batch (tests/test_export.py
+    checks it); sampled ones do (a row's random numbers depend on its place), so requests with temperature > 0, like
+    those of `max_batch_size` prompts or more, run alone on the caller's thread, and a seeded request gets the same
+    text whatever other clients send. `on_batch(size)` is called with the number of prompts of every batch run.
     """
 
     Request = collections.namedtuple("Request", "arrays key future")
 
-    def __init__(self, run, max_batch_size=8, timeout_s=0.005):
+    def __init__(self, run, max_batch_size=8, timeout_s=0.005, on_batch=None):
         self._run, self.max_batch_size, self.timeout_s = run, max_batch_size, timeout_s
+        self._on_batch = on_batch or (lambda size: None)
         self._queue = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
@@ -85,6 +94,7 @@ class Batcher:
 
     def __call__(self, arrays):
         if arrays["temperature"] > 0 or len(arrays["prompts"]) >= self.max_batch_size:
+            self._on_batch(len(arrays["prompts"]))
             return self._run(arrays)
         request = self.Request(arrays, tuple(arrays[k].item() for k in GENERATE_OPTIONS), futures.Future())
         with self._lock:
@@ -94,41 +104,47 @@ class Batcher:
         return request.future.result()
 
     def close(self):
-        """Ends the worker after the requests already queued."""
+        """Ends the worker once the requests already queued have run."""
         with self._lock:
             self._closed = True
             self._queue.put(None)
 
     def _work(self):
-        pending = []
-        while True:
-            if not pending:
-                pending.append(self._queue.get())
-            if pending[0] is None:
-                return
-            deadline = time.monotonic() + self.timeout_s
-            while self._size(pending) < self.max_batch_size and time.monotonic() < deadline:
+        waiting, closing = [], False  # requests taken from the queue, oldest first
+        while waiting or not closing:
+            if not waiting:
+                request = self._queue.get()
+                if request is None:
+                    return
+                waiting.append(request)
+            key, deadline = waiting[0].key, time.monotonic() + self.timeout_s
+            while not closing and self._size(waiting, key) < self.max_batch_size:
                 try:
-                    pending.append(self._queue.get(timeout=max(deadline - time.monotonic(), 0)))
+                    request = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
                 except queue.Empty:
                     break
-                if pending[-1] is None:
-                    break
-            batch, size = [], 0
-            for request in list(pending):
-                if request is not None and request.key == pending[0].key:
-                    if size + len(request.arrays["prompts"]) > self.max_batch_size:
-                        break
+                if request is None:
+                    closing = True
+                else:
+                    waiting.append(request)
+            batch, rest, size = [], [], 0
+            for request in waiting:
+                n = len(request.arrays["prompts"])
+                if request.key == key and size + n <= self.max_batch_size:
                     batch.append(request)
-                    size += len(request.arrays["prompts"])
-                    pending.remove(request)
+                    size += n
+                else:
+                    rest.append(request)
+            waiting = rest
             self._execute(batch)
 
-    def _size(self, pending):
-        return sum(len(r.arrays["prompts"]) for r in pending if r is not None and r.key == pending[0].key)
+    @staticmethod
+    def _size(waiting, key):
+        return sum(len(r.arrays["prompts"]) for r in waiting if r.key == key)
 
     def _execute(self, batch):
         arrays = dict(batch[0].arrays, prompts=np.concatenate([r.arrays["prompts"] for r in batch]))
+        self._on_batch(len(arrays["prompts"]))
         try:
             outputs = self._run(arrays)
         except Exception as e:  # every waiting caller gets the error
@@ -143,41 +159,50 @@ class Batcher:
 
 
 class Servable:
-    """One loaded version: signature functions, their SignatureDefs (with input defaults) and the model's context."""
+    """One loaded version: signature functions, their SignatureDefs (with input defaults) and the model's context.
 
-    def __init__(self, name, version, path, max_prompt_bytes, enable_batching):
-        self.name, self.version, self.max_prompt_bytes = name, version, max_prompt_bytes
+    Every input whose first dimension is the batch may hold at most `max_batch_size` rows. Loading replays the
+    export's warmup requests at every power-of-two batch size up to `max_batch_size`, so that each batch shape a
+    request or the batcher can bring is compiled (XLA) before the version takes traffic.
+    """
+
+    def __init__(self, name, version, path, max_prompt_bytes=64 * 1024, max_batch_size=32, enable_batching=False,
+                 on_batch=None):
+        self.name, self.version = name, version
+        self.max_prompt_bytes, self.max_batch_size = max_prompt_bytes, max_batch_size
         self.loaded = tf.saved_model.load(path)
         with open(os.path.join(path, "saved_model.pb"), "rb") as f:
             self.signature_defs = saved_model_pb2.SavedModel.FromString(f.read()).meta_graphs[0].signature_def
         context = getattr(self.loaded, "context", None)  # absent from exports older than `tfglm serve`
         self.context = int(context.numpy()) if context is not None else None
-        self.batcher = Batcher(self._generate) if enable_batching else None
+        self.batcher = Batcher(self._generate, max_batch_size, on_batch=on_batch) if enable_batching else None
         self._warm_up(os.path.join(path, WARMUP))
 
     def _warm_up(self, path):
-        """Replays the export's warmup requests, as TF Serving does while loading."""
+        """Replays the export's warmup requests, as TF Serving does while loading, at batch sizes 1, 2, 4, ...,
+        `max_batch_size` (the request's rows repeated)."""
         if not os.path.exists(path):
             return
+        sizes = sorted({min(1 << i, self.max_batch_size) for i in range(self.max_batch_size.bit_length())})
         for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
             request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
+            signature_name = request.model_spec.signature_name or "serving_default"
             inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
-            self.predict(request.model_spec.signature_name or "serving_default", inputs)
+            batched = [k for k, info in self.signature_defs[signature_name].inputs.items()
+                       if k in inputs and info.tensor_shape.dim and info.tensor_shape.dim[0].size == -1]
+            for size in sizes:
+                self.predict(signature_name, {k: np.resize(v, (size,) + v.shape[1:]) if k in batched else v
+                                              for k, v in inputs.items()})
 
     def signature(self, name):
-        if name not in self.loaded.signatures:
+        if not isinstance(name, str) or name not in self.loaded.signatures:
             raise RequestError(f'Serving signature name: "{name}" not found in signature def')
         return self.signature_defs[name]
 
     def predict(self, signature_name, inputs):
         """Outputs (name -> numpy array) of a signature for `inputs` (name -> numpy array), defaults filled in."""
         signature = self.signature(signature_name)
-        unknown = sorted(set(inputs) - set(signature.inputs))
-        missing = sorted(set(signature.inputs) - set(inputs) - set(signature.defaults))
-        if unknown or missing:
-            raise RequestError(f"signature {signature_name!r} takes inputs {sorted(signature.inputs)}"
-                               + (f"; unknown: {unknown}" if unknown else "")
-                               + (f"; missing: {missing}" if missing else ""))
+        self.check_input_names(signature_name, inputs)
         arrays = {k: tf.make_ndarray(v) for k, v in signature.defaults.items()}
         for name, array in inputs.items():
             arrays[name] = self._check(name, array, signature.inputs[name])
@@ -187,17 +212,38 @@ class Servable:
                 return self.batcher(arrays)
         return self._call(signature_name, arrays)
 
-    def classify(self, signature_name, examples):
-        """(classes, scores) [batch, num_classes] (either may be None) of a classification signature for serialized
-        tf.Examples, as TF Serving's Classify API computes them."""
+    def check_input_names(self, signature_name, names):
+        """Rejects unknown inputs and missing ones without a default, naming them."""
         signature = self.signature(signature_name)
-        if list(signature.inputs) != ["inputs"] or not {"classes", "scores"} & set(signature.outputs):
-            raise RequestError(f"signature {signature_name!r} is not a classification signature (one input "
-                               "'inputs'; outputs 'classes' and/or 'scores')")
-        if not examples:
-            raise RequestError("examples: empty batch")
-        outputs = self._call(signature_name, {"inputs": np.array(examples, dtype=object)})
-        return outputs.get("classes"), outputs.get("scores")
+        unknown = sorted(set(names) - set(signature.inputs))
+        missing = sorted(set(signature.inputs) - set(names) - set(signature.defaults))
+        if unknown or missing:
+            raise RequestError(f"signature {signature_name!r} takes inputs {sorted(signature.inputs)}"
+                               + (f"; unknown: {unknown}" if unknown else "")
+                               + (f"; missing: {missing}" if missing else ""))
+
+    def classify(self, signature_name, examples):
+        """[[(label, score), ...] per example], TF Serving's Classify result, for serialized tf.Examples."""
+        outputs = self._examples(signature_name, examples, "classification", {"classes", "scores"})
+        classes, scores = outputs.get("classes"), outputs.get("scores")
+        batch, num_classes = (classes if classes is not None else scores).shape
+        return [[(classes[i, j].decode("utf-8", errors="replace") if classes is not None else "",
+                  float(scores[i, j]) if scores is not None else 0.0) for j in range(num_classes)]
+                for i in range(batch)]
+
+    def regress(self, signature_name, examples):
+        """[value per example], TF Serving's Regress result, for serialized tf.Examples."""
+        outputs = self._examples(signature_name, examples, "regression", {"outputs"})
+        return [float(v) for v in outputs["outputs"].reshape(len(examples), -1)[:, 0]]
+
+    def _examples(self, signature_name, examples, kind, outputs):
+        """Runs a Classify or Regress signature: one string input `inputs`, and one or more of `outputs`."""
+        signature = self.signature(signature_name)
+        if list(signature.inputs) != ["inputs"] or not outputs & set(signature.outputs):
+            raise RequestError(f"signature {signature_name!r} is not a {kind} signature (one input 'inputs'; "
+                               f"outputs {' and/or '.join(repr(o) for o in sorted(outputs))})")
+        examples = self._check("examples", np.array(examples, dtype=object), signature.inputs["inputs"])
+        return self._call(signature_name, {"inputs": examples})
 
     def _check(self, name, array, info):
         dtype = tf.as_dtype(info.dtype)
@@ -210,6 +256,9 @@ class Servable:
             raise RequestError(f"{name}: expected shape {expected}, got {list(array.shape)}")
         if dims and dims[0] == -1 and array.shape[0] == 0:
             raise RequestError(f"{name}: empty batch")
+        if dims and dims[0] == -1 and array.shape[0] > self.max_batch_size:
+            raise RequestError(f"{name}: a batch of {array.shape[0]}; this server takes at most {self.max_batch_size} "
+                               "(--max_batch_size)")
         if dtype == tf.string and any(len(s) > self.max_prompt_bytes for s in array.flat):
             raise RequestError(f"{name}: a text of more than {self.max_prompt_bytes} bytes (the server's "
                                f"--max_prompt_bytes)")
@@ -230,144 +279,242 @@ class Servable:
             self.batcher.close()
 
 
-class Model:
-    """A model name served from a base path: its newest version, replaced when a newer one appears."""
-
-    def __init__(self, name, base_path, **servable_options):
-        self.name, self.base_path, self.servable_options = name, base_path, servable_options
-        self.servable = None
-        self._failed = set()
-
-    def poll(self):
-        """Loads the newest version if it is not the one served; a version that fails to load is not retried."""
-        try:
-            versions = [int(v) for v in os.listdir(self.base_path)
-                        if v.isdigit() and os.path.exists(os.path.join(self.base_path, v, "saved_model.pb"))]
-        except OSError as e:
-            log.warning("%s: %s", self.name, e)
-            return
-        newest = max(versions, default=None)
-        if newest is None or newest in self._failed or (self.servable and self.servable.version == newest):
-            return
-        try:
-            servable = Servable(self.name, newest, os.path.join(self.base_path, str(newest)), **self.servable_options)
-        except Exception:
-            log.exception("%s: version %d failed to load; still serving the previous one", self.name, newest)
-            self._failed.add(newest)
-            return
-        old, self.servable = self.servable, servable
-        if old:
-            old.close()
-        log.info("%s: serving version %d from %s", self.name, newest, self.base_path)
-
-    def get(self, version=None):
-        servable = self.servable
-        if servable is None or version not in (None, servable.version):
-            spec = f"Specific({self.name}, {version})" if version is not None else f"Latest({self.name})"
-            raise RequestError(f"Servable not found for request: {spec}", 404)
-        return servable
-
-
 def read_model_config(path):
-    """{name: base_path} from a TF Serving ModelServerConfig text proto (`--model_config_file`)."""
+    """{name: ModelConfig} from a TF Serving ModelServerConfig text proto (`--model_config_file`): each model's
+    base path, version policy and version labels."""
     try:
         with open(path) as f:
             config = text_format.Parse(f.read(), model_server_config_pb2.ModelServerConfig())
     except (OSError, text_format.ParseError) as e:
         raise TfglmError(f"--model_config_file {path}: {e}") from None
-    models = {c.name: c.base_path for c in config.model_config_list.config}
+    models = {}
+    for model in config.model_config_list.config:
+        if not model.name or not model.base_path or model.name in models:
+            raise TfglmError(f"--model_config_file {path}: every config needs a name and a base_path, and names "
+                             f"must differ ({model.name!r})")
+        policy = model.model_version_policy
+        if policy.WhichOneof("policy_choice") == "specific" and not policy.specific.versions:
+            raise TfglmError(f"--model_config_file {path}: model {model.name}: a specific version policy needs "
+                             "versions")
+        models[model.name] = model
     if not models:
         raise TfglmError(f"--model_config_file {path}: no model_config_list entries")
     return models
 
 
-def to_array(name, value, info):
-    """A JSON value (nested lists; strings as text or {"b64": ...}) as a numpy array of the input's dtype."""
-    dtype = tf.as_dtype(info.dtype)
-    try:
-        if dtype == tf.string:
-            return np.array(_bytes(name, value), dtype=object)
-        array = np.array(value)
-    except ValueError:
-        raise RequestError(f"{name}: not a rectangular list") from None
-    kinds = "iu" if dtype.is_integer else "iuf" if dtype.is_floating else "b"
-    if array.dtype.kind not in kinds:
-        raise RequestError(f"{name}: expected {dtype.name}, got {json.dumps(value)[:80]}")
-    if dtype.is_integer and array.size and (array.min() < dtype.min or array.max() > dtype.max):
-        raise RequestError(f"{name}: out of range for {dtype.name}")
-    return array.astype(dtype.as_numpy_dtype)
+class Model:
+    """A model name served from a base path: the versions its version policy asks for, and its version labels."""
+
+    def __init__(self, config, **servable_options):
+        self.name, self.base_path = config.name, config.base_path
+        self.policy, self.labels = config.model_version_policy, dict(config.version_labels)
+        self.servable_options = servable_options
+        self.servables = {}  # version -> Servable; replaced as a whole, so readers need no lock
+        self._failed, self._retired = set(), []
+
+    def wanted(self, versions):
+        """The versions to serve among those on disk, by the version policy (TF Serving's default: the latest)."""
+        choice = self.policy.WhichOneof("policy_choice")
+        if choice == "all":
+            return set(versions)
+        if choice == "specific":
+            return set(versions) & set(self.policy.specific.versions)
+        return set(sorted(versions)[-max(self.policy.latest.num_versions, 1):])
+
+    def poll(self):
+        """Loads and warms up the versions the policy wants that are not served yet, then swaps them in and retires
+        the versions it no longer wants; their memory is released at the next poll, once the requests they were
+        serving are done (freeing a version pauses Python's threads for about 0.1 s: TensorFlow's teardown runs under
+        the GIL). A version that fails to load is not retried (nor counted as on disk)."""
+        if self._retired:
+            self._retired.clear()
+            release_memory()
+        try:
+            on_disk = [int(v) for v in os.listdir(self.base_path)
+                       if v.isdigit() and os.path.exists(os.path.join(self.base_path, v, "saved_model.pb"))]
+        except OSError as e:
+            log.warning("%s: %s", self.name, e)
+            return
+        wanted = self.wanted([v for v in on_disk if v not in self._failed])
+        loaded = {}
+        for version in sorted(wanted - set(self.servables)):
+            try:
+                loaded[version] = Servable(self.name, version, os.path.join(self.base_path, str(version)),
+                                           **self.servable_options)
+            except Exception:
+                log.exception("%s: version %d failed to load; not serving it", self.name, version)
+                self._failed.add(version)
+            else:
+                log.info("%s: serving version %d from %s", self.name, version, self.base_path)
+        kept = {v: s for v, s in self.servables.items() if v in wanted}
+        if loaded or len(kept) < len(self.servables):
+            old, self.servables = self.servables, {**kept, **loaded}
+            for version in sorted(set(old) - set(kept)):
+                old[version].close()
+                self._retired.append(old[version])
+                log.info("%s: version %d unloaded", self.name, version)
+
+    def get(self, version=None, label=None):
+        servables = self.servables
+        if label is not None:
+            if label not in self.labels:
+                raise RequestError(f"Unrecognized servable version label: {label}", 404)
+            version = self.labels[label]
+        if version is None and servables:
+            return servables[max(servables)]
+        if version not in servables:
+            spec = f"Specific({self.name}, {version})" if version is not None else f"Latest({self.name})"
+            raise RequestError(f"Servable not found for request: {spec}", 404)
+        return servables[version]
+
+    def status(self, version=None, label=None):
+        """GetModelStatusResponse: every served version (or the one asked for) AVAILABLE."""
+        versions = sorted(self.servables) if version is None and label is None else [self.get(version, label).version]
+        if not versions:
+            raise RequestError(f"Servable not found for request: Latest({self.name})", 404)
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for v in versions:
+            status = response.model_version_status.add(version=v)
+            status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+            status.status.SetInParent()  # error_code OK, error_message ""
+        return response
+
+    def close(self):
+        for servable in self.servables.values():
+            servable.close()
 
 
-def _bytes(name, value):
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    if isinstance(value, dict) and set(value) == {"b64"}:
-        return base64.b64decode(value["b64"])
-    if isinstance(value, list):
-        return [_bytes(name, v) for v in value]
-    raise RequestError(f"{name}: expected a string or {{\"b64\": ...}}, got {json.dumps(value)[:80]}")
+def release_memory():
+    """Frees a dropped version's memory: Python's cycles (a loaded SavedModel has many), then glibc's free lists,
+    which otherwise keep the freed tensors' pages and grow the process a little at every swap."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def to_json(name, array):
-    """An output array as TF Serving writes it: text as UTF-8 strings ({"b64": ...} for names ending in `_bytes`),
-    float32 in its shortest round-trip form."""
-    if array.dtype == object:
-        if name.endswith("_bytes"):
-            convert = lambda b: {"b64": base64.b64encode(b).decode("ascii")}  # noqa: E731
-        else:
-            convert = lambda b: b.decode("utf-8", errors="replace")  # noqa: E731
-    elif array.dtype.kind == "f":
-        array, convert = array.astype(str), float  # numpy's str is the shortest form that round-trips the dtype
-    else:
-        return array.tolist()
-    values = np.empty(array.shape, dtype=object)
-    values.flat[:] = [convert(x) for x in array.flat]
-    return values.tolist()
+def remove_stale_exports(base_path):
+    """Removes `tmp-*` directories a killed `tfglm export` left in `base_path` (untouched for STALE_EXPORT_S)."""
+    for entry in os.scandir(base_path):
+        if not (entry.name.startswith("tmp-") and entry.is_dir(follow_symlinks=False)):
+            continue
+        newest = max((os.path.getmtime(os.path.join(root, name)) for root, dirs, files in os.walk(entry.path)
+                      for name in dirs + files), default=entry.stat().st_mtime)
+        if time.time() - max(newest, entry.stat().st_mtime) > STALE_EXPORT_S:
+            log.info("removing %s, left over from an interrupted export", entry.path)
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+class Metrics:
+    """Prometheus metrics (`/monitoring/prometheus/metrics`): requests and their latency by model, signature and
+    status (a gRPC status name, for both protocols), and the size of every batch a batcher runs."""
+
+    def __init__(self):
+        self.registry = prometheus_client.CollectorRegistry()
+        labels = ("model", "signature", "status")
+        self.requests = prometheus_client.Counter("tfglm_requests", "Requests served", labels,
+                                                  registry=self.registry)
+        self.latency = prometheus_client.Histogram("tfglm_request_latency_seconds", "Request latency", labels,
+                                                   registry=self.registry)
+        self.batch_size = prometheus_client.Histogram("tfglm_batch_size", "Prompts per generate call", ["model"],
+                                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+
+    @contextlib.contextmanager
+    def request(self):
+        """Counts and times the request run in its body; the body names the model and signature in the dict it
+        gets once it knows them to be served ones (so a client cannot add label values)."""
+        labels, status, start = {"model": "", "signature": ""}, "OK", time.perf_counter()
+        try:
+            yield labels
+        except RequestError as e:
+            status = CODES.get(e.status, "UNKNOWN")
+            raise
+        except Exception:
+            status = "INTERNAL"
+            raise
+        finally:
+            self.requests.labels(labels["model"], labels["signature"], status).inc()
+            self.latency.labels(labels["model"], labels["signature"], status).observe(time.perf_counter() - start)
+
+    def exposition(self):
+        return prometheus_client.generate_latest(self.registry)
+
+
+class Admission:
+    """The queue bound: at most `limit` requests in the server (running or waiting to), over both protocols."""
+
+    def __init__(self, limit):
+        self.limit, self._count, self._lock = limit, 0, threading.Lock()
+
+    @contextlib.contextmanager
+    def __call__(self):
+        with self._lock:
+            if self._count >= self.limit:
+                raise RequestError(f"the server is busy ({self.limit} requests queued: --max_enqueued_requests); "
+                                   "retry later", 503)
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._count -= 1
 
 
 class Server:
-    """Models (name -> base path) behind a REST and a gRPC front end, with a thread polling for new versions.
+    """Models behind a REST and a gRPC front end, with a thread polling for new versions.
 
-    A port of 0 binds a free one (read `rest_port` / `grpc_port` after `start`); `rest_api_port=None` disables REST.
+    `models` maps each name to its base path or to a ModelConfig (`read_model_config`). A port of 0 binds a free one
+    (read `rest_port` / `grpc_port` after `start`); `rest_api_port=None` disables REST. Limits: a request holds at
+    most `max_batch_size` prompts (also the batcher's largest batch) of `max_prompt_bytes` each and
+    `max_request_bytes` in all (REST body, gRPC message); at most `max_enqueued_requests` requests wait or run (more get
+    503 / UNAVAILABLE), `num_threads` of them at a time per protocol; REST takes at most `max_connections`
+    connections (more get uvicorn's 503) and gives each request `read_timeout_s` to send its headers and as long
+    again for its body (then 408 and the connection closed).
     """
 
     def __init__(self, models, host="127.0.0.1", port=8500, rest_api_port=8501, enable_batching=False,
-                 max_prompt_bytes=64 * 1024, poll_s=1.0):
-        for name, base_path in models.items():
-            if not os.path.isdir(base_path):
-                raise TfglmError(f"model {name}: base path {base_path} is not a directory")
-        self.models = {name: Model(name, base_path, max_prompt_bytes=max_prompt_bytes,
-                                   enable_batching=enable_batching) for name, base_path in models.items()}
+                 max_prompt_bytes=64 * 1024, poll_s=1.0, max_batch_size=32, max_enqueued_requests=64,
+                 max_connections=256, max_request_bytes=4 << 20, read_timeout_s=10.0, num_threads=16):
+        configs = {name: model_server_config_pb2.ModelConfig(name=name, base_path=c) if isinstance(c, str) else c
+                   for name, c in models.items()}
+        for name, config in configs.items():
+            if not os.path.isdir(config.base_path):
+                raise TfglmError(f"model {name}: base path {config.base_path} is not a directory")
+        self.metrics = Metrics()
+        self.models = {name: Model(config, max_prompt_bytes=max_prompt_bytes, max_batch_size=max_batch_size,
+                                   enable_batching=enable_batching,
+                                   on_batch=self.metrics.batch_size.labels(name).observe)
+                       for name, config in configs.items()}
         self.host, self.port, self.rest_api_port, self.poll_s = host, port, rest_api_port, poll_s
+        self.admission = Admission(max_enqueued_requests)
+        self.max_connections, self.max_request_bytes = max_connections, max_request_bytes
+        self.read_timeout_s, self.num_threads = read_timeout_s, num_threads
         self._stop = threading.Event()
-        self._http = self._grpc = None
+        self._rest = self._grpc = None
 
     def start(self):
-        """Loads every model's newest version, then starts polling and both front ends."""
+        """Removes stale exports, loads every model's versions, then starts polling and both front ends."""
+        from tfglm.serving import grpc_api, rest  # they import this module
+
+        # TensorFlow's inter-op pool (one thread a core by default) runs every request's function call; a new
+        # version's XLA compilation holds one of its threads for seconds, which stalled the serving version's
+        # requests. Settable only before TensorFlow starts, as under `tfglm serve`.
+        with contextlib.suppress(RuntimeError):
+            tf.config.threading.set_inter_op_parallelism_threads(max(self.num_threads, os.cpu_count() or 1))
+        gc.collect()
+        gc.freeze()  # the objects alive now (TensorFlow's, mostly) stay: later collections, a swap's too, skip them
         for model in self.models.values():
+            remove_stale_exports(model.base_path)
             model.poll()
-            if model.servable is None:
+            if not model.servables:
                 log.warning("%s: no loadable version under %s yet; waiting for one", model.name, model.base_path)
         threading.Thread(target=self._poll, daemon=True, name="tfglm-poll").start()
-        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=[("grpc.so_reuseport", 0)])
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(self), self._grpc)
         try:
-            self.grpc_port = self._grpc.add_insecure_port(f"{self.host}:{self.port}")
-        except RuntimeError:
+            self._grpc, self.grpc_port = grpc_api.start(self, self.host, self.port)
+            if self.rest_api_port is not None:
+                self._rest, self.rest_port = rest.start(self, self.host, self.rest_api_port)
+        except TfglmError:
             self.stop()
-            raise TfglmError(f"--port {self.port}: cannot bind {self.host}:{self.port} (in use?)") from None
-        self._grpc.start()
-        if self.rest_api_port is not None:
-            try:
-                self._http = ThreadingHTTPServer((self.host, self.rest_api_port), RestHandler)
-            except OSError as e:
-                self.stop()
-                raise TfglmError(f"--rest_api_port {self.rest_api_port}: cannot bind {self.host}:"
-                                 f"{self.rest_api_port} ({e.strerror})") from None
-            self._http.daemon_threads = True
-            self._http.app = self
-            self.rest_port = self._http.server_address[1]
-            threading.Thread(target=self._http.serve_forever, daemon=True, name="tfglm-rest").start()
+            raise
         return self
 
     def _poll(self):
@@ -377,246 +524,21 @@ class Server:
 
     def stop(self):
         self._stop.set()
-        if self._http:
-            self._http.shutdown()
-            self._http.server_close()
+        if self._rest:
+            self._rest.stop()
         if self._grpc:
             self._grpc.stop(grace=1).wait()
         for model in self.models.values():
-            if model.servable:
-                model.servable.close()
+            model.close()
 
-    def servable(self, name, version=None):
+    def model(self, name):
         if name not in self.models:
             raise RequestError(f"Servable not found for request: Latest({name})", 404)
-        return self.models[name].get(version)
+        return self.models[name]
 
-    def rest_predict(self, name, version, body):
-        """The JSON response to a REST predict request `body` (bytes)."""
-        try:
-            request = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RequestError(f"JSON Parse error: {e}") from None
-        if not isinstance(request, dict) or ("instances" in request) == ("inputs" in request):
-            raise RequestError('Missing \'inputs\' or \'instances\' key (give one: {"instances": [...]} or '
-                               '{"inputs": ...})')
-        servable = self.servable(name, version)
-        signature_name = request.get("signature_name") or "serving_default"
-        signature = servable.signature(signature_name)
-        row = "instances" in request
-        columns = _rows_to_columns(request["instances"], signature) if row else _columns(request["inputs"], signature)
-        inputs = {k: to_array(k, v, signature.inputs[k]) if k in signature.inputs else np.array(v)
-                  for k, v in columns.items()}
-        outputs = {k: to_json(k, v) for k, v in servable.predict(signature_name, inputs).items()}
-        if not row:
-            return {"outputs": next(iter(outputs.values())) if len(outputs) == 1 else outputs}
-        sizes = {len(v) for v in outputs.values()}
-        if len(sizes) != 1:
-            raise RequestError("row format (instances) needs outputs of one batch size; use columnar (inputs)")
-        if len(outputs) == 1:
-            return {"predictions": next(iter(outputs.values()))}
-        return {"predictions": [{k: v[i] for k, v in outputs.items()} for i in range(sizes.pop())]}
-
-
-    def rest_classify(self, name, version, body):
-        """The JSON response to a REST classify request: {"result": [[[label, score], ...] per example]}."""
-        try:
-            request = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RequestError(f"JSON Parse error: {e}") from None
-        if not isinstance(request, dict) or not isinstance(request.get("examples"), list):
-            raise RequestError("Missing 'examples' key (a list of {feature: value} objects)")
-        context = request.get("context", {})
-        examples = [to_example({**context, **features}, f"examples[{i}]").SerializeToString()
-                    for i, features in enumerate(request["examples"])]
-        servable = self.servable(name, version)
-        classes, scores = servable.classify(request.get("signature_name") or "serving_default", examples)
-        return {"result": classification_rows(classes, scores)}
-
-
-def to_example(features, where):
-    """A tf.Example from JSON features: strings (or {"b64": ...}) as bytes, integers as int64, numbers as float."""
-    if not isinstance(features, dict):
-        raise RequestError(f"{where}: expected an object of features")
-    example = tf.train.Example()
-    for key, value in features.items():
-        values, feature = value if isinstance(value, list) else [value], example.features.feature[key]
-        if all(isinstance(v, (str, dict)) for v in values):
-            feature.bytes_list.value.extend(_bytes(f"{where}.{key}", values))
-        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            feature.int64_list.value.extend(values)
-        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            feature.float_list.value.extend(values)
-        else:
-            raise RequestError(f"{where}.{key}: expected strings, integers or numbers, got {json.dumps(value)[:80]}")
-    return example
-
-
-def classification_rows(classes, scores):
-    """[[(label, score), ...] per example], TF Serving's classification result, from either output or both."""
-    batch, num_classes = (classes if classes is not None else scores).shape
-    return [[[classes[i, j].decode("utf-8", errors="replace") if classes is not None else "",
-              float(scores[i, j]) if scores is not None else 0.0] for j in range(num_classes)] for i in range(batch)]
-
-
-def _single_input(signature):
-    """The one input without a default, for requests that send a bare value instead of named inputs."""
-    required = [k for k in signature.inputs if k not in signature.defaults]
-    if len(required) != 1:
-        raise RequestError(f"this signature needs named inputs {sorted(signature.inputs)}")
-    return required[0]
-
-
-def _columns(inputs, signature):
-    return inputs if isinstance(inputs, dict) and set(inputs) - {"b64"} else {_single_input(signature): inputs}
-
-
-def _rows_to_columns(instances, signature):
-    if not isinstance(instances, list) or not instances:
-        raise RequestError("instances: empty batch" if instances == [] else "instances: expected a list")
-    if not all(isinstance(i, dict) and set(i) - {"b64"} for i in instances):
-        return {_single_input(signature): instances}
-    names = set(instances[0])
-    if any(set(i) != names for i in instances):
-        raise RequestError("instances: every object must have the same keys")
-    return {k: [i[k] for i in instances] for k in names}
-
-
-class RestHandler(BaseHTTPRequestHandler):
-    """TF Serving's REST API: model status, metadata and predict; errors as {"error": message}."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        self._respond(self._get)
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self._respond(lambda name, version, action: self._post(name, version, action, body))
-
-    def _get(self, name, version, action):
-        servable = self.server.app.servable(name, version)
-        if action == "/metadata":
-            return metadata(servable, as_json=True)
-        if action is None:
-            return {"model_version_status": [{"version": str(servable.version), "state": "AVAILABLE",
-                                              "status": {"error_code": "OK", "error_message": ""}}]}
-        raise RequestError(f"Malformed request: GET {self.path}", 404)
-
-    def _post(self, name, version, action, body):
-        if action == ":predict":
-            return self.server.app.rest_predict(name, version, body)
-        if action == ":classify":
-            return self.server.app.rest_classify(name, version, body)
-        raise RequestError(f"Malformed request: POST {self.path}", 404)
-
-    def _respond(self, handle):
-        match = ROUTE.fullmatch(self.path)
-        try:
-            if not match:
-                raise RequestError(f"Malformed request: {self.command} {self.path}", 404)
-            name, version, action = match.groups()
-            status, response = 200, handle(name, int(version) if version else None, action)
-        except RequestError as e:
-            status, response = e.status, {"error": str(e)}
-        except Exception as e:  # a server fault: report it, keep serving
-            log.exception("REST %s %s", self.command, self.path)
-            status, response = 500, {"error": f"{type(e).__name__}: {e}"}
-        body = json.dumps(response, ensure_ascii=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format, *args):
-        log.debug("REST " + format, *args)
-
-
-def metadata(servable, as_json=False):
-    """The model's SignatureDefMap, as a GetModelMetadataResponse or (as_json) TF Serving's REST metadata JSON."""
-    signatures = get_model_metadata_pb2.SignatureDefMap(signature_def=servable.signature_defs)
-    if as_json:
-        return {"model_spec": {"name": servable.name, "signature_name": "", "version": str(servable.version)},
-                "metadata": {"signature_def": json_format.MessageToDict(signatures, preserving_proto_field_name=True)}}
-    response = get_model_metadata_pb2.GetModelMetadataResponse()
-    response.model_spec.name = servable.name
-    response.model_spec.version.value = servable.version
-    response.metadata["signature_def"].Pack(signatures)
-    return response
-
-
-class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """TF Serving's gRPC PredictionService: Predict, Classify and GetModelMetadata (the rest are UNIMPLEMENTED)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    def _servable(self, model_spec):
-        return self.app.servable(model_spec.name, model_spec.version.value if model_spec.HasField("version") else None)
-
-    def Predict(self, request, context):
-        try:
-            servable = self._servable(request.model_spec)
-            signature_name = request.model_spec.signature_name or "serving_default"
-            try:
-                inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
-            except (ValueError, TypeError) as e:
-                raise RequestError(f"inputs: {e}") from None
-            outputs = servable.predict(signature_name, inputs)
-            unknown = set(request.output_filter) - set(outputs)
-            if unknown:
-                raise RequestError(f"output_filter: no outputs {sorted(unknown)} in signature {signature_name!r}")
-        except RequestError as e:
-            self._abort(context, e)
-        response = predict_pb2.PredictResponse()
-        response.model_spec.name, response.model_spec.signature_name = servable.name, signature_name
-        response.model_spec.version.value = servable.version
-        for name in request.output_filter or outputs:
-            response.outputs[name].CopyFrom(tf.make_tensor_proto(outputs[name]))
-        return response
-
-    def Classify(self, request, context):
-        try:
-            servable = self._servable(request.model_spec)
-            kind = request.input.WhichOneof("kind")
-            if kind == "example_list":
-                examples = list(request.input.example_list.examples)
-            elif kind == "example_list_with_context":
-                with_context = request.input.example_list_with_context
-                examples = [_with_context(with_context.context, e) for e in with_context.examples]
-            else:
-                raise RequestError("Input is empty")
-            signature_name = request.model_spec.signature_name or "serving_default"
-            classes, scores = servable.classify(signature_name, [e.SerializeToString() for e in examples])
-        except RequestError as e:
-            self._abort(context, e)
-        response = classification_pb2.ClassificationResponse()
-        response.model_spec.name, response.model_spec.signature_name = servable.name, signature_name
-        response.model_spec.version.value = servable.version
-        for row in classification_rows(classes, scores):
-            response.result.classifications.add().classes.extend(
-                classification_pb2.Class(label=label, score=score) for label, score in row)
-        return response
-
-    def GetModelMetadata(self, request, context):
-        try:
-            servable = self._servable(request.model_spec)
-            if list(request.metadata_field) != ["signature_def"]:
-                raise RequestError(f"Metadata field {list(request.metadata_field)} is not supported "
-                                   "(only ['signature_def'])")
-        except RequestError as e:
-            self._abort(context, e)
-        return metadata(servable)
-
-    @staticmethod
-    def _abort(context, error):
-        code = grpc.StatusCode.NOT_FOUND if error.status == 404 else grpc.StatusCode.INVALID_ARGUMENT
-        context.abort(code, str(error))
-
-
-def _with_context(context, example):
-    merged = tf.train.Example()
-    merged.CopyFrom(context)
-    merged.MergeFrom(example)
-    return merged
+    def servable(self, name, version=None, label=None, labels=None):
+        """The servable a request names; `labels` (from `Metrics.request`) gets its model's name."""
+        servable = self.model(name).get(version, label)
+        if labels is not None:
+            labels["model"] = name
+        return servable

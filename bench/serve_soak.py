@@ -1,0 +1,262 @@
+"""Soak test of `tfglm serve`: 16 clients sending mixed good and bad REST and gRPC requests, slow clients, and a
+new model version every `--swap-every` seconds, for `--seconds`; reports status counts (no 5xx, no dropped
+connection, no wrong answer expected), latency percentiles of the good requests and the server's RSS over time.
+
+The model is `configs/gpt-char-tiny.yaml`'s (4 x 128, context 64, characters), trained for 4 steps on a synthetic
+corpus and exported with XLA (or without: `--no-jit-compile`); the server is `tfglm serve --enable_batching --max_batch_size 8` in a process of its
+own (its RSS is read from /proc). Good requests are greedy or seeded-sampled completions of short prompts with the
+export's default options, checked against the answer each got alone at the start; a new version is a copy of
+version 1, so every version must answer the same.
+
+    nice -n 10 .venv/bin/python bench/serve_soak.py [--seconds 120] [--swap-every 30]
+"""
+
+import argparse
+import json
+import os
+import random
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import common
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from tfglm.config import load_config
+from tfglm.serving.export import export_run
+from tfglm.tasks.trainer import train
+
+CLIENTS = 16
+PROMPTS = ["ROMEO:", "JULIET:", "To be, or", "What light", "O, speak"]
+BAD_BODIES = [b'{"inputs": ', b'{"inputs": {"prompts": [1]}}', b'{"signature_name": ["generate"], "inputs": ["a"]}',
+              b'{"inputs": {"prompts": [{"b64": "!!!="}]}}', b'{"inputs": {"prompts": ["a"], "x": [[1], [1, 2]]}}',
+              b'{"inputs": {"prompts": ["a"], "max_new_tokens": 1000}}', b"[" * 50000]
+RAW_BAD = [b"Content-Length: abc\r\n\r\n", b"Content-Length: -1\r\n\r\n", b"Content-Length: 100000000000\r\n\r\n",
+           b"Content-Length: 99999999999999999999\r\n\r\n", b"Content-Length: 1000000000\r\n\r\n"]
+
+
+def make_export(root, jit_compile):
+    corpus = os.path.join(root, "corpus.txt")
+    with open(corpus, "w") as f:
+        f.write("ROMEO: what light through yonder window breaks?\nJULIET: it is the east.\n" * 2000)
+    overrides = [f"data.files=[{corpus}]", "train.steps=4", "train.batch_size=4", "train.eval_interval=4",
+                 "train.eval_batches=1", "train.steps_per_execution=2", "train.warmup_steps=1",
+                 "generate.temperature=0", "generate.max_new_tokens=32"]
+    run_dir = os.path.join(root, "run")
+    train(load_config(os.path.join(common.CONFIGS, "gpt-char-tiny.yaml"), overrides), run_dir, verbose=0)
+    base = os.path.join(root, "models")
+    export_run(run_dir, base, jit_compile=jit_compile)
+    return base
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+class Traffic:
+    """The requests, each returning (kind, outcome, seconds, right): outcome an HTTP status, a gRPC code name or
+    'dropped'; right False only for a good request answered wrongly."""
+
+    def __init__(self, rest_port, grpc_port):
+        self.url = f"http://127.0.0.1:{rest_port}/v1/models/m"
+        self.rest_port = rest_port
+        self.stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
+        self.solo = {}
+
+    def post(self, body):
+        request = urllib.request.Request(self.url + ":predict", body)
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as e:
+            return e.code, json.load(e)
+
+    def good_rest(self, rng):
+        key = (rng.choice(PROMPTS), rng.choice([0.0, 0.8]), rng.randint(0, 3))
+        body = {"inputs": {"prompts": [key[0]], "temperature": key[1], "seed": key[2]}}
+        status, response = self.post(json.dumps(body).encode())
+        answer = response.get("outputs", {}).get("completions")
+        return "good_rest", status, self.solo.setdefault(key, answer) == answer
+
+    def good_grpc(self, rng):
+        prompt = rng.choice(PROMPTS)
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name, request.model_spec.signature_name = "m", "generate"
+        request.inputs["prompts"].CopyFrom(tf.make_tensor_proto([prompt]))
+        try:
+            response = self.stub.Predict(request, timeout=120)
+        except grpc.RpcError as e:
+            return "good_grpc", e.code().name, True
+        answer = [c.decode() for c in tf.make_ndarray(response.outputs["completions"])]
+        return "good_grpc", "OK", self.solo.setdefault((prompt, 0.0, 0), answer) == answer
+
+    def bad_rest(self, rng):
+        return "bad_rest", self.post(rng.choice(BAD_BODIES))[0], True
+
+    def bad_raw(self, rng):
+        data = b"POST /v1/models/m:predict HTTP/1.1\r\nHost: t\r\nConnection: close\r\n" + rng.choice(RAW_BAD)
+        return "bad_raw", raw_status(self.rest_port, data), True
+
+    def bad_grpc(self, rng):
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "m"
+        huge = tf.make_tensor_proto(np.int32(1))
+        huge.tensor_shape.dim.add().size = 250_000_000
+        request.inputs["prompts"].CopyFrom(tf.make_tensor_proto(["a"]))
+        request.inputs["max_new_tokens"].CopyFrom(huge)
+        try:
+            self.stub.Predict(request, timeout=120)
+            return "bad_grpc", "OK", True
+        except grpc.RpcError as e:
+            return "bad_grpc", e.code().name, True
+
+    def slow(self, rng):
+        data = b"POST /v1/models/m:predict HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"a" * 200
+        return "slow", raw_status(self.rest_port, data, pause_s=0.1), True
+
+    def kinds(self):
+        return [self.good_rest] * 8 + [self.good_grpc] * 4 + [self.bad_rest] * 2 + [self.bad_raw, self.bad_grpc]
+
+
+def raw_status(port, data, pause_s=None):
+    """The HTTP status of `data` sent on a socket (a byte every `pause_s` if given), 'dropped' if the server closed
+    without answering, or 'reset' if the connection was reset before an answer was read."""
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+        for i in range(len(data)) if pause_s else [None]:
+            if select.select([sock], [], [], 0)[0]:  # the server has answered
+                break
+            sock.sendall(data if i is None else data[i:i + 1])
+            if pause_s:
+                time.sleep(pause_s)
+        response = b""
+        try:
+            while chunk := sock.recv(65536):
+                response += chunk
+        except ConnectionResetError:
+            if not response:
+                return "reset"
+    return int(response.split()[1]) if response else "dropped"
+
+
+def soak(base, seconds, swap_every, server_log):
+    rest_port, grpc_port = free_port(), free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tfglm", "serve", "--model_name", "m", "--model_base_path", base,
+                               "--port", str(grpc_port), "--rest_api_port", str(rest_port), "--enable_batching",
+                               "--max_batch_size", "8", "--read_timeout_seconds", "2"],
+                              stdout=server_log, stderr=subprocess.STDOUT)
+    traffic = Traffic(rest_port, grpc_port)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                urllib.request.urlopen(traffic.url, timeout=5).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(1)
+        rng = random.Random(0)
+        for _ in range(2):  # the solo answers
+            for prompt in PROMPTS:
+                for temperature in (0.0, 0.8):
+                    for seed in range(4):
+                        key = (prompt, temperature, seed)
+                        body = {"inputs": {"prompts": [prompt], "temperature": temperature, "seed": seed}}
+                        traffic.solo[key] = traffic.post(json.dumps(body).encode())[1]["outputs"]["completions"]
+        results, rss, stop, start = [], [(0.0, rss_mb(server.pid), 1)], threading.Event(), time.monotonic()
+
+        def client(seed):
+            rng, kinds = random.Random(seed), traffic.kinds()
+            while not stop.is_set():
+                kind, sent = rng.choice(kinds), time.monotonic()
+                try:
+                    name, outcome, right = kind(rng)
+                except OSError:
+                    name, outcome, right = kind.__name__, "dropped", True
+                results.append((name, outcome, time.monotonic() - sent, right, sent - start))
+
+        def slow_clients():  # one every 2 s, each in a thread of its own, joined before the server stops
+            while not stop.wait(2):
+                threads.append(threading.Thread(target=lambda: results.append(
+                    ("slow", traffic.slow(rng)[1], 0.0, True, time.monotonic() - start))))
+                threads[-1].start()
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+        threads.append(threading.Thread(target=slow_clients))
+        for thread in threads:
+            thread.start()
+        version, next_swap = 1, swap_every
+        while (elapsed := time.monotonic() - start) < seconds:
+            if elapsed >= next_swap:
+                version += 1
+                shutil.copytree(os.path.join(base, "1"), os.path.join(base, f"tmp-{version}"))
+                os.replace(os.path.join(base, f"tmp-{version}"), os.path.join(base, str(version)))
+                next_swap += swap_every
+            time.sleep(5)
+            rss.append((round(time.monotonic() - start, 1), rss_mb(server.pid), version))
+        stop.set()
+        for thread in threads:  # by index: it also reaches a slow client started while slow_clients ends
+            thread.join(timeout=300)
+        served = json.load(urllib.request.urlopen(traffic.url, timeout=30))["model_version_status"]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    return results, rss, [s["version"] for s in served], time.monotonic() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=120)
+    parser.add_argument("--swap-every", type=float, default=30, help="seconds between new versions")
+    parser.add_argument("--no-jit-compile", action="store_true", help="export without XLA")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as root, tempfile.TemporaryFile("w+") as server_log:
+        results, rss, served, seconds = soak(make_export(root, not args.no_jit_compile), args.seconds,
+                                             args.swap_every, server_log)
+        server_log.seek(0)
+        errors = [line for line in server_log if ": ERROR: " in line or "Traceback" in line]
+    outcomes = {}
+    for name, outcome, *_ in results:
+        outcomes.setdefault(name, {}).setdefault(str(outcome), 0)
+        outcomes[name][str(outcome)] += 1
+    good = sorted(s for name, outcome, s, _, _ in results if name.startswith("good") and outcome in (200, "OK"))
+    summary = {
+        "seconds": seconds, "clients": CLIENTS, "requests": len(results),
+        "5xx": sum(isinstance(o, int) and o >= 500 for _, o, *_ in results),
+        "dropped": sum(o == "dropped" for _, o, *_ in results),
+        "wrong_answers": sum(not right for *_, right, _ in results),
+        "good_requests": len(good), "requests_per_s": len(results) / seconds,
+        **{f"p{q}_ms": 1000 * float(np.percentile(good, q)) for q in (50, 90, 99)}, "max_ms": 1000 * good[-1],
+        "rss_start_mb": rss[0][1], "rss_end_mb": rss[-1][1], "versions_served_at_end": served,
+        "server_errors_logged": len(errors),
+        "xla": not args.no_jit_compile, "swap_every_s": args.swap_every,
+        "slowest": [(round(s, 3), round(at, 1)) for _, _, s, _, at in sorted(results, key=lambda r: r[2])[-5:]],
+    }
+    print("\noutcomes by kind:", json.dumps(outcomes, indent=1))
+    print("\nRSS over time (s, MB, newest version on disk):", [(t, round(mb), v) for t, mb, v in rss])
+    common.print_table([summary], ["requests", "5xx", "dropped", "wrong_answers", "p50_ms", "p90_ms", "p99_ms",
+                                   "max_ms", "rss_start_mb", "rss_end_mb"])
+    print("slowest requests (s, at s):", summary["slowest"])
+    print(f"server log: {len(errors)} errors", *errors[:5], sep="\n")
+    name = "serve_soak.json" if summary["xla"] else "serve_soak_no_xla.json"
+    common.write_json(name, {"summary": summary, "outcomes": outcomes, "rss": rss})
+
+
+if __name__ == "__main__":
+    main()
