@@ -153,7 +153,7 @@ def test_client_grpc_and_rest_equal_generator(server, expected, capsys):
     assert capsys.readouterr().out.splitlines()[0] == PROMPTS[0] + expected[PROMPTS[0]][0]
     with pytest.raises(TfglmError, match="NOT_FOUND: Servable not found for request: Latest\\(nope\\)"):
         Client(f"127.0.0.1:{server.grpc_port}", "nope", "grpc").generate(["a"])
-    with pytest.raises(TfglmError, match="INVALID_ARGUMENT: temperature: must be >= 0"):
+    with pytest.raises(TfglmError, match="INVALID_ARGUMENT: temperature: must be in \\[0.0, inf\\), got -"):
         Client(f"127.0.0.1:{server.grpc_port}", "tiny", "grpc").generate(["a"], temperature=-1.0)
 
 
@@ -186,7 +186,7 @@ BAD = [  # (predict request body, status, words of the error)
     ({"instances": []}, 400, "empty batch"),
     ({"inputs": {"prompts": ["x" * (1 << 20)]}}, 400, "more than 65536 bytes"),
     ({"inputs": {"prompts": ["a"], "max_new_tokens": 100}}, 400, "[1, 31] for this model (context 32)"),
-    ({"inputs": {"prompts": ["a"], "temperature": -0.5}}, 400, "temperature: must be >= 0"),
+    ({"inputs": {"prompts": ["a"], "temperature": -0.5}}, 400, "temperature: must be in [0.0, inf), got -0.5"),
     ({"signature_name": "nope", "inputs": ["a"]}, 400, 'signature name: "nope" not found'),
     ({"signature_name": ["generate"], "inputs": {"prompts": ["a"]}}, 400, "not found in signature def"),
     ({"inputs": {"prompts": ["a"], "extra": [[1], [1, 2]]}}, 400, "unknown: ['extra']"),

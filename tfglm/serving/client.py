@@ -12,10 +12,11 @@ import json
 import urllib.error
 import urllib.request
 
+from tfglm.config import GENERATE_OPTIONS
 from tfglm.errors import TfglmError
 
-DTYPES = {"prompts": "string", "texts": "string", "sources": "string", "max_new_tokens": "int32", "temperature": "float32",
-          "top_k": "int32", "top_p": "float32", "seed": "int32", "token_ids": "int32", "lengths": "int32"}
+DTYPES = {"prompts": "string", "texts": "string", "sources": "string", "token_ids": "int32", "lengths": "int32",
+          **{o.name: {int: "int32", float: "float32"}[o.type] for o in GENERATE_OPTIONS}}
 
 
 class Client:

@@ -35,10 +35,10 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_status_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+from tfglm.config import GENERATE_OPTIONS
 from tfglm.errors import TfglmError
 
 log = logging.getLogger("tfglm")
-GENERATE_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
 WARMUP = os.path.join("assets.extra", "tf_serving_warmup_requests")
 STALE_EXPORT_S = 600  # a `tmp-*` export directory untouched this long is left over from a killed `tfglm export`
 # gRPC status names of the HTTP statuses a request can end with (metrics use them for both protocols).
@@ -56,17 +56,11 @@ class RequestError(Exception):
 
 
 def check_generate_options(arrays, context):
-    """Rejects generation options a model cannot honour, naming the option and its limit."""
-    n, temperature, top_k, top_p = (arrays[k].item() for k in GENERATE_OPTIONS[:4])
-    if n < 1 or (context and n > context - 1):
-        limit = f"[1, {context - 1}] for this model (context {context})" if context else ">= 1"
-        raise RequestError(f"max_new_tokens: {n} is out of range; it must be in {limit}")
-    if not temperature >= 0:
-        raise RequestError(f"temperature: must be >= 0 (0 is greedy), got {temperature}")
-    if top_k < 0:
-        raise RequestError(f"top_k: must be >= 0 (0 disables top-k), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise RequestError(f"top_p: must be in (0, 1], got {top_p}")
+    """Rejects generation options a model cannot honour, naming the option and its range (`GENERATE_OPTIONS`)."""
+    for option in GENERATE_OPTIONS:
+        problem = option.check(arrays[option.name].item(), context)
+        if problem:
+            raise RequestError(f"{option.name}: {problem}")
 
 
 class Batcher:
@@ -96,7 +90,7 @@ class Batcher:
         if arrays["temperature"] > 0 or len(arrays["prompts"]) >= self.max_batch_size:
             self._on_batch(len(arrays["prompts"]))
             return self._run(arrays)
-        request = self.Request(arrays, tuple(arrays[k].item() for k in GENERATE_OPTIONS), futures.Future())
+        request = self.Request(arrays, tuple(arrays[o.name].item() for o in GENERATE_OPTIONS), futures.Future())
         with self._lock:
             if self._closed:
                 return self._run(arrays)
@@ -206,7 +200,7 @@ class Servable:
         arrays = {k: tf.make_ndarray(v) for k, v in signature.defaults.items()}
         for name, array in inputs.items():
             arrays[name] = self._check(name, array, signature.inputs[name])
-        if set(GENERATE_OPTIONS) <= set(arrays):
+        if {o.name for o in GENERATE_OPTIONS} <= set(arrays):
             check_generate_options(arrays, self.context)
             if self.batcher:
                 return self.batcher(arrays)
