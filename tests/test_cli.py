@@ -94,6 +94,27 @@ def test_an_unreadable_best_checkpoint_falls_back_to_last_and_unreadable_last_is
     _one_line(capsys, main(["train", "--out", str(run), "--resume"]), "last.weights.h5: unreadable checkpoint")
 
 
+def test_a_run_written_before_run_json_is_recognised_by_its_files(tmp_path, tiny_run, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old)
+    os.remove(old / "run.json")
+    assert main(["generate", "--model", str(old), "--prompt", "abc", "--temperature", "0", "--json"]) == 0
+    assert '"completion": "defgh' in capsys.readouterr().out
+
+
+def test_the_console_shows_tfglm_lines_and_none_of_tensorflows(tmp_path):
+    corpus = _corpus(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    sets = [a for s in TINY + ["train.jit_compile=true", "train.steps=20", "train.eval_interval=20"]
+            for a in ("--set", s)]
+    result = subprocess.run([sys.executable, "-m", "tfglm", "train", *sets, "--data", str(corpus), "--out",
+                             str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines and all(line.startswith("tfglm: ") for line in lines), lines
+    assert "corpus: 1 file(s)" in result.stderr and "model: " in result.stdout
+
+
 def test_every_config_error_at_once_and_steps_alone_fits_the_intervals(tmp_path, capsys):
     _one_line(capsys, main(_train_args(tmp_path, "--set", "model.num_heads=3", "--set", "train.eval_interval=7",
                                        "--set", "generate.top_p=2")),

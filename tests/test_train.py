@@ -29,13 +29,50 @@ def test_tiny_model_learns_a_pattern_and_generates_it(tmp_path, pattern_file):
     assert [r["step"] for r in rows] == [80, 160, 240]
     assert rows[-1]["val_loss"] < 0.05 and rows[-1]["train_loss"] < 0.1
     assert set(rows[-1]) >= {"step", "train_loss", "val_loss", "tokens_per_s", "wall_s"}
-    assert os.listdir(os.path.join(run_dir, runs.LOGS))  # TensorBoard event files
+    events = _tensorboard(run_dir)
+    assert sorted(events["train/loss"]) == list(range(40, 241, 40))  # every logged optimizer step
+    assert sorted(events["train/learning_rate"]) == list(range(40, 241, 40))
+    assert sorted(events["validation/loss"]) == sorted(events["samples/generate"]) == [80, 160, 240]
 
     _, tokenizer, model, _ = load_run(run_dir)
     generator = Generator(model, tokenizer)
     out = generator.generate(tf.constant(["abc", "fgh\nab"]), 12, 0.0, 0, 1.0, 0)
     assert out["completions"].numpy().tolist() == [b"defgh\nabcdef", b"cdefgh\nabcde"]
     assert out["num_tokens"].numpy().tolist() == [12, 12]
+
+
+def _tensorboard(run_dir):
+    """{tag: [steps]} of the run's TensorBoard event files."""
+    tags = {}
+    for name in os.listdir(os.path.join(run_dir, runs.LOGS)):
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(run_dir, runs.LOGS, name)):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    return tags
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_checkpoint(tmp_path, pattern_file,
+                                                                                     monkeypatch):
+    config = tiny_config(f"data.files=[{pattern_file}]", "train.jit_compile=false")
+    run_dir = str(tmp_path / "run")
+    original = keras.Model.save_weights
+
+    def save_weights(self, path, *args, **kwargs):
+        if int(self.optimizer.iterations.numpy()) == 40:
+            with open(path, "wb") as f:
+                f.write(b"part")
+            raise OSError(28, "No space left on device")
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save_weights", save_weights)
+    with pytest.raises(TfglmError, match=r"best.weights.h5: cannot write \(No space left on device\); the previous "
+                                         r"version is intact$"):
+        train(config, run_dir, verbose=0)
+    monkeypatch.undo()
+    assert not [name for name in os.listdir(run_dir) if name.startswith("tmp-")]
+    assert int(load_run(run_dir, runs.LAST).model.weights[0].shape[0]) > 0
+    train(config, run_dir, resume=True, verbose=0)
+    assert [r["step"] for r in _metrics(run_dir)] == [20, 40]
 
 
 def _stop_at_step(step):

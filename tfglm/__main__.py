@@ -1,5 +1,3 @@
-import sys
+from tfglm.cli import run
 
-from tfglm.cli import main
-
-sys.exit(main())
+run()

@@ -335,5 +335,18 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+def run():
+    """The `tfglm` program. Without --verbose, what TensorFlow's C++ runtime, XLA and absl write to the process's
+    stderr (file descriptor 2) goes to /dev/null, whatever their own log settings; tfglm's lines, errors and
+    Python tracebacks keep the real stderr (and so do the processes tfglm starts itself)."""
+    if "--verbose" not in sys.argv[1:]:
+        terminal = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

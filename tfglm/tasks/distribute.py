@@ -109,7 +109,7 @@ def _join_deadline(tf_config, seconds):
     message = (f"tfglm: error: TF_CONFIG: {{}} did not join within {seconds} s (train.connect_timeout_s); "
                "start every task in the cluster, or fix its address")
     watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(seconds), message, *peers],
-                                stdin=subprocess.PIPE)
+                                stdin=subprocess.PIPE, stderr=sys.stderr)  # the real stderr under `tfglm.cli.run`
     try:
         yield
     finally:
