@@ -94,6 +94,19 @@ def test_an_unreadable_best_checkpoint_falls_back_to_last_and_unreadable_last_is
     _one_line(capsys, main(["train", "--out", str(run), "--resume"]), "last.weights.h5: unreadable checkpoint")
 
 
+def test_evaluate_gives_a_language_models_perplexity_on_text(tmp_path, tiny_run, capsys):
+    import json
+
+    held_out = tmp_path / "held-out.txt"
+    held_out.write_text("abcdefgh\n" * 40)
+    assert main(["evaluate", "--model", str(tiny_run), "--data", str(held_out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    with open(tiny_run / "eval.json") as f:
+        assert json.load(f) == printed
+    assert printed["tokens"] == 352 and 1 <= printed["perplexity"] < 6  # below the 9 symbols of a unigram guess
+    _one_line(capsys, main(["evaluate", "--model", str(tiny_run)]), "--data: a language model is scored on text")
+
+
 def test_a_run_written_before_run_json_is_recognised_by_its_files(tmp_path, tiny_run, capsys):
     old = tmp_path / "old"
     shutil.copytree(tiny_run, old)

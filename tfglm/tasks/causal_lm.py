@@ -91,6 +91,7 @@ class CausalLM(Task):
         blocks = (len(tokens) - 1) // length
         if blocks < 1:
             raise TfglmError(f"{args.data}: {len(tokens)} tokens, fewer than one block of {length} + 1")
+        log.info("scoring %s: %d blocks of %d tokens", args.data, blocks, length)
         starts = np.arange(blocks) * length
         block = tokens[starts[:, None] + np.arange(length + 1)]
         total = 0.0

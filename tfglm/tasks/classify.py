@@ -207,6 +207,7 @@ class Classify(Task):
             raise TfglmError("--data: a classifier is scored on a labelled TSV, CSV or JSONL file")
         c = self.config.classify
         texts, targets = labelled.read_labelled(args.data, c.text_column, c.label_column, self.labels)
+        log.info("scoring %d rows of %s", len(texts), args.data)
         return {"file": args.data, **score(model, self.tokenizer, self.config, self.labels, texts, targets)}
 
     def predict(self, model, texts):
