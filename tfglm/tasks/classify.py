@@ -2,8 +2,9 @@
 optional balanced class weights, early stopping on validation accuracy, and accuracy, macro-F1 and the confusion
 matrix of the best model in eval.json.
 
-A classifier run directory holds config.json, tokenizer/, labels.json (the label set, in class-index order),
-best.weights.h5 (the best validation accuracy so far), metrics.jsonl (one line an epoch) and eval.json.
+A classifier run directory holds what every run does (`tfglm.tasks.runs`; best.weights.h5 has the best validation
+accuracy so far, metrics.jsonl one line an epoch), plus labels.json (the label set, in class-index order) and
+eval.json.
 """
 
 import argparse
@@ -16,8 +17,10 @@ import numpy as np
 import tensorflow as tf
 
 from tfglm.data import corpus, labelled
-from tfglm.models.encoder import Encoder, dummy_inputs
+from tfglm.data.tokenizers import (CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece,
+                                   train_wordpiece)
 from tfglm.errors import TfglmError
+from tfglm.models.encoder import Encoder, dummy_inputs
 from tfglm.models.gpt import GPT
 from tfglm.models.heads import EncoderClassifier, GPTClassifier
 from tfglm.tasks import runs
@@ -25,8 +28,6 @@ from tfglm.tasks.base import Task
 from tfglm.tasks.masked_lm import packer
 from tfglm.tasks.registry import load_run
 from tfglm.tasks.trainer import train
-from tfglm.data.tokenizers import (CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece,
-                              train_wordpiece)
 
 log = logging.getLogger("tfglm")
 LABELS = "labels.json"

@@ -35,7 +35,10 @@ def get_task(name):
 def task_for_run(run_dir, overrides=()):
     """The task of the run in `run_dir`, made for its config (with `--set` overrides)."""
     config = runs.read_config(run_dir, overrides)
-    return get_task(runs.task_name(run_dir, config))(config, run_dir)
+    name = runs.task_name(run_dir)
+    if name is None:  # written before run.json: a classifier has labels.json, the rest follow their model.kind
+        name = "classify" if os.path.exists(runs.path(run_dir, "labels.json")) else DEFAULT_FOR_KIND[config.model.kind]
+    return get_task(name)(config, run_dir)
 
 
 def load_run(run_dir, weights=runs.BEST):

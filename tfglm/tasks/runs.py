@@ -77,13 +77,9 @@ def read_config(run_dir, overrides=()):
     return load_config(base=read_json(path(run_dir, CONFIG)), overrides=overrides, where=path(run_dir, CONFIG))
 
 
-def task_name(run_dir, config):
-    """The run's task, from run.json; runs written before run.json existed are recognised by their files."""
-    if os.path.exists(path(run_dir, RUN)):
-        return read_json(path(run_dir, RUN))["task"]
-    if os.path.exists(path(run_dir, "labels.json")):
-        return "classify"
-    return {"gpt": "causal_lm", "bert": "masked_lm", "translate": "seq2seq"}[config.model.kind]
+def task_name(run_dir):
+    """The task run.json records, or None for a run written before run.json existed."""
+    return read_json(path(run_dir, RUN))["task"] if os.path.exists(path(run_dir, RUN)) else None
 
 
 def record_start(run_dir, task, step, strategy, replicas, mixed_precision):

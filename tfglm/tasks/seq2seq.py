@@ -16,13 +16,13 @@ import tensorflow as tf
 from keras import ops
 
 from tfglm.data import parallel
+from tfglm.data.tokenizers import SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 from tfglm.errors import TfglmError
+from tfglm.generation.beam import Translator
+from tfglm.models.encoder_decoder import EncoderDecoder
 from tfglm.tasks import runs
 from tfglm.tasks.base import Task
 from tfglm.tasks.registry import load_run
-from tfglm.generation.beam import Translator
-from tfglm.models.encoder_decoder import EncoderDecoder
-from tfglm.data.tokenizers import SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 
 log = logging.getLogger("tfglm")
 SOURCES = tf.TensorSpec([None], tf.string, name="sources")
