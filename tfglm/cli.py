@@ -58,6 +58,17 @@ def _parser():
     finetune.add_argument("--val", help="labelled file for early stopping (default: classify.val_fraction of --train)")
     finetune.add_argument("--from-scratch", action="store_true", help="random initial weights (no pretraining)")
 
+    importer = command("import", "import a pretrained checkpoint as a run directory (BERT-family encoders as "
+                                 "masked_lm runs, GPT-2 as causal_lm runs)")
+    importer.add_argument("--from", dest="source", required=True, choices=["huggingface", "keras-hub"],
+                          help="the directory's layout: Hugging Face's (config.json, model.safetensors, tokenizer "
+                               "files) or a KerasHub preset (save_to_preset)")
+    importer.add_argument("directory", help="checkpoint directory")
+    importer.add_argument("--out", required=True, help="run directory to write")
+    importer.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="override, e.g. model.max_length=128 (keeps the first 128 positions)")
+    importer.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
     generate = command("generate", "generate text from a trained run")
     generate.add_argument("--model", required=True, help="run directory")
     generate.add_argument("--prompt", action="append", help="seed text (repeat for several prompts)")
@@ -188,6 +199,15 @@ def cmd_finetune(args):
     train(config, args.out, task=args.task, resume=args.resume, tpu=args.tpu)
     print(json.dumps(evaluate_run(args.out, config.classify.eval_file)))
     print(f"model: {os.path.abspath(args.out)}")
+
+
+def cmd_import(args):
+    from tfglm.checkpoints import import_checkpoint
+
+    if args.overwrite:
+        _overwrite(args.out)
+    task = import_checkpoint(args.source, args.directory, args.out, args.set)
+    print(f"{task} run: {os.path.abspath(args.out)}")
 
 
 def _generate_settings(config, args=None):
@@ -322,7 +342,7 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     _quiet(args.verbose)
     commands = {"train": cmd_train, "generate": cmd_generate, "export": cmd_export, "pretrain": cmd_pretrain,
-                "finetune": cmd_finetune, "evaluate": cmd_evaluate, "predict": cmd_predict,
+                "finetune": cmd_finetune, "import": cmd_import, "evaluate": cmd_evaluate, "predict": cmd_predict,
                 "translate": cmd_translate, "serve": cmd_serve, "client": cmd_client}
     try:
         commands[args.command](args)

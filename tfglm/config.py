@@ -24,11 +24,17 @@ class ModelConfig:
     intermediate_dim: int = 0  # 0 means 4 * hidden_dim
     max_length: int = 64  # context length in tokens
     dropout: float = 0.0
+    # What imported checkpoints need (`tfglm import`); the defaults are tfglm's own blocks. Encoders read all four.
+    norm_first: bool = True  # pre-norm blocks; false: post-norm, as BERT
+    activation: str = "gelu_tanh"  # the feed-forward GELU: "gelu_tanh" (GPT-2's) or "gelu" (exact, BERT's)
+    layer_norm_epsilon: float = 1e-5
+    num_segments: int = 2  # an encoder's token-type (segment) vocabulary
 
 
 @dataclasses.dataclass
 class TokenizerConfig:
-    kind: str = "char"  # "char", "sentencepiece" (byte-fallback BPE) or "wordpiece" (BERT's; for model.kind bert)
+    kind: str = "char"  # "char", "sentencepiece" (byte-fallback BPE), "wordpiece" (BERT's; for model.kind bert) or
+    # "bytepair" (GPT-2's byte-level BPE; from `tfglm import` only)
     vocab_size: int = 4096  # sentencepiece only; char vocabularies are the corpus's characters
 
 
@@ -59,6 +65,7 @@ class TrainConfig:
     grad_accum_steps: int = 1  # the optimizer updates every k batches with their mean gradient
     connect_timeout_s: int = 60  # multi-worker: how long to wait for every peer in TF_CONFIG
     init_from: str = ""  # a run directory whose weights start this run's backbone (fine-tuning a pretrained model)
+    lora_rank: int = 0  # > 0: LoRA of this rank on the backbone's projections, the rest of the backbone frozen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,8 +202,13 @@ def validate(config):
         (m.intermediate_dim >= 0, "model.intermediate_dim", "must be >= 0 (0 means 4 * hidden_dim)"),
         (m.max_length >= 2, "model.max_length", "must be >= 2"),
         (0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
-        (tok.kind in ("char", "sentencepiece", "wordpiece"), "tokenizer.kind",
-         f"must be 'char', 'sentencepiece' or 'wordpiece', got {tok.kind!r}"),
+        (m.activation in ("gelu_tanh", "gelu"), "model.activation", f"must be 'gelu_tanh' or 'gelu', got {m.activation!r}"),
+        (m.layer_norm_epsilon > 0, "model.layer_norm_epsilon", "must be > 0"),
+        (m.num_segments >= 1, "model.num_segments", "must be >= 1"),
+        (m.kind == "bert" or (m.norm_first and m.activation == "gelu_tanh" and m.layer_norm_epsilon == 1e-5),
+         "model.norm_first", "post-norm, exact GELU and another epsilon are for model.kind 'bert' only"),
+        (tok.kind in ("char", "sentencepiece", "wordpiece", "bytepair"), "tokenizer.kind",
+         f"must be 'char', 'sentencepiece', 'wordpiece' or 'bytepair', got {tok.kind!r}"),
         ((m.kind == "bert") == (tok.kind == "wordpiece"), "tokenizer.kind",
          f"must be 'wordpiece' exactly when model.kind is 'bert' (model.kind {m.kind!r}, tokenizer.kind {tok.kind!r})"),
         (tok.vocab_size >= 300, "tokenizer.vocab_size", "must be >= 300 (256 byte pieces are reserved)"),
@@ -218,6 +230,7 @@ def validate(config):
         (t.mixed_precision in ("float32", "mixed_bfloat16", "mixed_float16"), "train.mixed_precision",
          f"must be float32, mixed_bfloat16 or mixed_float16, got {t.mixed_precision!r}"),
         (t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1"),
+        (t.lora_rank >= 0, "train.lora_rank", "must be >= 0 (0 is full fine-tuning)"),
         (t.connect_timeout_s >= 1, "train.connect_timeout_s", "must be >= 1"),
         (0.0 <= c.val_fraction < 1.0, "classify.val_fraction", "must be in [0, 1)"),
         (c.epochs >= 1, "classify.epochs", "must be >= 1"),

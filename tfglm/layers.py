@@ -1,5 +1,5 @@
-"""Transformer building blocks shared by every tfglm model: attention (with a KV cache), the pre-norm block, the
-position embedding and the feed-forward activation.
+"""Transformer building blocks shared by every tfglm model: attention (with a KV cache), the block (pre-norm, or
+post-norm as BERT), the position embedding, the feed-forward activations and LoRA on the blocks' projections.
 
 Owned here rather than taken from keras-hub's `TransformerDecoder`: one fused QKV projection instead of three, and a
 per-layer cache updated in place at one position (keras-hub restacks the whole cache of all layers every step).
@@ -22,8 +22,17 @@ def init():
 
 @keras.saving.register_keras_serializable(package="tfglm")
 def gelu(x):
-    """GELU (tanh approximation), the activation of every feed-forward layer."""
+    """GELU (tanh approximation), the default feed-forward activation (GPT-2's)."""
     return keras.activations.gelu(x, approximate=True)
+
+
+@keras.saving.register_keras_serializable(package="tfglm")
+def gelu_exact(x):
+    """GELU with the exact error function, BERT's."""
+    return keras.activations.gelu(x, approximate=False)
+
+
+ACTIVATIONS = {"gelu_tanh": gelu, "gelu": gelu_exact}  # the values of `model.activation`
 
 
 @keras.saving.register_keras_serializable(package="tfglm")
@@ -122,6 +131,8 @@ class MultiHeadAttention(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package="tfglm")
 class TransformerBlock(keras.layers.Layer):
     """Pre-norm block: x + attention(norm(x)), then x + feed_forward(norm(x)) with a GELU feed-forward.
+    `norm_first=False` makes it post-norm as BERT: norm(x + attention(x)), then norm(x + feed_forward(x)), with the
+    same weights; `activation` names the GELU (`ACTIVATIONS`).
 
     `cross_attention=True` makes it an encoder-decoder's decoder block: between the two, x + cross_attention(norm(x))
     over `context` (the encoder output; padded keys masked by `context_mask`), or over `cross_cache`, its
@@ -129,8 +140,10 @@ class TransformerBlock(keras.layers.Layer):
     """
 
     def __init__(self, num_heads, intermediate_dim, dropout=0.0, causal=True, epsilon=1e-5, cross_attention=False,
-                 **kwargs):
+                 norm_first=True, activation="gelu_tanh", **kwargs):
         super().__init__(**kwargs)
+        self.norm_first = norm_first
+        self.activation = activation
         self.num_heads = num_heads
         self.intermediate_dim = intermediate_dim
         self.dropout = dropout
@@ -146,7 +159,8 @@ class TransformerBlock(keras.layers.Layer):
         self.feed_forward_norm = keras.layers.LayerNormalization(epsilon=self.epsilon, dtype=policy,
                                                                  name="feed_forward_norm")
         self.feed_forward_in = keras.layers.Dense(self.intermediate_dim, kernel_initializer=init(), dtype=policy,
-                                                  activation=gelu, name="feed_forward_in")
+                                                  activation=ACTIVATIONS[self.activation],
+                                                  name="feed_forward_in")
         self.feed_forward_out = keras.layers.Dense(hidden_dim, kernel_initializer=init(), dtype=policy,
                                                    name="feed_forward_out")
         self.residual_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
@@ -163,17 +177,39 @@ class TransformerBlock(keras.layers.Layer):
 
     def call(self, x, cache=None, index=0, padding_mask=None, context=None, context_mask=None, cross_cache=None,
              training=None):
-        h, cache = self.attention(self.attention_norm(x), cache=cache, index=index, padding_mask=padding_mask,
-                                  training=training)
-        x = x + self.residual_dropout(h, training=training)
+        x, cache = self._residual(x, self.attention_norm, training, lambda h: self.attention(
+            h, cache=cache, index=index, padding_mask=padding_mask, training=training))
         if self.cross_attention:
-            h, _ = self.cross_attention_layer(self.cross_attention_norm(x), cache=cross_cache,
-                                              padding_mask=context_mask, context=context, training=training)
-            x = x + self.residual_dropout(h, training=training)
-        h = self.feed_forward_out(self.feed_forward_in(self.feed_forward_norm(x)))
-        return x + self.residual_dropout(h, training=training), cache
+            x, _ = self._residual(x, self.cross_attention_norm, training, lambda h: self.cross_attention_layer(
+                h, cache=cross_cache, padding_mask=context_mask, context=context, training=training))
+        x, _ = self._residual(x, self.feed_forward_norm, training,
+                              lambda h: (self.feed_forward_out(self.feed_forward_in(h)), None))
+        return x, cache
+
+    def _residual(self, x, norm, training, sublayer):
+        """x + sublayer(norm(x)) (pre-norm) or norm(x + sublayer(x)) (post-norm); sublayer returns (h, cache)."""
+        h, cache = sublayer(norm(x) if self.norm_first else x)
+        x = x + self.residual_dropout(h, training=training)
+        return (x if self.norm_first else norm(x)), cache
 
     def get_config(self):
         return {**super().get_config(), "num_heads": self.num_heads, "intermediate_dim": self.intermediate_dim,
                 "dropout": self.dropout, "causal": self.causal, "epsilon": self.epsilon,
-                "cross_attention": self.cross_attention}
+                "cross_attention": self.cross_attention, "norm_first": self.norm_first, "activation": self.activation}
+
+
+def enable_lora(model, rank):
+    """LoRA of `rank` (Keras's `Dense.enable_lora`) on every block's attention and feed-forward projections in
+    `model`, and every other weight of `model` frozen: only the LoRA factors train. Keras saves a LoRA layer's kernel
+    merged (kernel + a @ b * alpha / rank) and without its factors, so checkpoints load into the plain model."""
+    for layer in model._flatten_layers():
+        if isinstance(layer, TransformerBlock):
+            attentions = [layer.attention] + ([layer.cross_attention_layer] if layer.cross_attention else [])
+            projections = [layer.feed_forward_in, layer.feed_forward_out]
+            for attention in attentions:
+                projections += [attention.query, attention.key_value] if attention.cross else [attention.qkv]
+                projections.append(attention.output_dense)
+            for dense in projections:
+                dense.enable_lora(rank)
+    for variable in model.variables:
+        variable.trainable = "lora_kernel" in variable.path

@@ -1,7 +1,7 @@
 """In-graph tokenizers: TensorFlow core ops and tensorflow-text ops only, so they run in `tf.data` and in an
 exported SavedModel that TF Serving loads as is.
 
-Both map strings [batch] to ragged int32 ids [batch, None] and back. Each has an end-of-text token `<eot>`
+Each maps strings [batch] to ragged int32 ids [batch, None] and back. Each has an end-of-text token `<eot>`
 (`eot_id`), which separates documents in training and starts every prompt.
 """
 
@@ -110,9 +110,11 @@ class SentencePieceTokenizer(tf.Module):
 
 
 class WordPieceTokenizer(tf.Module):
-    """BERT's lower-cased WordPiece, run in the graph by keras-hub's `WordPieceTokenizer`, for encoders.
+    """BERT's WordPiece (lower-cased and accents stripped unless `lowercase=False`), run in the graph by keras-hub's
+    `WordPieceTokenizer`, for encoders.
 
-    The first ids are `SPECIALS`: [PAD] 0, [CLS] 1, [SEP] 2, [UNK] 3, [MASK] 4.
+    The vocabulary holds `SPECIALS`; tfglm's own vocabularies start with them ([PAD] 0, [CLS] 1, [SEP] 2, [UNK] 3,
+    [MASK] 4), an imported BERT vocabulary has them where it has them.
 
     Examples:
     ```python
@@ -127,13 +129,18 @@ class WordPieceTokenizer(tf.Module):
     kind = "wordpiece"
     SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
 
-    def __init__(self, vocabulary):
+    def __init__(self, vocabulary, lowercase=True):
         super().__init__()
         self.vocabulary = list(vocabulary)
-        self._wp = keras_hub.tokenizers.WordPieceTokenizer(vocabulary=self.vocabulary, lowercase=True,
-                                                           strip_accents=True, dtype="int32")
+        self.lowercase = lowercase
+        index = {token: i for i, token in enumerate(self.vocabulary)}
+        missing = [token for token in self.SPECIALS if token not in index]
+        if missing:
+            raise TfglmError(f"WordPiece vocabulary: no {', '.join(missing)} token")
+        self._wp = keras_hub.tokenizers.WordPieceTokenizer(vocabulary=self.vocabulary, lowercase=lowercase,
+                                                           strip_accents=lowercase, dtype="int32")
         self.vocab_size = len(self.vocabulary)
-        self.pad_id, self.cls_id, self.sep_id, self.unk_id, self.mask_id = range(len(self.SPECIALS))
+        self.pad_id, self.cls_id, self.sep_id, self.unk_id, self.mask_id = (index[t] for t in self.SPECIALS)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
     def tokenize(self, strings):
@@ -144,9 +151,62 @@ class WordPieceTokenizer(tf.Module):
         return self._wp.detokenize(_as_ragged(ids))
 
     def save(self, directory):
-        _write_spec(directory, {"kind": self.kind, "vocabulary": "vocab.txt"})
+        _write_spec(directory, {"kind": self.kind, "vocabulary": "vocab.txt", "lowercase": self.lowercase})
         with open(os.path.join(directory, "vocab.txt"), "w", encoding="utf-8") as f:
             f.writelines(token + "\n" for token in self.vocabulary)
+
+
+class BytePairTokenizer(tf.Module):
+    """GPT-2's byte-level BPE (`vocab.json` + `merges.txt`), run in the graph by keras-hub's `BytePairTokenizer`;
+    its `<|endoftext|>` is the end-of-text token. From `tfglm import` only (tfglm does not train one).
+
+    Examples:
+    ```python
+    import tensorflow as tf
+    from tfglm.data.tokenizers import BytePairTokenizer
+
+    vocabulary = {"<|endoftext|>": 0, "a": 1, "b": 2, "Ġ": 3, "ab": 4, "Ġab": 5}
+    tokenizer = BytePairTokenizer(vocabulary, ["a b", "Ġ ab"])
+    assert tokenizer.tokenize(tf.constant(["ab ab"])).to_list() == [[4, 5]]
+    ```
+    """
+
+    kind = "bytepair"
+    EOT = "<|endoftext|>"
+
+    def __init__(self, vocabulary, merges):
+        super().__init__()
+        vocabulary, merges = dict(vocabulary), list(merges)
+        if self.EOT not in vocabulary:
+            raise TfglmError(f"byte-pair vocabulary: no {self.EOT} token")
+        # Always its TensorFlow ops (keras-hub would otherwise run the `tokenizers` library eagerly).
+        self._bpe = keras_hub.tokenizers.BytePairTokenizer(vocabulary=vocabulary, merges=merges,
+                                                           unsplittable_tokens=[self.EOT], dtype="int32",
+                                                           _allow_python_workflow=False)
+        self.vocabulary, self.merges = vocabulary, merges
+        self.vocab_size = max(vocabulary.values()) + 1
+        self.eot_id = vocabulary[self.EOT]
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def tokenize(self, strings):
+        """Ragged ids, also when called eagerly."""
+        return self._bpe.tokenize(strings)
+
+    def detokenize(self, ids):
+        return self._bpe.detokenize(_as_ragged(ids))
+
+    def save(self, directory):
+        _write_spec(directory, {"kind": self.kind, "vocabulary": "vocab.json", "merges": "merges.txt"})
+        with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(self.vocabulary, f, ensure_ascii=False)
+        with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+            f.writelines(merge + "\n" for merge in self.merges)
+
+
+def read_merges(path):
+    """The merge rules of a GPT-2 `merges.txt` (its `#version` line skipped)."""
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip() and not line.startswith("#version")]
 
 
 def train_wordpiece(lines, vocab_size):
@@ -195,6 +255,10 @@ def load_tokenizer(directory):
         return CharTokenizer(spec["chars"])
     if spec["kind"] == "wordpiece":
         with open(os.path.join(directory, spec["vocabulary"]), encoding="utf-8") as f:
-            return WordPieceTokenizer(f.read().splitlines())
+            return WordPieceTokenizer(f.read().splitlines(), spec.get("lowercase", True))
+    if spec["kind"] == "bytepair":
+        with open(os.path.join(directory, spec["vocabulary"]), encoding="utf-8") as f:
+            vocabulary = json.load(f)
+        return BytePairTokenizer(vocabulary, read_merges(os.path.join(directory, spec["merges"])))
     with open(os.path.join(directory, spec["model"]), "rb") as f:
         return SentencePieceTokenizer(f.read())

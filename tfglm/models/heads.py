@@ -9,7 +9,7 @@ import keras
 import keras_hub
 from keras import ops
 
-from tfglm.layers import gelu, init
+from tfglm.layers import ACTIVATIONS, init
 from tfglm.models.encoder import Encoder, dummy_inputs
 
 
@@ -81,7 +81,9 @@ class EncoderPretrainer(keras.Model):
         super().__init__(**kwargs)
         self.encoder = encoder
         self.mlm_head = keras_hub.layers.MaskedLMHead(token_embedding=encoder.token_embedding,
-                                                      intermediate_activation=gelu, kernel_initializer=init(),
+                                                      intermediate_activation=ACTIVATIONS[encoder.activation],
+                                                      layer_norm_epsilon=encoder.layer_norm_epsilon,
+                                                      kernel_initializer=init(),
                                                       dtype="float32", name="mlm_head")
         self.nsp_head = keras.layers.Dense(2, kernel_initializer=init(), dtype=encoder.dtype_policy, name="nsp_head")
 

@@ -1,5 +1,5 @@
 """The one trainer for every task: strategy (default, mirrored, multi-worker, TPU), XLA, mixed precision, AdamW with
-warmup + cosine decay, clipping and gradient accumulation, validation every `eval_interval` steps, best/last atomic
+warmup + cosine decay, clipping and gradient accumulation, LoRA (`train.lora_rank`), validation every `eval_interval` steps, best/last atomic
 checkpoints, exact resume (step, optimizer state, data position), early stopping, metrics.jsonl and TensorBoard.
 
 Under the default strategy it trains with Keras `fit`; under every other with `distribute.fit_distributed`, the same
@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfglm.errors import TfglmError
+from tfglm.layers import enable_lora
 from tfglm.tasks import distribute, runs
 from tfglm.tasks.registry import DEFAULT_FOR_KIND, Run, get_task
 
@@ -130,6 +131,9 @@ def resumed_step(model, run_dir):
         model.load_weights(runs.path(run_dir, runs.LAST))
     except (OSError, ValueError) as e:
         raise TfglmError(f"{runs.path(run_dir, runs.LAST)}: unreadable checkpoint ({str(e).splitlines()[0]})") from None
+    for layer in model._flatten_layers():
+        if getattr(layer, "lora_enabled", False):  # Keras loads a LoRA layer merged, with both factors zeroed
+            layer.lora_kernel_a.assign(keras.initializers.HeUniform()(layer.lora_kernel_a.shape))
     step = int(model.optimizer.iterations.numpy())
     log.info("resuming %s at step %d", run_dir, step)
     return step
@@ -182,10 +186,12 @@ def train(config, run_dir, task=None, resume=False, tpu=None, verbose=None):
     distribute.check_batch(strategy, schedule.batch_size)
     with strategy.scope():
         model = task.build_model()
-        compile_model(model, schedule, **task.compile_options())
-        step = resumed_step(model, run_dir) if resume else 0
         if not resume:
             task.initialize(model)
+        if t.lora_rank:
+            enable_lora(task.backbone(model), t.lora_rank)
+        compile_model(model, schedule, **task.compile_options())
+        step = resumed_step(model, run_dir) if resume else 0
     result = Run(config, task.tokenizer, model, task)
     if chief:
         runs.record_start(run_dir, task.name, step, kind, strategy.num_replicas_in_sync, t.mixed_precision)
