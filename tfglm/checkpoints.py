@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from tfglm.config import load_config
+from tfglm.config import GenerateConfig, load_config, parse_override
 from tfglm.data.tokenizers import BytePairTokenizer, WordPieceTokenizer, read_merges
 from tfglm.errors import TfglmError
 from tfglm.tasks import runs
@@ -337,10 +337,19 @@ def import_checkpoint(source, directory, run_dir, overrides=()):
         raise TfglmError(f"{run_dir}: exists and is not empty; choose another --out (or --overwrite a run)")
     ck = read_huggingface(directory) if source == "huggingface" else read_keras_hub(directory)
     positions_available = ck.field("max_position_embeddings" if ck.architecture == "bert" else "n_positions")
-    config = load_config(base=model_config(ck), overrides=overrides, where=f"{directory}: config.json")
+    base = model_config(ck)
+    length = next((value for keys, value in map(parse_override, overrides) if keys == ["model", "max_length"]),
+                  base["model"]["max_length"])
+    if isinstance(length, int):  # generation's default fits a short context
+        base["generate"] = {"max_new_tokens": max(1, min(GenerateConfig().max_new_tokens, length - 1))}
+    config = load_config(base=base, overrides=overrides, where=f"{directory}: config.json")
     if config.model.max_length > positions_available:
         raise TfglmError(f"model.max_length: {config.model.max_length} is more than the checkpoint's "
                          f"{positions_available} positions")
+    vocab_size = ck.field("vocab_size")
+    if vocab_size != ck.tokenizer.vocab_size:
+        raise TfglmError(f"{directory}: config.json: vocab_size: {vocab_size}, but the tokenizer has "
+                         f"{ck.tokenizer.vocab_size} tokens")
     task = get_task(TASK_OF[ck.architecture])(config, run_dir)
     task.tokenizer = ck.tokenizer
     model = task.build_model()

@@ -193,7 +193,12 @@ class BytePairTokenizer(tf.Module):
         return self._bpe.tokenize(strings)
 
     def detokenize(self, ids):
-        return self._bpe.detokenize(_as_ragged(ids))
+        return self._detokenize(tf.cast(_as_ragged(ids), tf.int32))
+
+    @tf.function(input_signature=[tf.RaggedTensorSpec([None, None], tf.int32)])
+    def _detokenize(self, ids):
+        """Strings, also when called eagerly (where keras-hub's would give Python lists)."""
+        return self._bpe.detokenize(ids)
 
     def save(self, directory):
         _write_spec(directory, {"kind": self.kind, "vocabulary": "vocab.json", "merges": "merges.txt"})
