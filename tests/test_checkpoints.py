@@ -259,7 +259,8 @@ def test_huggingface_gpt2_matches_numpy_reference_and_decodes_with_the_cache(tmp
     np.testing.assert_allclose(run.model(ids).numpy(), gpt2_reference(gpt2_tensors(), ids), atol=1e-4)
     # Greedy decoding through the KV-cached loop continues as the reference's argmax, token by token.
     prompt = "the cat"
-    out = run.task.generator(run.model).generate(tf.constant([prompt]), 5, 0.0, 0, 1.0, 0)
+    generator = run.task.generator(run.model)  # held: a tf.function method keeps only a weak reference to it
+    out = generator.generate(tf.constant([prompt]), 5, 0.0, 0, 1.0, 0)
     tokens = [268] + GPT2_IDS["the cat sat on the mat"][:3]
     for _ in range(5):
         tokens.append(int(gpt2_reference(gpt2_tensors(), np.array([tokens]))[0, -1].argmax()))
@@ -358,3 +359,50 @@ def test_lora_trains_only_lora_weights_and_the_export_merges_them(tmp_path):
     served = tf.saved_model.load(tfglm.export_run(str(tmp_path / "cls"), str(tmp_path / "export"), jit_compile=False))
     scores = served.signatures["predict"](texts=tf.constant(texts))["scores"].numpy()
     np.testing.assert_allclose(scores, unmerged, atol=1e-5)
+
+
+# A fresh interpreter without tfglm, Keras or keras-hub, as a model server: the export's ops, ids and greedy text.
+LOADER = r"""
+import glob, importlib.util, json, os, sys
+sys.modules.update(dict.fromkeys(["tfglm", "keras", "keras_hub", "tf_keras"]))
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow.python.framework import op_def_registry
+
+path, texts = sys.argv[1], sys.argv[2:]
+with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+    graph = saved_model_pb2.SavedModel.FromString(f.read()).meta_graphs[0].graph_def
+functions = {f.signature.name for f in graph.library.function}
+ops = {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+text_dir = importlib.util.find_spec("tensorflow_text").submodule_search_locations[0]
+for library in glob.glob(os.path.join(text_dir, "python", "ops", "*.so")):
+    tf.load_op_library(library)
+loaded = tf.saved_model.load(path)
+tokens = loaded.signatures["tokenize"](texts=tf.constant(texts))
+out = loaded.signatures["generate"](prompts=tf.constant(texts), max_new_tokens=tf.constant(4),
+                                    temperature=tf.constant(0.0), top_k=tf.constant(0), top_p=tf.constant(1.0),
+                                    seed=tf.constant(0))
+print(json.dumps({"unknown": sorted(op for op in ops - functions if op_def_registry.get(op) is None),
+                  "ops": sorted(ops - functions),
+                  "ids": [row[:n] for row, n in zip(tokens["token_ids"].numpy().tolist(), tokens["lengths"].numpy())],
+                  "completions": [c.hex() for c in out["completions"].numpy()]}))
+"""
+
+
+def test_imported_gpt2_exports_with_core_and_text_ops_only(tmp_path):
+    import subprocess
+    import sys
+
+    import_checkpoint("huggingface", write_hf_gpt2(tmp_path / "hf-gpt2"), str(tmp_path / "run"))
+    path = tfglm.export_run(str(tmp_path / "run"), str(tmp_path / "export"), jit_compile=False)
+    texts = list(GPT2_IDS)
+    out = subprocess.run([sys.executable, "-c", LOADER, path, *texts], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    served = json.loads(out.stdout.strip().splitlines()[-1])
+    assert served["unknown"] == []
+    assert not {"PyFunc", "PyFuncStateless", "EagerPyFunc"} & set(served["ops"])
+    assert served["ids"] == list(GPT2_IDS.values())
+    run = tfglm.load_run(str(tmp_path / "run"))
+    generator = run.task.generator(run.model)  # held: a tf.function method keeps only a weak reference to it
+    expected = generator.generate(tf.constant(texts), 4, 0.0, 0, 1.0, 0)["completions"]
+    assert served["completions"] == [t.hex() for t in expected.numpy()]
