@@ -43,6 +43,9 @@ class CausalLM(Task):
         if resume:
             self.load_vocabulary()
         else:
+            if self.config.tokenizer.kind == "bytepair":
+                raise TfglmError("tokenizer.kind: 'bytepair' vocabularies come from `tfglm import`; tfglm trains "
+                                 "'char' or 'sentencepiece'")
             if self.config.tokenizer.kind == "char":
                 self.tokenizer = CharTokenizer(stats.chars)
             else:
