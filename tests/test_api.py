@@ -11,8 +11,8 @@ import tfglm
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 # In this order: `train`'s example writes the run that `load_run`'s and `export_run`'s read.
-API = ["load_config", "CharTokenizer", "SentencePieceTokenizer", "WordPieceTokenizer", "GPT", "Encoder",
-       "EncoderDecoder", "Generator", "Translator", "train", "load_run", "export_run"]
+API = ["load_config", "CharTokenizer", "SentencePieceTokenizer", "WordPieceTokenizer", "BytePairTokenizer", "GPT",
+       "Encoder", "EncoderDecoder", "Generator", "Translator", "train", "load_run", "export_run", "import_checkpoint"]
 
 
 def _example(obj):

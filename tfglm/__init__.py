@@ -3,11 +3,13 @@
 The Python API (imported on first use, so `import tfglm` stays light):
 
     tfglm.GPT, tfglm.Encoder, tfglm.EncoderDecoder      registered Keras models (tfglm.models)
-    tfglm.CharTokenizer, tfglm.SentencePieceTokenizer, tfglm.WordPieceTokenizer     in-graph tokenizers
+    tfglm.CharTokenizer, tfglm.SentencePieceTokenizer, tfglm.WordPieceTokenizer, tfglm.BytePairTokenizer
+                                                        in-graph tokenizers
     tfglm.Generator, tfglm.Translator                   strings in, strings out: the one decode loop, beam search
     tfglm.load_config(path, overrides)                  the typed config tree
     tfglm.train(config, run_dir)                        the one trainer; returns Run(config, tokenizer, model, task)
     tfglm.load_run(run_dir)                             Run(config, tokenizer, model, task) of a trained run
+    tfglm.import_checkpoint(source, directory, run_dir) a pretrained checkpoint as a run directory
     tfglm.export_run(run_dir, base_path)                a TF Serving SavedModel version
 
 Example (see README, "Python API"):
@@ -30,9 +32,9 @@ __version__ = "0.2.0"
 _API = {
     "GPT": "tfglm.models.gpt", "Encoder": "tfglm.models.encoder", "EncoderDecoder": "tfglm.models.encoder_decoder",
     "CharTokenizer": "tfglm.data.tokenizers", "SentencePieceTokenizer": "tfglm.data.tokenizers",
-    "WordPieceTokenizer": "tfglm.data.tokenizers", "Generator": "tfglm.generation.decode",
+    "WordPieceTokenizer": "tfglm.data.tokenizers", "BytePairTokenizer": "tfglm.data.tokenizers", "Generator": "tfglm.generation.decode",
     "Translator": "tfglm.generation.beam", "load_config": "tfglm.config", "train": "tfglm.tasks.trainer",
-    "load_run": "tfglm.tasks.registry", "export_run": "tfglm.serving.export",
+    "load_run": "tfglm.tasks.registry", "export_run": "tfglm.serving.export", "import_checkpoint": "tfglm.checkpoints",
 }
 __all__ = sorted(_API)
 

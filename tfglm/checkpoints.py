@@ -324,9 +324,16 @@ def import_checkpoint(source, directory, run_dir, overrides=()):
 
     Examples:
     ```python
-    from tfglm.checkpoints import import_checkpoint
+    import keras_hub
+    import tfglm
 
-    import_checkpoint("huggingface", "all-MiniLM-L6-v2", "runs/minilm", ["model.max_length=128"])  # masked_lm
+    backbone = keras_hub.models.BertBackbone(vocabulary_size=8, num_layers=1, num_heads=2, hidden_dim=8,
+                                             intermediate_dim=16, max_sequence_length=16)
+    backbone.save_to_preset("tiny-bert")
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c"]
+    keras_hub.models.BertTokenizer(vocabulary=vocabulary).save_to_preset("tiny-bert")
+    tfglm.import_checkpoint("keras-hub", "tiny-bert", "runs/tiny-bert", ["model.max_length=8"])  # "masked_lm"
+    run = tfglm.load_run("runs/tiny-bert")  # as a `tfglm pretrain` run; `finetune --model` takes it
     ```
     """
     if source not in SOURCES:

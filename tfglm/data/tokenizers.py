@@ -163,7 +163,7 @@ class BytePairTokenizer(tf.Module):
     Examples:
     ```python
     import tensorflow as tf
-    from tfglm.data.tokenizers import BytePairTokenizer
+    from tfglm import BytePairTokenizer
 
     vocabulary = {"<|endoftext|>": 0, "a": 1, "b": 2, "Ġ": 3, "ab": 4, "Ġab": 5}
     tokenizer = BytePairTokenizer(vocabulary, ["a b", "Ġ ab"])
