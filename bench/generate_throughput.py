@@ -1,8 +1,8 @@
-"""Generation throughput: `tfglm.generate.Generator.generate` vs KerasHub `GPT2CausalLM.generate`, greedy, 16-token
-prompts, 128 new tokens, batch 1 and 8, for a 6 x 384 model with context 256 and a 50,257-token vocabulary (random
-weights: same shapes, same cost), and tfglm's model again through its exported SavedModel: the `generate` signature
-of `tfglm.tasks.causal_lm.serving_module`, saved and loaded back in this process. Also the batch-1 memory-bandwidth bound:
-weight bytes / read bandwidth, both measured in this run.
+"""Generation throughput: `tfglm.generation.decode.Generator.generate` vs KerasHub `GPT2CausalLM.generate`, greedy,
+16-token prompts, 128 new tokens, batch 1 and 8, for a 6 x 384 model with context 256 and a 50,257-token vocabulary
+(random weights: same shapes, same cost), and tfglm's model again through its exported SavedModel: the `generate`
+signature of `tfglm.tasks.causal_lm.serving_module`, saved and loaded back in this process. Also the batch-1
+memory-bandwidth bound: weight bytes / read bandwidth, both measured in this run.
 
 tfglm's entry point takes strings, so it gets a stand-in tokenizer (`CodepointIds`): ids are the prompt's code points
 and `<eot>` is 50,256 as in GPT-2. Tokenizing 15 characters and joining 128 ids into a string are included in its

@@ -3,10 +3,11 @@ new model version every `--swap-every` seconds, for `--seconds`; reports status 
 connection, no wrong answer expected), latency percentiles of the good requests and the server's RSS over time.
 
 The model is `configs/gpt-char-tiny.yaml`'s (4 x 128, context 64, characters), trained for 4 steps on a synthetic
-corpus and exported with XLA (or without: `--no-jit-compile`); the server is `tfglm serve --enable_batching --max_batch_size 8` in a process of its
-own (its RSS is read from /proc). Good requests are greedy or seeded-sampled completions of short prompts with the
-export's default options, checked against the answer each got alone at the start; a new version is a copy of
-version 1, so every version must answer the same.
+corpus and exported with XLA (or without: `--no-jit-compile`); the server is
+`tfglm serve --enable_batching --max_batch_size 8` in a process of its own (its RSS is read from /proc). Good
+requests are greedy or seeded-sampled completions of short prompts with the export's default options, checked
+against the answer each got alone at the start; a new version is a copy of version 1, so every version must answer
+the same.
 
     nice -n 10 .venv/bin/python bench/serve_soak.py [--seconds 120] [--swap-every 30]
 """

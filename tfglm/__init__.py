@@ -32,7 +32,8 @@ __version__ = "0.2.0"
 _API = {
     "GPT": "tfglm.models.gpt", "Encoder": "tfglm.models.encoder", "EncoderDecoder": "tfglm.models.encoder_decoder",
     "CharTokenizer": "tfglm.data.tokenizers", "SentencePieceTokenizer": "tfglm.data.tokenizers",
-    "WordPieceTokenizer": "tfglm.data.tokenizers", "BytePairTokenizer": "tfglm.data.tokenizers", "Generator": "tfglm.generation.decode",
+    "WordPieceTokenizer": "tfglm.data.tokenizers", "BytePairTokenizer": "tfglm.data.tokenizers",
+    "Generator": "tfglm.generation.decode",
     "Translator": "tfglm.generation.beam", "load_config": "tfglm.config", "train": "tfglm.tasks.trainer",
     "load_run": "tfglm.tasks.registry", "export_run": "tfglm.serving.export", "import_checkpoint": "tfglm.checkpoints",
 }

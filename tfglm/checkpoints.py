@@ -16,7 +16,6 @@ MLM and next-sentence heads are imported when the checkpoint has them, else left
 misshapen tensor, a missing config field or an unknown architecture is one `TfglmError` naming it.
 """
 
-import json
 import logging
 import os
 
@@ -312,8 +311,9 @@ def load_gpt2(ck, gpt, positions):
     for n, block in enumerate(gpt.blocks):
         p = f"h.{n}."
         specs += [*ln(block.attention_norm, f"{p}ln_1"), *conv(block.attention.qkv, f"{p}attn.c_attn", h, 3 * h),
-                  *conv(block.attention.output_dense, f"{p}attn.c_proj", h, h), *ln(block.feed_forward_norm, f"{p}ln_2"),
-                  *conv(block.feed_forward_in, f"{p}mlp.c_fc", h, i), *conv(block.feed_forward_out, f"{p}mlp.c_proj", i, h)]
+                  *conv(block.attention.output_dense, f"{p}attn.c_proj", h, h),
+                  *ln(block.feed_forward_norm, f"{p}ln_2"), *conv(block.feed_forward_in, f"{p}mlp.c_fc", h, i),
+                  *conv(block.feed_forward_out, f"{p}mlp.c_proj", i, h)]
     for spec in specs:
         _assign(ck, *spec)
 

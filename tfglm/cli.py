@@ -22,7 +22,8 @@ def _add_generate_options(parser):
 
 def _add_training_options(parser, config_help):
     parser.add_argument("--config", help=config_help)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=200")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override, e.g. train.steps=200")
     parser.add_argument("--out", required=True, help="run directory")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete a run already in --out and start afresh")

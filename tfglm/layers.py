@@ -71,7 +71,8 @@ class MultiHeadAttention(keras.layers.Layer):
         hidden_dim = input_shape[-1]
         self.head_dim = hidden_dim // self.num_heads
         if self.cross:
-            self.query = keras.layers.Dense(hidden_dim, kernel_initializer=init(), dtype=self.dtype_policy, name="query")
+            self.query = keras.layers.Dense(hidden_dim, kernel_initializer=init(), dtype=self.dtype_policy,
+                                            name="query")
             self.key_value = keras.layers.Dense(2 * hidden_dim, kernel_initializer=init(), dtype=self.dtype_policy,
                                                 name="key_value")
             self.query.build(input_shape)

@@ -89,8 +89,9 @@ def bucket_lengths(max_length):
 
 def dataset(sources, targets, tokenizer, max_length, batch_size, seed=None):
     """Endless batches of ({"source_ids", "target_ids"}, labels, weights) for teacher forcing: target_ids is `<eot>`
-    + target, labels is target + `<eot>`, weights mask the padding (`corpus.per_token_weights`). Pairs are bucketed by length and every tensor of
-    a bucket is padded to its length, so there are few static shapes. With `seed`, shuffled anew on each pass."""
+    + target, labels is target + `<eot>`, weights mask the padding (`corpus.per_token_weights`). Pairs are bucketed
+    by length and every tensor of a bucket is padded to its length, so there are few static shapes. With `seed`,
+    shuffled anew on each pass."""
     eot = tokenizer.eot_id
     ds = tf.data.Dataset.from_tensor_slices((sources, targets))
     if seed is not None:

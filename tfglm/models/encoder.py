@@ -17,8 +17,8 @@ from tfglm.layers import PositionEmbedding, TransformerBlock, init
 class Encoder(keras.Model):
     """Token + position + segment embeddings, summed and normalized as in BERT; pre-norm bidirectional blocks that
     ignore padded keys, a final norm and BERT's tanh pooler on [CLS]. `norm_first=False` gives BERT's post-norm blocks
-    (and no final norm); `activation` and `layer_norm_epsilon` are the blocks' GELU and every norm's epsilon. `call` returns {"sequence_output": [batch,
-    length, hidden], "pooled_output": [batch, hidden]}.
+    (and no final norm); `activation` and `layer_norm_epsilon` are the blocks' GELU and every norm's epsilon. `call`
+    returns {"sequence_output": [batch, length, hidden], "pooled_output": [batch, hidden]}.
 
     Examples:
     ```python
@@ -59,8 +59,9 @@ class Encoder(keras.Model):
         self.embedding_norm = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, dtype=policy,
                                                               name="embedding_norm")
         self.embedding_dropout = keras.layers.Dropout(dropout, dtype=policy)
-        self.blocks = [TransformerBlock(num_heads, self.intermediate_dim, dropout, causal=False, epsilon=layer_norm_epsilon,
-                                        norm_first=norm_first, activation=activation, dtype=policy, name=f"block_{i}")
+        self.blocks = [TransformerBlock(num_heads, self.intermediate_dim, dropout, causal=False,
+                                        epsilon=layer_norm_epsilon, norm_first=norm_first, activation=activation,
+                                        dtype=policy, name=f"block_{i}")
                        for i in range(num_layers)]
         if norm_first:  # post-norm blocks end normalized
             self.final_norm = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, dtype=policy,

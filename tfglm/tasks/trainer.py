@@ -1,6 +1,7 @@
 """The one trainer for every task: strategy (default, mirrored, multi-worker, TPU), XLA, mixed precision, AdamW with
-warmup + cosine decay, clipping and gradient accumulation, LoRA (`train.lora_rank`), validation every `eval_interval` steps, best/last atomic
-checkpoints, exact resume (step, optimizer state, data position), early stopping, metrics.jsonl and TensorBoard.
+warmup + cosine decay, clipping and gradient accumulation, LoRA (`train.lora_rank`), validation every `eval_interval`
+steps, best/last atomic checkpoints, exact resume (step, optimizer state, data position), early stopping,
+metrics.jsonl and TensorBoard.
 
 Under the default strategy it trains with Keras `fit`; under every other with `distribute.fit_distributed`, the same
 model, loss, optimizer, datasets and callbacks (Keras `fit` fails under MultiWorkerMirroredStrategy,
