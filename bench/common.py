@@ -121,3 +121,20 @@ def without_autotune(dataset):
     options = tf.data.Options()
     options.autotune.enabled = False
     return dataset.with_options(options)
+
+
+def tiny_run(root, config):
+    """A run of `config` (a file in configs/) trained for 4 steps on a short play-like corpus, for serving
+    benchmarks: the weights' values do not change the cost. Greedy, at most 32 new tokens by default."""
+    from tfglm.config import load_config
+    from tfglm.tasks.trainer import train
+
+    corpus = os.path.join(root, "corpus.txt")
+    with open(corpus, "w") as f:
+        f.write("ROMEO: what light through yonder window breaks?\nJULIET: it is the east.\n" * 2000)
+    overrides = [f"data.files=[{corpus}]", "train.steps=4", "train.batch_size=4", "train.eval_interval=4",
+                 "train.eval_batches=1", "train.steps_per_execution=2", "train.warmup_steps=1",
+                 "generate.temperature=0", "generate.max_new_tokens=32"]
+    run_dir = os.path.join(root, "run")
+    train(load_config(os.path.join(CONFIGS, config), overrides), run_dir, verbose=0)
+    return run_dir

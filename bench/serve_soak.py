@@ -33,9 +33,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from tfglm.config import load_config
 from tfglm.serving.export import export_run
-from tfglm.tasks.trainer import train
 
 CLIENTS = 16
 PROMPTS = ["ROMEO:", "JULIET:", "To be, or", "What light", "O, speak"]
@@ -47,14 +45,7 @@ RAW_BAD = [b"Content-Length: abc\r\n\r\n", b"Content-Length: -1\r\n\r\n", b"Cont
 
 
 def make_export(root, jit_compile):
-    corpus = os.path.join(root, "corpus.txt")
-    with open(corpus, "w") as f:
-        f.write("ROMEO: what light through yonder window breaks?\nJULIET: it is the east.\n" * 2000)
-    overrides = [f"data.files=[{corpus}]", "train.steps=4", "train.batch_size=4", "train.eval_interval=4",
-                 "train.eval_batches=1", "train.steps_per_execution=2", "train.warmup_steps=1",
-                 "generate.temperature=0", "generate.max_new_tokens=32"]
-    run_dir = os.path.join(root, "run")
-    train(load_config(os.path.join(common.CONFIGS, "gpt-char-tiny.yaml"), overrides), run_dir, verbose=0)
+    run_dir = common.tiny_run(root, "gpt-char-tiny.yaml")
     base = os.path.join(root, "models")
     export_run(run_dir, base, jit_compile=jit_compile)
     return base

@@ -27,10 +27,8 @@ import tensorflow as tf
 
 from tfglm.tasks.registry import load_run
 from tfglm.serving import server as serve
-from tfglm.config import load_config
 from tfglm.serving.export import export_run
 from tfglm.generation.decode import Generator
-from tfglm.tasks.trainer import train
 
 PROMPT = "ROMEO:"
 OPTIONS = {"max_new_tokens": 32, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
@@ -38,16 +36,6 @@ CLIENTS = 16
 CONFIG = "gpt-char-shakespeare.yaml"
 
 
-def make_run(root):
-    corpus = os.path.join(root, "corpus.txt")
-    with open(corpus, "w") as f:
-        f.write("ROMEO: what light through yonder window breaks?\nJULIET: it is the east.\n" * 2000)
-    overrides = [f"data.files=[{corpus}]", "train.steps=4", "train.batch_size=4", "train.eval_interval=4",
-                 "train.eval_batches=1", "train.steps_per_execution=2", "train.warmup_steps=1",
-                 "generate.temperature=0", "generate.max_new_tokens=32"]
-    run_dir = os.path.join(root, "run")
-    train(load_config(os.path.join(common.CONFIGS, CONFIG), overrides), run_dir, verbose=0)
-    return run_dir
 
 
 def latency(run_dir, base_path, calls):
@@ -99,7 +87,7 @@ def main():
     args = parser.parse_args()
     calls, requests = (5, 64) if args.quick else (15, 192)
     with tempfile.TemporaryDirectory() as root:
-        run_dir = make_run(root)
+        run_dir = common.tiny_run(root, CONFIG)
         base_path = os.path.join(root, "models")
         export_run(run_dir, base_path)
         latency_rows = latency(run_dir, base_path, calls)
