@@ -81,10 +81,22 @@ def test_long_prompt_is_truncated_from_the_left_with_a_warning(generator, caplog
 
 def test_decode_compiles_once_per_shape_bucket(generator):
     _generate(generator, ["a"])
-    traces = generator._decode.experimental_get_tracing_count()
+    compiled = [generator._prefill, generator._advance]
+    traces = [f.experimental_get_tracing_count() for f in compiled]
     for prompt in ["ab", "abcd", "abcdefg", "b"]:
         _generate(generator, [prompt], max_new_tokens=5)
-    assert generator._decode.experimental_get_tracing_count() == traces
+    list(generator.stream(["abc"], 5, 0.0, 0, 1.0, 0, steps=2))  # streaming reuses the same traces
+    assert [f.experimental_get_tracing_count() for f in compiled] == traces
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_streaming_gives_the_same_tokens_as_decoding_at_once(generator, steps):
+    prompts = ["abc", "b", "hgf"]
+    for temperature in (0.0, 1.5):
+        whole = generator.generate(tf.constant(prompts), 9, temperature, 0, 1.0, 3)["completions"].numpy()
+        chunks = list(generator.stream(prompts, 9, temperature, 0, 1.0, 3, steps=steps))
+        assert len(chunks) >= 3  # the text came in pieces
+        assert ["".join(row) for row in zip(*chunks)] == [text.decode() for text in whole]
 
 
 def test_cli_generate_and_its_errors(documents_run, capsys):

@@ -53,10 +53,13 @@ def _parser():
     _add_training_options(finetune, "YAML config, for --from-scratch without --model")
     finetune.add_argument("--model", help="pretrained run directory, from `tfglm pretrain` (an encoder) or `tfglm "
                                           "train` (a GPT); its config and tokenizer are used")
-    finetune.add_argument("--task", default="classify", choices=["classify"])
-    finetune.add_argument("--train", help="labelled TSV, CSV or JSONL file")
-    finetune.add_argument("--eval", help="labelled file scored into eval.json with the best model")
-    finetune.add_argument("--val", help="labelled file for early stopping (default: classify.val_fraction of --train)")
+    finetune.add_argument("--task", default="classify", choices=["classify", "chat"],
+                          help="classify: labelled texts; chat: conversations (the assistant's turns are learnt)")
+    finetune.add_argument("--train", help="classify: a labelled TSV, CSV or JSONL file; chat: conversations (JSONL "
+                                          "messages, or a question/answer TSV/CSV)")
+    finetune.add_argument("--eval", help="a file like --train, scored into eval.json with the best model")
+    finetune.add_argument("--val", help="a file like --train for validation and early stopping (default: the "
+                                        "task's val_fraction of --train)")
     finetune.add_argument("--from-scratch", action="store_true", help="random initial weights (no pretraining)")
 
     importer = command("import", "import a pretrained checkpoint as a run directory (BERT-family encoders as "
@@ -182,7 +185,8 @@ def cmd_pretrain(args):
 
 
 def cmd_finetune(args):
-    from tfglm.tasks.classify import evaluate_run
+    from tfglm.tasks import runs
+    from tfglm.tasks.registry import load_run
     from tfglm.tasks.trainer import train
 
     overrides = list(args.set)
@@ -192,13 +196,18 @@ def cmd_finetune(args):
         if not args.model and not (args.from_scratch and args.config):
             raise TfglmError("--model: give a pretrained run, or --from-scratch with --config")
         if not (args.train and args.eval):
-            raise TfglmError("--train and --eval: a fine-tune needs a labelled training file and one to score")
-        overrides += [f"classify.train_file={json.dumps(args.train)}", f"classify.eval_file={json.dumps(args.eval)}",
-                      f"classify.val_file={json.dumps(args.val or '')}",
+            raise TfglmError("--train and --eval: a fine-tune needs a training file and one to score")
+        section = args.task
+        overrides += [f"{section}.train_file={json.dumps(args.train)}", f"{section}.eval_file={json.dumps(args.eval)}",
+                      f"{section}.val_file={json.dumps(args.val or '')}",
                       f"train.init_from={json.dumps('' if args.from_scratch else args.model)}"]
     config = _training_config(args, overrides, default_config=None if args.resume else args.model)
-    train(config, args.out, task=args.task, resume=args.resume, tpu=args.tpu)
-    print(json.dumps(evaluate_run(args.out, config.classify.eval_file)))
+    task = (runs.task_name(args.out) or args.task) if args.resume else args.task
+    train(config, args.out, task=task, resume=args.resume, tpu=args.tpu)
+    run = load_run(args.out)
+    result = run.task.evaluate(run.model, argparse.Namespace(data=getattr(config, run.task.name).eval_file))
+    runs.write_json(runs.path(args.out, runs.EVAL), result)
+    print(json.dumps(result))
     print(f"model: {os.path.abspath(args.out)}")
 
 

@@ -123,6 +123,21 @@ class ClassifyConfig:
 
 
 @dataclasses.dataclass
+class ChatConfig:
+    train_file: str = ""  # conversations (JSONL messages, or a question/answer TSV/CSV; `tfglm.data.chat`): training,
+    val_file: str = ""  # validation (default: val_fraction of the training conversations) and those scored into
+    eval_file: str = ""  # eval.json after training
+    question_column: str = "question"  # TSV/CSV columns of a single-turn conversation
+    answer_column: str = "answer"
+    val_fraction: float = 0.1
+    epochs: int = 3
+    patience: int = 2  # epochs without a lower validation loss before stopping
+    batch_size: int = 16
+    learning_rate: float = 3e-4
+    system: str = ""  # the system message `tfglm chat` starts a conversation with ("" none)
+
+
+@dataclasses.dataclass
 class TranslateConfig:
     # Parallel data: aligned `source` and `target` files (one sentence a line; .gz read as gzip), or a TSV of
     # source<TAB>target lines in `pairs`; likewise for validation.
@@ -145,6 +160,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
     classify: ClassifyConfig = dataclasses.field(default_factory=ClassifyConfig)
+    chat: ChatConfig = dataclasses.field(default_factory=ChatConfig)
     translate: TranslateConfig = dataclasses.field(default_factory=TranslateConfig)
 
     def to_dict(self):
@@ -240,6 +256,11 @@ def validate(config):
         (c.learning_rate > 0, "classify.learning_rate", "must be > 0"),
         (0.0 <= c.dropout < 1.0, "classify.dropout", "must be in [0, 1)"),
         (c.class_weights in ("none", "balanced"), "classify.class_weights", "must be 'none' or 'balanced'"),
+        (0.0 <= config.chat.val_fraction < 1.0, "chat.val_fraction", "must be in [0, 1)"),
+        (config.chat.epochs >= 1, "chat.epochs", "must be >= 1"),
+        (config.chat.patience >= 1, "chat.patience", "must be >= 1"),
+        (config.chat.batch_size >= 1, "chat.batch_size", "must be >= 1"),
+        (config.chat.learning_rate > 0, "chat.learning_rate", "must be > 0"),
         (0.0 <= config.translate.label_smoothing < 1.0, "translate.label_smoothing", "must be in [0, 1)"),
         (config.translate.beam_width >= 1, "translate.beam_width", "must be >= 1 (1 is greedy)"),
         (config.translate.length_penalty >= 0, "translate.length_penalty", "must be >= 0"),

@@ -23,7 +23,7 @@ def is_labelled(path):
     return path.lower().endswith(FORMATS)
 
 
-def _rows(path):
+def rows(path):
     """(line, {column: value}) for each data row of a TSV, CSV or JSONL file."""
     if not path.lower().endswith(FORMATS):
         raise TfglmError(f"{path}: unknown format; expected a {', '.join(FORMATS)} file")
@@ -68,14 +68,14 @@ def _value(path, line, row, column):
 
 def read_texts(path, text_column):
     """The non-empty texts of a labelled file's text column (for pretraining on it)."""
-    texts = (_value(path, line, row, text_column).strip() for line, row in _rows(path))
+    texts = (_value(path, line, row, text_column).strip() for line, row in rows(path))
     return [text for text in texts if text]
 
 
 def read_labelled(path, text_column, label_column, labels=None):
     """(texts, labels) of a labelled file; with `labels` (a trained label set) an unseen label is an error."""
     texts, targets, empty, first_empty = [], [], 0, None
-    for line, row in _rows(path):
+    for line, row in rows(path):
         text = _value(path, line, row, text_column).strip()
         label = _value(path, line, row, label_column).strip()
         if not label:

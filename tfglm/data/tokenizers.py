@@ -14,6 +14,7 @@ import sentencepiece
 import tensorflow as tf
 import tensorflow_text as tf_text
 
+from tfglm.data.chat import ChatTokenizer
 from tfglm.errors import TfglmError
 
 EOT = "<eot>"
@@ -250,12 +251,17 @@ def train_sentencepiece(lines, vocab_size, max_lines=2_000_000):
 
 
 def load_tokenizer(directory):
-    """Loads the tokenizer saved by `tokenizer.save(directory)`."""
+    """Loads the tokenizer saved by `tokenizer.save(directory)` (a `ChatTokenizer` where it has chat markers)."""
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(path):
         raise TfglmError(f"{path}: no tokenizer here (is this a tfglm run directory?)")
     with open(path, encoding="utf-8") as f:
         spec = json.load(f)
+    base = _load_base(directory, spec)
+    return ChatTokenizer(base) if spec.get("chat_markers") else base
+
+
+def _load_base(directory, spec):
     if spec["kind"] == "char":
         return CharTokenizer(spec["chars"])
     if spec["kind"] == "wordpiece":
@@ -267,3 +273,13 @@ def load_tokenizer(directory):
         return BytePairTokenizer(vocabulary, read_merges(os.path.join(directory, spec["merges"])))
     with open(os.path.join(directory, spec["model"]), "rb") as f:
         return SentencePieceTokenizer(f.read())
+
+
+def new_tokenizer(config, texts):
+    """The vocabulary of a fine-tune from scratch (`config.model.kind`, `config.tokenizer`), learnt from its
+    training texts."""
+    if config.model.kind == "bert":
+        return train_wordpiece(texts, config.tokenizer.vocab_size)
+    if config.tokenizer.kind == "char":
+        return CharTokenizer("".join(texts))
+    return SentencePieceTokenizer(train_sentencepiece(texts, config.tokenizer.vocab_size))

@@ -1,10 +1,13 @@
 """Generation: one KV-cached, XLA-compiled decode loop behind a strings-in, strings-out `Generator`.
 
-`Generator.generate` is the single entry point used by `tfglm generate`, the exported SavedModel and the server.
-Prompts are tokenized in the graph, prefixed with `<eot>` (the start-of-document context seen in training),
+`Generator` is the single entry point used by `tfglm generate` and `tfglm chat`, the exported SavedModel and the
+server, whole (`generate`, `chat`) or streamed in chunks of a few tokens (`stream`, the export's `*_start` and
+`advance` signatures). Prompts are tokenized in the graph, prefixed with `<eot>` (the start-of-document context seen in training),
 truncated from the left to fit the context, right-padded into a buffer whose batch, prompt and total lengths are
 rounded up to powers of two, and decoded. XLA compiles once per such shape bucket, never per call or prompt length.
 """
+
+import codecs
 
 import tensorflow as tf
 
@@ -12,22 +15,33 @@ from tfglm.config import GENERATE_OPTIONS
 from tfglm.generation.sampling import sample
 
 DTYPES = {int: tf.int32, float: tf.float32}
-SIGNATURE = [tf.TensorSpec([None], tf.string, name="prompts")] + [
-    tf.TensorSpec([], DTYPES[o.type], name=o.name) for o in GENERATE_OPTIONS]
+OPTIONS = [tf.TensorSpec([], DTYPES[o.type], name=o.name) for o in GENERATE_OPTIONS]
+SIGNATURE = [tf.TensorSpec([None], tf.string, name="prompts")] + OPTIONS
+CHAT_SIGNATURE = [tf.TensorSpec([None, None], tf.string, name="roles"),
+                  tf.TensorSpec([None, None], tf.string, name="contents")] + OPTIONS
 
 
-def decode(model, tokens, lengths, prefill_length, max_new_tokens, temperature, top_k, top_p, seed, eot_id):
-    """Extends right-padded prompts `tokens` [batch, total] (true lengths `lengths`) in place.
-
-    The first `prefill_length` positions fill the cache in one pass; then one token a step from the shortest prompt
-    on, keeping prompt tokens where a row's prompt is longer. A row stops after `max_new_tokens` or at `<eot>`.
-    Returns the tokens and a mask [batch, total] of the generated tokens (up to, not including, `<eot>`).
-    """
+def prefill(model, tokens, lengths, prefill_length, max_new_tokens):
+    """Starts decoding right-padded prompts `tokens` [batch, total] (true lengths `lengths`): the first
+    `prefill_length` positions fill the per-layer caches in one pass. Returns the decode state (`advance`'s input)."""
     batch, total = tf.shape(tokens)[0], tf.shape(tokens)[1]
-    caches = model.init_cache(batch, total)
+    _, caches = model.forward(tokens[:, :prefill_length], model.init_cache(batch, total), 0)
+    return {"tokens": tokens, "lengths": lengths, "caches": caches,
+            "limit": tf.minimum(lengths + max_new_tokens, total),  # exclusive end of each row's generation
+            "index": tf.reduce_min(lengths) - 1, "done": tf.zeros([batch], tf.bool)}
+
+
+def advance(model, state, steps, temperature, top_k, top_p, seed, eot_id):
+    """Runs up to `steps` decode steps from `state`, one token a step from the shortest prompt on, keeping prompt
+    tokens where a row's prompt is longer; a row stops after `max_new_tokens` or at `<eot>`. Returns the new state.
+
+    Decoding all at once is one `advance` with `steps` >= the context; streaming is several with a few steps each.
+    Sampling is keyed on (seed, position), so both give the same tokens.
+    """
+    tokens, lengths, limit = state["tokens"], state["lengths"], state["limit"]
+    batch = tf.shape(tokens)[0]
     projection = model.output_projection()
-    _, caches = model.forward(tokens[:, :prefill_length], caches, 0)
-    limit = tf.minimum(lengths + max_new_tokens, total)  # exclusive end of each row's generation
+    end = state["index"] + steps
 
     def step(i, tokens, caches, done):
         hidden, caches = model.forward(tf.slice(tokens, [0, i], [-1, 1]), caches, i)
@@ -41,15 +55,32 @@ def decode(model, tokens, lengths, prefill_length, max_new_tokens, temperature, 
         done = done | (~in_prompt & (chosen == eot_id)) | (position + 1 >= limit)
         return i + 1, tokens, caches, done
 
-    def not_finished(i, tokens, caches, done):
-        return (i + 1 < tf.reduce_max(limit)) & ~tf.reduce_all(done)
+    def go_on(i, tokens, caches, done):
+        return (i < end) & unfinished(i, limit, done)
 
-    _, tokens, _, _ = tf.while_loop(not_finished, step, (tf.reduce_min(lengths) - 1, tokens, caches,
-                                                         tf.zeros([batch], tf.bool)))
-    positions = tf.range(total)[None, :]
-    generated = (positions >= lengths[:, None]) & (positions < limit[:, None])
+    index, tokens, caches, done = tf.while_loop(go_on, step, (state["index"], tokens, state["caches"],
+                                                              state["done"]))
+    return {**state, "tokens": tokens, "caches": caches, "index": index, "done": done}
+
+
+def decode(model, tokens, lengths, prefill_length, max_new_tokens, temperature, top_k, top_p, seed, eot_id):
+    """`prefill` and `advance` to the end in one function: the tokens and the mask of the generated ones."""
+    state = prefill(model, tokens, lengths, prefill_length, max_new_tokens)
+    state = advance(model, state, tf.shape(tokens)[1], temperature, top_k, top_p, seed, eot_id)
+    return state["tokens"], generated_mask(state, eot_id)
+
+
+def unfinished(index, limit, done):
+    return (index + 1 < tf.reduce_max(limit)) & ~tf.reduce_all(done)
+
+
+def generated_mask(state, eot_id):
+    """[batch, total]: the tokens generated so far, up to (not including) `<eot>`."""
+    tokens, lengths, limit = state["tokens"], state["lengths"], state["limit"]
+    positions = tf.range(tf.shape(tokens)[1])[None, :]
+    generated = (positions >= lengths[:, None]) & (positions < tf.minimum(limit, state["index"] + 1)[:, None])
     before_eot = tf.cumsum(tf.cast(generated & (tokens == eot_id), tf.int32), axis=1) == 0
-    return tokens, generated & before_eot
+    return generated & before_eot
 
 
 def bucket(n, minimum=16):
@@ -59,7 +90,12 @@ def bucket(n, minimum=16):
 
 
 class Generator(tf.Module):
-    """Strings in, strings out, for a GPT and its tokenizer; `generate` is a `tf.function` with a fixed signature.
+    """Strings in, strings out, for a GPT and its tokenizer; `generate` (and, for a chat run's tokenizer, `chat`) is
+    a `tf.function` with a fixed signature.
+
+    Every path runs the same two XLA-compiled functions: `start` (tokenize, bucket, prefill) and `advance` (up to
+    `steps` decode steps). `generate` and `chat` advance once to the end; `stream` advances a few tokens at a time
+    and yields the text as it grows, token for token the same text.
 
     Examples:
     ```python
@@ -73,6 +109,7 @@ class Generator(tf.Module):
     # prompts, max_new_tokens, temperature (0: greedy), top_k (0: off), top_p (1: off), seed
     out = generator.generate(tf.constant(["abc", "h"]), 5, 0.8, 4, 0.9, 7)
     out["completions"], out["num_tokens"]  # strings [2], int32 [2]
+    pieces = list(generator.stream(["abc"], 5, 0.0, 0, 1.0, 0, steps=2))  # [["ab"], ["c"], ...]: text per chunk
     ```
     """
 
@@ -81,11 +118,14 @@ class Generator(tf.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.context = model.max_length
-        self._decode = tf.function(self._decode_tokens, jit_compile=jit_compile)
+        self._prefill = tf.function(self._prefill_tokens, jit_compile=jit_compile)
+        self._advance = tf.function(self._advance_tokens, jit_compile=jit_compile)
 
-    def _decode_tokens(self, tokens, lengths, prefill_length, max_new_tokens, temperature, top_k, top_p, seed):
-        return decode(self.model, tokens, lengths, prefill_length, max_new_tokens, temperature, top_k, top_p, seed,
-                      self.tokenizer.eot_id)
+    def _prefill_tokens(self, tokens, lengths, prefill_length, max_new_tokens):
+        return prefill(self.model, tokens, lengths, prefill_length, max_new_tokens)
+
+    def _advance_tokens(self, state, steps, temperature, top_k, top_p, seed):
+        return advance(self.model, state, steps, temperature, top_k, top_p, seed, self.tokenizer.eot_id)
 
     def prompt_ids(self, prompts, max_new_tokens):
         """Ragged prompt ids: `<eot>` + tokens, truncated from the left to `context - max_new_tokens`."""
@@ -94,19 +134,83 @@ class Generator(tf.Module):
         ids = tf.concat([eot, ids], axis=1)
         return ids[:, -(self.context - max_new_tokens):]
 
-    @tf.function(input_signature=SIGNATURE)
-    def generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed):
-        """Completions (strings [batch]) and their token counts (int32 [batch]) for `prompts`."""
+    def chat_ids(self, roles, contents, max_new_tokens):
+        """Ragged ids of conversations (`tfglm.data.chat`) with the assistant's turn opened, older turns dropped
+        and then tokens cut from the left to fit `context - max_new_tokens`."""
+        ids, _, _ = self.tokenizer.encode_chat(roles, contents, self.context - max_new_tokens,
+                                               generation_prompt=True)
+        return ids[:, -(self.context - max_new_tokens):]
+
+    def start(self, ids, max_new_tokens):
+        """The decode state of ragged prompt `ids`: rows padded to a power of two, right-padded into a buffer of a
+        power-of-two length (at most the context), the prompts' first power-of-two tokens prefilled."""
         max_new_tokens = tf.clip_by_value(max_new_tokens, 1, self.context - 1)
-        ids = self.prompt_ids(prompts, max_new_tokens)
-        batch = tf.shape(prompts)[0]
+        batch = ids.nrows(out_type=tf.int32)
         padded_batch = bucket(batch, minimum=1)
         lengths = tf.pad(tf.cast(ids.row_lengths(), tf.int32), [[0, padded_batch - batch]], constant_values=1)
         longest = tf.reduce_max(lengths)
         total = tf.minimum(bucket(longest + max_new_tokens), self.context)
-        prefill = tf.minimum(bucket(longest), total)
         tokens = ids.to_tensor(default_value=self.tokenizer.eot_id, shape=[padded_batch, total])
-        tokens, generated = self._decode(tokens, lengths, prefill, max_new_tokens, temperature, top_k, top_p, seed)
-        completions = self.tokenizer.detokenize(tf.ragged.boolean_mask(tokens, generated)[:batch])
-        num_tokens = tf.reduce_sum(tf.cast(generated, tf.int32), axis=1)[:batch]
-        return {"completions": completions, "num_tokens": num_tokens}
+        return {**self._prefill(tokens, lengths, tf.minimum(bucket(longest), total), max_new_tokens), "rows": batch}
+
+    def advance(self, state, steps, temperature, top_k, top_p, seed):
+        """`state` after up to `steps` more tokens, with `completions` (the text so far, strings [rows]),
+        `num_tokens` (int32 [rows]) and `finished` (a bool: nothing is left to generate)."""
+        rows = state["rows"]
+        state = {**self._advance({k: v for k, v in state.items() if k != "rows"}, steps, temperature, top_k, top_p,
+                                 seed), "rows": rows}
+        generated = generated_mask(state, self.tokenizer.eot_id)
+        return state, {"completions": self.tokenizer.detokenize(tf.ragged.boolean_mask(state["tokens"],
+                                                                                      generated)[:rows]),
+                       "num_tokens": tf.reduce_sum(tf.cast(generated, tf.int32), axis=1)[:rows],
+                       "finished": ~unfinished(state["index"], state["limit"], state["done"])}
+
+    def complete(self, ids, max_new_tokens, temperature, top_k, top_p, seed):
+        """Completions of ragged prompt `ids`, decoded to the end in one `advance`."""
+        _, out = self.advance(self.start(ids, max_new_tokens), tf.constant(self.context), temperature, top_k, top_p,
+                              seed)
+        return {"completions": out["completions"], "num_tokens": out["num_tokens"]}
+
+    @tf.function(input_signature=SIGNATURE)
+    def generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed):
+        """Completions (strings [batch]) and their token counts (int32 [batch]) for `prompts`."""
+        return self.complete(self.prompt_ids(prompts, tf.clip_by_value(max_new_tokens, 1, self.context - 1)),
+                             max_new_tokens, temperature, top_k, top_p, seed)
+
+    @tf.function(input_signature=CHAT_SIGNATURE)
+    def chat(self, roles, contents, max_new_tokens, temperature, top_k, top_p, seed):
+        """The assistant's next reply (strings [batch]) to conversations given as `roles` and `contents` (strings
+        [batch, messages]; role "" pads a shorter conversation), and its token counts (int32 [batch])."""
+        return self.complete(self.chat_ids(roles, contents, tf.clip_by_value(max_new_tokens, 1, self.context - 1)),
+                             max_new_tokens, temperature, top_k, top_p, seed)
+
+    def stream(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, steps=8, conversations=None):
+        """Yields, every `steps` tokens, the text each prompt (or each (roles, contents) conversation) gained."""
+        if conversations is None:
+            ids = self.prompt_ids(tf.constant(prompts), min(max(max_new_tokens, 1), self.context - 1))
+        else:
+            ids = self.chat_ids(*map(tf.constant, conversations), min(max(max_new_tokens, 1), self.context - 1))
+        options = [tf.constant(value, DTYPES[o.type]) for o, value in
+                   zip(GENERATE_OPTIONS[1:], (temperature, top_k, top_p, seed))]  # tensors: no retrace per value
+        state = self.start(ids, tf.constant(max_new_tokens))
+        return stream_text(lambda state: self.advance(state, tf.constant(steps), *options), state)
+
+
+def stream_text(advance_fn, state):
+    """Drives `advance_fn(state) -> (state, outputs)` to the end, yielding each row's new text per call. The text so
+    far is detokenized whole each time (a token's text can depend on its neighbours) and emitted as it grows; bytes
+    of an unfinished UTF-8 character wait for the next call."""
+    decoders, sent = None, None
+    finished = False
+    while not finished:
+        state, out = advance_fn(state)
+        texts = out["completions"].numpy()
+        if decoders is None:
+            decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in texts]
+            sent = [0] * len(texts)
+        finished = bool(out["finished"])
+        pieces = []
+        for i, text in enumerate(texts):
+            pieces.append(decoders[i].decode(text[sent[i]:], final=finished))
+            sent[i] = len(text)
+        yield pieces

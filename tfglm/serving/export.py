@@ -27,12 +27,13 @@ def _next_version(base_path):
     return max(versions, default=0) + 1
 
 
-def write_warmup(export_dir, prompt, signature="generate", input_name="prompts"):
-    """assets.extra/tf_serving_warmup_requests: one `signature` PredictRequest (config defaults), so the server
-    compiles the decode loop while loading rather than on the first request (`tfglm serve` replays it at every
-    batch size it takes)."""
+def write_warmup(export_dir, signature, inputs):
+    """assets.extra/tf_serving_warmup_requests: one `signature` PredictRequest of string `inputs` ({name: value},
+    the options left to their defaults), so the server compiles the decode loop while loading rather than on the
+    first request (`tfglm serve` replays it at every batch size it takes)."""
     request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(signature_name=signature))
-    request.inputs[input_name].CopyFrom(tf.make_tensor_proto([prompt], dtype=tf.string))
+    for name, value in inputs.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=tf.string))
     log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
     os.makedirs(os.path.dirname(os.path.join(export_dir, WARMUP)), exist_ok=True)
     with tf.io.TFRecordWriter(os.path.join(export_dir, WARMUP)) as writer:
@@ -61,7 +62,7 @@ def export_run(run_dir, base_path, version=None, jit_compile=True):
     if version is not None and version < 1:
         raise TfglmError(f"--version: must be a positive integer, got {version}")
     run = load_run(run_dir)
-    module, signatures, warmup, prompt = run.task.serving(run.model, jit_compile)
+    module, signatures, warmup = run.task.serving(run.model, jit_compile)
     os.makedirs(base_path, exist_ok=True)
     version = version or _next_version(base_path)
     target = os.path.join(base_path, str(version))
@@ -70,7 +71,7 @@ def export_run(run_dir, base_path, version=None, jit_compile=True):
     tmp = tempfile.mkdtemp(prefix=f"tmp-{version}-", dir=base_path)
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the version from a server running as another user
     try:
-        write_warmup(tmp, prompt, *warmup)
+        write_warmup(tmp, *warmup)
         log.info("writing %s", target)
         tf.saved_model.save(module, tmp, signatures=signatures)
         os.replace(tmp, target)

@@ -1,6 +1,8 @@
 """The Task interface: what one kind of run owns. The one trainer (`tfglm.tasks.trainer.train`) gives every task the
 same strategies, precision, checkpoints, resume, metrics and TensorBoard; a task supplies what is specific to it."""
 
+import dataclasses
+
 from tfglm.errors import TfglmError
 
 
@@ -74,5 +76,20 @@ class Task:
         raise TfglmError(f"{self.run_dir}: a {self.name} run has no evaluation")
 
     def serving(self, model, jit_compile):
-        """(module, {signature name: function}, (warmup signature, its input), warmup text) for `tfglm export`."""
+        """(module, {signature name: function}, (warmup signature, {input name: value})) for `tfglm export`."""
         raise TfglmError(f"{self.run_dir}: a {self.name} run has nothing to serve")
+
+
+def epoch_schedule(train, section, num_rows):
+    """The `train` settings of a fine-tune counted in epochs of `num_rows` examples, from its task's config
+    `section` (batch_size, learning_rate, epochs): warm-up over the first 10%, decay to zero, validation each epoch."""
+    name = type(section).__name__.removesuffix("Config").lower()
+    steps_per_epoch = num_rows // section.batch_size
+    if steps_per_epoch < 1:
+        raise TfglmError(f"{name}.batch_size: {section.batch_size} is more than the {num_rows} training examples")
+    per_execution = min(train.steps_per_execution, steps_per_epoch)
+    steps_per_epoch -= steps_per_epoch % per_execution
+    steps = section.epochs * steps_per_epoch
+    return dataclasses.replace(train, steps=steps, batch_size=section.batch_size,
+                               learning_rate=section.learning_rate, min_learning_rate=0.0, warmup_steps=steps // 10,
+                               eval_interval=steps_per_epoch, steps_per_execution=per_execution)

@@ -1,7 +1,7 @@
 """Causal language modelling: a GPT trained on text files packed into blocks, generating free text.
 
-Its export holds generate (also serving_default), score, tokenize and detokenize signatures. `generate` and
-`serving_default` take `prompts` plus the optional generation options (`tfglm.config.GENERATE_OPTIONS`), each with
+Its export holds generate (also serving_default), score, tokenize and detokenize signatures, and a chat run's
+(`tfglm.tasks.chat`) also `chat`. `generate` and `chat` take `prompts` (or `roles` and `contents`) plus the optional generation options (`tfglm.config.GENERATE_OPTIONS`), each with
 the run's `generate` config as its default, recorded in the SignatureDef's `defaults`, which TF Serving fills in for
 inputs a request leaves out. The model's context is saved as the variable `context`, so `tfglm serve` can reject a
 `max_new_tokens` above `context - 1` by name.
@@ -15,9 +15,10 @@ import numpy as np
 import tensorflow as tf
 
 from tfglm.data import corpus
+from tfglm.data.chat import ChatTokenizer
 from tfglm.data.tokenizers import CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 from tfglm.errors import TfglmError
-from tfglm.generation.decode import SIGNATURE, Generator
+from tfglm.generation.decode import CHAT_SIGNATURE, SIGNATURE, Generator
 from tfglm.models.gpt import GPT
 from tfglm.tasks import runs
 from tfglm.tasks.base import Task
@@ -110,7 +111,7 @@ class CausalLM(Task):
         module = serving_module(Generator(model, self.tokenizer, jit_compile=jit_compile), self.config.generate)
         signatures = {name: getattr(module, name) for name in ("generate", "score", "tokenize", "detokenize")}
         signatures["serving_default"] = module.generate
-        return module, signatures, ("generate", "prompts"), self.config.generate.prompt
+        return module, signatures, ("generate", {"prompts": [self.config.generate.prompt]})
 
 
 def serving_module(generator, settings):
@@ -128,6 +129,15 @@ def serving_module(generator, settings):
         """`Generator.generate`; the tensor defaults become the SignatureDef's `defaults`, so every input but
         `prompts` is optional (a plain Python default would not be)."""
         return generator.generate(prompts, max_new_tokens, temperature, top_k, top_p, seed)
+
+    @tf.function(input_signature=CHAT_SIGNATURE)
+    def chat(roles, contents, max_new_tokens=tf.constant(min(settings.max_new_tokens, generator.context - 1)),
+             temperature=tf.constant(settings.temperature), top_k=tf.constant(settings.top_k),
+             top_p=tf.constant(settings.top_p), seed=tf.constant(settings.seed)):
+        """`Generator.chat` (a chat run's export only): the assistant's `replies` to conversations given as `roles`
+        and `contents` [batch, messages] (role "" pads), and their `num_tokens`."""
+        out = generator.chat(roles, contents, max_new_tokens, temperature, top_k, top_p, seed)
+        return {"replies": out["completions"], "num_tokens": out["num_tokens"]}
 
     @tf.function(input_signature=[TEXTS])
     def score(texts):
@@ -162,4 +172,6 @@ def serving_module(generator, settings):
     module.tokenizer = tokenizer
     module.weights = [variable.value for variable in model.variables]
     module.generate, module.score, module.tokenize, module.detokenize = generate, score, tokenize, detokenize
+    if isinstance(tokenizer, ChatTokenizer):
+        module.chat = chat
     return module

@@ -17,14 +17,13 @@ import numpy as np
 import tensorflow as tf
 
 from tfglm.data import corpus, labelled
-from tfglm.data.tokenizers import (CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece,
-                                   train_wordpiece)
+from tfglm.data.tokenizers import load_tokenizer, new_tokenizer
 from tfglm.errors import TfglmError
 from tfglm.models.encoder import Encoder, dummy_inputs
 from tfglm.models.gpt import GPT
 from tfglm.models.heads import EncoderClassifier, GPTClassifier
 from tfglm.tasks import runs
-from tfglm.tasks.base import Task
+from tfglm.tasks.base import Task, epoch_schedule
 from tfglm.tasks.masked_lm import packer
 from tfglm.tasks.registry import load_run
 from tfglm.tasks.trainer import train
@@ -90,33 +89,10 @@ def build_classifier(config, vocab_size, num_classes, backbone=None):
     return model
 
 
-def new_tokenizer(config, texts):
-    """The vocabulary of a classifier trained from scratch, learnt from its training texts."""
-    if config.model.kind == "bert":
-        return train_wordpiece(texts, config.tokenizer.vocab_size)
-    if config.tokenizer.kind == "char":
-        return CharTokenizer("".join(texts))
-    return SentencePieceTokenizer(train_sentencepiece(texts, config.tokenizer.vocab_size))
-
-
 def balanced_class_weights(ids, num_classes):
     """Each class's weight, total / (classes * count), as scikit-learn's "balanced"."""
     counts = np.bincount(ids, minlength=num_classes)
     return [len(ids) / (num_classes * count) if count else 0.0 for count in counts]
-
-
-def finetune_schedule(config, num_rows):
-    """The `train` settings of a fine-tune: `classify` values, warmup over the first 10%, decay to zero."""
-    c = config.classify
-    steps_per_epoch = num_rows // c.batch_size
-    if steps_per_epoch < 1:
-        raise TfglmError(f"classify.batch_size: {c.batch_size} is more than the {num_rows} training rows")
-    per_execution = min(config.train.steps_per_execution, steps_per_epoch)
-    steps_per_epoch -= steps_per_epoch % per_execution
-    steps = c.epochs * steps_per_epoch
-    return dataclasses.replace(config.train, steps=steps, batch_size=c.batch_size, learning_rate=c.learning_rate,
-                               min_learning_rate=0.0, warmup_steps=steps // 10, eval_interval=steps_per_epoch,
-                               steps_per_execution=per_execution)
 
 
 def split_validation(texts, targets, fraction, seed):
@@ -175,7 +151,7 @@ class Classify(Task):
                  len(self.labels))
 
     def schedule(self):
-        return finetune_schedule(self.config, len(self.texts))
+        return epoch_schedule(self.config.train, self.config.classify, len(self.texts))
 
     def build_model(self):
         return build_classifier(self.config, self.tokenizer.vocab_size, len(self.labels))
@@ -223,7 +199,7 @@ class Classify(Task):
     def serving(self, model, jit_compile):
         module = serving_module(model, self.tokenizer, self.config, self.labels)
         signatures = {"predict": module.predict, "classify": module.classify, "serving_default": module.predict}
-        return module, signatures, ("predict", "texts"), self.config.generate.prompt or "a"
+        return module, signatures, ("predict", {"texts": [self.config.generate.prompt or "a"]})
 
 
 def finetune(config, run_dir, train_file, eval_file, pretrained=None, val_file=None, verbose=None):

@@ -18,6 +18,7 @@ TASKS = {
     "masked_lm": "tfglm.tasks.masked_lm:MaskedLM",
     "classify": "tfglm.tasks.classify:Classify",
     "seq2seq": "tfglm.tasks.seq2seq:Seq2Seq",
+    "chat": "tfglm.tasks.chat:Chat",
 }
 DEFAULT_FOR_KIND = {"gpt": "causal_lm", "bert": "masked_lm", "translate": "seq2seq"}  # what `tfglm train` runs
 

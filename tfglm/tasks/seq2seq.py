@@ -130,7 +130,7 @@ class Seq2Seq(Task):
     def serving(self, model, jit_compile):
         module = serving_module(self.translator(model, jit_compile=jit_compile))
         signatures = {"translate": module.translate, "serving_default": module.translate}
-        return module, signatures, ("translate", "sources"), self.config.generate.prompt
+        return module, signatures, ("translate", {"sources": [self.config.generate.prompt]})
 
 
 def load_translator(run_dir, beam_width=None, jit_compile=True):

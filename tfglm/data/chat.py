@@ -1,0 +1,156 @@
+"""Conversations: the files they come in, the chat template, and turning a batch of them into token ids in the
+graph (for training, and for the export's `chat` signature alike).
+
+A conversation is a list of messages, each a role ("system", "user" or "assistant") and a text. Files:
+- JSONL, one conversation a line: `{"messages": [{"role": "user", "content": "Hi"}, ...]}`;
+- TSV or CSV with a header row: one single-turn conversation a row, a question and an answer column
+  (`chat.question_column`, `chat.answer_column`).
+
+The template: the role markers `<|system|>`, `<|user|>`, `<|assistant|>` are special tokens appended to the run's
+tokenizer (ids after its own vocabulary), so no text a user types can produce one. A conversation reads
+
+    <eot> <|system|> text <eot> <|user|> text <eot> <|assistant|> text <eot> <|user|> ...
+
+and the prompt for the next reply ends with `<|assistant|>`; the model writes the reply and ends it with `<eot>`,
+where decoding stops. Training weights the assistant's text tokens and the `<eot>` that ends them, nothing else.
+"""
+
+import json
+import os
+
+import tensorflow as tf
+
+from tfglm.data import labelled
+from tfglm.errors import TfglmError
+
+ROLES = ("system", "user", "assistant")
+MARKERS = tuple(f"<|{role}|>" for role in ROLES)
+
+
+class ChatTokenizer(tf.Module):
+    """A run's tokenizer with the chat template's role markers added after its vocabulary.
+
+    Examples:
+    ```python
+    import tensorflow as tf
+    from tfglm import CharTokenizer
+    from tfglm.data.chat import ChatTokenizer
+
+    tokenizer = ChatTokenizer(CharTokenizer("abcdefgh hi"))
+    ids, weights, dropped = tokenizer.encode_chat(tf.constant([["user", "assistant"]]), tf.constant([["hi", "ab"]]),
+                                                  budget=64)
+    # ids: <eot> <|user|> h i <eot> <|assistant|> a b <eot>; weights 1.0 on a, b and the last <eot>
+    assert weights.to_list() == [[0, 0, 0, 0, 0, 0, 1, 1, 1]]
+    ```
+    """
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.kind = base.kind
+        self.vocab_size = base.vocab_size + len(ROLES)
+        self.eot_id = base.eot_id
+        self.role_ids = {role: base.vocab_size + i for i, role in enumerate(ROLES)}
+        self._roles = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(tf.constant(ROLES), tf.constant(list(self.role_ids.values()))),
+            default_value=-1)
+
+    def tokenize(self, strings):
+        return self.base.tokenize(strings)
+
+    def detokenize(self, ids):
+        """Text of `ids`; role markers write nothing."""
+        ids = ids if isinstance(ids, tf.RaggedTensor) else tf.RaggedTensor.from_tensor(ids)
+        return self.base.detokenize(tf.ragged.boolean_mask(ids, ids < self.base.vocab_size))
+
+    def save(self, directory):
+        """The base tokenizer's files, with the markers recorded in tokenizer.json (`load_tokenizer` reads them)."""
+        self.base.save(directory)
+        path = os.path.join(directory, "tokenizer.json")
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({**spec, "chat_markers": list(MARKERS)}, f, ensure_ascii=False)
+
+    def encode_chat(self, roles, contents, budget, generation_prompt=False):
+        """Token ids of conversations `roles`, `contents` (strings [batch, messages]; role "" pads a shorter one).
+
+        Each conversation keeps a leading system message and then its most recent messages that fit `budget` tokens
+        with the leading `<eot>` (and, with `generation_prompt`, the closing `<|assistant|>`); older ones are dropped
+        whole. The last message is always kept, so a row can still exceed `budget`: the caller cuts or drops it.
+        Returns (ids, weights, dropped): ragged int32 and float32 [batch, None] (weights 1 on the assistant's
+        tokens and their closing `<eot>`), and the number of messages dropped from each row (int32 [batch]).
+        """
+        role_ids = self._roles.lookup(roles)
+        present = roles != ""
+        tf.debugging.assert_equal(tf.reduce_all((role_ids >= 0) | ~present), True,
+                                  message="roles: each role must be system, user, assistant or '' (no message)")
+        shape = tf.shape(roles)
+        flat_roles = tf.reshape(role_ids, [-1, 1])
+        text = self.base.tokenize(tf.reshape(contents, [-1]))
+        ones = tf.ones_like(flat_roles)
+        messages = tf.concat([flat_roles, text, ones * self.eot_id], axis=1)  # [batch * messages, None]
+        assistant = tf.cast(flat_roles == self.role_ids["assistant"], tf.float32)
+        weights = tf.concat([tf.zeros_like(assistant), tf.ones_like(text, tf.float32) * assistant, assistant], axis=1)
+
+        sizes = tf.where(present, tf.reshape(tf.cast(messages.row_lengths(), tf.int32), shape), 0)
+        system = (role_ids[:, :1] == self.role_ids["system"]) & (tf.range(shape[1])[None, :] == 0)
+        system_size = tf.reduce_sum(tf.where(system, sizes, 0), axis=1, keepdims=True)
+        room = budget - 1 - tf.cast(generation_prompt, tf.int32) - system_size
+        from_here = tf.cumsum(tf.where(system, 0, sizes), axis=1, reverse=True)  # tokens from each message on
+        last = tf.cumsum(tf.cast(present, tf.int32), axis=1, reverse=True) == 1
+        keep = present & (system | (from_here <= room) | (last & present))
+        dropped = tf.reduce_sum(tf.cast(present & ~keep, tf.int32), axis=1)
+
+        def join(parts, first, final):
+            kept = tf.ragged.boolean_mask(parts, tf.reshape(keep, [-1]))
+            rows = tf.RaggedTensor.from_row_lengths(kept, tf.reduce_sum(tf.cast(keep, tf.int64), axis=1))
+            joined = rows.merge_dims(1, 2)
+            pieces = [tf.fill([shape[0], 1], first), joined]
+            if generation_prompt:
+                pieces.append(tf.fill([shape[0], 1], final))
+            return tf.concat(pieces, axis=1)
+
+        ids = join(messages, self.eot_id, self.role_ids["assistant"])
+        return ids, join(weights, 0.0, 0.0), dropped
+
+
+def read_conversations(path, question_column="question", answer_column="answer"):
+    """[(roles, contents)] of a JSONL conversations file or a question/answer TSV/CSV; every problem (invalid JSON,
+    an unknown role, an empty conversation, one without an assistant message) is an error naming file and line."""
+    conversations = []
+    for line, row in labelled.rows(path):
+        where = f"{path}:{line}"
+        if path.lower().endswith(".jsonl"):
+            messages = row.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise TfglmError(f"{where}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}} "
+                                 f"with at least one message")
+            roles, contents = [], []
+            for i, message in enumerate(messages):
+                if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+                    raise TfglmError(f"{where}: message {i + 1}: expected {{\"role\": ..., \"content\": \"text\"}}")
+                if message.get("role") not in ROLES:
+                    raise TfglmError(f"{where}: message {i + 1}: unknown role {message.get('role')!r} "
+                                     f"(expected {', '.join(ROLES)})")
+                roles.append(message["role"])
+                contents.append(message["content"])
+        else:
+            for column in (question_column, answer_column):
+                if column not in row:
+                    raise TfglmError(f"{where}: no column {column!r} (has: {', '.join(row)}); set "
+                                     f"chat.question_column / chat.answer_column")
+            roles, contents = ["user", "assistant"], [row[question_column], row[answer_column]]
+        if "assistant" not in roles:
+            raise TfglmError(f"{where}: the conversation has no assistant message (nothing to learn)")
+        conversations.append((roles, contents))
+    if not conversations:
+        raise TfglmError(f"{path}: no conversations")
+    return conversations
+
+
+def as_batch(conversations):
+    """(roles, contents) string arrays [batch, longest], shorter conversations padded with role ""."""
+    longest = max(len(roles) for roles, _ in conversations)
+    return ([roles + [""] * (longest - len(roles)) for roles, _ in conversations],
+            [contents + [""] * (longest - len(contents)) for _, contents in conversations])

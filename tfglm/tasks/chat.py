@@ -1,0 +1,197 @@
+"""Chat fine-tuning: a GPT (a `tfglm train` run, an imported GPT-2, or a new one) taught to answer as the assistant
+of conversations (`tfglm.data.chat`: files, template, encoding), with the loss on the assistant's tokens only.
+
+Each conversation is one example: its template ids, the oldest messages dropped whole to fit the context (counted
+and reported), padded to the context + 1 so every batch has one static shape. Conversations are short next to
+typical contexts once trimmed, and one shape means one XLA program. The validation loss (which picks the best
+checkpoint and stops early) and eval.json's loss are per assistant token.
+"""
+
+import logging
+import math
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from tfglm.data.chat import ChatTokenizer, as_batch, read_conversations
+from tfglm.data.corpus import per_token_weights
+from tfglm.data.tokenizers import load_tokenizer, new_tokenizer
+from tfglm.errors import TfglmError
+from tfglm.generation.decode import Generator
+from tfglm.models.gpt import GPT
+from tfglm.tasks import runs
+from tfglm.tasks.base import Task, epoch_schedule
+from tfglm.tasks.causal_lm import serving_module
+from tfglm.tasks.registry import load_run
+
+log = logging.getLogger("tfglm")
+
+
+class Chat(Task):
+    """Conversations in (`chat.train_file`, `chat.val_file` or a held-out share), a GPT that answers out;
+    `train.init_from` names the GPT run to start from."""
+
+    name = "chat"
+    model_kinds = ("gpt",)
+    generates = True
+
+    def __init__(self, config, run_dir):
+        super().__init__(config, run_dir)
+        self.patience = config.chat.patience
+
+    def load_vocabulary(self):
+        self.tokenizer = load_tokenizer(runs.path(self.run_dir, runs.TOKENIZER))
+        if not isinstance(self.tokenizer, ChatTokenizer):
+            raise TfglmError(f"{self.run_dir}: its tokenizer has no chat markers (not a chat run)")
+
+    def prepare(self, resume, chief):
+        c = self.config.chat
+        if not c.train_file:
+            raise TfglmError("chat.train_file: no training conversations (--train)")
+        train = read_conversations(c.train_file, c.question_column, c.answer_column)
+        if c.val_file:
+            val = read_conversations(c.val_file, c.question_column, c.answer_column)
+        else:
+            order = np.random.RandomState(self.config.train.seed).permutation(len(train))
+            n_val = int(len(train) * c.val_fraction)
+            if n_val < 1:
+                raise TfglmError(f"chat.val_fraction: {c.val_fraction} of {len(train)} conversations leaves none for "
+                                 f"validation; raise it or pass --val")
+            train, val = [train[i] for i in order[n_val:]], [train[i] for i in order[:n_val]]
+        if resume:
+            self.load_vocabulary()
+        else:
+            if self.config.train.init_from:
+                base = load_tokenizer(runs.path(self.config.train.init_from, runs.TOKENIZER))
+            else:
+                base = new_tokenizer(self.config, [text for _, contents in train for text in contents])
+            self.tokenizer = base if isinstance(base, ChatTokenizer) else ChatTokenizer(base)
+            if chief:
+                os.makedirs(runs.path(self.run_dir, runs.TOKENIZER), exist_ok=True)
+                self.tokenizer.save(runs.path(self.run_dir, runs.TOKENIZER))
+        length = self.config.model.max_length + 1
+        self.train = encode(self.tokenizer, train, length, c.train_file)
+        self.val = encode(self.tokenizer, val, length, c.val_file or f"{c.train_file} (validation share)")
+        self.sample_message = next((contents[roles.index("user")] for roles, contents in val if "user" in roles),
+                                   "Hello")
+        log.info("chat fine-tuning on %d conversations (%d for validation), %d assistant tokens", len(self.train[0]),
+                 len(self.val[0]), int(self.train[1].sum()))
+
+    def schedule(self):
+        return epoch_schedule(self.config.train, self.config.chat, len(self.train[0]))
+
+    def build_model(self):
+        return GPT.from_config_tree(self.config.model, self.tokenizer.vocab_size)
+
+    def initialize(self, model):
+        """The `train.init_from` GPT's weights; the role markers' new embedding rows start as its rows' mean."""
+        if not self.config.train.init_from:
+            return
+        pretrained = load_run(self.config.train.init_from)
+        if not isinstance(pretrained.model, GPT):
+            raise TfglmError(f"train.init_from: {self.config.train.init_from} is a {pretrained.task.name} run; a "
+                             f"chat model starts from a GPT (a causal_lm or chat run)")
+        weights = []
+        for new, old in zip(model.get_weights(), pretrained.model.get_weights()):
+            if new.shape != old.shape and new.shape[1:] == old.shape[1:]:  # the token embedding gains the markers
+                old = np.concatenate([old, np.repeat(old.mean(0, keepdims=True), len(new) - len(old), 0)])
+            weights.append(old)
+        model.set_weights(weights)
+
+    def datasets(self, step):
+        t = self.schedule()
+        train = examples(*self.train, t.batch_size, seed=t.seed)
+        if len(self.val[0]) < t.batch_size:
+            raise TfglmError(f"chat: {len(self.val[0])} validation conversations, fewer than one batch of "
+                             f"{t.batch_size}; lower chat.batch_size or give more")
+        return train.skip(step), examples(*self.val, t.batch_size).cache()
+
+    def tokens_per_step(self):
+        return self.config.chat.batch_size * self.config.model.max_length
+
+    def samples(self, model):
+        """The reply to the first validation conversation's first message (greedy, no XLA)."""
+        if not hasattr(self, "_sampler"):
+            self._sampler = Generator(model, self.tokenizer, jit_compile=False)
+        first = self.sample_message
+        out = self._sampler.chat(tf.constant([["user"]]), tf.constant([[first]]), 64, 0.0, 0, 1.0, 0)
+        return {"chat": f"user: {first}\nassistant: {out['completions'].numpy()[0].decode(errors='replace')}"}
+
+    def generator(self, model):
+        return Generator(model, self.tokenizer)
+
+    def evaluate(self, model, args):
+        """Assistant-token loss and perplexity on the conversations file `--data`."""
+        if not args.data:
+            raise TfglmError("--data: a chat model is scored on a conversations file (JSONL, or question/answer "
+                             "TSV/CSV)")
+        c = self.config.chat
+        ids, weights = encode(self.tokenizer, read_conversations(args.data, c.question_column, c.answer_column),
+                              self.config.model.max_length + 1, args.data)
+        loss, tokens = assistant_loss(model, ids, weights, c.batch_size)
+        return {"data": args.data, "conversations": len(ids), "assistant_tokens": tokens, "loss": round(loss, 5),
+                "perplexity": round(math.exp(min(loss, 50.0)), 4)}
+
+    def serving(self, model, jit_compile):
+        module = serving_module(Generator(model, self.tokenizer, jit_compile=jit_compile), self.config.generate)
+        signatures = {name: getattr(module, name) for name in ("chat", "generate", "score", "tokenize",
+                                                                "detokenize")}
+        signatures["serving_default"] = module.chat
+        return module, signatures, ("chat", {"roles": [["user"]], "contents": [[self.config.generate.prompt or "Hello"]]})
+
+
+def encode(tokenizer, conversations, length, where, batch_size=256):
+    """(ids, weights): int32 and float32 [conversations, `length`], the template ids and assistant-token weights of
+    each conversation, its oldest messages dropped to fit `length` and right-padded with `<eot>` (weight 0).
+    A conversation whose last message alone is longer is cut from the left; one left with no assistant token is
+    dropped. Each case is counted and reported."""
+    ids, weights = [], []
+    trimmed = dropped_messages = cut = empty = 0
+    for start in range(0, len(conversations), batch_size):
+        roles, contents = as_batch(conversations[start:start + batch_size])
+        batch_ids, batch_weights, dropped = tokenizer.encode_chat(tf.constant(roles), tf.constant(contents), length)
+        for row_ids, row_weights, row_dropped in zip(batch_ids.numpy(), batch_weights.numpy(), dropped.numpy()):
+            trimmed += row_dropped > 0
+            dropped_messages += row_dropped
+            if len(row_ids) > length:
+                cut += 1
+                row_ids, row_weights = row_ids[-length:], row_weights[-length:]
+            if not row_weights.any():
+                empty += 1
+                continue
+            ids.append(np.pad(row_ids, (0, length - len(row_ids)), constant_values=tokenizer.eot_id))
+            weights.append(np.pad(row_weights, (0, length - len(row_weights))))
+    context = f"the context ({length - 1} tokens)"
+    if trimmed:
+        log.warning("%s: %d of %d conversations longer than %s: their %d oldest messages dropped", where, trimmed,
+                    len(conversations), context, dropped_messages)
+    if cut:
+        log.warning("%s: %d conversation(s) cut from the left: their last message alone is longer than %s", where,
+                    cut, context)
+    if empty:
+        log.warning("%s: %d conversation(s) skipped: no assistant token left within %s", where, empty, context)
+    if not ids:
+        raise TfglmError(f"{where}: no conversation has an assistant token within {context}")
+    return np.stack(ids).astype(np.int32), np.stack(weights).astype(np.float32)
+
+
+def examples(ids, weights, batch_size, seed=None):
+    """Batches (inputs, targets, per-token weights) of whole conversations; with `seed`, shuffled anew each pass and
+    endless."""
+    ds = tf.data.Dataset.from_tensor_slices((ids, weights))
+    if seed is not None:
+        ds = ds.shuffle(len(ids), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return ds.map(lambda x, w: (x[:, :-1], x[:, 1:], per_token_weights(w[:, 1:]))).prefetch(tf.data.AUTOTUNE)
+
+
+def assistant_loss(model, ids, weights, batch_size):
+    """(mean cross-entropy per assistant token, their count) of `model` on encoded conversations."""
+    total, count = 0.0, 0.0
+    for start in range(0, len(ids), batch_size):
+        x, w = ids[start:start + batch_size], weights[start:start + batch_size, 1:]
+        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(x[:, 1:], model(x[:, :-1], training=False))
+        total += float(tf.reduce_sum(losses * w))
+        count += float(w.sum())
+    return total / count, int(count)
