@@ -33,3 +33,22 @@ def pattern_file(tmp_path):
 def requires_shared(*parts):
     path = os.path.join(SHARED_DATA, *parts)
     return pytest.mark.skipif(not os.path.exists(path), reason=f"needs ../shared/data/{'/'.join(parts)}, absent here")
+
+
+QA = [("hi", "hello there"), ("what is your name?", "i am tfglm"), ("how are you?", "fine, thanks"),
+      ("bye", "see you soon")]
+
+
+def write_conversations(path, n, seed=0):
+    """`n` JSONL conversations of 1 to 3 of the fixed question/answer pairs `QA`, in a seeded random order."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            messages = []
+            for question, answer in rng.sample(QA, rng.randint(1, 3)):
+                messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return str(path)

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import write_conversations
 from test_train import _stop_at_step
 from tfglm.config import load_config
 from tfglm.errors import TfglmError
@@ -41,6 +42,8 @@ def task_configs(tmp_path_factory):
         (root / f"{name}.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in _rows(rng, n)))
     pairs = [(" ".join(rng.choice(WORDS, 3)), None) for _ in range(300)]
     (root / "pairs.tsv").write_text("".join(f"{s}\t{' '.join(reversed(s.split()))}\n" for s, _ in pairs))
+    write_conversations(root / "conv.jsonl", 192)
+    write_conversations(root / "conv-val.jsonl", 16, seed=1)
     steps = ["train.steps=16", "train.eval_interval=8", "train.steps_per_execution=4", "train.warmup_steps=2"]
     bert = ["model.kind=bert", "tokenizer.kind=wordpiece", "tokenizer.vocab_size=300", "model.max_length=16"]
     return {
@@ -52,6 +55,8 @@ def task_configs(tmp_path_factory):
         "seq2seq": SMALL + steps + ["model.kind=translate", "tokenizer.kind=sentencepiece", "tokenizer.vocab_size=300",
                                     "model.max_length=16", f"translate.pairs={root / 'pairs.tsv'}",
                                     f"translate.val_pairs={root / 'pairs.tsv'}"],
+        "chat": SMALL + steps + ["model.max_length=32", "chat.epochs=2", "chat.batch_size=8",
+                                 f"chat.train_file={root / 'conv.jsonl'}", f"chat.val_file={root / 'conv-val.jsonl'}"],
     }
 
 
@@ -70,11 +75,11 @@ def references(task_configs, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["causal_lm", "masked_lm", "classify", "seq2seq"])
+@pytest.mark.parametrize("name", ["causal_lm", "masked_lm", "classify", "seq2seq", "chat"])
 def test_each_task_trains_records_its_run_and_resumes_exactly(name, task_configs, references, tmp_path, monkeypatch):
     reference_dir, reference_weights = references[name]
     rows = runs.read_metrics(reference_dir)
-    assert [r["step"] for r in rows] in ([8, 16], [24, 48])  # classify: two epochs of 24 steps
+    assert [r["step"] for r in rows] in ([8, 16], [24, 48])  # classify, chat: two epochs of 24 steps
     assert all(np.isfinite(r["val_loss"]) for r in rows)
     with open(os.path.join(reference_dir, runs.RUN)) as f:
         record = json.load(f)
@@ -98,7 +103,7 @@ def test_each_task_trains_records_its_run_and_resumes_exactly(name, task_configs
         assert json.load(f)["resumed_from_step"] == [rows[0]["step"]]
 
 
-@pytest.mark.parametrize("name", ["masked_lm", "classify", "seq2seq"])
+@pytest.mark.parametrize("name", ["masked_lm", "classify", "seq2seq", "chat"])
 def test_each_task_under_mirrored_strategy_matches_one_device(name, task_configs, references, tmp_path):
     """Two logical CPUs (a process of its own: devices are set before TensorFlow starts), against the one-device run
     (the GPT's case is in test_distribute). Tolerance 2e-3 on the weights after 16 steps: the all-reduce sums the
@@ -119,7 +124,7 @@ def test_each_task_under_mirrored_strategy_matches_one_device(name, task_configs
         np.testing.assert_allclose(a, b, atol=2e-3)
 
 
-@pytest.mark.parametrize("name", ["masked_lm", "classify", "seq2seq"])
+@pytest.mark.parametrize("name", ["masked_lm", "classify", "seq2seq", "chat"])
 def test_each_task_trains_in_mixed_bfloat16(name, task_configs, tmp_path):
     config = load_config(overrides=task_configs[name] + ["train.mixed_precision=mixed_bfloat16"])
     try:
@@ -133,7 +138,7 @@ def test_each_task_trains_in_mixed_bfloat16(name, task_configs, tmp_path):
 def test_the_registry_names_its_tasks_and_rejects_others(task_configs):
     assert get_task("classify").name == "classify"
     with pytest.raises(TfglmError, match=r"^task: unknown task 'chitchat' \(known: causal_lm, masked_lm, classify, "
-                                         r"seq2seq\)$"):
+                                         r"seq2seq, chat\)$"):
         get_task("chitchat")
     with pytest.raises(TfglmError, match="the seq2seq task trains 'translate' models, got 'gpt'"):
         get_task("seq2seq")(load_config(), "run")

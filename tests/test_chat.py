@@ -1,0 +1,155 @@
+"""Chat: the template and its tokenizer, the assistant-only loss weights, trimming to the context by whole turns, a
+tiny model that learns to answer through the graph and the export, and one-line errors for bad conversation files."""
+
+import json
+import os
+
+import pytest
+import tensorflow as tf
+
+from conftest import QA, write_conversations
+from tfglm.cli import main
+from tfglm.data.chat import MARKERS, ChatTokenizer, read_conversations
+from tfglm.data.tokenizers import CharTokenizer, load_tokenizer
+from tfglm.errors import TfglmError
+from tfglm.serving.export import export_run
+from tfglm.tasks import runs
+from tfglm.tasks.registry import load_run
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz ,?!"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return ChatTokenizer(CharTokenizer(ALPHABET))
+
+
+def _encode(tokenizer, conversation, budget=1000, generation_prompt=False):
+    roles, contents = zip(*conversation)
+    ids, weights, dropped = tokenizer.encode_chat(tf.constant([roles]), tf.constant([contents]), budget,
+                                                  generation_prompt)
+    return ids.to_list()[0], weights.to_list()[0], int(dropped[0])
+
+
+def test_template_layout_and_save_load_round_trip(tokenizer, tmp_path):
+    conversation = [("system", "be brief"), ("user", "hi"), ("assistant", "hello")]
+    ids, _, _ = _encode(tokenizer, conversation, generation_prompt=True)
+    base = tokenizer.base
+    text = lambda s: base.tokenize(tf.constant([s])).to_list()[0]  # noqa: E731
+    system, user, assistant = (tokenizer.role_ids[r] for r in ("system", "user", "assistant"))
+    eot = tokenizer.eot_id
+    assert ids == ([eot, system] + text("be brief") + [eot, user] + text("hi") + [eot, assistant] + text("hello")
+                   + [eot, assistant])
+    assert sorted(tokenizer.role_ids.values()) == list(range(base.vocab_size, base.vocab_size + 3))
+    assert tokenizer.detokenize(tf.ragged.constant([ids])).numpy()[0] == b"be briefhihello"  # markers write nothing
+    # A user typing a marker gets its characters, never the marker's id.
+    assert max(tokenizer.tokenize(tf.constant(["<|assistant|>"])).to_list()[0]) < base.vocab_size
+
+    tokenizer.save(str(tmp_path))
+    with open(tmp_path / "tokenizer.json") as f:
+        assert json.load(f)["chat_markers"] == list(MARKERS)
+    loaded = load_tokenizer(str(tmp_path))
+    assert isinstance(loaded, ChatTokenizer) and loaded.vocab_size == tokenizer.vocab_size
+    assert _encode(loaded, conversation, generation_prompt=True)[0] == ids
+
+
+def test_loss_weights_cover_exactly_the_assistant_tokens(tokenizer):
+    conversation = [("user", "hi"), ("assistant", "hello"), ("user", "bye"), ("assistant", "see you")]
+    ids, weights, _ = _encode(tokenizer, conversation)
+    assistant_id, eot = tokenizer.role_ids["assistant"], tokenizer.eot_id
+    expected, role = [], None
+    for token in ids:  # a position is learnt iff it lies after <|assistant|>, up to and including its <eot>
+        if token >= tokenizer.base.vocab_size:
+            role = token
+            expected.append(0.0)
+            continue
+        expected.append(1.0 if role == assistant_id else 0.0)
+        if token == eot:
+            role = None
+    assert weights == expected
+    assert sum(weights) == len("hello") + len("see you") + 2
+
+
+def test_trimming_drops_whole_oldest_turns_and_keeps_the_system_message(tokenizer):
+    conversation = [("system", "sys"), ("user", "aaaa"), ("assistant", "bbbb"), ("user", "cc"), ("assistant", "dd")]
+    full, _, dropped = _encode(tokenizer, conversation)
+    assert dropped == 0 and len(full) == 1 + 5 + 6 + 6 + 4 + 4
+    # Room for the system message and the last two messages only: the first exchange goes, whole.
+    ids, weights, dropped = _encode(tokenizer, conversation, budget=1 + 5 + 4 + 4)
+    assert dropped == 2
+    assert ids == _encode(tokenizer, [conversation[0]] + conversation[3:])[0]
+    assert sum(weights) == len("dd") + 1
+    # Too small even for the last message: it is kept whole (the caller cuts or drops the row).
+    ids, _, dropped = _encode(tokenizer, conversation, budget=3)
+    assert dropped == 3 and ids == _encode(tokenizer, [conversation[0], conversation[-1]])[0]
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    """A tiny GPT fine-tuned from scratch on conversations of fixed question/answer pairs."""
+    root = tmp_path_factory.mktemp("chat")
+    data = write_conversations(root / "conv.jsonl", 240)
+    run_dir = str(root / "run")
+    assert main(["finetune", "--task", "chat", "--from-scratch", "--config", "configs/gpt-char-tiny.yaml",
+                 "--train", data, "--eval", data, "--out", run_dir, "--set", "model.max_length=64",
+                 "--set", "model.num_layers=2", "--set", "model.hidden_dim=64", "--set", "chat.epochs=20",
+                 "--set", "chat.learning_rate=3e-3"]) == 0
+    return run_dir
+
+
+def test_a_tiny_model_learns_to_answer_in_the_graph_and_through_the_export(chat_run, tmp_path):
+    with open(os.path.join(chat_run, runs.EVAL)) as f:
+        scores = json.load(f)
+    assert scores["perplexity"] < 1.2 and scores["assistant_tokens"] > 1000
+    run = load_run(chat_run)
+    assert run.task.name == "chat"
+    questions = [q for q, _ in QA]
+    roles = tf.constant([["user"]] * len(QA))
+    greedy = (tf.constant(24), tf.constant(0.0), tf.constant(0), tf.constant(1.0), tf.constant(0))
+    generator = run.task.generator(run.model)  # held: a tf.function method keeps only a weak reference to it
+    out = generator.chat(roles, tf.constant([[q] for q in questions]), *greedy)
+    assert [r.decode() for r in out["completions"].numpy()] == [a for _, a in QA]
+
+    served = tf.saved_model.load(export_run(chat_run, str(tmp_path / "models")))
+    names = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+    out = served.signatures["chat"](roles=roles, contents=tf.constant([[q] for q in questions]),
+                                    **dict(zip(names, greedy)))
+    assert [r.decode() for r in out["replies"].numpy()] == [a for _, a in QA]
+    assert out["num_tokens"].numpy().tolist() == [len(a) for _, a in QA]
+
+
+def test_evaluate_scores_assistant_tokens_of_a_conversations_file(chat_run, tmp_path, capsys):
+    data = write_conversations(tmp_path / "test.jsonl", 20, seed=3)
+    assert main(["evaluate", "--model", chat_run, "--data", data]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["conversations"] == 20 and result["loss"] < 0.2
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"messages": [{"role": "user", "content": "hi"}', r"conv.jsonl:2: invalid JSON"),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}', r"conv.jsonl:2: message 1: unknown role 'robot'"),
+    ('{"messages": []}', r"conv.jsonl:2: expected .* with at least one message"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', r"conv.jsonl:2: the conversation has no assistant message"),
+    ('{"messages": [{"role": "user", "content": 5}]}', r"conv.jsonl:2: message 1: expected"),
+])
+def test_bad_conversation_files_are_one_line_errors(tmp_path, content, message):
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'
+    path = tmp_path / "conv.jsonl"
+    path.write_text(good + "\n" + content + "\n")
+    with pytest.raises(TfglmError, match=message) as error:
+        read_conversations(str(path))
+    assert "\n" not in str(error.value)
+
+
+def test_question_answer_tables_and_cli_errors(tmp_path, capsys):
+    table = tmp_path / "qa.tsv"
+    table.write_text("q\ta\nhi\thello\n")
+    assert read_conversations(str(table), "q", "a") == [(["user", "assistant"], ["hi", "hello"])]
+    with pytest.raises(TfglmError, match=r"qa.tsv:2: no column 'question' \(has: q, a\)"):
+        read_conversations(str(table))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    assert main(["finetune", "--task", "chat", "--from-scratch", "--config", "configs/gpt-char-tiny.yaml",
+                 "--train", str(bad), "--eval", str(bad), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"tfglm: error: {bad}:1: the conversation has no assistant message (nothing to learn)"
