@@ -4,6 +4,7 @@ tiny model that learns to answer through the graph and the export, and one-line 
 import json
 import os
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -123,6 +124,21 @@ def test_evaluate_scores_assistant_tokens_of_a_conversations_file(chat_run, tmp_
     assert main(["evaluate", "--model", chat_run, "--data", data]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["conversations"] == 20 and result["loss"] < 0.2
+
+
+def test_lora_chat_fine_tune_trains_the_embeddings_with_the_lora_factors(chat_run, tmp_path):
+    data = write_conversations(tmp_path / "conv.jsonl", 200, seed=2)
+    run_dir = str(tmp_path / "lora")
+    assert main(["finetune", "--task", "chat", "--model", chat_run, "--train", data, "--eval", data, "--out", run_dir,
+                 "--set", "train.lora_rank=2", "--set", "chat.epochs=1", "--set", "chat.learning_rate=1e-2"]) == 0
+    before, after = load_run(chat_run).model, load_run(run_dir).model
+    markers = slice(before.vocab_size - 3, None)
+    embeddings = [m.token_embedding.embeddings.numpy() for m in (before, after)]
+    assert np.abs(embeddings[0][markers] - embeddings[1][markers]).max() > 1e-3  # the markers' rows trained
+    qkv = [m.blocks[0].attention.qkv.kernel.numpy() for m in (before, after)]
+    assert np.abs(qkv[0] - qkv[1]).max() > 1e-4  # the LoRA update, merged into the saved kernel
+    norms = [m.final_norm.gamma.numpy() for m in (before, after)]
+    np.testing.assert_array_equal(norms[0], norms[1])  # frozen
 
 
 @pytest.mark.parametrize("content, message", [

@@ -67,6 +67,10 @@ class Task:
         """The part of `model` another task can start from (`train.init_from`)."""
         return model
 
+    def trained_with_lora(self, model):
+        """Variables of the backbone that must train even under LoRA (`train.lora_rank`), which freezes the rest."""
+        return []
+
     def generator(self, model):
         """A strings-in, strings-out generator (`tfglm generate`), for tasks that generate free text."""
         raise TfglmError(f"{self.run_dir}: a {self.name} run does not generate free text")

@@ -99,6 +99,10 @@ class Chat(Task):
             weights.append(old)
         model.set_weights(weights)
 
+    def trained_with_lora(self, model):
+        """The token embeddings: the role markers' rows are new (as PEFT's `modules_to_save` for added tokens)."""
+        return [model.token_embedding.embeddings]
+
     def datasets(self, step):
         t = self.schedule()
         train = examples(*self.train, t.batch_size, seed=t.seed)

@@ -191,6 +191,8 @@ def train(config, run_dir, task=None, resume=False, tpu=None, verbose=None):
             task.initialize(model)
         if t.lora_rank:
             enable_lora(task.backbone(model), t.lora_rank)
+            for variable in task.trained_with_lora(model):
+                variable.trainable = True
         compile_model(model, schedule, **task.compile_options())
         step = resumed_step(model, run_dir) if resume else 0
     result = Run(config, task.tokenizer, model, task)
