@@ -406,3 +406,24 @@ def test_imported_gpt2_exports_with_core_and_text_ops_only(tmp_path):
     generator = run.task.generator(run.model)  # held: a tf.function method keeps only a weak reference to it
     expected = generator.generate(tf.constant(texts), 4, 0.0, 0, 1.0, 0)["completions"]
     assert served["completions"] == [t.hex() for t in expected.numpy()]
+
+
+def test_imported_gpt2_fine_tunes_as_a_chat_model_with_its_bytepair_vocabulary(tmp_path):
+    from conftest import write_conversations
+    from tfglm.data.chat import ChatTokenizer
+
+    import_checkpoint("huggingface", write_hf_gpt2(tmp_path / "hf-gpt2"), str(tmp_path / "gpt2"))
+    data = write_conversations(tmp_path / "conv.jsonl", 40)
+    run_dir = str(tmp_path / "chat")
+    assert main(["finetune", "--task", "chat", "--model", str(tmp_path / "gpt2"), "--train", data, "--eval", data,
+                 "--out", run_dir, "--set", "chat.epochs=1", "--set", "chat.batch_size=4",
+                 "--set", "train.jit_compile=false"]) == 0
+    run = tfglm.load_run(run_dir)
+    assert isinstance(run.tokenizer, ChatTokenizer) and run.tokenizer.base.kind == "bytepair"
+    assert run.model.vocab_size == GV + 3 and run.tokenizer.eot_id == GV - 1  # <|endoftext|> ends each reply
+    ids, _, _ = run.tokenizer.encode_chat(tf.constant([["user"]]), tf.constant([["the cat sat on the mat"]]), 32,
+                                          generation_prompt=True)
+    assert ids.to_list() == [[GV - 1, GV + 1] + GPT2_IDS["the cat sat on the mat"] + [GV - 1, GV + 2]]
+    generator = run.task.generator(run.model)  # held: a tf.function method keeps only a weak reference to it
+    out = generator.chat(tf.constant([["user"]]), tf.constant([["hi"]]), 4, 0.0, 0, 1.0, 0)
+    assert 0 <= out["num_tokens"].numpy()[0] <= 4
