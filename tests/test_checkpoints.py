@@ -427,3 +427,22 @@ def test_imported_gpt2_fine_tunes_as_a_chat_model_with_its_bytepair_vocabulary(t
     generator = run.task.generator(run.model)  # held: a tf.function method keeps only a weak reference to it
     out = generator.chat(tf.constant([["user"]]), tf.constant([["hi"]]), 4, 0.0, 0, 1.0, 0)
     assert 0 <= out["num_tokens"].numpy()[0] <= 4
+
+
+def test_a_causal_lm_run_continues_training_an_imported_gpt2(tmp_path, capsys):
+    gpt2 = str(tmp_path / "gpt2")
+    import_checkpoint("huggingface", write_hf_gpt2(tmp_path / "hf-gpt2"), gpt2)
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat\n" * 200)
+    common = ["--config", os.path.join(gpt2, runs.CONFIG), "--data", str(text), "--set", "train.steps=4",
+              "--set", "train.batch_size=2", "--set", "train.eval_batches=1", "--set", "train.jit_compile=false"]
+    # A learning rate of ~0 keeps the starting weights: the run began from the import's.
+    assert main(["train", *common, "--out", str(tmp_path / "more"), "--set", f"train.init_from={gpt2}",
+                 "--set", "train.learning_rate=1e-12", "--set", "train.min_learning_rate=0"]) == 0
+    for a, b in zip(tfglm.load_run(str(tmp_path / "more")).model.get_weights(),
+                    tfglm.load_run(gpt2).model.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    capsys.readouterr()
+    assert main(["train", *common, "--out", str(tmp_path / "other"), "--set", f"train.init_from={gpt2}",
+                 "--set", "model.num_layers=1"]) == 2
+    assert "is not a GPT of this config's shape" in capsys.readouterr().err

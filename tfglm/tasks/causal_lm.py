@@ -22,6 +22,7 @@ from tfglm.generation.decode import CHAT_SIGNATURE, SIGNATURE, Generator
 from tfglm.models.gpt import GPT
 from tfglm.tasks import runs
 from tfglm.tasks.base import Task
+from tfglm.tasks.registry import load_run
 
 log = logging.getLogger("tfglm")
 TEXTS = tf.TensorSpec([None], tf.string, name="texts")
@@ -41,8 +42,14 @@ class CausalLM(Task):
             corpus.embedded_corpus_files()
         stats = corpus.scan_files(files)
         log.info("corpus: %d file(s), %.1f MB, %d characters", stats.files, stats.bytes / 1e6, stats.characters)
+        init_from = self.config.train.init_from
         if resume:
             self.load_vocabulary()
+        elif init_from:
+            self.tokenizer = load_tokenizer(runs.path(init_from, runs.TOKENIZER))
+            if chief:
+                os.makedirs(runs.path(self.run_dir, runs.TOKENIZER), exist_ok=True)
+                self.tokenizer.save(runs.path(self.run_dir, runs.TOKENIZER))
         else:
             if self.config.tokenizer.kind == "bytepair":
                 raise TfglmError("tokenizer.kind: 'bytepair' vocabularies come from `tfglm import`; tfglm trains "
@@ -63,6 +70,17 @@ class CausalLM(Task):
 
     def build_model(self):
         return GPT.from_config_tree(self.config.model, self.tokenizer.vocab_size)
+
+    def initialize(self, model):
+        """Continues from the `train.init_from` GPT (a trained or imported causal LM run of the same shape)."""
+        init_from = self.config.train.init_from
+        if init_from:
+            pretrained = load_run(init_from).model
+            shapes = [w.shape for w in pretrained.weights]
+            if not isinstance(pretrained, GPT) or shapes != [w.shape for w in model.weights]:
+                raise TfglmError(f"train.init_from: {init_from} is not a GPT of this config's shape (train with its "
+                                 f"config: --config {runs.path(init_from, runs.CONFIG)})")
+            model.set_weights(pretrained.get_weights())
 
     def datasets(self, step):
         t, length = self.config.train, self.config.model.max_length
