@@ -521,7 +521,9 @@ def main(argv=None):
         print(f"tfglm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("tfglm: interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)
+        training = args.command in ("train", "pretrain", "finetune")
+        print("tfglm: interrupted" + ("; the last checkpoint is intact (continue with --resume)" if training else ""),
+              file=sys.stderr)
         return 130
     return 0
 
