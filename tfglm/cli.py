@@ -2,6 +2,7 @@
 run looks its task up in the registry. A user's mistake is one line on stderr, never a traceback."""
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -78,6 +79,16 @@ def _parser():
     generate.add_argument("--prompt", action="append", help="seed text (repeat for several prompts)")
     _add_generate_options(generate)
     generate.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    generate.add_argument("--stream", action="store_true", help="print each completion as it is generated")
+
+    chat = command("chat", "talk with a chat run in the terminal (/reset, /exit), or answer --message turns")
+    chat.add_argument("--model", required=True, help="chat run directory (from `tfglm finetune --task chat`)")
+    chat.add_argument("--system", help="system message (default: the run's chat.system; '' for none)")
+    chat.add_argument("--message", action="append",
+                      help="a user turn, answered without a terminal (repeat for a conversation: each is answered "
+                           "with the turns before it)")
+    _add_generate_options(chat)
+    chat.add_argument("--json", action="store_true", help="with --message: print one JSON object per reply")
 
     export = command("export", "export a trained run as a TF Serving SavedModel version")
     export.add_argument("--model", required=True, help="run directory")
@@ -229,19 +240,39 @@ def _generate_settings(config, args=None):
     return load_config(base=config.to_dict(), overrides=overrides).generate
 
 
-def generate_texts(generator, prompts, settings):
-    """Runs the shared decode function; warns about prompts truncated to fit the context."""
+def _options(settings):
+    """The generation options of `settings` in `GENERATE_OPTIONS` order (the `Generator` methods' arguments)."""
+    return tuple(getattr(settings, o.name) for o in GENERATE_OPTIONS)
+
+
+def _warn_truncated(generator, prompts, settings, first=1):
+    """Warns about prompts (numbered from `first`) truncated from the left to fit the context."""
     import tensorflow as tf
 
     lengths = generator.prompt_ids(tf.constant(prompts), settings.max_new_tokens).row_lengths()
     full = generator.tokenizer.tokenize(tf.constant(prompts)).row_lengths() + 1
-    for i, (kept, had) in enumerate(zip(lengths.numpy(), full.numpy())):
+    for i, (kept, had) in enumerate(zip(lengths.numpy(), full.numpy()), first):
         if kept < had:
             log.warning("prompt %d: %d tokens, truncated from the left to the last %d (context %d minus %d new)",
-                        i + 1, had, kept, generator.context, settings.max_new_tokens)
-    out = generator.generate(tf.constant(prompts), settings.max_new_tokens, settings.temperature, settings.top_k,
-                             settings.top_p, settings.seed)
+                        i, had, kept, generator.context, settings.max_new_tokens)
+
+
+def generate_texts(generator, prompts, settings):
+    """Runs the shared decode function; warns about prompts truncated to fit the context."""
+    import tensorflow as tf
+
+    _warn_truncated(generator, prompts, settings)
+    out = generator.generate(tf.constant(prompts), *_options(settings))
     return [c.decode("utf-8", errors="replace") for c in out["completions"].numpy()], out["num_tokens"].numpy()
+
+
+def _check_utf8(option, texts):
+    """Command-line texts that cannot be encoded (undecodable bytes Python kept as surrogates) are a user error."""
+    for i, text in enumerate(texts, 1):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TfglmError(f"--{option} {i}: not valid UTF-8 (byte {e.start} of the {option})") from None
 
 
 def cmd_generate(args):
@@ -251,11 +282,17 @@ def cmd_generate(args):
     generator = run.task.generator(run.model)
     settings = _generate_settings(run.config, args)
     prompts = args.prompt or [settings.prompt]
-    for i, prompt in enumerate(prompts, 1):
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise TfglmError(f"--prompt {i}: not valid UTF-8 (byte {e.start} of the prompt)") from None
+    _check_utf8("prompt", prompts)
+    if args.stream:
+        if args.json:
+            raise TfglmError("--stream prints text as it comes; --json prints whole objects: give one of them")
+        for i, prompt in enumerate(prompts, 1):
+            _warn_truncated(generator, [prompt], settings, first=i)
+            print(prompt, end="", flush=True)
+            for pieces in generator.stream([prompt], *_options(settings)):
+                print(pieces[0], end="", flush=True)
+            print("\n" + "-" * 40)
+        return
     texts, counts = generate_texts(generator, prompts, settings)
     for prompt, text, count in zip(prompts, texts, counts):
         if args.json:
@@ -263,6 +300,130 @@ def cmd_generate(args):
         else:
             print(prompt + text)
             print("-" * 40)
+
+
+class ChatSession:
+    """One conversation with a chat run: the system message and the turns so far, forgetting (with one warning) the
+    oldest turns once they no longer fit the context, as the chat template's encoding drops them anyway."""
+
+    def __init__(self, generator, system, settings):
+        self.generator, self.system, self.settings = generator, system, settings
+        self.turns = []  # (role, text)
+        self.warned = False
+
+    def reset(self):
+        self.turns, self.warned = [], False
+
+    def ask(self, message):
+        """(roles, contents), strings [1, messages]: the conversation to answer once `message` joins it."""
+        import tensorflow as tf
+
+        self.turns.append(("user", message))
+        budget = self.generator.context - self.settings.max_new_tokens
+        _, _, dropped = self.generator.tokenizer.encode_chat(*map(tf.constant, self.conversation()), budget,
+                                                             generation_prompt=True)
+        dropped = int(dropped[0])
+        if dropped:
+            if not self.warned:
+                log.warning("the conversation outgrew the context (%d tokens minus %d new): its oldest turns are "
+                            "forgotten from now on", self.generator.context, self.settings.max_new_tokens)
+                self.warned = True
+            self.turns = self.turns[dropped:]
+        return self.conversation()
+
+    def conversation(self):
+        messages = ([("system", self.system)] if self.system else []) + self.turns
+        return [[role for role, _ in messages]], [[text for _, text in messages]]
+
+    def answered(self, reply):
+        self.turns.append(("assistant", reply))
+
+    def reply(self, message):
+        """The whole reply to `message` and its token count."""
+        import tensorflow as tf
+
+        roles, contents = self.ask(message)
+        out = self.generator.chat(tf.constant(roles), tf.constant(contents), *_options(self.settings))
+        reply = out["completions"].numpy()[0].decode("utf-8", errors="replace")
+        self.answered(reply)
+        return reply, int(out["num_tokens"].numpy()[0])
+
+    def stream(self, message):
+        """Yields the reply to `message` piece by piece as it is generated. Stopped early (Ctrl-C in it, or closed),
+        the conversation keeps the part of the reply already yielded, or forgets `message` when none was."""
+        reply, finished = [], False
+        try:
+            conversation = self.ask(message)
+            for pieces in self.generator.stream(None, *_options(self.settings), conversations=conversation):
+                reply.append(pieces[0])
+                yield pieces[0]
+            finished = True
+        finally:
+            if finished or "".join(reply):
+                self.answered("".join(reply))
+            elif self.turns[-1:] == [("user", message)]:
+                self.turns.pop()
+
+
+def _chat_terminal(session):
+    """The interactive loop: a line in, the reply streamed out; /reset, /exit, Ctrl-D; Ctrl-C stops a reply."""
+    try:
+        importlib.import_module("readline")  # gives input() line editing and a history
+    except ImportError:
+        pass
+    print("tfglm chat: /reset starts a new conversation; /exit or Ctrl-D ends; Ctrl-C stops a reply",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+            continue
+        command = line.strip()
+        if command == "/exit":
+            return
+        if command == "/reset":
+            session.reset()
+            print("(new conversation)")
+            continue
+        if not command:
+            continue
+        print("assistant> ", end="", flush=True)
+        reply = session.stream(command)
+        try:
+            for piece in reply:
+                print(piece, end="", flush=True)
+            print()
+        except KeyboardInterrupt:
+            reply.close()
+            print(" [stopped]")
+
+
+def cmd_chat(args):
+    from tfglm.data.chat import ChatTokenizer
+    from tfglm.tasks.registry import load_run
+
+    if args.json and not args.message:
+        raise TfglmError("--json: prints the replies to --message turns; give --message")
+    _check_utf8("message", args.message or [])
+    run = load_run(args.model)
+    if not isinstance(run.tokenizer, ChatTokenizer):
+        raise TfglmError(f"{args.model}: a {run.task.name} run, without the chat template; `tfglm chat` talks with a "
+                         f"chat run (`tfglm finetune --task chat`)")
+    system = run.config.chat.system if args.system is None else args.system
+    session = ChatSession(run.task.generator(run.model), system, _generate_settings(run.config, args))
+    if not args.message:
+        _chat_terminal(session)
+        return
+    for message in args.message:
+        reply, count = session.reply(message)
+        if args.json:
+            print(json.dumps({"message": message, "reply": reply, "num_tokens": count}, ensure_ascii=False))
+        else:
+            print(reply)
 
 
 def cmd_export(args):
@@ -351,16 +512,18 @@ def main(argv=None):
     logging.getLogger("tfglm").setLevel(logging.INFO)
     args = _parser().parse_args(argv)
     _quiet(args.verbose)
-    commands = {"train": cmd_train, "generate": cmd_generate, "export": cmd_export, "pretrain": cmd_pretrain,
-                "finetune": cmd_finetune, "import": cmd_import, "evaluate": cmd_evaluate, "predict": cmd_predict,
-                "translate": cmd_translate, "serve": cmd_serve, "client": cmd_client}
+    commands = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "export": cmd_export,
+                "pretrain": cmd_pretrain, "finetune": cmd_finetune, "import": cmd_import, "evaluate": cmd_evaluate,
+                "predict": cmd_predict, "translate": cmd_translate, "serve": cmd_serve, "client": cmd_client}
     try:
         commands[args.command](args)
     except TfglmError as e:
         print(f"tfglm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("tfglm: interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)
+        training = args.command in ("train", "pretrain", "finetune")
+        print("tfglm: interrupted" + ("; the last checkpoint is intact (continue with --resume)" if training else ""),
+              file=sys.stderr)
         return 130
     return 0
 

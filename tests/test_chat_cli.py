@@ -1,0 +1,157 @@
+"""`tfglm chat` (a terminal session, or --message turns) and `tfglm generate --stream`, on a tiny chat run that
+remembers a name told earlier in the conversation."""
+
+import json
+import logging
+import os
+import random
+import sys
+
+import pytest
+import tensorflow as tf
+
+from conftest import TINY
+from tfglm.cli import ChatSession, _generate_settings, main
+from tfglm.tasks.registry import load_run
+
+QA = [("hi", "hello there"), ("what is your name?", "i am tfglm"), ("how are you?", "fine, thanks"),
+      ("bye", "see you soon")]
+NAMES = ("ana", "bob", "eve", "max")
+GREEDY = ["--temperature", "0"]
+
+
+def _conversations():
+    """1 to 3 of the fixed question/answer pairs; a name told, then asked back; the name asked, never told."""
+    rng = random.Random(0)
+    rows = [rng.sample(QA, rng.randint(1, 3)) for _ in range(240)]
+    rows += [[(f"my name is {name}", f"hi {name}"), ("what is my name?", name)] for name in NAMES * 40]
+    rows += [[("what is my name?", "i do not know")]] * 40
+    return [{"messages": [{"role": role, "content": text} for question, answer in turns
+                          for role, text in (("user", question), ("assistant", answer))]} for turns in rows]
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    data = root / "conv.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in _conversations()))
+    sets = ["model.max_length=64", "model.num_layers=2", "model.hidden_dim=64", "chat.epochs=20",
+            "chat.learning_rate=3e-3", "generate.max_new_tokens=16"]
+    assert main(["finetune", "--task", "chat", "--from-scratch", "--config", "configs/gpt-char-tiny.yaml",
+                 "--train", str(data), "--eval", str(data), "--out", str(root / "run"),
+                 *[a for s in sets for a in ("--set", s)]]) == 0
+    return str(root / "run")
+
+
+@pytest.fixture(scope="module")
+def generator(chat_run):
+    run = load_run(chat_run)
+    return run.task.generator(run.model)
+
+
+def _reply(generator, *messages):
+    """`Generator.chat`'s greedy reply to the conversation `messages` (user and assistant in turn)."""
+    roles = [["user", "assistant"][i % 2] for i in range(len(messages))]
+    out = generator.chat(tf.constant([roles]), tf.constant([list(messages)]), 16, 0.0, 0, 1.0, 0)
+    return out["completions"].numpy()[0].decode()
+
+
+def test_message_turns_keep_the_history(chat_run, generator, capsys):
+    assert main(["chat", "--model", chat_run, "--message", "what is your name?", *GREEDY]) == 0
+    assert capsys.readouterr().out == "i am tfglm\n"
+    for name in ("bob", "eve"):
+        assert main(["chat", "--model", chat_run, "--message", f"my name is {name}", "--message", "what is my name?",
+                     "--json", *GREEDY]) == 0
+        told, asked = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert told == {"message": f"my name is {name}", "reply": f"hi {name}", "num_tokens": len(name) + 3}
+        assert asked["reply"] == name == _reply(generator, f"my name is {name}", f"hi {name}", "what is my name?")
+    assert main(["chat", "--model", chat_run, "--message", "what is my name?", *GREEDY]) == 0
+    assert capsys.readouterr().out == "i do not know\n"
+
+
+def test_a_conversation_longer_than_the_context_forgets_its_oldest_turns_with_one_warning(chat_run, generator,
+                                                                                           caplog):
+    run = load_run(chat_run)
+    session = ChatSession(generator, "", _generate_settings(run.config))
+    with caplog.at_level(logging.WARNING, logger="tfglm"):
+        replies = [session.reply(message)[0] for message in ("my name is bob", "what is my name?", "how are you?",
+                                                             "what is your name?")]
+    assert replies[:2] == ["hi bob", "bob"]
+    assert caplog.text.count("the conversation outgrew the context (64 tokens minus 16 new)") == 1
+    roles, contents = session.conversation()
+    tokens = generator.tokenizer.encode_chat(tf.constant(roles), tf.constant(contents), 64)[0].row_lengths()
+    assert contents[0][0] != "my name is bob" and int(tokens[0]) <= 64 - 16
+
+
+def test_a_streamed_reply_is_the_whole_reply_and_a_stopped_one_stays_as_far_as_it_was_shown(chat_run, generator,
+                                                                                            monkeypatch):
+    settings = _generate_settings(load_run(chat_run).config)
+    whole = ChatSession(generator, "", settings)
+    assert "".join(whole.stream("what is your name?")) == "i am tfglm"
+    assert whole.turns == [("user", "what is your name?"), ("assistant", "i am tfglm")]
+    stopped = ChatSession(generator, "", settings)
+    pieces = stopped.stream("what is your name?")
+    first = next(pieces)
+    pieces.close()
+    assert first and "i am tfglm".startswith(first) and first != "i am tfglm"
+    assert stopped.turns == [("user", "what is your name?"), ("assistant", first)]
+
+    def interrupted(*args, **kwargs):  # Ctrl-C before the first piece: the question is forgotten
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(generator, "stream", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        list(stopped.stream("hi"))
+    assert stopped.turns == [("user", "what is your name?"), ("assistant", first)]
+
+
+def test_generate_stream_prints_what_generate_prints(chat_run, capsys):
+    prompts = ["--prompt", "what is", "--prompt", "i am"]
+    assert main(["generate", "--model", chat_run, *prompts, *GREEDY]) == 0
+    whole = capsys.readouterr().out
+    assert main(["generate", "--model", chat_run, *prompts, "--stream", *GREEDY]) == 0
+    assert capsys.readouterr().out == whole and "i am tfglm\n" in whole
+
+
+def test_terminal_session_remembers_resets_and_exits(chat_run):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "tfglm.cli", "chat", "--model", chat_run, *GREEDY],
+                          env={**os.environ, "TERM": "dumb"}, encoding="utf-8", timeout=240)
+    try:
+        def turn(message):
+            child.expect_exact("you> ")
+            child.sendline(message)
+            child.expect(r"assistant> (.*?)\r\n")
+            return child.match.group(1)
+
+        assert turn("my name is bob") == "hi bob"
+        assert turn("what is my name?") == "bob"
+        child.expect_exact("you> ")
+        child.sendintr()  # Ctrl-C at the prompt: a new prompt, the session goes on
+        child.sendline("/reset")
+        child.expect_exact("(new conversation)")
+        assert turn("what is my name?") == "i do not know"
+        child.expect_exact("you> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before
+
+
+def test_user_mistakes_are_one_line(tmp_path, chat_run, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("abcdefgh\n" * 300)
+    sets = [a for s in TINY + ["train.jit_compile=false", "train.steps=20"] for a in ("--set", s)]
+    assert main(["train", *sets, "--data", str(corpus), "--out", str(tmp_path / "lm")]) == 0
+    capsys.readouterr()
+    for argv, message in [
+        (["chat", "--model", str(tmp_path / "lm"), "--message", "hi"], "a causal_lm run, without the chat template"),
+        (["chat", "--model", chat_run, "--json"], "--json: prints the replies to --message turns"),
+        (["chat", "--model", chat_run, "--message", "hi", "--max-new-tokens", "64"], "generate.max_new_tokens"),
+        (["generate", "--model", chat_run, "--stream", "--json"], "--stream prints text as it comes"),
+    ]:
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and err.startswith("tfglm: error: ") and message in err, err
