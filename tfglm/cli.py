@@ -2,7 +2,6 @@
 run looks its task up in the registry. A user's mistake is one line on stderr, never a traceback."""
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -368,7 +367,7 @@ class ChatSession:
 def _chat_terminal(session):
     """The interactive loop: a line in, the reply streamed out; /reset, /exit, Ctrl-D; Ctrl-C stops a reply."""
     try:
-        importlib.import_module("readline")  # gives input() line editing and a history
+        import readline  # noqa: F401  (importing it gives input() line editing and a history)
     except ImportError:
         pass
     print("tfglm chat: /reset starts a new conversation; /exit or Ctrl-D ends; Ctrl-C stops a reply",

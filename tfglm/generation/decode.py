@@ -1,10 +1,10 @@
 """Generation: one KV-cached, XLA-compiled decode loop behind a strings-in, strings-out `Generator`.
 
-`Generator` is the single entry point used by `tfglm generate` and `tfglm chat`, the exported SavedModel and the
-server, whole (`generate`, `chat`) or streamed in chunks of a few tokens (`stream`, the export's `*_start` and
-`advance` signatures). Prompts are tokenized in the graph, prefixed with `<eot>` (the start-of-document context seen in training),
-truncated from the left to fit the context, right-padded into a buffer whose batch, prompt and total lengths are
-rounded up to powers of two, and decoded. XLA compiles once per such shape bucket, never per call or prompt length.
+`Generator` is the single entry point used by `tfglm generate` and `tfglm chat`, the exported SavedModel and the server,
+whole (`generate`, `chat`) or streamed in chunks of a few tokens (`stream`, the export's `*_start` and `advance`
+signatures). Prompts are tokenized in the graph, prefixed with `<eot>` (the start-of-document context seen in training),
+truncated from the left to fit the context, right-padded into a buffer whose batch, prompt and total lengths are rounded
+up to powers of two, and decoded. XLA compiles once per such shape bucket, never per call or prompt length.
 """
 
 import codecs

@@ -1,10 +1,10 @@
 """Causal language modelling: a GPT trained on text files packed into blocks, generating free text.
 
 Its export holds generate (also serving_default), score, tokenize and detokenize signatures, and a chat run's
-(`tfglm.tasks.chat`) also `chat`. `generate` and `chat` take `prompts` (or `roles` and `contents`) plus the optional generation options (`tfglm.config.GENERATE_OPTIONS`), each with
-the run's `generate` config as its default, recorded in the SignatureDef's `defaults`, which TF Serving fills in for
-inputs a request leaves out. The model's context is saved as the variable `context`, so `tfglm serve` can reject a
-`max_new_tokens` above `context - 1` by name.
+(`tfglm.tasks.chat`) also `chat`. `generate` and `chat` take `prompts` (or `roles` and `contents`) plus the optional
+generation options (`tfglm.config.GENERATE_OPTIONS`), each with the run's `generate` config as its default, recorded in
+the SignatureDef's `defaults`, which TF Serving fills in for inputs a request leaves out. The model's context is saved
+as the variable `context`, so `tfglm serve` can reject a `max_new_tokens` above `context - 1` by name.
 """
 
 import logging

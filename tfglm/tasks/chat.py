@@ -142,7 +142,8 @@ class Chat(Task):
         signatures = {name: getattr(module, name) for name in ("chat", "generate", "score", "tokenize",
                                                                 "detokenize")}
         signatures["serving_default"] = module.chat
-        return module, signatures, ("chat", {"roles": [["user"]], "contents": [[self.config.generate.prompt or "Hello"]]})
+        warmup = {"roles": [["user"]], "contents": [[self.config.generate.prompt or "Hello"]]}
+        return module, signatures, ("chat", warmup)
 
 
 def encode(tokenizer, conversations, length, where, batch_size=256):
