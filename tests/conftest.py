@@ -52,3 +52,37 @@ def write_conversations(path, n, seed=0):
                 messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             f.write(json.dumps({"messages": messages}) + "\n")
     return str(path)
+
+
+NAMES = ("ana", "bob", "eve", "max")
+
+
+def chat_conversations():
+    """1 to 3 of the fixed question/answer pairs `QA`; a name told, then asked back; the name asked, never told."""
+    import random
+
+    rng = random.Random(0)
+    rows = [rng.sample(QA, rng.randint(1, 3)) for _ in range(240)]
+    rows += [[(f"my name is {name}", f"hi {name}"), ("what is my name?", name)] for name in NAMES * 40]
+    rows += [[("what is my name?", "i do not know")]] * 40
+    return [{"messages": [{"role": role, "content": text} for question, answer in turns
+                          for role, text in (("user", question), ("assistant", answer))]} for turns in rows]
+
+
+@pytest.fixture(scope="session")
+def chat_run(tmp_path_factory):
+    """A tiny GPT fine-tuned from scratch on `chat_conversations` (about 30 s): it answers the `QA` questions and
+    remembers a name told earlier in the conversation."""
+    import json
+
+    from tfglm.cli import main
+
+    root = tmp_path_factory.mktemp("chat")
+    data = root / "conv.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in chat_conversations()))
+    sets = ["model.max_length=64", "model.num_layers=2", "model.hidden_dim=64", "chat.epochs=20",
+            "chat.learning_rate=3e-3", "generate.max_new_tokens=16"]
+    assert main(["finetune", "--task", "chat", "--from-scratch", "--config", "configs/gpt-char-tiny.yaml",
+                 "--train", str(data), "--eval", str(data), "--out", str(root / "run"),
+                 *[a for s in sets for a in ("--set", s)]]) == 0
+    return str(root / "run")

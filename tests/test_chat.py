@@ -85,19 +85,6 @@ def test_trimming_drops_whole_oldest_turns_and_keeps_the_system_message(tokenize
     assert dropped == 3 and ids == _encode(tokenizer, [conversation[0], conversation[-1]])[0]
 
 
-@pytest.fixture(scope="module")
-def chat_run(tmp_path_factory):
-    """A tiny GPT fine-tuned from scratch on conversations of fixed question/answer pairs."""
-    root = tmp_path_factory.mktemp("chat")
-    data = write_conversations(root / "conv.jsonl", 240)
-    run_dir = str(root / "run")
-    assert main(["finetune", "--task", "chat", "--from-scratch", "--config", "configs/gpt-char-tiny.yaml",
-                 "--train", data, "--eval", data, "--out", run_dir, "--set", "model.max_length=64",
-                 "--set", "model.num_layers=2", "--set", "model.hidden_dim=64", "--set", "chat.epochs=20",
-                 "--set", "chat.learning_rate=3e-3"]) == 0
-    return run_dir
-
-
 def test_a_tiny_model_learns_to_answer_in_the_graph_and_through_the_export(chat_run, tmp_path):
     with open(os.path.join(chat_run, runs.EVAL)) as f:
         scores = json.load(f)

@@ -4,9 +4,9 @@ remembers a name told earlier in the conversation."""
 import json
 import logging
 import os
-import random
 import sys
 
+import pexpect
 import pytest
 import tensorflow as tf
 
@@ -14,33 +14,7 @@ from conftest import TINY
 from tfglm.cli import ChatSession, _generate_settings, main
 from tfglm.tasks.registry import load_run
 
-QA = [("hi", "hello there"), ("what is your name?", "i am tfglm"), ("how are you?", "fine, thanks"),
-      ("bye", "see you soon")]
-NAMES = ("ana", "bob", "eve", "max")
 GREEDY = ["--temperature", "0"]
-
-
-def _conversations():
-    """1 to 3 of the fixed question/answer pairs; a name told, then asked back; the name asked, never told."""
-    rng = random.Random(0)
-    rows = [rng.sample(QA, rng.randint(1, 3)) for _ in range(240)]
-    rows += [[(f"my name is {name}", f"hi {name}"), ("what is my name?", name)] for name in NAMES * 40]
-    rows += [[("what is my name?", "i do not know")]] * 40
-    return [{"messages": [{"role": role, "content": text} for question, answer in turns
-                          for role, text in (("user", question), ("assistant", answer))]} for turns in rows]
-
-
-@pytest.fixture(scope="module")
-def chat_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chat")
-    data = root / "conv.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in _conversations()))
-    sets = ["model.max_length=64", "model.num_layers=2", "model.hidden_dim=64", "chat.epochs=20",
-            "chat.learning_rate=3e-3", "generate.max_new_tokens=16"]
-    assert main(["finetune", "--task", "chat", "--from-scratch", "--config", "configs/gpt-char-tiny.yaml",
-                 "--train", str(data), "--eval", str(data), "--out", str(root / "run"),
-                 *[a for s in sets for a in ("--set", s)]]) == 0
-    return str(root / "run")
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +89,6 @@ def test_generate_stream_prints_what_generate_prints(chat_run, capsys):
 
 
 def test_terminal_session_remembers_resets_and_exits(chat_run):
-    pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(sys.executable, ["-m", "tfglm.cli", "chat", "--model", chat_run, *GREEDY],
                           env={**os.environ, "TERM": "dumb"}, encoding="utf-8", timeout=240)
     try:
