@@ -22,7 +22,7 @@ from tfglm.generation.decode import Generator
 from tfglm.models.gpt import GPT
 from tfglm.tasks import runs
 from tfglm.tasks.base import Task, epoch_schedule
-from tfglm.tasks.causal_lm import serving_module
+from tfglm.tasks.causal_lm import serving_module, streaming_signatures
 from tfglm.tasks.registry import load_run
 
 log = logging.getLogger("tfglm")
@@ -137,8 +137,9 @@ class Chat(Task):
         module = serving_module(Generator(model, self.tokenizer, jit_compile=jit_compile), self.config.generate)
         signatures = {name: getattr(module, name) for name in ("chat", "generate", "score", "tokenize",
                                                                 "detokenize")}
-        signatures["serving_default"] = module.chat
-        return module, signatures, ("chat", {"roles": [["user"]], "contents": [[self.config.generate.prompt or "Hello"]]})
+        signatures.update(streaming_signatures(module), serving_default=module.chat)
+        prompt = self.config.generate.prompt or "Hello"
+        return module, signatures, ("chat", {"roles": [["user"]], "contents": [[prompt]]})
 
 
 def encode(tokenizer, conversations, length, where, batch_size=256):
