@@ -82,7 +82,17 @@ def chat_run(tmp_path_factory):
     data.write_text("".join(json.dumps(row) + "\n" for row in chat_conversations()))
     sets = ["model.max_length=64", "model.num_layers=2", "model.hidden_dim=64", "chat.epochs=20",
             "chat.learning_rate=3e-3", "generate.max_new_tokens=16"]
-    assert main(["finetune", "--task", "chat", "--from-scratch", "--config", "configs/gpt-char-tiny.yaml",
-                 "--train", str(data), "--eval", str(data), "--out", str(root / "run"),
-                 *[a for s in sets for a in ("--set", s)]]) == 0
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "gpt-char-tiny.yaml")
+    assert main(["finetune", "--task", "chat", "--from-scratch", "--config", config, "--train", str(data),
+                 "--eval", str(data), "--out", str(root / "run"), *[a for s in sets for a in ("--set", s)]]) == 0
     return str(root / "run")
+
+
+@pytest.fixture(scope="session")
+def chat_base_path(chat_run, tmp_path_factory):
+    """The chat run exported without XLA (no compile per shape bucket in the tests): its base path."""
+    from tfglm.serving.export import export_run
+
+    base = str(tmp_path_factory.mktemp("chat-export") / "chat")
+    export_run(chat_run, base, jit_compile=False)
+    return base

@@ -5,6 +5,7 @@
     POST /v1/models/NAME[/versions/N | /labels/L]:predict     row (`instances`) or columnar (`inputs`) format
     POST /v1/models/NAME[/versions/N | /labels/L]:classify    tf.Example features as JSON; likewise :regress
     GET  /monitoring/prometheus/metrics
+    GET  /v1/models, POST /v1/chat/completions, POST /v1/completions    OpenAI's API (`tfglm.serving.openai_api`)
 
 Why uvicorn + Starlette: uvicorn is the most used and most actively kept Python HTTP server, Starlette's ASGI
 responses stream (a `StreamingResponse` of server-sent events is all the OpenAI-compatible `"stream": true` needs),
@@ -218,8 +219,10 @@ def app(server, pool):
         return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.scope['path']}",
                               exc.headers)
 
+    from tfglm.serving import openai_api  # it imports this module
+
     return Starlette(routes=[Route("/v1/models/{path:path}", models, methods=["GET", "POST"]),
-                             Route(METRICS, metrics, methods=["GET"])],
+                             Route(METRICS, metrics, methods=["GET"]), *openai_api.routes(server, pool)],
                      exception_handlers={HTTPException: http_error})
 
 
@@ -251,14 +254,15 @@ def json_response(content, status=200, headers=None):
                     media_type="application/json")
 
 
-def error_response(status, message, headers=None):
-    """TF Serving's error body; 503 says when to retry, and 408/413 close the connection (the body is not read)."""
+def error_response(status, message, headers=None, body=None):
+    """TF Serving's error body (or `body`); 503 says when to retry, and 408/413 close the connection (the body is
+    not read)."""
     headers = dict(headers or {})
     if status == 503:
         headers["Retry-After"] = "1"
     if status in (408, 413):
         headers["Connection"] = "close"
-    return json_response({"error": message}, status, headers)
+    return json_response(body or {"error": message}, status, headers)
 
 
 def metadata(servable):
@@ -270,7 +274,7 @@ def metadata(servable):
 
 def predict(server, route, body, labels):
     """The JSON response to a predict request `body` (bytes), row or columnar format."""
-    request = _json_object(body)
+    request = json_object(body)
     if ("instances" in request) == ("inputs" in request):
         raise RequestError('Missing \'inputs\' or \'instances\' key (give one: {"instances": [...]} or '
                            '{"inputs": ...})')
@@ -294,7 +298,7 @@ def predict(server, route, body, labels):
 
 def classify(server, route, body, labels):
     """{"result": [[[label, score], ...] per example]}."""
-    request = _json_object(body)
+    request = json_object(body)
     servable = server.servable(*route, labels)
     rows = servable.classify(_signature_name(request, servable, labels), _examples(request))
     return {"result": [[list(pair) for pair in row] for row in rows]}
@@ -302,12 +306,12 @@ def classify(server, route, body, labels):
 
 def regress(server, route, body, labels):
     """{"result": [value per example]}."""
-    request = _json_object(body)
+    request = json_object(body)
     servable = server.servable(*route, labels)
     return {"result": servable.regress(_signature_name(request, servable, labels), _examples(request))}
 
 
-def _json_object(body):
+def json_object(body):
     try:
         request = json.loads(body)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError

@@ -36,10 +36,15 @@ from tensorflow_serving.apis import get_model_status_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from tfglm.config import GENERATE_OPTIONS
+from tfglm.data.chat import ROLES
 from tfglm.errors import TfglmError
+from tfglm.generation.decode import stream_text
 
 log = logging.getLogger("tfglm")
 WARMUP = os.path.join("assets.extra", "tf_serving_warmup_requests")
+# The streaming signatures pass the decode state (caches included) between calls: `tfglm serve` runs them for its
+# OpenAI-compatible endpoints and does not take them over Predict, where a client would send the state back.
+STREAMING = ("generate_start", "chat_start", "advance")
 STALE_EXPORT_S = 600  # a `tmp-*` export directory untouched this long is left over from a killed `tfglm export`
 # gRPC status names of the HTTP statuses a request can end with (metrics use them for both protocols).
 CODES = {200: "OK", 400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 405: "UNIMPLEMENTED", 408: "DEADLINE_EXCEEDED",
@@ -56,11 +61,24 @@ class RequestError(Exception):
 
 
 def check_generate_options(arrays, context):
-    """Rejects generation options a model cannot honour, naming the option and its range (`GENERATE_OPTIONS`)."""
+    """Rejects the generation options in `arrays` a model cannot honour, naming the option and its range
+    (`GENERATE_OPTIONS`)."""
     for option in GENERATE_OPTIONS:
-        problem = option.check(arrays[option.name].item(), context)
+        problem = option.check(arrays[option.name].item(), context) if option.name in arrays else None
         if problem:
             raise RequestError(f"{option.name}: {problem}")
+
+
+def check_conversations(roles, contents):
+    """Rejects conversations the chat template cannot encode, naming the role, rather than leaving it to the
+    graph's assertion."""
+    if roles.shape != contents.shape:
+        raise RequestError(f"roles and contents: one role a message, got shapes {list(roles.shape)} and "
+                           f"{list(contents.shape)}")
+    unknown = sorted(set(roles.flat) - {r.encode() for r in ROLES + ("",)})
+    if unknown:
+        raise RequestError(f"roles: unknown role {unknown[0].decode('utf-8', errors='replace')!r} (expected "
+                           f"{', '.join(ROLES)}, or '' for no message)")
 
 
 class Batcher:
@@ -165,6 +183,7 @@ class Servable:
         self.name, self.version = name, version
         self.max_prompt_bytes, self.max_batch_size = max_prompt_bytes, max_batch_size
         self.loaded = tf.saved_model.load(path)
+        self.created = int(os.path.getmtime(path))  # the export's time, for OpenAI's model list
         with open(os.path.join(path, "saved_model.pb"), "rb") as f:
             self.signature_defs = saved_model_pb2.SavedModel.FromString(f.read()).meta_graphs[0].signature_def
         context = getattr(self.loaded, "context", None)  # absent from exports older than `tfglm serve`
@@ -174,7 +193,7 @@ class Servable:
 
     def _warm_up(self, path):
         """Replays the export's warmup requests, as TF Serving does while loading, at batch sizes 1, 2, 4, ...,
-        `max_batch_size` (the request's rows repeated)."""
+        `max_batch_size` (the request's rows repeated), and streamed when the signature has a `_start`."""
         if not os.path.exists(path):
             return
         sizes = sorted({min(1 << i, self.max_batch_size) for i in range(self.max_batch_size.bit_length())})
@@ -187,6 +206,9 @@ class Servable:
             for size in sizes:
                 self.predict(signature_name, {k: np.resize(v, (size,) + v.shape[1:]) if k in batched else v
                                               for k, v in inputs.items()})
+            if f"{signature_name}_start" in self.loaded.signatures:  # the OpenAI endpoints' one-row streaming
+                for _ in self.stream(signature_name, self.prepare(signature_name, inputs), steps=1 << 30):
+                    pass
 
     def signature(self, name):
         if not isinstance(name, str) or name not in self.loaded.signatures:
@@ -195,20 +217,48 @@ class Servable:
 
     def predict(self, signature_name, inputs):
         """Outputs (name -> numpy array) of a signature for `inputs` (name -> numpy array), defaults filled in."""
+        arrays = self.prepare(signature_name, inputs)
+        if self.batcher and "prompts" in arrays and {o.name for o in GENERATE_OPTIONS} <= set(arrays):
+            return self.batcher(arrays)
+        return self._call(signature_name, arrays)
+
+    def prepare(self, signature_name, inputs):
+        """A signature's inputs checked (names, dtypes, shapes, sizes, roles, generation options), defaults filled
+        in."""
         signature = self.signature(signature_name)
         self.check_input_names(signature_name, inputs)
         arrays = {k: tf.make_ndarray(v) for k, v in signature.defaults.items()}
         for name, array in inputs.items():
             arrays[name] = self._check(name, array, signature.inputs[name])
-        if {o.name for o in GENERATE_OPTIONS} <= set(arrays):
-            check_generate_options(arrays, self.context)
-            if self.batcher:
-                return self.batcher(arrays)
-        return self._call(signature_name, arrays)
+        if "roles" in arrays:
+            check_conversations(arrays["roles"], arrays["contents"])
+        check_generate_options(arrays, self.context)
+        return arrays
+
+    def stream(self, signature_name, arrays, steps):
+        """`signature_name` ("generate" or "chat") for its `prepare`d `arrays`, run through its `_start` signature
+        and `advance` every `steps` tokens: yields each row's new text per chunk and the `advance` outputs so far
+        (`tfglm.generation.decode.stream_text`)."""
+        start = self.signature_defs[f"{signature_name}_start"].inputs
+        advance = self.signature_defs["advance"].inputs
+        options = {k: v for k, v in arrays.items() if k in advance}
+        state = self.run(f"{signature_name}_start", {k: v for k, v in arrays.items() if k in start})
+        outputs = {}
+
+        def step(state):
+            outputs.update(self.run("advance", {**state, **options, "steps": np.int32(steps)}))
+            return {k: v for k, v in outputs.items() if k in advance}, outputs
+
+        for pieces in stream_text(step, state):
+            yield pieces, outputs
 
     def check_input_names(self, signature_name, names):
-        """Rejects unknown inputs and missing ones without a default, naming them."""
+        """Rejects the streaming signatures (STREAMING), unknown inputs and missing ones without a default, naming
+        them."""
         signature = self.signature(signature_name)
+        if signature_name in STREAMING:
+            raise RequestError(f"signature {signature_name!r} carries the decode state of tfglm serve's streaming "
+                               "endpoints; it is not served over Predict (use generate or chat)")
         unknown = sorted(set(names) - set(signature.inputs))
         missing = sorted(set(signature.inputs) - set(names) - set(signature.defaults))
         if unknown or missing:
@@ -262,11 +312,14 @@ class Servable:
         return self._call("generate", arrays)
 
     def _call(self, signature_name, arrays):
+        return {k: v.numpy() for k, v in self.run(signature_name, arrays).items()}
+
+    def run(self, signature_name, inputs):
+        """A signature's output tensors for `inputs` (arrays or tensors); its errors as RequestErrors."""
         try:
-            outputs = self.loaded.signatures[signature_name](**{k: tf.constant(v) for k, v in arrays.items()})
+            return self.loaded.signatures[signature_name](**{k: tf.convert_to_tensor(v) for k, v in inputs.items()})
         except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
             raise RequestError(str(e).strip().splitlines()[0]) from None
-        return {k: v.numpy() for k, v in outputs.items()}
 
     def close(self):
         if self.batcher:

@@ -1,10 +1,12 @@
 """Causal language modelling: a GPT trained on text files packed into blocks, generating free text.
 
 Its export holds generate (also serving_default), score, tokenize and detokenize signatures, and a chat run's
-(`tfglm.tasks.chat`) also `chat`. `generate` and `chat` take `prompts` (or `roles` and `contents`) plus the optional
-generation options (`tfglm.config.GENERATE_OPTIONS`), each with the run's `generate` config as its default, recorded in
-the SignatureDef's `defaults`, which TF Serving fills in for inputs a request leaves out. The model's context is saved
-as the variable `context`, so `tfglm serve` can reject a `max_new_tokens` above `context - 1` by name.
+(`tfglm.tasks.chat`) also `chat`; for streaming, `generate_start` (and `chat_start`) and `advance`, which pass the
+decode state between calls as named tensors (the per-layer caches stacked into one, `caches`). `generate` and `chat`
+take `prompts` (or `roles` and `contents`) plus the optional generation options (`tfglm.config.GENERATE_OPTIONS`),
+each with the run's `generate` config as its default, recorded in the SignatureDef's `defaults`, which TF Serving
+fills in for inputs a request leaves out. The model's context is saved as the variable `context`, so `tfglm serve`
+can reject a `max_new_tokens` above `context - 1` by name.
 """
 
 import logging
@@ -18,7 +20,7 @@ from tfglm.data import corpus
 from tfglm.data.chat import ChatTokenizer
 from tfglm.data.tokenizers import CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 from tfglm.errors import TfglmError
-from tfglm.generation.decode import CHAT_SIGNATURE, SIGNATURE, Generator
+from tfglm.generation.decode import CHAT_SIGNATURE, OPTIONS, SIGNATURE, Generator
 from tfglm.models.gpt import GPT
 from tfglm.tasks import runs
 from tfglm.tasks.base import Task
@@ -26,6 +28,7 @@ from tfglm.tasks.registry import load_run
 
 log = logging.getLogger("tfglm")
 TEXTS = tf.TensorSpec([None], tf.string, name="texts")
+STREAMING = ("generate_start", "chat_start", "advance")
 
 
 class CausalLM(Task):
@@ -128,7 +131,7 @@ class CausalLM(Task):
     def serving(self, model, jit_compile):
         module = serving_module(Generator(model, self.tokenizer, jit_compile=jit_compile), self.config.generate)
         signatures = {name: getattr(module, name) for name in ("generate", "score", "tokenize", "detokenize")}
-        signatures["serving_default"] = module.generate
+        signatures.update(streaming_signatures(module), serving_default=module.generate)
         return module, signatures, ("generate", {"prompts": [self.config.generate.prompt]})
 
 
@@ -156,6 +159,42 @@ def serving_module(generator, settings):
         and `contents` [batch, messages] (role "" pads), and their `num_tokens`."""
         out = generator.chat(roles, contents, max_new_tokens, temperature, top_k, top_p, seed)
         return {"replies": out["completions"], "num_tokens": out["num_tokens"]}
+
+    max_new = tf.TensorSpec([], tf.int32, name="max_new_tokens")
+    default_max_new = tf.constant(min(settings.max_new_tokens, generator.context - 1))
+
+    @tf.function(input_signature=[SIGNATURE[0], max_new])
+    def generate_start(prompts, max_new_tokens=default_max_new):
+        """The decode state of `prompts` (`advance`'s input): `generate`, streamed."""
+        ids = generator.prompt_ids(prompts, tf.clip_by_value(max_new_tokens, 1, generator.context - 1))
+        return as_tensors(generator.start(ids, max_new_tokens))
+
+    @tf.function(input_signature=CHAT_SIGNATURE[:2] + [max_new])
+    def chat_start(roles, contents, max_new_tokens=default_max_new):
+        """The decode state of conversations (`advance`'s input): `chat`, streamed."""
+        ids = generator.chat_ids(roles, contents, tf.clip_by_value(max_new_tokens, 1, generator.context - 1))
+        return as_tensors(generator.start(ids, max_new_tokens))
+
+    layer = model.init_cache(1, 1)[0].shape  # [batch, 2, heads, length, head_dim]
+    state_specs = [tf.TensorSpec([None, None], tf.int32, name="tokens"),
+                   tf.TensorSpec([None], tf.int32, name="lengths"),
+                   tf.TensorSpec([len(model.blocks), None, *layer[1:3], None, *layer[4:]], model.compute_dtype,
+                                 name="caches"),
+                   tf.TensorSpec([None], tf.int32, name="limit"), tf.TensorSpec([], tf.int32, name="index"),
+                   tf.TensorSpec([None], tf.bool, name="done"), tf.TensorSpec([], tf.int32, name="rows")]
+
+    @tf.function(input_signature=state_specs + [tf.TensorSpec([], tf.int32, name="steps")] + OPTIONS[1:])
+    def advance(tokens, lengths, caches, limit, index, done, rows, steps=tf.constant(8),
+                temperature=tf.constant(settings.temperature), top_k=tf.constant(settings.top_k),
+                top_p=tf.constant(settings.top_p), seed=tf.constant(settings.seed)):
+        """Up to `steps` more tokens from a `*_start` or `advance` state: the new state, and the text so far
+        (`completions`), `num_tokens` and `finished`. `limit` and `steps` are clipped to the buffer, so a state sent
+        by a client cannot make the loop run longer than its tokens."""
+        total = tf.shape(tokens)[1]
+        state = {"tokens": tokens, "lengths": lengths, "caches": tf.unstack(caches, len(model.blocks)),
+                 "limit": tf.minimum(limit, total), "index": index, "done": done, "rows": rows}
+        state, out = generator.advance(state, tf.clip_by_value(steps, 0, total), temperature, top_k, top_p, seed)
+        return {**as_tensors(state), **out}
 
     @tf.function(input_signature=[TEXTS])
     def score(texts):
@@ -190,6 +229,17 @@ def serving_module(generator, settings):
     module.tokenizer = tokenizer
     module.weights = [variable.value for variable in model.variables]
     module.generate, module.score, module.tokenize, module.detokenize = generate, score, tokenize, detokenize
+    module.generate_start, module.advance = generate_start, advance
     if isinstance(tokenizer, ChatTokenizer):
-        module.chat = chat
+        module.chat, module.chat_start = chat, chat_start
     return module
+
+
+def streaming_signatures(module):
+    """The module's streaming signatures (STREAMING), kept off `serving_default`."""
+    return {name: getattr(module, name) for name in STREAMING if hasattr(module, name)}
+
+
+def as_tensors(state):
+    """A decode state as the streaming signatures' named tensors: its caches stacked into one."""
+    return {**state, "caches": tf.stack(state["caches"])}

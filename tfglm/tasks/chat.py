@@ -22,7 +22,7 @@ from tfglm.generation.decode import Generator
 from tfglm.models.gpt import GPT
 from tfglm.tasks import runs
 from tfglm.tasks.base import Task, epoch_schedule
-from tfglm.tasks.causal_lm import serving_module
+from tfglm.tasks.causal_lm import serving_module, streaming_signatures
 from tfglm.tasks.registry import load_run
 
 log = logging.getLogger("tfglm")
@@ -75,6 +75,11 @@ class Chat(Task):
         self.val = encode(self.tokenizer, val, length, c.val_file or f"{c.train_file} (validation share)")
         self.sample_message = next((contents[roles.index("user")] for roles, contents in val if "user" in roles),
                                    "Hello")
+        new, context = self.config.generate.max_new_tokens, self.config.model.max_length
+        if new > context // 2:
+            log.warning("generate.max_new_tokens %d leaves a reply only %d tokens of the conversation before it "
+                        "(context %d); consider --set generate.max_new_tokens=%d", new, context - new, context,
+                        context // 4)
         log.info("chat fine-tuning on %d conversations (%d for validation), %d assistant tokens", len(self.train[0]),
                  len(self.val[0]), int(self.train[1].sum()))
 
@@ -141,9 +146,9 @@ class Chat(Task):
         module = serving_module(Generator(model, self.tokenizer, jit_compile=jit_compile), self.config.generate)
         signatures = {name: getattr(module, name) for name in ("chat", "generate", "score", "tokenize",
                                                                 "detokenize")}
-        signatures["serving_default"] = module.chat
-        warmup = {"roles": [["user"]], "contents": [[self.config.generate.prompt or "Hello"]]}
-        return module, signatures, ("chat", warmup)
+        signatures.update(streaming_signatures(module), serving_default=module.chat)
+        prompt = self.config.generate.prompt or "Hello"
+        return module, signatures, ("chat", {"roles": [["user"]], "contents": [[prompt]]})
 
 
 def encode(tokenizer, conversations, length, where, batch_size=256):

@@ -1,0 +1,281 @@
+"""OpenAI-compatible endpoints on `tfglm serve`'s REST front, so OpenAI clients and tools talk to exported models:
+
+    GET  /v1/models              the served models with streaming signatures (`id` is the model's name)
+    POST /v1/chat/completions    a chat export's `chat_start` + `advance` (`"stream": true`: server-sent events)
+    POST /v1/completions         `generate_start` + `advance` for one prompt
+
+Both completions run the same decode as the export's `chat` and `generate` signatures (the `_start` signature, then
+`advance` to the end, or every STREAM_STEPS tokens when streaming), so a greedy reply equals theirs. The request's
+options map to the export's: `max_tokens` (or `max_completion_tokens`), `temperature`, `top_p`, `seed` and the
+extension `top_k`; one left out takes the export's default (its SignatureDef's `defaults`, the run's `generate`
+config), not OpenAI's (a temperature of 1). `n` must be 1; `stop`, `logprobs`, `echo`, `suffix` and `tools` are
+refused rather than ignored, other fields ignored. Each request runs alone (no batching), admitted through the
+server's queue bound like any other; a stream holds its place until it ends. Errors have OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`: 400, 404 for an unknown model, 408, 413 and 503.
+
+`GET /v1/models/NAME` stays TF Serving's model status, not OpenAI's model object.
+"""
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+
+import numpy as np
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
+
+from tfglm.config import GENERATE_OPTIONS
+from tfglm.serving.rest import error_response, json_object, json_response, read_body
+from tfglm.serving.server import RequestError
+
+log = logging.getLogger("tfglm")
+STREAM_STEPS = 4  # tokens decoded per streamed chunk
+OPTIONS = {o.name: o for o in GENERATE_OPTIONS}
+PARAMS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed"}  # OpenAI -> export
+UNSUPPORTED = ("stop", "logprobs", "top_logprobs", "echo", "suffix", "tools", "functions")
+ROLE_NAMES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+INPUT_PARAMS = {"contents": "messages", "roles": "messages", "prompts": "prompt", "max_new_tokens": "max_tokens"}
+
+
+class OpenAIError(RequestError):
+    """A RequestError naming the request field at fault (`param`) and OpenAI's error `code`."""
+
+    def __init__(self, message, param=None, status=400, code=None):
+        super().__init__(message, status)
+        self.param, self.code = param, code
+
+
+def routes(server, pool):
+    """The Starlette routes of the OpenAI endpoints; model work runs on `pool`."""
+
+    async def models(request):
+        data = []
+        for name, model in server.models.items():
+            servables = model.servables
+            if servables and "advance" in servables[max(servables)].signature_defs:
+                data.append({"id": name, "object": "model", "created": servables[max(servables)].created,
+                             "owned_by": "tfglm"})
+        return json_response({"object": "list", "data": data})
+
+    def endpoint(kind):
+        async def handle(request):
+            try:
+                with server.metrics.request() as labels:
+                    return await complete(request, kind, labels)
+            except RequestError as e:
+                return error_response(e.status, str(e), e.headers, error_body(e))
+            except Exception as e:  # a server fault: report it, keep serving
+                log.exception("REST %s %s", request.method, request.scope["path"])
+                error = RequestError(f"{type(e).__name__}: {e}", 500)
+                return error_response(500, str(error), body=error_body(error))
+
+        return handle
+
+    async def complete(request, kind, labels):
+        body = await read_body(request, server.max_request_bytes, server.read_timeout_s)
+        loop = asyncio.get_running_loop()
+        query = parse(json_object(body), kind, server, labels)
+        if not query.stream:
+            with server.admission():
+                text, outputs = await loop.run_in_executor(pool, whole, query)
+            return json_response(query.response(text, *outcome(outputs)))
+        admitted = server.admission()
+        admitted.__enter__()  # left when the stream ends (`EventStream`), or here if it cannot start
+        try:
+            chunks = query.servable.stream(kind, query.arrays, STREAM_STEPS)
+            first = await loop.run_in_executor(pool, next, chunks)  # the start's errors get their status
+        except BaseException:
+            admitted.__exit__(None, None, None)
+            raise
+        return EventStream(events(query, first, chunks, loop), lambda: admitted.__exit__(None, None, None))
+
+    async def events(query, first, chunks, loop):
+        yield sse(query.chunk(None, role=True))
+        chunk = first
+        try:
+            while chunk is not None:
+                if chunk[0][0]:
+                    yield sse(query.chunk(chunk[0][0]))
+                outputs = chunk[1]
+                chunk = await loop.run_in_executor(pool, next, chunks, None)
+        except Exception as e:  # the status is sent: the error goes as an event
+            if not isinstance(e, RequestError):
+                log.exception("REST stream of %s", query.model)
+                e = RequestError(f"{type(e).__name__}: {e}", 500)
+            yield sse(error_body(e))
+            return
+        finish_reason, usage = outcome(outputs)
+        yield sse(query.chunk(None, finish_reason=finish_reason))
+        if query.include_usage:
+            yield sse({**query.chunk(None), "choices": [], "usage": usage})
+        yield b"data: [DONE]\n\n"
+
+    return [Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/chat/completions", endpoint("chat"), methods=["POST"]),
+            Route("/v1/completions", endpoint("generate"), methods=["POST"])]
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events; `on_close` runs when the response ends, however it ends (a client gone included)."""
+
+    def __init__(self, events, on_close):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            self.on_close()
+
+
+def whole(query):
+    """(the text, the last `advance` outputs) of a query decoded to the end in one `advance`."""
+    text, outputs = "", None
+    for pieces, outputs in query.servable.stream(query.kind, query.arrays, steps=1 << 30):
+        text += pieces[0]
+    return text, outputs
+
+
+class Query:
+    """A parsed completion request: the servable, its checked signature inputs, and the response's pieces."""
+
+    def __init__(self, kind, model, servable, arrays, stream, include_usage):
+        self.kind, self.model, self.servable, self.arrays = kind, model, servable, arrays
+        self.stream, self.include_usage = stream, include_usage
+        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _head(self, object_name):
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
+
+    def response(self, text, finish_reason, usage):
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish_reason}
+            return {**self._head("chat.completion"), "choices": [choice], "usage": usage}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._head("text_completion"), "choices": [choice], "usage": usage}
+
+    def chunk(self, text, role=False, finish_reason=None):
+        if self.kind == "chat":
+            delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return {**self._head("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return {**self._head("text_completion"), "choices": [choice]}
+
+
+def parse(request, kind, server, labels):
+    """The Query of a chat (`kind` "chat") or completions ("generate") request body; OpenAIError if it is bad."""
+    model = request.get("model")
+    if not isinstance(model, str):
+        raise OpenAIError("model: expected the name of a served model (GET /v1/models lists them)", "model")
+    try:
+        servable = server.servable(model, labels=labels)
+    except RequestError as e:
+        raise OpenAIError(f"The model '{model}' does not exist ({e})", "model", 404, "model_not_found") from None
+    if f"{kind}_start" not in servable.signature_defs or "advance" not in servable.signature_defs:
+        what = "a chat model (an export of a chat run)" if kind == "chat" else "a model with a generate signature"
+        raise OpenAIError(f"model {model!r} is not {what} with streaming signatures (re-export it with this tfglm)",
+                          "model")
+    labels["signature"] = kind
+    for name in UNSUPPORTED:
+        if request.get(name):
+            raise OpenAIError(f"{name}: not supported by tfglm serve", name)
+    for name in ("n", "best_of"):
+        if request.get(name) not in (None, 1):
+            raise OpenAIError(f"{name}: only 1 is supported, got {json.dumps(request[name])[:40]}", name)
+    stream = request.get("stream") or False
+    stream_options = request.get("stream_options") or {}
+    if not isinstance(stream, bool) or not isinstance(stream_options, dict):
+        raise OpenAIError("stream: expected true or false (and stream_options an object)", "stream")
+    inputs = conversation(request.get("messages")) if kind == "chat" else prompt(request.get("prompt"))
+    inputs.update(options(request, servable.context))
+    try:
+        arrays = servable.prepare(kind, inputs)
+    except RequestError as e:
+        raise OpenAIError(str(e), INPUT_PARAMS.get(str(e).split(":")[0], str(e).split(":")[0])) from None
+    return Query(kind, model, servable, arrays, stream, bool(stream_options.get("include_usage")))
+
+
+def conversation(messages):
+    """`roles` and `contents` [1, messages] of OpenAI `messages` ("developer" is the system role; a content may be
+    a list of text parts)."""
+    if not isinstance(messages, list) or not messages:
+        raise OpenAIError("messages: expected a non-empty list of {\"role\": ..., \"content\": ...}", "messages")
+    roles, contents = [], []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise OpenAIError(f"{where}: expected an object {{\"role\": ..., \"content\": ...}}", where)
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLE_NAMES:
+            raise OpenAIError(f"{where}.role: unknown role {json.dumps(role)[:40]} (expected "
+                              f"{', '.join(ROLE_NAMES)})", f"{where}.role")
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise OpenAIError(f"{where}.content: expected a string or a list of text parts", f"{where}.content")
+        roles.append(ROLE_NAMES[role].encode())  # bytes, as the REST and gRPC fronts give
+        contents.append(content.encode("utf-8"))
+    if roles[-1] == b"assistant":
+        raise OpenAIError("messages: the last message must be the user's or the system's (the reply follows it)",
+                          "messages")
+    return {"roles": np.array([roles], dtype=object), "contents": np.array([contents], dtype=object)}
+
+
+def prompt(value):
+    """`prompts` [1] of a completions `prompt`: a string or a list of one."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str):
+        raise OpenAIError("prompt: expected a string (or a list of one string)", "prompt")
+    return {"prompts": np.array([value.encode("utf-8")], dtype=object)}
+
+
+def options(request, context):
+    """The export's generation options the request sets (others take the export's defaults)."""
+    given = {"max_new_tokens": ("max_completion_tokens", request.get("max_completion_tokens")),
+             **{name: (param, request.get(param)) for param, name in PARAMS.items()}}
+    if given["max_new_tokens"][1] is None:
+        given["max_new_tokens"] = ("max_tokens", request.get("max_tokens"))
+    arrays = {}
+    for name, (param, value) in given.items():
+        if value is None:
+            continue
+        option = OPTIONS[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float) if option.type is float else int):
+            raise OpenAIError(f"{param}: expected {'a number' if option.type is float else 'an integer'}, got "
+                              f"{json.dumps(value)[:40]}", param)
+        problem = option.check(option.type(value), context)
+        if problem:
+            raise OpenAIError(f"{param}: {problem}", param)
+        arrays[name] = np.array(value, dtype=np.float32 if option.type is float else np.int32)
+    return arrays
+
+
+def outcome(outputs):
+    """(finish_reason, usage) of a finished decode's `advance` outputs (one row): "length" when it used every
+    token it was allowed, "stop" when it ended at `<eot>`."""
+    prompt_tokens, limit = int(outputs["lengths"][0]), int(outputs["limit"][0])
+    completion_tokens = int(outputs["num_tokens"][0])
+    return ("length" if prompt_tokens + completion_tokens >= limit else "stop",
+            {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens})
+
+
+def sse(payload):
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode("utf-8")
+
+
+def error_body(error):
+    """OpenAI's error object of a RequestError."""
+    kind = "server_error" if error.status >= 500 else "invalid_request_error"
+    return {"error": {"message": str(error), "type": kind, "param": getattr(error, "param", None),
+                      "code": getattr(error, "code", None)}}
+
