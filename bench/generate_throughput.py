@@ -1,13 +1,17 @@
-"""Generation throughput: `tfglm.generation.decode.Generator.generate` vs KerasHub `GPT2CausalLM.generate`, greedy,
-16-token prompts, 128 new tokens, batch 1 and 8, for a 6 x 384 model with context 256 and a 50,257-token vocabulary
-(random weights: same shapes, same cost), and tfglm's model again through its exported SavedModel: the `generate`
-signature of `tfglm.tasks.causal_lm.serving_module`, saved and loaded back in this process. Also the batch-1
-memory-bandwidth bound: weight bytes / read bandwidth, both measured in this run.
+"""Generation throughput: `tfglm.generation.decode.Generator.generate` vs KerasHub `GPT2CausalLM.generate` and
+Hugging Face transformers' `GPT2LMHeadModel.generate` (PyTorch), greedy, 16-token prompts, 128 new tokens, batch 1 and
+8, for a 6 x 384 model with context 256 and a 50,257-token vocabulary (random weights: same shapes, same cost), and
+tfglm's model again through its exported SavedModel: the `generate` signature of
+`tfglm.tasks.causal_lm.serving_module`, saved and loaded back in this process. The four alternate call by call; the
+ratios are tfglm's tokens/s over each peer's, medians of the paired rounds. Also the batch-1 memory-bandwidth bound:
+weight bytes / read bandwidth, both measured in this run.
 
 tfglm's entry point takes strings, so it gets a stand-in tokenizer (`CodepointIds`): ids are the prompt's code points
 and `<eot>` is 50,256 as in GPT-2. Tokenizing 15 characters and joining 128 ids into a string are included in its
 time but cost microseconds; what is timed is the decode. KerasHub gets the same 16 ids (`<eot>` + the 15 code points)
-as a `token_ids` / `padding_mask` batch of length 144, with no stop token.
+as a `token_ids` / `padding_mask` batch of length 144, with no stop token. Hugging Face gets them as `input_ids`
+with an all-ones `attention_mask`: `do_sample=False`, the KV cache, `min_new_tokens` = `max_new_tokens` = 128 (so
+`<eot>` cannot end it early), under `torch.inference_mode()`, on the CPU with torch's default thread count.
 
     python bench/generate_throughput.py [--quick]
 """
@@ -16,6 +20,10 @@ import argparse
 import shutil
 import tempfile
 import time
+
+import torch
+import torch._dynamo  # noqa: F401  (before TensorFlow: torch_train.py says why)
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import common
 import keras
@@ -104,6 +112,24 @@ def keras_hub_runner(batch):
     return run, backbone.count_params()
 
 
+def hf_torch_runner(batch):
+    """The same for Hugging Face's PyTorch GPT-2: the same 16 ids, greedy with the KV cache, exactly 128 new tokens."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # n_inner None: 4 x width; tied embeddings
+    model = GPT2LMHeadModel(config).eval()
+    prompt = torch.tensor([[CodepointIds.eot_id] + [ord(c) for c in PROMPT]] * batch)
+
+    def run():
+        with torch.inference_mode():
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
+                                 max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                 pad_token_id=CodepointIds.eot_id)
+        return int(out.shape[0] * (out.shape[1] - prompt.shape[1]))
+
+    return run, model.num_parameters()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one timed round instead of three")
@@ -114,7 +140,7 @@ def main():
     for batch in BATCHES:
         runners = {}
         for name, make in (("tfglm", tfglm_runner), ("tfglm_exported", exported_runner),
-                           ("keras_hub", keras_hub_runner)):
+                           ("keras_hub", keras_hub_runner), ("hf_torch", hf_torch_runner)):
             keras.utils.set_random_seed(0)
             run, params = make(batch)
             start = time.perf_counter()
@@ -132,20 +158,26 @@ def main():
                          "ms_per_step": 1e3 * seconds / NEW_TOKENS, "first_call_s": r["first_s"],
                          "times_s": [round(t, 3) for t in r["times"]]})
         # The median of paired per-round ratios: robust to the machine's load moving between rounds.
-        for row in rows[-3:-1]:
-            row["tfglm_over_keras_hub"] = common.median(
-                [k / t for t, k in zip(runners[row["model"]]["times"], runners["keras_hub"]["times"])])
+        for row in rows[-len(runners):]:
+            for peer in ("keras_hub", "hf_torch") if row["model"].startswith("tfglm") else ():
+                row[f"tfglm_over_{peer}"] = common.median(
+                    [k / t for t, k in zip(runners[row["model"]]["times"], runners[peer]["times"])])
     weight_bytes = 4 * rows[0]["params"]
     bound = bandwidth * 1e9 / weight_bytes
     for row in rows:  # decode steps/s against the weight-reading bound (a step reads every weight once)
         row["pct_of_bandwidth_bound"] = 100 * row["tokens_per_s"] / row["batch"] / bound
     common.print_table(rows, ["model", "batch", "new_tokens", "seconds", "tokens_per_s", "ms_per_step",
-                              "first_call_s", "tfglm_over_keras_hub", "pct_of_bandwidth_bound"])
+                              "first_call_s", "tfglm_over_keras_hub", "tfglm_over_hf_torch",
+                              "pct_of_bandwidth_bound"])
+    for row in rows:
+        if row["model"] == "tfglm":
+            print(f"batch {row['batch']}: tfglm tokens/s over KerasHub {row['tfglm_over_keras_hub']:.3f}, over "
+                  f"HF-torch {row['tfglm_over_hf_torch']:.3f} (medians of {rounds} paired rounds)")
     print(f"read bandwidth (tf.reduce_sum over 1 GB): {bandwidth:.1f} GB/s; weights {weight_bytes / 1e6:.1f} MB "
           f"fp32 -> batch-1 bound {bound:.0f} tokens/s ({1e3 / bound:.1f} ms a token)")
     common.write_json("generate_throughput.json", {
         "quick": args.quick, "rounds": rounds, "read_bandwidth_gbs": bandwidth, "weight_bytes": weight_bytes,
-        "batch1_bound_tokens_per_s": bound, "rows": rows})
+        "batch1_bound_tokens_per_s": bound, "torch_threads": torch.get_num_threads(), "rows": rows})
 
 
 if __name__ == "__main__":

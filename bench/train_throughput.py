@@ -1,10 +1,13 @@
-"""Training throughput: tfglm's GPT vs KerasHub's GPT2CausalLM of the identical config, side by side.
+"""Training throughput: tfglm's GPT vs KerasHub's GPT2CausalLM and two PyTorch GPTs of the identical config.
 
-For configs/gpt-char-tiny.yaml and configs/gpt-char-shakespeare.yaml (dropout forced to 0): both models compiled
-with XLA and the same AdamW + loss (`tfglm.train.compile_model`; KerasHub's default accuracy metric removed), fed the
-same batches (Tiny Shakespeare via `tfglm.data.train_dataset`, or random tokens without ../shared/data). Warm-up
-first (the first `fit` call's time, minus its steps at the steady rate, is reported as compile time), then timed
-rounds alternating tfglm / KerasHub. Peak RSS: each model trains in its own subprocess.
+For configs/gpt-char-tiny.yaml and configs/gpt-char-shakespeare.yaml (dropout forced to 0): tfglm and KerasHub
+compiled with XLA and the same AdamW + loss (`tfglm.train.compile_model`; KerasHub's default accuracy metric
+removed); Hugging Face transformers' `GPT2LMHeadModel` and nanoGPT's model (`torch_gpt.py`) in eager PyTorch on the
+CPU with the same AdamW settings, schedule, clipping and loss (`torch_train.py`). All four are fed the same batches
+(Tiny Shakespeare via `tfglm.data.train_dataset`, or random tokens without ../shared/data). Warm-up first (the first
+call's time, minus its steps at the steady rate, is reported as compile time), then timed rounds alternating tfglm /
+KerasHub / HF-torch / nanoGPT-torch; the ratios are tfglm's tokens/s over each peer's, medians of the per-round
+pairs. Peak RSS: each model trains in its own subprocess (the PyTorch ones without TensorFlow).
 
     python bench/train_throughput.py [--quick] [--only tiny|shakespeare]
 """
@@ -14,7 +17,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+
+if "--child" not in sys.argv:  # not in the Keras models' peak-RSS children, which should not carry PyTorch
+    import torch_train  # PyTorch before TensorFlow: torch_train.py says why
 
 import common  # noqa: F401  (sets TF_CPP_MIN_LOG_LEVEL before TensorFlow loads)
 import keras
@@ -27,7 +34,9 @@ from tfglm.config import load_config
 from tfglm.models.gpt import GPT
 from tfglm.tasks.trainer import compile_model
 
-MODELS = ("tfglm", "keras_hub")
+TF_MODELS = ("tfglm", "keras_hub")
+MODELS = TF_MODELS + ("hf_torch", "nanogpt_torch")  # the PyTorch ones: torch_train.KINDS
+NAMES = {"tfglm": "tfglm", "keras_hub": "KerasHub", "hf_torch": "HF-torch", "nanogpt_torch": "nanoGPT-torch"}
 # name: (config file, full plan, quick plan); a plan is (steps_per_execution, warm-up steps, steps a round, rounds).
 # The 6x384 steps take ~10 s here, so steps_per_execution there is 1 (the config's 10 would make each execution
 # ~100 s); per-execution overhead is negligible at that step time.
@@ -82,6 +91,35 @@ def fit_seconds(model, dataset, steps):
     return time.perf_counter() - start, float(history.history["loss"][-1])
 
 
+def torch_config(config, vocab_size):
+    """What `torch_train.Trainer` needs of a tfglm config, as JSON-able dicts."""
+    m = config.model
+    return {"model": {k: getattr(m, k) for k in ("num_layers", "num_heads", "hidden_dim", "max_length")},
+            "train": {k: getattr(config.train, k) for k in ("steps", "learning_rate", "min_learning_rate",
+                                                            "warmup_steps", "weight_decay", "beta_1", "beta_2",
+                                                            "grad_clip", "seed")},
+            "vocab_size": int(vocab_size)}
+
+
+def runner(kind, config, vocab, x, y):
+    """(fit(steps) -> (wall seconds, last loss), parameters excluding position embeddings, notes for the JSON)."""
+    if kind in TF_MODELS:
+        keras.utils.set_random_seed(config.train.seed)
+        model, params, inputs = build(kind, config, vocab)
+        dataset = common.without_autotune(tf.data.Dataset.from_tensor_slices((inputs(x), y)).repeat())
+        return lambda steps: fit_seconds(model, dataset, steps), params, {}
+    c = torch_config(config, vocab)
+    trainer = torch_train.Trainer(kind, c["model"], c["train"], vocab, x, y)
+
+    def fit(steps):
+        start = time.perf_counter()
+        loss = trainer.fit(steps)
+        return time.perf_counter() - start, loss
+
+    threads = torch_train.torch.get_num_threads()
+    return fit, trainer.params_no_pos, {"attention": trainer.attention, "torch_threads": threads}
+
+
 def child(kind, name, steps, quick):
     """Subprocess entry: trains one model for its warm-up steps and prints its peak RSS as JSON."""
     spe, warmup, _, _ = SETUPS[name][2 if quick else 1]
@@ -94,11 +132,17 @@ def child(kind, name, steps, quick):
     print(json.dumps({"rss_before_model_mb": rss_before, "peak_rss_mb": common.peak_rss_mb()}))
 
 
-def peak_rss(kind, name, quick):
+def peak_rss(kind, name, quick, config, vocab, x, y):
     spe = SETUPS[name][2 if quick else 1][0]
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--only", name, "--steps", str(2 * spe)]
-    cmd += ["--quick"] if quick else []
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        if kind in TF_MODELS:
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--only", name, "--steps", str(2 * spe)]
+            cmd += ["--quick"] if quick else []
+        else:  # the same batches, handed over in a file: the child does not import TensorFlow
+            np.savez(os.path.join(tmp, "batches.npz"), x=x, y=y)
+            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_train.py"), kind,
+                   os.path.join(tmp, "batches.npz"), json.dumps(torch_config(config, vocab)), str(2 * spe)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -111,16 +155,14 @@ def run_config(name, quick):
     rows = []
     runs = {}
     for kind in MODELS:
-        keras.utils.set_random_seed(t.seed)
-        model, params, inputs = build(kind, config, vocab)
-        dataset = common.without_autotune(tf.data.Dataset.from_tensor_slices((inputs(x), y)).repeat())
-        first, _ = fit_seconds(model, dataset, spe)  # compiles
+        fit, params, notes = runner(kind, config, vocab, x, y)
+        first, _ = fit(spe)  # compiles (TensorFlow), first-call set-up (PyTorch)
         if warmup > spe:
-            fit_seconds(model, dataset, warmup - spe)
-        runs[kind] = {"model": model, "dataset": dataset, "params": params, "first": first, "times": []}
+            fit(warmup - spe)
+        runs[kind] = {"fit": fit, "params": params, "notes": notes, "first": first, "times": []}
     for _ in range(rounds):
         for kind in MODELS:
-            seconds, loss = fit_seconds(runs[kind]["model"], runs[kind]["dataset"], round_steps)
+            seconds, loss = runs[kind]["fit"](round_steps)
             runs[kind]["times"].append(seconds / round_steps)
             runs[kind]["loss"] = loss
     for kind in MODELS:
@@ -131,21 +173,23 @@ def run_config(name, quick):
             "config": name, "model": kind, "params_no_pos": r["params"], "step_ms": 1e3 * step,
             "step_ms_all": [round(1e3 * s, 2) for s in r["times"]], "tokens_per_s": tokens_per_step / step,
             "gflops": flops_per_token * tokens_per_step / step / 1e9, "flops_per_token": flops_per_token,
-            "compile_s": r["first"] - spe * step, "loss": r["loss"], **peak_rss(kind, name, quick)})
+            "compile_s": r["first"] - spe * step, "loss": r["loss"], **r["notes"],
+            **peak_rss(kind, name, quick, config, vocab, x, y)})
     # The load moves between rounds, not within one pair: the median of the paired per-round ratios is the figure.
-    ratio = common.median([k / t for t, k in zip(runs["tfglm"]["times"], runs["keras_hub"]["times"])])
-    print(f"{name}: " + ", ".join(f"{r['model']} {r['tokens_per_s']:.0f} tokens/s" for r in rows)
-          + f", tfglm/KerasHub {ratio:.3f}", flush=True)
+    ratios = {f"tfglm_over_{kind}": common.median([k / t for t, k in zip(runs["tfglm"]["times"], runs[kind]["times"])])
+              for kind in MODELS[1:]}
+    print(f"{name}: " + ", ".join(f"{NAMES[r['model']]} {r['tokens_per_s']:.0f} tokens/s" for r in rows) + ", "
+          + ", ".join(f"tfglm/{NAMES[kind]} {ratios[f'tfglm_over_{kind}']:.3f}" for kind in MODELS[1:]), flush=True)
     return {"config": name, "file": SETUPS[name][0], "data": source, "batch_size": t.batch_size,
             "context": m.max_length, "steps_per_execution": spe, "warmup_steps": warmup, "steps_per_round": round_steps,
-            "rounds": rounds, "rows": rows, "tfglm_over_keras_hub": ratio}
+            "rounds": rounds, "rows": rows, **ratios}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer warm-up and timed steps")
     parser.add_argument("--only", choices=sorted(SETUPS), help="one config only")
-    parser.add_argument("--child", choices=MODELS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=TF_MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -161,10 +205,11 @@ def main():
     common.print_table(rows, ["config", "model", "params_no_pos", "step_ms", "tokens_per_s", "gflops",
                               "pct_of_matmul_peak", "compile_s", "peak_rss_mb", "loss"])
     for r in results:
-        print(f"{r['config']}: tfglm / KerasHub tokens/s = {r['tfglm_over_keras_hub']:.3f} (median of paired rounds; "
-              f"step ms by round: tfglm {r['rows'][0]['step_ms_all']}, KerasHub {r['rows'][1]['step_ms_all']}) "
-              f"({r['data']}, {r['rounds']} rounds x {r['steps_per_round']} steps, "
-              f"steps_per_execution {r['steps_per_execution']})")
+        print(f"{r['config']}: tfglm tokens/s over " + ", ".join(
+            f"{NAMES[kind]} {r[f'tfglm_over_{kind}']:.3f}" for kind in MODELS[1:]) + " (medians of paired rounds; "
+              "step ms by round: " + ", ".join(f"{NAMES[row['model']]} {row['step_ms_all']}" for row in r["rows"])
+              + f") ({r['data']}, {r['rounds']} rounds x {r['steps_per_round']} steps, "
+              f"steps_per_execution {r['steps_per_execution']} for the Keras models)")
     print(f"fp32 matmul peak (2048^2, XLA): {peak_before:.1f} GFLOP/s before, {peak_after:.1f} after")
     common.write_json("train_throughput.json", {
         "quick": args.quick, "matmul_peak_gflops": {"before": peak_before, "after": peak_after},

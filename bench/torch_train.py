@@ -1,0 +1,120 @@
+"""The PyTorch peers of `train_throughput.py`, trained as `tfglm.tasks.trainer.compile_model` trains, without
+TensorFlow: Hugging Face transformers' `GPT2LMHeadModel` (random init) and nanoGPT's model (`torch_gpt.py`), eager, on
+the CPU, torch's default thread count.
+
+One step = forward, next-token cross-entropy over every position (the mean), backward, global-norm clipping at
+`grad_clip`, AdamW (`beta_1`, `beta_2`, epsilon 1e-7 as Keras's, decoupled `weight_decay` on every matrix and
+embedding, none on biases and norms, as tfglm excludes `bias`, `gamma` and `beta`) at the learning rate of tfglm's
+schedule (linear warmup from 0, then cosine to `min_learning_rate` at `steps`).
+
+As a script it is `train_throughput.py`'s peak-RSS child: it imports torch (and transformers), loads the batches the
+parent saved, builds one model, trains it and prints its peak RSS as JSON. TensorFlow is never imported, so the
+figure is the PyTorch stack's own.
+
+Import it before TensorFlow: it loads `torch._dynamo` now (AdamW's step and transformers load it anyway), which
+loads triton, whose LLVM segfaults when it is loaded into a process that already holds TensorFlow's (torch 2.14,
+TensorFlow 2.20: `import triton` after an XLA compilation crashes in `triton/knobs.py`).
+
+    python bench/torch_train.py KIND BATCHES.npz CONFIG_JSON STEPS
+"""
+
+import importlib
+import json
+import math
+import sys
+
+import numpy as np
+import torch
+import torch._dynamo  # noqa: F401  (before TensorFlow: see above)
+import torch.nn.functional as F
+
+KINDS = ("hf_torch", "nanogpt_torch")
+TRAIN_FIELDS = ("steps", "learning_rate", "min_learning_rate", "warmup_steps", "weight_decay", "beta_1", "beta_2",
+                "grad_clip", "seed")
+
+
+def lr_factor(train):
+    """The multiple of `learning_rate` at each step: Keras's CosineDecay with warmup, as tfglm's schedule."""
+    warmup, decay, alpha = train["warmup_steps"], train["steps"] - train["warmup_steps"], \
+        train["min_learning_rate"] / train["learning_rate"]
+
+    def factor(step):
+        if step < warmup:
+            return step / warmup
+        cosine = 0.5 * (1 + math.cos(math.pi * min(step - warmup, decay) / decay))
+        return (1 - alpha) * cosine + alpha
+
+    return factor
+
+
+class Trainer:
+    """One PyTorch peer at tfglm's config (`model`: num_layers, num_heads, hidden_dim, max_length; `train`: the
+    TRAIN_FIELDS of tfglm's TrainConfig), cycling over the batches x, y ([count, batch, length] integer arrays)."""
+
+    def __init__(self, kind, model, train, vocab_size, x, y):
+        torch.manual_seed(train["seed"])
+        layers, heads, width, context = (model[k] for k in ("num_layers", "num_heads", "hidden_dim", "max_length"))
+        if kind == "hf_torch":
+            from transformers import GPT2Config, GPT2LMHeadModel
+
+            config = GPT2Config(vocab_size=vocab_size, n_positions=context, n_embd=width, n_layer=layers,
+                                n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+                                bos_token_id=None, eos_token_id=None)  # GPT-2's 50,256 lies outside a char vocab
+            self.model = GPT2LMHeadModel(config)  # n_inner None: 4 x width; tie_word_embeddings True
+            self.forward = lambda ids: self.model(input_ids=ids, use_cache=False).logits
+            self.attention = self.model.config._attn_implementation
+            position = self.model.transformer.wpe.weight.numel()
+        else:
+            from torch_gpt import GPT
+
+            self.model = GPT(vocab_size, layers, heads, width, context)
+            self.forward = self.model
+            self.attention = "F.scaled_dot_product_attention"
+            position = self.model.wpe.weight.numel()
+        self.model.train()
+        self.params = list(self.model.parameters())  # a tied weight once
+        self.params_no_pos = sum(p.numel() for p in self.params) - position
+        groups = [{"params": [p for p in self.params if p.dim() >= 2], "weight_decay": train["weight_decay"]},
+                  {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=train["learning_rate"], betas=(train["beta_1"], train["beta_2"]),
+                                           eps=1e-7)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(train))
+        self.clip = train["grad_clip"]
+        self.x, self.y = torch.from_numpy(np.asarray(x, np.int64)), torch.from_numpy(np.asarray(y, np.int64))
+        self.position = 0
+
+    def fit(self, steps):
+        """Trains `steps` steps; returns the last loss."""
+        for _ in range(steps):
+            i = self.position % len(self.x)
+            self.position += 1
+            logits = self.forward(self.x[i])
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.y[i].reshape(-1))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.clip:
+                torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+            self.optimizer.step()
+            self.schedule.step()
+        return loss.item()
+
+
+def peak_rss_mb():
+    """VmHWM of /proc/self/status in MB, as `common.peak_rss_mb` (not imported: it would load TensorFlow)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def main():
+    kind, batches, config, steps = sys.argv[1:]
+    config = json.loads(config)
+    data = np.load(batches)
+    if kind == "hf_torch":  # loaded before the baseline, as the TensorFlow children have KerasHub loaded
+        importlib.import_module("transformers.models.gpt2.modeling_gpt2")
+    rss_before = peak_rss_mb()
+    Trainer(kind, config["model"], config["train"], config["vocab_size"], data["x"], data["y"]).fit(int(steps))
+    print(json.dumps({"rss_before_model_mb": rss_before, "peak_rss_mb": peak_rss_mb()}))
+
+
+if __name__ == "__main__":
+    main()
