@@ -91,7 +91,10 @@ class ChatTokenizer(tf.Module):
         ones = tf.ones_like(flat_roles)
         messages = tf.concat([flat_roles, text, ones * self.eot_id], axis=1)  # [batch * messages, None]
         assistant = tf.cast(flat_roles == self.role_ids["assistant"], tf.float32)
-        weights = tf.concat([tf.zeros_like(assistant), tf.ones_like(text, tf.float32) * assistant, assistant], axis=1)
+        # Each text token's weight gathered from its message's row: `ones_like(text) * assistant` would broadcast
+        # through a dense [messages, longest message] tensor.
+        text_weights = text.with_values(tf.gather(assistant[:, 0], text.value_rowids()))
+        weights = tf.concat([tf.zeros_like(assistant), text_weights, assistant], axis=1)
 
         sizes = tf.where(present, tf.reshape(tf.cast(messages.row_lengths(), tf.int32), shape), 0)
         system = (role_ids[:, :1] == self.role_ids["system"]) & (tf.range(shape[1])[None, :] == 0)
