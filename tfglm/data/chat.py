@@ -93,8 +93,8 @@ class ChatTokenizer(tf.Module):
         assistant = tf.cast(flat_roles == self.role_ids["assistant"], tf.float32)
         # Each text token's weight gathered from its message's row, found by searchsorted: `ones_like(text) *
         # assistant` and `value_rowids()` (tf.repeat) both go through a dense [messages, longest message] tensor.
-        rows = tf.searchsorted(text.row_splits[1:], tf.range(tf.size(text.flat_values, tf.int64)), side="right")
-        text_weights = text.with_values(tf.gather(assistant[:, 0], rows))
+        token_rows = tf.searchsorted(text.row_splits[1:], tf.range(tf.size(text.flat_values, tf.int64)), side="right")
+        text_weights = text.with_values(tf.gather(assistant[:, 0], token_rows))
         weights = tf.concat([tf.zeros_like(assistant), text_weights, assistant], axis=1)
 
         sizes = tf.where(present, tf.reshape(tf.cast(messages.row_lengths(), tf.int32), shape), 0)
