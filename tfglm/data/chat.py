@@ -91,7 +91,11 @@ class ChatTokenizer(tf.Module):
         ones = tf.ones_like(flat_roles)
         messages = tf.concat([flat_roles, text, ones * self.eot_id], axis=1)  # [batch * messages, None]
         assistant = tf.cast(flat_roles == self.role_ids["assistant"], tf.float32)
-        weights = tf.concat([tf.zeros_like(assistant), tf.ones_like(text, tf.float32) * assistant, assistant], axis=1)
+        # Each text token's weight gathered from its message's row, found by searchsorted: `ones_like(text) *
+        # assistant` and `value_rowids()` (tf.repeat) both go through a dense [messages, longest message] tensor.
+        token_rows = tf.searchsorted(text.row_splits[1:], tf.range(tf.size(text.flat_values, tf.int64)), side="right")
+        text_weights = text.with_values(tf.gather(assistant[:, 0], token_rows))
+        weights = tf.concat([tf.zeros_like(assistant), text_weights, assistant], axis=1)
 
         sizes = tf.where(present, tf.reshape(tf.cast(messages.row_lengths(), tf.int32), shape), 0)
         system = (role_ids[:, :1] == self.role_ids["system"]) & (tf.range(shape[1])[None, :] == 0)
@@ -103,7 +107,7 @@ class ChatTokenizer(tf.Module):
         dropped = tf.reduce_sum(tf.cast(present & ~keep, tf.int32), axis=1)
 
         def join(parts, first, final):
-            kept = tf.ragged.boolean_mask(parts, tf.reshape(keep, [-1]))
+            kept = tf.gather(parts, tf.where(tf.reshape(keep, [-1]))[:, 0])  # boolean_mask would tile, as above
             rows = tf.RaggedTensor.from_row_lengths(kept, tf.reduce_sum(tf.cast(keep, tf.int64), axis=1))
             joined = rows.merge_dims(1, 2)
             pieces = [tf.fill([shape[0], 1], first), joined]
