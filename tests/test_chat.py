@@ -156,3 +156,18 @@ def test_question_answer_tables_and_cli_errors(tmp_path, capsys):
                  "--train", str(bad), "--eval", str(bad), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"tfglm: error: {bad}:1: the conversation has no assistant message (nothing to learn)"
+
+
+def test_a_long_conversation_is_split_at_turn_boundaries_and_every_reply_is_learnt(tokenizer):
+    from tfglm.tasks.chat import encode
+
+    turns = [("system", "be kind")] + [(role, f"{word} {i}") for i, word in enumerate("abcdefghij")
+                                       for role in ("user", "assistant")]
+    conversation = ([r for r, _ in turns], [t for _, t in turns])
+    ids, weights = encode(tokenizer, [conversation], 32, "conv.jsonl")
+    replies = sum(len(t) + 1 for r, t in turns if r == "assistant")  # each reply's text and its closing <eot>
+    assert len(ids) > 3 and weights.sum() == replies
+    system = _encode(tokenizer, [turns[0]])[0]
+    for row in ids:  # each piece opens with the system message, then whole messages
+        assert list(row[:len(system)]) == system
+    assert len(encode(tokenizer, [conversation], 1000, "conv.jsonl")[0]) == 1

@@ -1,10 +1,9 @@
-"""Chat fine-tuning: a GPT (a `tfglm train` run, an imported GPT-2, or a new one) taught to answer as the assistant
-of conversations (`tfglm.data.chat`: files, template, encoding), with the loss on the assistant's tokens only.
+"""Chat fine-tuning: a GPT (a `tfglm train` run, an imported GPT-2, or a new one) taught to answer as the assistant of
+conversations (`tfglm.data.chat`: files, template, encoding), with the loss on the assistant's tokens only.
 
-Each conversation is one example: its template ids, the oldest messages dropped whole to fit the context (counted
-and reported), padded to the context + 1 so every batch has one static shape. Conversations are short next to
-typical contexts once trimmed, and one shape means one XLA program. The validation loss (which picks the best
-checkpoint and stops early) and eval.json's loss are per assistant token.
+Each conversation is one example of template ids padded to the context + 1, so every batch has one static shape (one XLA
+program); one longer than the context is split at turn boundaries into several. The validation loss (which picks the
+best checkpoint and stops early) and eval.json's loss are per assistant token.
 """
 
 import logging
@@ -152,35 +151,44 @@ class Chat(Task):
 
 
 def encode(tokenizer, conversations, length, where, batch_size=256):
-    """(ids, weights): int32 and float32 [conversations, `length`], the template ids and assistant-token weights of
-    each conversation, its oldest messages dropped to fit `length` and right-padded with `<eot>` (weight 0).
-    A conversation whose last message alone is longer is cut from the left; one left with no assistant token is
-    dropped. Each case is counted and reported."""
+    """(ids, weights): int32 and float32 [examples, `length`], the template ids and assistant-token weights of the
+    conversations, right-padded with `<eot>` (weight 0).
+
+    A conversation longer than `length` is split at turn boundaries into several examples, so that every message is
+    learnt once: the most recent messages that fit (after a leading system message, which every piece keeps), then
+    the most recent of those left, and so on (`encode_chat` keeps the most recent that fit). A message longer than
+    `length` on its own is cut from the left; a piece with no assistant message teaches nothing and is left out.
+    Splits and cuts are counted and reported."""
     ids, weights = [], []
-    trimmed = dropped_messages = cut = empty = 0
-    for start in range(0, len(conversations), batch_size):
-        roles, contents = as_batch(conversations[start:start + batch_size])
-        batch_ids, batch_weights, dropped = tokenizer.encode_chat(tf.constant(roles), tf.constant(contents), length)
-        for row_ids, row_weights, row_dropped in zip(batch_ids.numpy(), batch_weights.numpy(), dropped.numpy()):
-            trimmed += row_dropped > 0
-            dropped_messages += row_dropped
-            if len(row_ids) > length:
-                cut += 1
-                row_ids, row_weights = row_ids[-length:], row_weights[-length:]
-            if not row_weights.any():
-                empty += 1
-                continue
-            ids.append(np.pad(row_ids, (0, length - len(row_ids)), constant_values=tokenizer.eot_id))
-            weights.append(np.pad(row_weights, (0, length - len(row_weights))))
+    split, cut, pieces = set(), 0, 0
+    pending = [(i, roles, contents) for i, (roles, contents) in enumerate(conversations)]
+    while pending:
+        remaining = []
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start:start + batch_size]
+            roles, contents = as_batch([(r, c) for _, r, c in chunk])
+            batch_ids, batch_weights, dropped = tokenizer.encode_chat(tf.constant(roles), tf.constant(contents),
+                                                                      length)
+            for (i, roles, contents), row_ids, row_weights, row_dropped in zip(
+                    chunk, batch_ids.numpy(), batch_weights.numpy(), dropped.numpy()):
+                if row_dropped:  # the messages left out come next, as a conversation of their own
+                    split.add(i)
+                    system = 1 if roles[0] == "system" else 0
+                    remaining.append((i, roles[:system + row_dropped], contents[:system + row_dropped]))
+                if len(row_ids) > length:
+                    cut += 1
+                    row_ids, row_weights = row_ids[-length:], row_weights[-length:]
+                if row_weights.any():
+                    pieces += i in split
+                    ids.append(np.pad(row_ids, (0, length - len(row_ids)), constant_values=tokenizer.eot_id))
+                    weights.append(np.pad(row_weights, (0, length - len(row_weights))))
+        pending = remaining
     context = f"the context ({length - 1} tokens)"
-    if trimmed:
-        log.warning("%s: %d of %d conversations longer than %s: their %d oldest messages dropped", where, trimmed,
-                    len(conversations), context, dropped_messages)
+    if split:
+        log.info("%s: %d of %d conversations longer than %s, split at turn boundaries into %d examples", where,
+                 len(split), len(conversations), context, pieces)
     if cut:
-        log.warning("%s: %d conversation(s) cut from the left: their last message alone is longer than %s", where,
-                    cut, context)
-    if empty:
-        log.warning("%s: %d conversation(s) skipped: no assistant token left within %s", where, empty, context)
+        log.warning("%s: %d message(s) cut from the left: each alone is longer than %s", where, cut, context)
     if not ids:
         raise TfglmError(f"{where}: no conversation has an assistant token within {context}")
     return np.stack(ids).astype(np.int32), np.stack(weights).astype(np.float32)
