@@ -11,7 +11,7 @@ import tensorflow as tf
 from conftest import QA, write_conversations
 from tfglm.cli import main
 from tfglm.data.chat import MARKERS, ChatTokenizer, read_conversations
-from tfglm.data.tokenizers import CharTokenizer, load_tokenizer
+from tfglm.data.tokenizers import CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 from tfglm.errors import TfglmError
 from tfglm.serving.export import export_run
 from tfglm.tasks import runs
@@ -25,6 +25,14 @@ def tokenizer():
     return ChatTokenizer(CharTokenizer(ALPHABET))
 
 
+@pytest.fixture(scope="module", params=["char", "sentencepiece"])
+def any_tokenizer(request):
+    if request.param == "char":
+        return ChatTokenizer(CharTokenizer(ALPHABET))
+    lines = ["be brief", "hi there", "hello, how are you?", "see you soon"] * 50
+    return ChatTokenizer(SentencePieceTokenizer(train_sentencepiece(lines, vocab_size=300)))
+
+
 def _encode(tokenizer, conversation, budget=1000, generation_prompt=False):
     roles, contents = zip(*conversation)
     ids, weights, dropped = tokenizer.encode_chat(tf.constant([roles]), tf.constant([contents]), budget,
@@ -32,7 +40,8 @@ def _encode(tokenizer, conversation, budget=1000, generation_prompt=False):
     return ids.to_list()[0], weights.to_list()[0], int(dropped[0])
 
 
-def test_template_layout_and_save_load_round_trip(tokenizer, tmp_path):
+def test_template_layout_and_save_load_round_trip(any_tokenizer, tmp_path):
+    tokenizer = any_tokenizer
     conversation = [("system", "be brief"), ("user", "hi"), ("assistant", "hello")]
     ids, _, _ = _encode(tokenizer, conversation, generation_prompt=True)
     base = tokenizer.base
