@@ -127,6 +127,8 @@ PREDICT_BAD = [  # (predict request body, words of the 400's error)
      "one role a message, got shapes [1, 1] and [1, 2]"),
     ({"signature_name": "chat", "inputs": {"roles": [["user"]], "contents": [["x" * 300]]}}, "more than 256 bytes"),
     ({"signature_name": "advance", "inputs": {"steps": 1}}, "not served over Predict"),
+    ({"signature_name": "chat", "inputs": {"roles": [["user", ""], ["", ""]], "contents": [["hi", ""], ["", ""]]}},
+     "roles: conversation 1 has no message"),
 ]
 
 

@@ -79,6 +79,9 @@ def check_conversations(roles, contents):
     if unknown:
         raise RequestError(f"roles: unknown role {unknown[0].decode('utf-8', errors='replace')!r} (expected "
                            f"{', '.join(ROLES)}, or '' for no message)")
+    empty = [i for i, row in enumerate(roles.reshape(len(roles), -1)) if not any(row)]
+    if empty:
+        raise RequestError(f"roles: conversation {empty[0]} has no message (every role is '')")
 
 
 class Batcher:
