@@ -13,7 +13,6 @@ from tfglm.cli import main
 from tfglm.data.chat import MARKERS, ChatTokenizer, read_conversations
 from tfglm.data.tokenizers import CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 from tfglm.errors import TfglmError
-from tfglm.serving.export import export_run
 from tfglm.tasks import runs
 from tfglm.tasks.registry import load_run
 
@@ -94,7 +93,7 @@ def test_trimming_drops_whole_oldest_turns_and_keeps_the_system_message(tokenize
     assert dropped == 3 and ids == _encode(tokenizer, [conversation[0], conversation[-1]])[0]
 
 
-def test_a_tiny_model_learns_to_answer_in_the_graph_and_through_the_export(chat_run, tmp_path):
+def test_a_tiny_model_learns_to_answer_in_the_graph_and_through_the_export(chat_run, chat_base_path):
     with open(os.path.join(chat_run, runs.EVAL)) as f:
         scores = json.load(f)
     assert scores["perplexity"] < 1.2 and scores["assistant_tokens"] > 1000
@@ -107,7 +106,7 @@ def test_a_tiny_model_learns_to_answer_in_the_graph_and_through_the_export(chat_
     out = generator.chat(roles, tf.constant([[q] for q in questions]), *greedy)
     assert [r.decode() for r in out["completions"].numpy()] == [a for _, a in QA]
 
-    served = tf.saved_model.load(export_run(chat_run, str(tmp_path / "models")))
+    served = tf.saved_model.load(os.path.join(chat_base_path, "1"))
     names = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
     out = served.signatures["chat"](roles=roles, contents=tf.constant([[q] for q in questions]),
                                     **dict(zip(names, greedy)))
