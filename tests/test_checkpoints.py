@@ -417,7 +417,7 @@ def test_imported_gpt2_fine_tunes_as_a_chat_model_with_its_bytepair_vocabulary(t
     run_dir = str(tmp_path / "chat")
     assert main(["finetune", "--task", "chat", "--model", str(tmp_path / "gpt2"), "--train", data, "--val", val,
                  "--eval", val, "--out", run_dir, "--set", "chat.epochs=1", "--set", "chat.batch_size=4",
-                 "--set", "train.jit_compile=false", "--set", "train.steps_per_execution=4"]) == 0
+                 "--set", "train.jit_compile=false"]) == 0
     run = tfglm.load_run(run_dir)
     assert isinstance(run.tokenizer, ChatTokenizer) and run.tokenizer.base.kind == "bytepair"
     assert run.model.vocab_size == GV + 3 and run.tokenizer.eot_id == GV - 1  # <|endoftext|> ends each reply

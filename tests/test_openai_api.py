@@ -2,6 +2,7 @@
 endpoints through the official `openai` client, whole and streamed; the replies equal the in-process Generator's."""
 
 import json
+import math
 import urllib.error
 import urllib.request
 
@@ -12,6 +13,7 @@ import tensorflow as tf
 from conftest import QA
 from tfglm.errors import TfglmError
 from tfglm.generation.decode import Generator
+from tfglm.serving.openai_api import STREAM_STEPS
 from tfglm.serving.client import Client
 from tfglm.tasks.registry import load_run
 
@@ -75,7 +77,8 @@ def test_openai_chat_whole_and_streamed_equal_generator(client, expected):
                                                      stream_options={"include_usage": True}))
         assert chunks[0].choices[0].delta.role == "assistant"
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply
-        assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # in several pieces
+        pieces = [c for c in chunks if c.choices and c.choices[0].delta.content]
+        assert len(pieces) == math.ceil(len(reply) / STREAM_STEPS)  # a piece every STREAM_STEPS tokens
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
         assert chunks[-1].usage.completion_tokens == len(reply) and {c.id for c in chunks} == {chunks[0].id}
 

@@ -135,11 +135,11 @@ class Chat(Task):
             raise TfglmError("--data: a chat model is scored on a conversations file (JSONL, or question/answer "
                              "TSV/CSV)")
         c = self.config.chat
-        ids, weights = encode(self.tokenizer, read_conversations(args.data, c.question_column, c.answer_column),
-                              self.config.model.max_length + 1, args.data)
+        conversations = read_conversations(args.data, c.question_column, c.answer_column)
+        ids, weights = encode(self.tokenizer, conversations, self.config.model.max_length + 1, args.data)
         loss, tokens = assistant_loss(model, ids, weights, c.batch_size)
-        return {"data": args.data, "conversations": len(ids), "assistant_tokens": tokens, "loss": round(loss, 5),
-                "perplexity": round(math.exp(min(loss, 50.0)), 4)}
+        return {"data": args.data, "conversations": len(conversations), "examples": len(ids),
+                "assistant_tokens": tokens, "loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50.0)), 4)}
 
     def serving(self, model, jit_compile):
         module = serving_module(Generator(model, self.tokenizer, jit_compile=jit_compile), self.config.generate)
