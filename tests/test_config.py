@@ -6,8 +6,7 @@ import pytest
 from tfglm.config import load_config
 from tfglm.errors import TfglmError
 
-CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "gpt*.yaml"))) + [
-    os.path.join(os.path.dirname(__file__), "..", "configs", "default.yaml")]
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
