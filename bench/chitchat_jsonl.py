@@ -6,9 +6,8 @@ messages [{"text", "timestamp", "sender"}, ...], the speakers alternating. Turn 
 for even i (the first speaker) and "assistant" for odd i, its texts joined with a space and whitespace normalised: a
 message is then one line of the plain text, so the plain text's line ends are exactly the message ends (and a space
 is the package's own default joiner). Empty turns are skipped, and the same speaker's turns that skipping makes
-adjacent are merged; a conversation ends at its last assistant message (the chat task keeps each conversation's
-latest messages that fit the context, and an unanswered user message would take their room while teaching nothing),
-and conversations without an assistant message (one speaker only) are dropped.
+adjacent are merged; a conversation ends at its last assistant message (an unanswered user message teaches the chat
+task nothing), and conversations without an assistant message (one speaker only) are dropped.
 
 A seeded 90/5/5 split by conversation: OUT/chitchat-train.jsonl, chitchat-val.jsonl, chitchat-test.jsonl, and
 OUT/chitchat-train.txt, the training conversations one message a line with a blank line between conversations.
@@ -45,6 +44,12 @@ def to_messages(turns):
     return messages, empty, merged
 
 
+def plain_text(conversations):
+    """Conversations ([{"role", "content"}] each) as the training text: one message a line, a blank line between
+    conversations."""
+    return "\n".join("".join(m["content"] + "\n" for m in messages) for messages in conversations)
+
+
 def write_split(out_dir, seed=0):
     """Writes the three JSONL splits and the training text; returns {split: path} (split "text" for the text)."""
     dataset = chitchat_dataset.Dataset()
@@ -73,7 +78,7 @@ def write_split(out_dir, seed=0):
         if name == "train":
             paths["text"] = os.path.join(out_dir, "chitchat-train.txt")
             with open(paths["text"], "w", encoding="utf-8") as f:
-                f.write("\n".join("".join(m["content"] + "\n" for m in messages) for messages in part))
+                f.write(plain_text(part))
             print(f"{paths['text']}: {os.path.getsize(paths['text']):,} bytes")
     return paths
 
