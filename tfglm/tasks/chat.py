@@ -79,7 +79,7 @@ class Chat(Task):
             log.warning("generate.max_new_tokens %d leaves a reply only %d tokens of the conversation before it "
                         "(context %d); consider --set generate.max_new_tokens=%d", new, context - new, context,
                         context // 4)
-        log.info("chat fine-tuning on %d conversations (%d for validation), %d assistant tokens", len(self.train[0]),
+        log.info("chat fine-tuning on %d examples (%d for validation), %d assistant tokens", len(self.train[0]),
                  len(self.val[0]), int(self.train[1].sum()))
 
     def schedule(self):
