@@ -141,13 +141,18 @@ class Service(prediction_service_pb2_grpc.PredictionServiceServicer, model_servi
 
         return self._serve(context, handle)
 
+    def _run_examples(self, request, labels, method):
+        """(servable, signature name, result) of a Classify or Regress `request`: its tf.Examples through the
+        servable's `method` ("classify" or "regress"), admitted through the queue bound."""
+        servable = self._servable(request.model_spec, labels)
+        signature_name = self._signature(servable, request.model_spec, labels)
+        examples = _examples(request.input)
+        with self.server.admission():
+            return servable, signature_name, getattr(servable, method)(signature_name, examples)
+
     def Classify(self, request, context):
         def handle(labels):
-            servable = self._servable(request.model_spec, labels)
-            signature_name = self._signature(servable, request.model_spec, labels)
-            examples = _examples(request.input)
-            with self.server.admission():
-                rows = servable.classify(signature_name, examples)
+            servable, signature_name, rows = self._run_examples(request, labels, "classify")
             response = classification_pb2.ClassificationResponse()
             self._spec(response, servable, signature_name)
             for row in rows:
@@ -159,11 +164,7 @@ class Service(prediction_service_pb2_grpc.PredictionServiceServicer, model_servi
 
     def Regress(self, request, context):
         def handle(labels):
-            servable = self._servable(request.model_spec, labels)
-            signature_name = self._signature(servable, request.model_spec, labels)
-            examples = _examples(request.input)
-            with self.server.admission():
-                values = servable.regress(signature_name, examples)
+            servable, signature_name, values = self._run_examples(request, labels, "regress")
             response = regression_pb2.RegressionResponse()
             self._spec(response, servable, signature_name)
             response.result.regressions.extend(regression_pb2.Regression(value=v) for v in values)
