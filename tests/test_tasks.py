@@ -55,6 +55,10 @@ def task_configs(tmp_path_factory):
         "seq2seq": SMALL + steps + ["model.kind=translate", "tokenizer.kind=sentencepiece", "tokenizer.vocab_size=300",
                                     "model.max_length=16", f"translate.pairs={root / 'pairs.tsv'}",
                                     f"translate.val_pairs={root / 'pairs.tsv'}"],
+        "classify+lora": SMALL + steps + bert + ["classify.epochs=2", "classify.batch_size=8", "classify.dropout=0.0",
+                                                  "train.lora_rank=2", "classify.learning_rate=1e-2",
+                                                  f"classify.train_file={root / 'train.tsv'}",
+                                                  f"classify.val_file={root / 'val.tsv'}"],
         "chat": SMALL + steps + ["model.max_length=32", "chat.epochs=2", "chat.batch_size=8",
                                  f"chat.train_file={root / 'conv.jsonl'}", f"chat.val_file={root / 'conv-val.jsonl'}"],
     }
@@ -70,14 +74,16 @@ def references(task_configs, tmp_path_factory):
     out = {}
     for name, overrides in task_configs.items():
         run_dir = str(tmp_path_factory.mktemp(name) / "run")
-        model = train(load_config(overrides=overrides), run_dir, task=name, verbose=0).model
+        model = train(load_config(overrides=overrides), run_dir, task=name.split("+")[0], verbose=0).model
         out[name] = run_dir, _weights(model)
     return out
 
 
-@pytest.mark.parametrize("name", ["causal_lm", "masked_lm", "classify", "seq2seq", "chat"])
+@pytest.mark.parametrize("name", ["causal_lm", "masked_lm", "classify", "classify+lora", "seq2seq", "chat"])
 def test_each_task_trains_records_its_run_and_resumes_exactly(name, task_configs, references, tmp_path, monkeypatch):
+    """classify+lora: LoRA factors (and their optimizer moments) resume unmerged, as every other weight."""
     reference_dir, reference_weights = references[name]
+    name, lora = name.split("+")[0], name.endswith("+lora")
     rows = runs.read_metrics(reference_dir)
     # Two epochs: classify's 192 rows and chat's 319 examples (192 conversations, split to fit 32 tokens) in batches
     # of 8, rounded down to a multiple of 4 steps.
@@ -90,14 +96,16 @@ def test_each_task_trains_records_its_run_and_resumes_exactly(name, task_configs
     assert load_run(reference_dir).task.name == name
 
     run_dir = str(tmp_path / "run")
-    config = load_config(overrides=task_configs[name])
+    config = load_config(overrides=task_configs[name + "+lora" * lora])
     fit = keras.Model.fit
     monkeypatch.setattr(keras.Model, "fit", lambda self, *a, callbacks=(), **k: fit(
         self, *a, callbacks=[*callbacks, _stop_at_step(rows[0]["step"] + 2)], **k))
     with pytest.raises(KeyboardInterrupt):
         train(config, run_dir, task=name, verbose=0)
     monkeypatch.undo()
+    assert os.path.exists(os.path.join(run_dir, runs.LAST_LORA)) == lora
     resumed = train(config, run_dir, task=name, resume=True, verbose=0).model
+    assert len(_weights(resumed)) == len(reference_weights)
     for a, b in zip(_weights(resumed), reference_weights):
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert [r["step"] for r in runs.read_metrics(run_dir)] == [r["step"] for r in rows]

@@ -16,6 +16,7 @@ RUN = "run.json"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer"
 LAST = "last.weights.h5"
+LAST_LORA = "last.lora.npz"  # a LoRA run's unmerged factors at its last checkpoint (Keras saves LoRA layers merged)
 BEST = "best.weights.h5"
 METRICS = "metrics.jsonl"
 LOGS = "logs"

@@ -100,6 +100,8 @@ class RunLogger(keras.callbacks.Callback):
         if self.improved(row[self.monitor]):
             self.best = row[self.monitor]
             runs.atomic_write(runs.path(self.run_dir, runs.BEST), self.model.save_weights)
+        if lora_layers(self.model):  # before last.weights.h5: a kill between the two is seen as a step mismatch
+            runs.atomic_write(runs.path(self.run_dir, runs.LAST_LORA), lambda p: save_lora_state(self.model, p))
         runs.atomic_write(runs.path(self.run_dir, runs.LAST), self.model.save_weights)
         with self.writer.as_default(step=step):
             for key, value in row.items():
@@ -125,19 +127,53 @@ def run_callbacks(task, schedule, step):
     return callbacks
 
 
+def lora_layers(model):
+    return [layer for layer in model._flatten_layers() if getattr(layer, "lora_enabled", False)]
+
+
+def lora_variables(model):
+    """Every LoRA layer's frozen kernel and both factors, in layer order (their paths carry auto-numbered names):
+    what a merged checkpoint cannot give back."""
+    return [v for layer in lora_layers(model) for v in (layer._kernel, layer.lora_kernel_a, layer.lora_kernel_b)]
+
+
+def save_lora_state(model, path):
+    variables = {str(i): v.numpy() for i, v in enumerate(lora_variables(model))}
+    np.savez(path, step=model.optimizer.iterations.numpy(), **variables)
+
+
 def resumed_step(model, run_dir):
     """Loads the run's last checkpoint (weights and optimizer state) into the compiled `model`; returns its step.
-    (Keras checkpoints hold no seed-generator state: with dropout, a resumed run draws other masks.)"""
+    A LoRA run gets its unmerged kernels and factors back from last.lora.npz; without a matching one, the factors
+    restart from the merged kernels. (Keras checkpoints hold no seed-generator state: with dropout, a resumed run
+    draws other masks.)"""
+    last = runs.path(run_dir, runs.LAST)
     try:
-        model.load_weights(runs.path(run_dir, runs.LAST))
+        model.load_weights(last)
     except (OSError, ValueError) as e:
-        raise TfglmError(f"{runs.path(run_dir, runs.LAST)}: unreadable checkpoint ({str(e).splitlines()[0]})") from None
-    for layer in model._flatten_layers():
-        if getattr(layer, "lora_enabled", False):  # Keras loads a LoRA layer merged, with both factors zeroed
-            layer.lora_kernel_a.assign(keras.initializers.HeUniform()(layer.lora_kernel_a.shape))
+        raise TfglmError(f"{last}: unreadable checkpoint ({str(e).splitlines()[0]})") from None
     step = int(model.optimizer.iterations.numpy())
+    if lora_layers(model):
+        restore_lora_state(model, runs.path(run_dir, runs.LAST_LORA), step)
     log.info("resuming %s at step %d", run_dir, step)
     return step
+
+
+def restore_lora_state(model, path, step):
+    variables = lora_variables(model)
+    try:
+        with np.load(path) as state:
+            saved = {k: state[k] for k in state.files}
+    except (OSError, ValueError):
+        saved = {}
+    if int(saved.get("step", -1)) == step and len(saved) == len(variables) + 1 and all(
+            saved[str(i)].shape == tuple(v.shape) for i, v in enumerate(variables)):
+        for i, v in enumerate(variables):
+            v.assign(saved[str(i)])
+        return
+    log.warning("%s: no LoRA factors saved at step %d; they restart from the merged weights", path, step)
+    for layer in lora_layers(model):  # Keras loads a LoRA layer merged, with both factors zeroed
+        layer.lora_kernel_a.assign(keras.initializers.HeUniform()(layer.lora_kernel_a.shape))
 
 
 def _check_run_dir(run_dir, resume):
