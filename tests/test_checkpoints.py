@@ -16,7 +16,7 @@ from tfglm.checkpoints import import_checkpoint
 from tfglm.cli import main
 from tfglm.errors import TfglmError
 from tfglm.tasks import runs
-from tfglm.tasks.classify import encode
+from tfglm.tasks.classify import build_classifier, encode
 
 BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "dog", "a", "good",
               "bad", "film", "##s", "was", "very", ",", "."]
@@ -141,6 +141,32 @@ def test_huggingface_bert_matches_numpy_reference(tmp_path):
     assert (run.tokenizer.unk_id, run.tokenizer.cls_id, run.tokenizer.pad_id) == (1, 2, 0)
     assert run.tokenizer.tokenize(tf.constant(["The cats SAT on a Mat, zebra."])).to_list() == [
         [5, 6, 15, 7, 8, 11, 9, 18, 1, 19]]
+
+
+def test_a_sentence_transformers_checkpoint_classifies_on_its_mean_token(tmp_path):
+    """modules.json + 1_Pooling/config.json (mean pooling) make model.pooling "mean": the classifier's head reads the
+    mean of the last hidden states over the unpadded tokens; a plain BERT checkpoint keeps [CLS]."""
+    directory = write_hf_bert(tmp_path / "st")
+    (tmp_path / "st" / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (tmp_path / "st" / "1_Pooling").mkdir()
+    (tmp_path / "st" / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": H, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))
+    import_checkpoint("huggingface", directory, str(tmp_path / "run"))
+    import_checkpoint("huggingface", write_hf_bert(tmp_path / "plain"), str(tmp_path / "plain-run"))
+    assert runs.read_config(str(tmp_path / "plain-run")).model.pooling == "cls"
+    run = tfglm.load_run(str(tmp_path / "run"))
+    assert run.config.model.pooling == "mean"
+    classifier = build_classifier(run.config, len(BERT_VOCAB), 3, backbone=run.model.encoder)
+    inputs = bert_inputs()
+    sequence, pooled, _ = bert_reference(bert_tensors(), inputs["token_ids"], inputs["segment_ids"],
+                                         inputs["padding_mask"])
+    mask = inputs["padding_mask"][..., None]
+    mean = (sequence * mask).sum(1) / mask.sum(1)
+    expected = mean @ classifier.head.kernel.numpy() + classifier.head.bias.numpy()
+    np.testing.assert_allclose(classifier(inputs).numpy(), expected, atol=1e-4)
+    assert np.abs(pooled @ classifier.head.kernel.numpy() + classifier.head.bias.numpy() - expected).max() > 1e-2
 
 
 def test_max_length_keeps_the_first_positions(tmp_path):

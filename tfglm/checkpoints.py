@@ -33,11 +33,12 @@ SOURCES = ("huggingface", "keras-hub")
 
 
 class Checkpoint:
-    """An architecture ("bert", "gpt2"), its Hugging Face config, named tensors and tokenizer; `where` names the
-    source in errors."""
+    """An architecture ("bert", "gpt2"), its Hugging Face config, named tensors and tokenizer, and how it pools a
+    text into one vector (`model.pooling`); `where` names the source in errors."""
 
-    def __init__(self, architecture, hf_config, tensors, tokenizer, where):
+    def __init__(self, architecture, hf_config, tensors, tokenizer, where, pooling="cls"):
         self.architecture, self.hf_config, self.tokenizer, self.where = architecture, hf_config, tokenizer, where
+        self.pooling = pooling
         self.tensors = {_canonical(name): value for name, value in tensors.items()}
 
     def field(self, name, default=None):
@@ -90,7 +91,24 @@ def read_huggingface(directory):
         except Exception as e:  # safetensors raises its own error types for damaged files
             raise TfglmError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
     tokenizer = _hf_wordpiece(directory) if model_type == "bert" else _hf_bytepair(directory)
-    return Checkpoint(model_type, hf_config, tensors, tokenizer, directory)
+    return Checkpoint(model_type, hf_config, tensors, tokenizer, directory, _sentence_transformers_pooling(directory))
+
+
+def _sentence_transformers_pooling(directory):
+    """"mean" for a sentence-transformers model that mean-pools (its modules.json names a Pooling module whose
+    config.json has pooling_mode_mean_tokens), else "cls"."""
+    modules = os.path.join(directory, "modules.json")
+    if not os.path.exists(modules):
+        return "cls"
+    for module in _read_json(modules):
+        if str(module.get("type", "")).endswith(".Pooling"):
+            pooling = _read_json(os.path.join(directory, module.get("path", ""), "config.json"))
+            if pooling.get("pooling_mode_mean_tokens"):
+                return "mean"
+            if not pooling.get("pooling_mode_cls_token"):
+                log.warning("%s: the model pools in a way tfglm does not (%s); classifiers use [CLS] "
+                            "(model.pooling=mean is the other choice)", directory, module.get("path"))
+    return "cls"
 
 
 def _read_json(path):
@@ -239,7 +257,7 @@ def model_config(checkpoint):
                  "intermediate_dim": ck.field("intermediate_size"), "max_length": ck.field("max_position_embeddings"),
                  "num_segments": ck.field("type_vocab_size", 2), "norm_first": False,
                  "activation": "gelu" if activation == "gelu" else "gelu_tanh",
-                 "layer_norm_epsilon": float(ck.field("layer_norm_eps", 1e-12))}
+                 "layer_norm_epsilon": float(ck.field("layer_norm_eps", 1e-12)), "pooling": ck.pooling}
         return {"model": model, "tokenizer": {"kind": "wordpiece"}}
     activation = ck.field("activation_function", "gelu_new")
     epsilon = float(ck.field("layer_norm_epsilon", 1e-5))

@@ -29,6 +29,8 @@ class ModelConfig:
     activation: str = "gelu_tanh"  # the feed-forward GELU: "gelu_tanh" (GPT-2's) or "gelu" (exact, BERT's)
     layer_norm_epsilon: float = 1e-5
     num_segments: int = 2  # an encoder's token-type (segment) vocabulary
+    pooling: str = "cls"  # an encoder's text vector for classifying: "cls" (BERT's tanh pooler on [CLS]) or "mean"
+    # (the mean of the last hidden states over the text's tokens, as sentence-transformers models pool)
 
 
 @dataclasses.dataclass
@@ -222,6 +224,7 @@ def validate(config):
          f"must be 'gelu_tanh' or 'gelu', got {m.activation!r}"),
         (m.layer_norm_epsilon > 0, "model.layer_norm_epsilon", "must be > 0"),
         (m.num_segments >= 1, "model.num_segments", "must be >= 1"),
+        (m.pooling in ("cls", "mean"), "model.pooling", f"must be 'cls' or 'mean', got {m.pooling!r}"),
         (m.kind == "bert" or (m.norm_first and m.activation == "gelu_tanh" and m.layer_norm_epsilon == 1e-5),
          "model.norm_first", "post-norm, exact GELU and another epsilon are for model.kind 'bert' only"),
         (tok.kind in ("char", "sentencepiece", "wordpiece", "bytepair"), "tokenizer.kind",

@@ -1,5 +1,5 @@
-"""Task heads on the backbones: a classifier on a GPT's last token, a classifier on an encoder's [CLS], and the
-encoder's masked-LM + next-sentence pretraining heads.
+"""Task heads on the backbones: a classifier on a GPT's last token, a classifier on an encoder's [CLS] or mean token,
+and the encoder's masked-LM + next-sentence pretraining heads.
 
 Each takes its backbone as a constructor argument; `get_config` holds the backbone's serialized config, and
 `from_config` rebuilds it from there.
@@ -104,7 +104,9 @@ class EncoderPretrainer(keras.Model):
 
 @keras.saving.register_keras_serializable(package="tfglm")
 class EncoderClassifier(keras.Model):
-    """Dropout and a linear layer over the pooled [CLS]; `call` returns [batch, num_classes] logits.
+    """Dropout and a linear layer over the text's vector: with `pooling` "cls" the encoder's pooled [CLS], with "mean"
+    the mean of its last hidden states over the unpadded tokens (what a sentence-transformers model was trained to
+    give); `call` returns [batch, num_classes] logits.
 
     Examples:
     ```python
@@ -116,22 +118,29 @@ class EncoderClassifier(keras.Model):
     ```
     """
 
-    def __init__(self, encoder, num_classes, dropout=0.1, **kwargs):
+    def __init__(self, encoder, num_classes, dropout=0.1, pooling="cls", **kwargs):
         super().__init__(**kwargs)
         self.encoder = encoder
         self.num_classes = num_classes
         self.dropout = dropout
+        self.pooling = pooling
         self.head_dropout = keras.layers.Dropout(dropout, dtype=encoder.dtype_policy)
         self.head = keras.layers.Dense(num_classes, kernel_initializer=init(), dtype=encoder.dtype_policy,
                                        name="classifier_head")
 
     def call(self, inputs, training=None):
-        pooled = self.encoder(inputs, training=training)["pooled_output"]
+        out = self.encoder(inputs, training=training)
+        if self.pooling == "mean":
+            hidden = out["sequence_output"]
+            mask = ops.cast(inputs["padding_mask"], hidden.dtype)[..., None]
+            pooled = ops.sum(hidden * mask, axis=1) / ops.maximum(ops.sum(mask, axis=1), 1)
+        else:
+            pooled = out["pooled_output"]
         return ops.cast(self.head(self.head_dropout(pooled, training=training)), "float32")
 
     def get_config(self):
         return {**super().get_config(), "encoder": keras.saving.serialize_keras_object(self.encoder),
-                "num_classes": self.num_classes, "dropout": self.dropout}
+                "num_classes": self.num_classes, "dropout": self.dropout, "pooling": self.pooling}
 
     @classmethod
     def from_config(cls, config):

@@ -1,6 +1,6 @@
-"""Fine-tuning a classifier: a head on an encoder's pooled [CLS] (model.kind bert) or on a GPT's last token (gpt),
-optional balanced class weights, early stopping on validation accuracy, and accuracy, macro-F1 and the confusion
-matrix of the best model in eval.json.
+"""Fine-tuning a classifier: a head on an encoder's pooled [CLS] or mean token (model.kind bert, `model.pooling`)
+or on a GPT's last token (gpt), optional balanced class weights, early stopping on validation accuracy, and
+accuracy, macro-F1 and the confusion matrix of the best model in eval.json.
 
 A classifier run directory holds what every run does (`tfglm.tasks.runs`; best.weights.h5 has the best validation
 accuracy so far, metrics.jsonl one line an epoch), plus labels.json (the label set, in class-index order) and
@@ -84,7 +84,7 @@ def build_classifier(config, vocab_size, num_classes, backbone=None):
         model({"token_ids": np.zeros((1, length), "int32"), "lengths": np.ones((1,), "int32")})
         return model
     model = EncoderClassifier(backbone or Encoder.from_config_tree(config.model, vocab_size), num_classes,
-                              config.classify.dropout)
+                              config.classify.dropout, config.model.pooling)
     model(dummy_inputs(length))
     return model
 
@@ -105,9 +105,10 @@ def split_validation(texts, targets, fraction, seed):
 
 
 class Classify(Task):
-    """Sequence classification: a head on an encoder's [CLS] or a GPT's last token, trained on a labelled file
-    (`classify.train_file`), validated each epoch (`classify.val_file`, or a held-out share of the training rows),
-    with early stopping on validation accuracy. `train.init_from` names a pretrained run to start from."""
+    """Sequence classification: a head on an encoder's [CLS] or mean token or a GPT's last token, trained on a
+    labelled file (`classify.train_file`), validated each epoch (`classify.val_file`, or a held-out share of the
+    training rows), with early stopping on validation accuracy. `train.init_from` names a pretrained run to start
+    from."""
 
     name = "classify"
     model_kinds = ("bert", "gpt")
