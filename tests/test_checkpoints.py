@@ -159,6 +159,7 @@ def test_a_sentence_transformers_checkpoint_classifies_on_its_mean_token(tmp_pat
     run = tfglm.load_run(str(tmp_path / "run"))
     assert run.config.model.pooling == "mean"
     classifier = build_classifier(run.config, len(BERT_VOCAB), 3, backbone=run.model.encoder)
+    assert not any("pooler" in v.path for v in classifier.trainable_variables)
     inputs = bert_inputs()
     sequence, pooled, _ = bert_reference(bert_tensors(), inputs["token_ids"], inputs["segment_ids"],
                                          inputs["padding_mask"])

@@ -124,6 +124,8 @@ class EncoderClassifier(keras.Model):
         self.num_classes = num_classes
         self.dropout = dropout
         self.pooling = pooling
+        if pooling == "mean":
+            encoder.pooler.trainable = False  # unread: no gradient would reach it
         self.head_dropout = keras.layers.Dropout(dropout, dtype=encoder.dtype_policy)
         self.head = keras.layers.Dense(num_classes, kernel_initializer=init(), dtype=encoder.dtype_policy,
                                        name="classifier_head")
