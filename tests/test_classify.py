@@ -240,6 +240,38 @@ def test_classifier_learns_a_separable_task_and_round_trips_its_labels(classifie
     assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0
 
 
+def test_monitor_loss_picks_and_stops_on_validation_loss(tmp_path):
+    """On a separable task validation accuracy reaches 1.0 and cannot improve again, while the validation loss keeps
+    falling: with classify.monitor=loss the run is not stopped (patience 1) and best.weights.h5 is the checkpoint with
+    the lowest validation loss, the last."""
+    from tfglm.config import load_config
+    from tfglm.tasks import runs
+    from tfglm.tasks.classify import probabilities
+    from tfglm.tasks.registry import load_run
+    from tfglm.tasks.trainer import train
+
+    rng = np.random.RandomState(1)
+    train_file = _write_tsv(tmp_path / "train.tsv", _separable_rows(rng, 320))
+    val_file = _write_tsv(tmp_path / "val.tsv", _separable_rows(rng, 40))
+    config = load_config(overrides=[
+        "model.kind=bert", "tokenizer.kind=wordpiece", "tokenizer.vocab_size=300", "model.num_layers=1",
+        "model.num_heads=2", "model.hidden_dim=32", "model.max_length=16", "train.jit_compile=false",
+        "train.steps_per_execution=10", "classify.epochs=4", "classify.patience=1", "classify.batch_size=16",
+        "classify.learning_rate=0.003", "classify.dropout=0.0", "classify.monitor=loss", "generate.max_new_tokens=8",
+        f"classify.train_file={train_file}", f"classify.val_file={val_file}"])
+    out = str(tmp_path / "cls")
+    train(config, out, task="classify", verbose=0)
+    rows = runs.read_metrics(out)
+    assert len(rows) == 4 and rows[-2]["val_accuracy"] == rows[-1]["val_accuracy"] == 1.0
+    losses = [r["val_loss"] for r in rows]
+    assert losses == sorted(losses, reverse=True) and losses[0] > losses[-1] + 1e-3
+    run = load_run(out)
+    texts, labels = labelled.read_labelled(val_file, "sentence", "label")
+    probs = probabilities(run.model, run.tokenizer, run.config, texts)
+    loss = -np.mean(np.log(probs[np.arange(len(texts)), [run.task.labels.index(y) for y in labels]]))
+    assert loss == pytest.approx(losses[-1], abs=1e-4)
+
+
 def test_a_pretrained_gpt_learns_to_classify_on_its_last_token_with_balanced_class_weights(tmp_path):
     import tensorflow as tf
 

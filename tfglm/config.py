@@ -114,7 +114,9 @@ class ClassifyConfig:
     label_column: str = "label"
     val_fraction: float = 0.1  # of the training rows, held out for early stopping when no --val file is given
     epochs: int = 10
-    patience: int = 2  # epochs without a better validation accuracy before stopping
+    patience: int = 2  # epochs without a better validation `monitor` before stopping
+    monitor: str = "accuracy"  # what picks best.weights.h5 and stops early: validation "accuracy" or "loss" (finer
+    # on a small validation set, where accuracy moves by whole rows)
     batch_size: int = 32
     learning_rate: float = 1e-4
     dropout: float = 0.1  # before the classification head
@@ -255,6 +257,7 @@ def validate(config):
         (0.0 <= c.val_fraction < 1.0, "classify.val_fraction", "must be in [0, 1)"),
         (c.epochs >= 1, "classify.epochs", "must be >= 1"),
         (c.patience >= 1, "classify.patience", "must be >= 1"),
+        (c.monitor in ("accuracy", "loss"), "classify.monitor", f"must be 'accuracy' or 'loss', got {c.monitor!r}"),
         (c.batch_size >= 1, "classify.batch_size", "must be >= 1"),
         (c.learning_rate > 0, "classify.learning_rate", "must be > 0"),
         (0.0 <= c.dropout < 1.0, "classify.dropout", "must be in [0, 1)"),

@@ -107,16 +107,16 @@ def split_validation(texts, targets, fraction, seed):
 class Classify(Task):
     """Sequence classification: a head on an encoder's [CLS] or mean token or a GPT's last token, trained on a
     labelled file (`classify.train_file`), validated each epoch (`classify.val_file`, or a held-out share of the
-    training rows), with early stopping on validation accuracy. `train.init_from` names a pretrained run to start
-    from."""
+    training rows), with early stopping on validation accuracy (or loss: `classify.monitor`). `train.init_from` names
+    a pretrained run to start from."""
 
     name = "classify"
     model_kinds = ("bert", "gpt")
-    monitor = ("val_accuracy", "max")
 
     def __init__(self, config, run_dir):
         super().__init__(config, run_dir)
         self.patience = config.classify.patience
+        self.monitor = ("val_loss", "min") if config.classify.monitor == "loss" else ("val_accuracy", "max")
 
     def load_vocabulary(self):
         self.tokenizer = load_tokenizer(runs.path(self.run_dir, runs.TOKENIZER))
