@@ -5,7 +5,7 @@ with its wall time; beside it TF-IDF (word 1-2-grams, sublinear tf) + logistic r
 
     pip install -e ".[bench]"
     nice -n 10 python bench/quality_pretrained.py [--tasks sst2,bbc] [--modes full,lora] [--sst2-rows 0]
-        [--bbc-rows 0] [--epochs N] [--pooling cls|mean] [--out runs/bench-pretrained]
+        [--bbc-rows 0] [--epochs N] [--pooling cls|mean] [--monitor accuracy|loss] [--out runs/bench-pretrained]
 
 SST-2 trains one epoch over all 60,614 sentences (batches of similar length: most are short phrases), BBC three over
 its 1,780 training articles; `--sst2-rows` / `--bbc-rows` subsample the training rows (seeded; 0 keeps all) and say
@@ -65,13 +65,14 @@ def main():
     parser.add_argument("--bbc-rows", type=int, default=0, help="training rows kept (0: all 1,780)")
     parser.add_argument("--epochs", type=int, help="epochs of every task (default: SST-2 1, BBC 3)")
     parser.add_argument("--pooling", choices=("cls", "mean"), help="model.pooling (default: the checkpoint's, mean)")
+    parser.add_argument("--monitor", choices=("accuracy", "loss"), default="accuracy", help="classify.monitor")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--out", default=os.path.join(common.ROOT, "runs", "bench-pretrained"))
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out)
     checkpoint = all_minilm_l6_v2.extract_model(os.path.join(args.out, "minilm"))
-    result = {"cpu_count": os.cpu_count(), "lora_rank": args.lora_rank}
+    result = {"cpu_count": os.cpu_count(), "lora_rank": args.lora_rank, "monitor": args.monitor}
     for task in args.tasks.split(","):
         text_column, label_column, length, lora_lr, full_lr, epochs = TASKS[task]
         epochs = args.epochs or epochs
@@ -99,6 +100,7 @@ def main():
                 f"classify.text_column={text_column}", f"classify.label_column={label_column}",
                 f"classify.epochs={epochs}", "classify.batch_size=32",
                 f"classify.learning_rate={lora_lr if lora else full_lr}", "classify.patience=1",
+                f"classify.monitor={args.monitor}",
                 f"train.lora_rank={args.lora_rank if lora else 0}", "train.steps_per_execution=10"])
             start = time.time()
             scores = finetune(config, os.path.join(args.out, f"{task}-{mode}"), train, test, pretrained=imported,
