@@ -5,6 +5,8 @@ reference tokenizers'; damaged checkpoints; LoRA fine-tuning of an imported enco
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,7 +18,8 @@ from tfglm.checkpoints import import_checkpoint
 from tfglm.cli import main
 from tfglm.errors import TfglmError
 from tfglm.tasks import runs
-from tfglm.tasks.classify import build_classifier, encode
+from tfglm.tasks.classify import build_classifier, encode, predict
+from test_classify import LOADER as CLASSIFY_LOADER
 
 BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "dog", "a", "good",
               "bad", "film", "##s", "was", "very", ",", "."]
@@ -143,17 +146,22 @@ def test_huggingface_bert_matches_numpy_reference(tmp_path):
         [5, 6, 15, 7, 8, 11, 9, 18, 1, 19]]
 
 
+def write_sentence_transformers(directory):
+    """A tiny BERT checkpoint as sentence-transformers lays one out: mean pooling in 1_Pooling/config.json."""
+    write_hf_bert(directory)
+    (directory / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (directory / "1_Pooling").mkdir()
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": H, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))
+    return str(directory)
+
+
 def test_a_sentence_transformers_checkpoint_classifies_on_its_mean_token(tmp_path):
     """modules.json + 1_Pooling/config.json (mean pooling) make model.pooling "mean": the classifier's head reads the
     mean of the last hidden states over the unpadded tokens; a plain BERT checkpoint keeps [CLS]."""
-    directory = write_hf_bert(tmp_path / "st")
-    (tmp_path / "st" / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
-    (tmp_path / "st" / "1_Pooling").mkdir()
-    (tmp_path / "st" / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": H, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))
-    import_checkpoint("huggingface", directory, str(tmp_path / "run"))
+    import_checkpoint("huggingface", write_sentence_transformers(tmp_path / "st"), str(tmp_path / "run"))
     import_checkpoint("huggingface", write_hf_bert(tmp_path / "plain"), str(tmp_path / "plain-run"))
     assert runs.read_config(str(tmp_path / "plain-run")).model.pooling == "cls"
     run = tfglm.load_run(str(tmp_path / "run"))
@@ -360,7 +368,9 @@ def test_keras_hub_presets_match_keras_hub(tmp_path):
 
 
 def test_lora_trains_only_lora_weights_and_the_export_merges_them(tmp_path):
-    import_checkpoint("huggingface", write_hf_bert(tmp_path / "hf-bert"), str(tmp_path / "bert"))
+    """A sentence-transformers checkpoint (mean pooling) imported, LoRA-fine-tuned and exported: the merged export,
+    loaded in a clean interpreter with only tensorflow + tensorflow-text, gives `tfglm predict`'s labels."""
+    import_checkpoint("huggingface", write_sentence_transformers(tmp_path / "hf-bert"), str(tmp_path / "bert"))
     rows = ["a good film\t1", "the film was very good\t1", "a bad film\t0", "the film was very bad\t0"] * 12
     (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
     config = runs.read_config(str(tmp_path / "bert"), [
@@ -383,9 +393,13 @@ def test_lora_trains_only_lora_weights_and_the_export_merges_them(tmp_path):
     merged = tfglm.load_run(str(tmp_path / "cls"))  # a plain model: the checkpoint holds merged kernels
     assert not any("lora" in v.path for v in merged.model.weights)
     np.testing.assert_allclose(tf.nn.softmax(merged.model(inputs, training=False)).numpy(), unmerged, atol=1e-5)
-    served = tf.saved_model.load(tfglm.export_run(str(tmp_path / "cls"), str(tmp_path / "export"), jit_compile=False))
-    scores = served.signatures["predict"](texts=tf.constant(texts))["scores"].numpy()
-    np.testing.assert_allclose(scores, unmerged, atol=1e-5)
+    path = tfglm.export_run(str(tmp_path / "cls"), str(tmp_path / "export"), jit_compile=False)
+    result = subprocess.run([sys.executable, "-c", CLASSIFY_LOADER, path, json.dumps(texts)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    served = json.loads(result.stdout)
+    np.testing.assert_allclose(served["scores"], unmerged, atol=1e-5)
+    assert served["labels"] == [p["label"] for p in predict(str(tmp_path / "cls"), texts)]
 
 
 # A fresh interpreter without tfglm, Keras or keras-hub, as a model server: the export's ops, ids and greedy text.
@@ -417,9 +431,6 @@ print(json.dumps({"unknown": sorted(op for op in ops - functions if op_def_regis
 
 
 def test_imported_gpt2_exports_with_core_and_text_ops_only(tmp_path):
-    import subprocess
-    import sys
-
     import_checkpoint("huggingface", write_hf_gpt2(tmp_path / "hf-gpt2"), str(tmp_path / "run"))
     path = tfglm.export_run(str(tmp_path / "run"), str(tmp_path / "export"), jit_compile=False)
     texts = list(GPT2_IDS)
