@@ -99,11 +99,10 @@ def torch_worker(what):
     from tfglm.config import load_config  # no TensorFlow
 
     config = load_config(os.path.join(HERE, "..", "configs", CONFIGS[what]))
-    model = {k: getattr(config.model, k) for k in ("num_layers", "num_heads", "hidden_dim", "max_length")}
-    train = {k: getattr(config.train, k) for k in torch_train.TRAIN_FIELDS}
+    c = torch_train.config_of(config, 67)
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 67, (100, config.train.batch_size, model["max_length"] + 1))
-    trainer = torch_train.Trainer(TORCH, model, train, 67, x[..., :-1], x[..., 1:])
+    x = rng.integers(0, 67, (100, config.train.batch_size, config.model.max_length + 1))
+    trainer = torch_train.Trainer(TORCH, c["model"], c["train"], 67, x[..., :-1], x[..., 1:])
     trainer.fit(2)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

@@ -33,6 +33,13 @@ TRAIN_FIELDS = ("steps", "learning_rate", "min_learning_rate", "warmup_steps", "
                 "grad_clip", "seed")
 
 
+def config_of(config, vocab_size):
+    """What `Trainer` needs of a tfglm config (`tfglm.config.load_config`'s), as JSON-able dicts."""
+    m = config.model
+    return {"model": {k: getattr(m, k) for k in ("num_layers", "num_heads", "hidden_dim", "max_length")},
+            "train": {k: getattr(config.train, k) for k in TRAIN_FIELDS}, "vocab_size": int(vocab_size)}
+
+
 def lr_factor(train):
     """The multiple of `learning_rate` at each step: Keras's CosineDecay with warmup, as tfglm's schedule."""
     warmup, decay, alpha = train["warmup_steps"], train["steps"] - train["warmup_steps"], \

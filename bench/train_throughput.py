@@ -91,16 +91,6 @@ def fit_seconds(model, dataset, steps):
     return time.perf_counter() - start, float(history.history["loss"][-1])
 
 
-def torch_config(config, vocab_size):
-    """What `torch_train.Trainer` needs of a tfglm config, as JSON-able dicts."""
-    m = config.model
-    return {"model": {k: getattr(m, k) for k in ("num_layers", "num_heads", "hidden_dim", "max_length")},
-            "train": {k: getattr(config.train, k) for k in ("steps", "learning_rate", "min_learning_rate",
-                                                            "warmup_steps", "weight_decay", "beta_1", "beta_2",
-                                                            "grad_clip", "seed")},
-            "vocab_size": int(vocab_size)}
-
-
 def runner(kind, config, vocab, x, y):
     """(fit(steps) -> (wall seconds, last loss), parameters excluding position embeddings, notes for the JSON)."""
     if kind in TF_MODELS:
@@ -108,7 +98,7 @@ def runner(kind, config, vocab, x, y):
         model, params, inputs = build(kind, config, vocab)
         dataset = common.without_autotune(tf.data.Dataset.from_tensor_slices((inputs(x), y)).repeat())
         return lambda steps: fit_seconds(model, dataset, steps), params, {}
-    c = torch_config(config, vocab)
+    c = torch_train.config_of(config, vocab)
     trainer = torch_train.Trainer(kind, c["model"], c["train"], vocab, x, y)
 
     def fit(steps):
@@ -141,7 +131,7 @@ def peak_rss(kind, name, quick, config, vocab, x, y):
         else:  # the same batches, handed over in a file: the child does not import TensorFlow
             np.savez(os.path.join(tmp, "batches.npz"), x=x, y=y)
             cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_train.py"), kind,
-                   os.path.join(tmp, "batches.npz"), json.dumps(torch_config(config, vocab)), str(2 * spe)]
+                   os.path.join(tmp, "batches.npz"), json.dumps(torch_train.config_of(config, vocab)), str(2 * spe)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 

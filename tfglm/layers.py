@@ -214,3 +214,10 @@ def enable_lora(model, rank):
                 dense.enable_lora(rank)
     for variable in model.variables:
         variable.trainable = "lora_kernel" in variable.path
+
+
+def lora_variables(model):
+    """Every LoRA layer's frozen kernel and both factors in `model`, in layer order (their paths carry auto-numbered
+    names): the unmerged state that a checkpoint, which Keras writes merged, cannot give back."""
+    return [v for layer in model._flatten_layers() if getattr(layer, "lora_enabled", False)
+            for v in (layer._kernel, layer.lora_kernel_a, layer.lora_kernel_b)]

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfglm.errors import TfglmError
-from tfglm.layers import enable_lora
+from tfglm.layers import enable_lora, lora_variables
 from tfglm.tasks import distribute, runs
 from tfglm.tasks.registry import DEFAULT_FOR_KIND, Run, get_task
 
@@ -100,8 +100,9 @@ class RunLogger(keras.callbacks.Callback):
         if self.improved(row[self.monitor]):
             self.best = row[self.monitor]
             runs.atomic_write(runs.path(self.run_dir, runs.BEST), self.model.save_weights)
-        if lora_layers(self.model):  # before last.weights.h5: a kill between the two is seen as a step mismatch
-            runs.atomic_write(runs.path(self.run_dir, runs.LAST_LORA), lambda p: save_lora_state(self.model, p))
+        lora = lora_variables(self.model)
+        if lora:  # before last.weights.h5: a kill between the two is seen as a step mismatch
+            runs.atomic_write(runs.path(self.run_dir, runs.LAST_LORA), lambda p: save_lora_state(lora, step, p))
         runs.atomic_write(runs.path(self.run_dir, runs.LAST), self.model.save_weights)
         with self.writer.as_default(step=step):
             for key, value in row.items():
@@ -127,19 +128,8 @@ def run_callbacks(task, schedule, step):
     return callbacks
 
 
-def lora_layers(model):
-    return [layer for layer in model._flatten_layers() if getattr(layer, "lora_enabled", False)]
-
-
-def lora_variables(model):
-    """Every LoRA layer's frozen kernel and both factors, in layer order (their paths carry auto-numbered names):
-    what a merged checkpoint cannot give back."""
-    return [v for layer in lora_layers(model) for v in (layer._kernel, layer.lora_kernel_a, layer.lora_kernel_b)]
-
-
-def save_lora_state(model, path):
-    variables = {str(i): v.numpy() for i, v in enumerate(lora_variables(model))}
-    np.savez(path, step=model.optimizer.iterations.numpy(), **variables)
+def save_lora_state(variables, step, path):
+    np.savez(path, step=step, **{str(i): v.numpy() for i, v in enumerate(variables)})
 
 
 def resumed_step(model, run_dir):
@@ -153,14 +143,14 @@ def resumed_step(model, run_dir):
     except (OSError, ValueError) as e:
         raise TfglmError(f"{last}: unreadable checkpoint ({str(e).splitlines()[0]})") from None
     step = int(model.optimizer.iterations.numpy())
-    if lora_layers(model):
-        restore_lora_state(model, runs.path(run_dir, runs.LAST_LORA), step)
+    variables = lora_variables(model)
+    if variables:
+        restore_lora_state(variables, runs.path(run_dir, runs.LAST_LORA), step)
     log.info("resuming %s at step %d", run_dir, step)
     return step
 
 
-def restore_lora_state(model, path, step):
-    variables = lora_variables(model)
+def restore_lora_state(variables, path, step):
     try:
         with np.load(path) as state:
             saved = {k: state[k] for k in state.files}
@@ -172,8 +162,8 @@ def restore_lora_state(model, path, step):
             v.assign(saved[str(i)])
         return
     log.warning("%s: no LoRA factors saved at step %d; they restart from the merged weights", path, step)
-    for layer in lora_layers(model):  # Keras loads a LoRA layer merged, with both factors zeroed
-        layer.lora_kernel_a.assign(keras.initializers.HeUniform()(layer.lora_kernel_a.shape))
+    for a in variables[1::3]:  # each layer's lora_kernel_a: Keras loads a LoRA layer merged, both factors zeroed
+        a.assign(keras.initializers.HeUniform()(a.shape))
 
 
 def _check_run_dir(run_dir, resume):
