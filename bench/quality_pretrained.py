@@ -5,7 +5,8 @@ with its wall time; beside it TF-IDF (word 1-2-grams, sublinear tf) + logistic r
 
     pip install -e ".[bench]"
     nice -n 10 python bench/quality_pretrained.py [--tasks sst2,bbc] [--modes full,lora] [--sst2-rows 0]
-        [--bbc-rows 0] [--epochs N] [--pooling cls|mean] [--monitor accuracy|loss] [--out runs/bench-pretrained]
+        [--bbc-rows 0] [--epochs N] [--max-length N] [--pooling cls|mean] [--monitor accuracy|loss]
+        [--out runs/bench-pretrained]
 
 SST-2 trains one epoch over all 60,614 sentences (batches of similar length: most are short phrases), BBC three over
 its 1,780 training articles; `--sst2-rows` / `--bbc-rows` subsample the training rows (seeded; 0 keeps all) and say
@@ -64,6 +65,7 @@ def main():
     parser.add_argument("--sst2-rows", type=int, default=0, help="training rows kept (0: all 60,614)")
     parser.add_argument("--bbc-rows", type=int, default=0, help="training rows kept (0: all 1,780)")
     parser.add_argument("--epochs", type=int, help="epochs of every task (default: SST-2 1, BBC 3)")
+    parser.add_argument("--max-length", type=int, help="model.max_length of every task (default: SST-2 64, BBC 256)")
     parser.add_argument("--pooling", choices=("cls", "mean"), help="model.pooling (default: the checkpoint's, mean)")
     parser.add_argument("--monitor", choices=("accuracy", "loss"), default="accuracy", help="classify.monitor")
     parser.add_argument("--lora-rank", type=int, default=8)
@@ -75,7 +77,7 @@ def main():
     result = {"cpu_count": os.cpu_count(), "lora_rank": args.lora_rank, "monitor": args.monitor}
     for task in args.tasks.split(","):
         text_column, label_column, length, lora_lr, full_lr, epochs = TASKS[task]
-        epochs = args.epochs or epochs
+        epochs, length = args.epochs or epochs, args.max_length or length
         if task == "sst2":
             full_train, val, test = (os.path.join(SST2, f"{n}.tsv") for n in ("train", "dev", "test"))
             rows = args.sst2_rows
