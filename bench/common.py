@@ -2,7 +2,6 @@
 
 import json
 import os
-import resource
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -77,19 +76,6 @@ def read_bandwidth_gbs(gigabytes=1.0, repeats=5):
     return gigabytes / best_seconds(lambda: tf.reduce_sum(x).numpy(), repeats)
 
 
-def peak_rss_mb():
-    """This process's peak resident set size in MB: VmHWM of /proc/self/status where available.
-
-    Not `resource.getrusage(...).ru_maxrss`: Linux carries the forking parent's high-water mark into an exec'd child's
-    ru_maxrss, so a subprocess started from a 1.3 GB benchmark process reports at least 1.3 GB.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def write_json(name, result):
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, name)
@@ -113,6 +99,20 @@ def print_table(rows, columns):
 
 def median(values):
     return float(np.median(values))
+
+
+class CodepointIds:
+    """The decode benchmarks' stand-in tokenizer for a 50,257-token GPT: ids are the prompt's Unicode code points,
+    `<eot>` is GPT-2's 50,256."""
+
+    eot_id = 50_256
+    vocab_size = 50_257
+
+    def tokenize(self, strings):
+        return tf.strings.unicode_decode(strings, "UTF-8")
+
+    def detokenize(self, ids):
+        return tf.strings.reduce_join(tf.strings.as_string(ids), axis=-1, separator=" ")
 
 
 def without_autotune(dataset):

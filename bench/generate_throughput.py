@@ -6,12 +6,12 @@ tfglm's model again through its exported SavedModel: the `generate` signature of
 ratios are tfglm's tokens/s over each peer's, medians of the paired rounds. Also the batch-1 memory-bandwidth bound:
 weight bytes / read bandwidth, both measured in this run.
 
-tfglm's entry point takes strings, so it gets a stand-in tokenizer (`CodepointIds`): ids are the prompt's code points
-and `<eot>` is 50,256 as in GPT-2. Tokenizing 15 characters and joining 128 ids into a string are included in its
-time but cost microseconds; what is timed is the decode. KerasHub gets the same 16 ids (`<eot>` + the 15 code points)
-as a `token_ids` / `padding_mask` batch of length 144, with no stop token. Hugging Face gets them as `input_ids`
-with an all-ones `attention_mask`: `do_sample=False`, the KV cache, `min_new_tokens` = `max_new_tokens` = 128 (so
-`<eot>` cannot end it early), under `torch.inference_mode()`, on the CPU with torch's default thread count.
+tfglm's entry point takes strings, so it gets a stand-in tokenizer (`common.CodepointIds`): ids are the prompt's code
+points and `<eot>` is 50,256 as in GPT-2. Tokenizing 15 characters and joining 128 ids into a string are included in
+its time but cost microseconds; what is timed is the decode. KerasHub gets the same 16 ids (`<eot>` + the 15 code
+points) as a `token_ids` / `padding_mask` batch of length 144, with no stop token. Hugging Face gets them as
+`input_ids` with an all-ones `attention_mask`: `do_sample=False`, the KV cache, `min_new_tokens` = `max_new_tokens` =
+128 (so `<eot>` cannot end it early), under `torch.inference_mode()`, on the CPU with torch's default thread count.
 
     python bench/generate_throughput.py [--quick]
 """
@@ -36,29 +36,16 @@ from tfglm.tasks.causal_lm import serving_module
 from tfglm.generation.decode import Generator
 from tfglm.models.gpt import GPT
 
-VOCAB, LAYERS, HEADS, WIDTH, CONTEXT = 50257, 6, 6, 384, 256
+VOCAB, LAYERS, HEADS, WIDTH, CONTEXT = common.CodepointIds.vocab_size, 6, 6, 384, 256
 PROMPT = "First Citizen: "  # 15 characters; with <eot>, a 16-token prompt
 NEW_TOKENS = 128
 BATCHES = (1, 8)
 
 
-class CodepointIds:
-    """Stand-in tokenizer for the benchmark: ids are Unicode code points, `<eot>` is GPT-2's 50,256."""
-
-    eot_id = VOCAB - 1
-    vocab_size = VOCAB
-
-    def tokenize(self, strings):
-        return tf.strings.unicode_decode(strings, "UTF-8")
-
-    def detokenize(self, ids):
-        return tf.strings.reduce_join(tf.strings.as_string(ids), axis=-1, separator=" ")
-
-
 def tfglm_generator():
     model = GPT(VOCAB, LAYERS, HEADS, WIDTH, max_length=CONTEXT)
     model.build()
-    return Generator(model, CodepointIds())
+    return Generator(model, common.CodepointIds())
 
 
 def tfglm_runner(batch):
@@ -99,7 +86,7 @@ def keras_hub_runner(batch):
         dropout=0.0, max_sequence_length=CONTEXT)
     lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
     lm.compile(sampler="greedy", jit_compile=True)
-    prompt = [CodepointIds.eot_id] + [ord(c) for c in PROMPT]
+    prompt = [common.CodepointIds.eot_id] + [ord(c) for c in PROMPT]
     length = len(prompt) + NEW_TOKENS
     inputs = {"token_ids": np.zeros((batch, length), np.int32), "padding_mask": np.zeros((batch, length), bool)}
     inputs["token_ids"][:, :len(prompt)] = prompt
@@ -118,13 +105,13 @@ def hf_torch_runner(batch):
     config = GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # n_inner None: 4 x width; tied embeddings
     model = GPT2LMHeadModel(config).eval()
-    prompt = torch.tensor([[CodepointIds.eot_id] + [ord(c) for c in PROMPT]] * batch)
+    prompt = torch.tensor([[common.CodepointIds.eot_id] + [ord(c) for c in PROMPT]] * batch)
 
     def run():
         with torch.inference_mode():
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
                                  max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                 pad_token_id=CodepointIds.eot_id)
+                                 pad_token_id=common.CodepointIds.eot_id)
         return int(out.shape[0] * (out.shape[1] - prompt.shape[1]))
 
     return run, model.num_parameters()

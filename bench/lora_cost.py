@@ -16,6 +16,7 @@ import tempfile
 import time
 
 import common
+import workers
 from quality_pretrained import SST2, subsample
 
 MODES = ("full", "lora")
@@ -42,7 +43,7 @@ def child(mode, rank, root):
     step_ms = 1e3 * (time.perf_counter() - start) / TIMED_STEPS
     trainable = sum(int(np.prod(v.shape)) for v in run.model.trainable_variables)
     print(json.dumps({"trainable_params": trainable, "params": run.model.count_params(), "step_ms": round(step_ms, 1),
-                      "peak_rss_mb": round(common.peak_rss_mb())}))
+                      "peak_rss_mb": round(workers.peak_rss_mb())}))
 
 
 def main():

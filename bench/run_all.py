@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 SCRIPTS = ("train_throughput.py", "profile_train_step.py", "data_throughput.py", "quality_tiny_shakespeare.py",
-           "generate_throughput.py", "probe_decode_precision.py")
+           "generate_throughput.py", "probe_decode_step.py", "probe_decode_precision.py")
 
 
 def main():

@@ -1,6 +1,14 @@
 """Speed levers, one by one: the tiny config's training step (and batch-1 greedy decoding of the shakespeare-sized
-model) under each XLA CPU flag, thread setting and compile option, against the default and against the
-nanoGPT-style PyTorch model, in alternating rounds.
+model) under each XLA CPU flag, thread setting, compile option and code variant, against the default and against
+the nanoGPT-style PyTorch model, in alternating rounds.
+
+The code variants are patched into the worker's model (nothing in tfglm changes): attention through
+`keras.ops.dot_product_attention` on [batch, length, heads, head_dim] (no transposes of queries, keys, values and
+output), the AdamW update outside the XLA-compiled step, `steps_per_execution` 1 (against the config's 50), and the
+token embedding as a one-hot matmul (its gradient a matmul, not a scatter-add). Two entries are not
+levers but bounds, with wrong numerics on purpose: `no_mask` (the causal mask dropped) and `no_norm_gelu` (layer
+norms and GELU replaced by the identity) say how much of the step those parts cost at most, so how much fusing them
+by hand could win.
 
 Every lever runs in its own long-lived subprocess (XLA flags and thread pools are fixed when TensorFlow starts),
 built and warmed up once; then each round asks every process in turn for the same number of steps, so a change of
@@ -12,38 +20,120 @@ the machine's load falls on all levers alike. The figure is each lever's median 
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import time
+import tempfile
+
+import numpy as np
+
+import workers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# name -> (XLA_FLAGS, tfglm config overrides, TensorFlow intra-op threads or None)
+
+def keras_attention(model):
+    """Self-attention without a cache (training) through `keras.ops.dot_product_attention`, on the QKV projection
+    reshaped to [batch, length, 3, heads, head_dim]: no transposes in tfglm's code."""
+    from keras import ops
+    from tfglm.layers import MultiHeadAttention
+
+    original = MultiHeadAttention.call
+
+    def call(self, x, cache=None, index=0, padding_mask=None, context=None, training=None):
+        if cache is not None or self.cross or padding_mask is not None:
+            return original(self, x, cache, index, padding_mask, context, training)
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        qkv = ops.reshape(self.qkv(x), (batch, length, 3, self.num_heads, self.head_dim))
+        out = ops.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=self.causal)
+        return self.output_dense(ops.reshape(out, (batch, length, self.num_heads * self.head_dim))), None
+
+    MultiHeadAttention.call = call
+
+
+def optimizer_outside_xla(model):
+    """Forward and backward in one XLA function; the AdamW update (and clipping) in TensorFlow's own kernels."""
+    import tensorflow as tf
+
+    variables = model.trainable_variables
+
+    @tf.function(jit_compile=True)
+    def loss_and_gradients(x, y):
+        with tf.GradientTape() as tape:
+            loss = model.compute_loss(x=x, y=y, y_pred=model(x, training=True))
+        return loss, tape.gradient(loss, variables)
+
+    def train_step(data):
+        loss, gradients = loss_and_gradients(*data)
+        model.optimizer.apply(gradients, variables)
+        return {"loss": loss}
+
+    model.train_step = train_step
+
+
+def one_hot_embedding(model):
+    """The token embedding lookup as one_hot(ids) @ embeddings: forward and gradient are matmuls (cheap for a
+    67-character vocabulary), where a gather's gradient is a scatter-add."""
+    import keras
+    from keras import ops
+
+    original = keras.layers.ReversibleEmbedding.call
+
+    def call(self, inputs, reverse=False):
+        if reverse:
+            return original(self, inputs, reverse=True)
+        return ops.matmul(ops.one_hot(inputs, self.input_dim, dtype=self.compute_dtype), self.embeddings)
+
+    keras.layers.ReversibleEmbedding.call = call
+
+
+def no_mask(model):
+    """A bound, not a lever: attention without its causal mask."""
+    for layer in model._flatten_layers():
+        if hasattr(layer, "causal"):
+            layer.causal = False
+
+
+def no_norm_gelu(model):
+    """A bound, not a lever: every layer norm and the feed-forward GELU replaced by the identity."""
+    import keras
+
+    keras.layers.LayerNormalization.call = lambda self, x: x
+    for layer in model._flatten_layers():
+        if layer.name == "feed_forward_in":
+            layer.activation = keras.activations.linear
+
+
+# name -> (XLA_FLAGS, tfglm config overrides, TensorFlow intra-op threads or None, patch of the built model or None)
 LEVERS = {
-    "default": ("", [], None),
-    "no_xla": ("", ["train.jit_compile=false"], None),
-    "fast_math": ("--xla_cpu_enable_fast_math=true", [], None),
-    "legacy_runtime": ("--xla_cpu_use_thunk_runtime=false", [], None),
-    "xnnpack": ("--xla_cpu_use_xnnpack=true", [], None),
-    "xnn_fusion": ("--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY", [], None),
-    "onednn": ("--xla_cpu_use_onednn=true", [], None),
-    "no_fusion_emitters": ("--xla_cpu_use_fusion_emitters=false", [], None),
-    "concurrency_scheduler": ("--xla_cpu_enable_concurrency_optimized_scheduler=true", [], None),
-    "single_thread_eigen": ("--xla_cpu_multi_thread_eigen=false", [], None),
-    "intra_op_1": ("", [], 1),
+    "default": ("", [], None, None),
+    "no_xla": ("", ["train.jit_compile=false"], None, None),
+    "fast_math": ("--xla_cpu_enable_fast_math=true", [], None, None),
+    "legacy_runtime": ("--xla_cpu_use_thunk_runtime=false", [], None, None),
+    "xnnpack": ("--xla_cpu_use_xnnpack=true", [], None, None),
+    "xnn_fusion": ("--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY", [], None, None),
+    "onednn": ("--xla_cpu_use_onednn=true", [], None, None),
+    "no_fusion_emitters": ("--xla_cpu_use_fusion_emitters=false", [], None, None),
+    "concurrency_scheduler": ("--xla_cpu_enable_concurrency_optimized_scheduler=true", [], None, None),
+    "single_thread_eigen": ("--xla_cpu_multi_thread_eigen=false", [], None, None),
+    "intra_op_1": ("", [], 1, None),
+    "keras_attention": ("", [], None, keras_attention),
+    "optimizer_outside_xla": ("", ["train.jit_compile=false"], None, optimizer_outside_xla),
+    "steps_per_execution_1": ("", ["train.steps_per_execution=1"], None, None),
+    "one_hot_embedding": ("", [], None, one_hot_embedding),
+    "no_mask": ("", [], None, no_mask),
+    "no_norm_gelu": ("", [], None, no_norm_gelu),
 }
+TRAIN_ONLY = ("keras_attention", "optimizer_outside_xla", "steps_per_execution_1", "one_hot_embedding")
 TORCH = "nanogpt_torch"
 CONFIGS = {"train": "gpt-char-tiny.yaml", "decode": "gpt-char-shakespeare.yaml"}
 DECODE_TOKENS = 128  # generate_throughput.py's: 16-token prompt, 128 new tokens, vocabulary 50,257
 
 
-def tf_worker(what, overrides, threads):
-    """A TensorFlow lever's process: builds, warms up, then times `n` steps per stdin line."""
-    import common  # noqa: F401  (quiet TensorFlow logs)
+def tf_worker(what, overrides, threads, patch, batches_path):
+    """A TensorFlow lever's worker process (`workers.py`): builds, warms up, then runs the steps (training) or new
+    tokens (decoding) it is asked for."""
+    import common
     import keras
-    import numpy as np
     import tensorflow as tf
 
     if threads:
@@ -53,15 +143,18 @@ def tf_worker(what, overrides, threads):
 
     config = load_config(os.path.join(common.CONFIGS, CONFIGS[what]), ["model.dropout=0.0", *overrides])
     keras.utils.set_random_seed(0)
-    vocab = 67 if what == "train" else 50_257
+    vocab = 67 if what == "train" else common.CodepointIds.vocab_size
     model = GPT.from_config_tree(config.model, vocab)
     if what == "train":
         from tfglm.tasks.trainer import compile_model
 
         compile_model(model, config.train)
-        rng = np.random.default_rng(0)
-        x = rng.integers(0, vocab, (100, config.train.batch_size, config.model.max_length + 1), dtype=np.int32)
-        dataset = common.without_autotune(tf.data.Dataset.from_tensor_slices((x[..., :-1], x[..., 1:])).repeat())
+    if patch:
+        patch(model)
+    if what == "train":
+        batches = np.load(batches_path)
+        dataset = tf.data.Dataset.from_tensor_slices((batches["x"], batches["y"])).repeat()
+        dataset = common.without_autotune(dataset)
 
         def run(n):
             return float(model.fit(dataset, epochs=1, steps_per_epoch=n, verbose=0).history["loss"][-1])
@@ -69,84 +162,53 @@ def tf_worker(what, overrides, threads):
     else:
         from tfglm.generation.decode import Generator
 
-        class CodepointIds:  # generate_throughput.py's stand-in tokenizer (not imported: it loads PyTorch)
-            eot_id, vocab_size = vocab - 1, vocab
-            tokenize = staticmethod(lambda strings: tf.strings.unicode_decode(strings, "UTF-8"))
-            detokenize = staticmethod(lambda ids: tf.strings.reduce_join(tf.strings.as_string(ids), axis=-1))
-
         if not model.built:
             model.build()
-        generator = Generator(model, CodepointIds(), jit_compile=config.train.jit_compile)
+        generator = Generator(model, common.CodepointIds(), jit_compile=config.train.jit_compile)
         prompts = tf.constant(["First Citizen: "])  # with <eot>, 16 tokens
 
         def run(n):  # n new tokens, greedy, in calls of DECODE_TOKENS
             return sum(float(generator.generate(prompts, DECODE_TOKENS, 0.0, 0, 1.0, 0)["num_tokens"].numpy().sum())
                        for _ in range(max(1, n // DECODE_TOKENS)))
         run(DECODE_TOKENS)
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        n = int(line)
-        start = time.perf_counter()
-        value = run(n)
-        print(json.dumps({"seconds": time.perf_counter() - start, "value": value}), flush=True)
+    workers.serve(run, {})
 
 
-def torch_worker(what):
-    """The nanoGPT-style PyTorch peer's process (no TensorFlow): the same protocol as `tf_worker`."""
-    import numpy as np
-    import torch_train
-
+def batches(config_file, count=100, vocab=67):
+    """`count` random training batches (x, y) of `config_file`'s shape, the same for every process."""
     from tfglm.config import load_config  # no TensorFlow
 
-    config = load_config(os.path.join(HERE, "..", "configs", CONFIGS[what]))
-    c = torch_train.config_of(config, 67)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 67, (100, config.train.batch_size, config.model.max_length + 1))
-    trainer = torch_train.Trainer(TORCH, c["model"], c["train"], 67, x[..., :-1], x[..., 1:])
-    trainer.fit(2)
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        start = time.perf_counter()
-        value = trainer.fit(int(line))
-        print(json.dumps({"seconds": time.perf_counter() - start, "value": value}), flush=True)
+    config = load_config(os.path.join(HERE, "..", "configs", config_file))
+    x = np.random.default_rng(0).integers(0, vocab, (count, config.train.batch_size, config.model.max_length + 1),
+                                          dtype=np.int32)
+    return {"x": x[..., :-1], "y": x[..., 1:], "vocab": vocab}
 
 
-def start(what, name):
-    env = dict(os.environ)
-    if name != TORCH and LEVERS[name][0]:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + LEVERS[name][0]).strip()
-    return subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", what, "--lever", name],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+def command(what, name, batches_path):
+    """The worker command line of lever `name` (or of the PyTorch peer, `torch_train.py`)."""
+    if name == TORCH:
+        return [sys.executable, os.path.join(HERE, "torch_train.py"), TORCH, batches_path,
+                os.path.join(HERE, "..", "configs", CONFIGS[what]), "model.dropout=0.0"]
+    return [sys.executable, os.path.abspath(__file__), "--worker", what, "--lever", name, "--batches", batches_path]
 
 
-def ask(process, line=None):
-    if line is not None:
-        process.stdin.write(f"{line}\n")
-        process.stdin.flush()
-    out = process.stdout.readline()
-    if not out:
-        raise RuntimeError(" | ".join(process.stderr.read().strip().splitlines()[-3:]) or "exited")
-    return json.loads(out)
-
-
-def sweep(what, names, rounds, steps):
+def sweep(what, names, rounds, steps, batches_path):
     processes, failed = {}, {}
     for name in names:  # one at a time: a process warming up must not share the cores with another
-        process = start(what, name)
+        env = dict(os.environ)
+        if name != TORCH and LEVERS[name][0]:
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + LEVERS[name][0]).strip()
         try:
-            ask(process)
-            processes[name] = process
+            processes[name], _ = workers.start(command(what, name, batches_path), env)
         except RuntimeError as e:
             failed[name] = str(e)
             print(f"{what} {name}: failed to start: {e}", flush=True)
     times = {name: [] for name in processes}
     for _ in range(rounds):
         for name, process in processes.items():
-            out = ask(process, steps)  # decode: per generated token (a random model may stop early at <eot>)
+            out = workers.ask(process, steps)  # decode: per generated token (a random model may stop early at <eot>)
             times[name].append(out["seconds"] / (out["value"] if what == "decode" else steps))
-    for process in processes.values():
-        process.stdin.close()
-        process.wait()
+    workers.stop(processes.values())
     base = times["default"]
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     rows = [{"lever": name, "flags": LEVERS.get(name, ("",))[0], "ms": round(1e3 * median(t), 2),
@@ -167,18 +229,21 @@ def main():
     parser.add_argument("--tokens", type=int, default=256, help="new tokens a round (decode)")
     parser.add_argument("--worker", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--lever", help=argparse.SUPPRESS)
+    parser.add_argument("--batches", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        if args.lever == TORCH:
-            return torch_worker(args.worker)
-        _, overrides, threads = LEVERS[args.lever]
-        return tf_worker(args.worker, overrides, threads)
+        _, overrides, threads, patch = LEVERS[args.lever]
+        return tf_worker(args.worker, overrides, threads, patch, args.batches)
     chosen = args.levers.split(",") if args.levers else list(LEVERS)
     result = {}
-    for what in [args.only] if args.only else CONFIGS:
-        names = ["default"] + [n for n in chosen if n != "default"]
-        names += [TORCH] if what == "train" else []
-        result[what] = sweep(what, names, args.rounds, args.steps if what == "train" else args.tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        batches_path = os.path.join(tmp, "batches.npz")
+        np.savez(batches_path, **batches(CONFIGS["train"]))
+        for what in [args.only] if args.only else CONFIGS:
+            names = ["default"] + [n for n in chosen if n != "default" and (what == "train" or n not in TRAIN_ONLY)]
+            names += [TORCH] if what == "train" else []
+            result[what] = sweep(what, names, args.rounds, args.steps if what == "train" else args.tokens,
+                                 batches_path)
     import common
 
     common.write_json("speed_levers.json", result)

@@ -7,19 +7,18 @@ One step = forward, next-token cross-entropy over every position (the mean), bac
 embedding, none on biases and norms, as tfglm excludes `bias`, `gamma` and `beta`) at the learning rate of tfglm's
 schedule (linear warmup from 0, then cosine to `min_learning_rate` at `steps`).
 
-As a script it is `train_throughput.py`'s peak-RSS child: it imports torch (and transformers), loads the batches the
-parent saved, builds one model, trains it and prints its peak RSS as JSON. TensorFlow is never imported, so the
-figure is the PyTorch stack's own.
+As a script it is the PyTorch peers' worker process (`workers.py`) for `train_throughput.py` and `speed_levers.py`: it
+imports torch (and transformers), loads the batches the parent saved, builds one model and trains the steps it is
+asked for. TensorFlow is never imported, so the timings and the peak RSS are the PyTorch stack's own.
 
 Import it before TensorFlow: it loads `torch._dynamo` now (AdamW's step and transformers load it anyway), which
 loads triton, whose LLVM segfaults when it is loaded into a process that already holds TensorFlow's (torch 2.14,
 TensorFlow 2.20: `import triton` after an XLA compilation crashes in `triton/knobs.py`).
 
-    python bench/torch_train.py KIND BATCHES.npz CONFIG_JSON STEPS
+    python bench/torch_train.py KIND BATCHES.npz CONFIG.yaml [OVERRIDE ...]
 """
 
 import importlib
-import json
 import math
 import sys
 
@@ -27,6 +26,8 @@ import numpy as np
 import torch
 import torch._dynamo  # noqa: F401  (before TensorFlow: see above)
 import torch.nn.functional as F
+
+import workers
 
 KINDS = ("hf_torch", "nanogpt_torch")
 TRAIN_FIELDS = ("steps", "learning_rate", "min_learning_rate", "warmup_steps", "weight_decay", "beta_1", "beta_2",
@@ -106,21 +107,18 @@ class Trainer:
         return loss.item()
 
 
-def peak_rss_mb():
-    """VmHWM of /proc/self/status in MB, as `common.peak_rss_mb` (not imported: it would load TensorFlow)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-
-
 def main():
-    kind, batches, config, steps = sys.argv[1:]
-    config = json.loads(config)
+    from tfglm.config import load_config  # no TensorFlow
+
+    kind, batches, config_file, *overrides = sys.argv[1:]
     data = np.load(batches)
-    if kind == "hf_torch":  # loaded before the baseline, as the TensorFlow children have KerasHub loaded
+    config = config_of(load_config(config_file, overrides), int(data["vocab"]))
+    if kind == "hf_torch":  # loaded before the baseline, as the TensorFlow workers have KerasHub loaded
         importlib.import_module("transformers.models.gpt2.modeling_gpt2")
-    rss_before = peak_rss_mb()
-    Trainer(kind, config["model"], config["train"], config["vocab_size"], data["x"], data["y"]).fit(int(steps))
-    print(json.dumps({"rss_before_model_mb": rss_before, "peak_rss_mb": peak_rss_mb()}))
+    rss_before = workers.peak_rss_mb()
+    trainer = Trainer(kind, config["model"], config["train"], config["vocab_size"], data["x"], data["y"])
+    workers.serve(trainer.fit, {"rss_before_model_mb": rss_before, "params_no_pos": trainer.params_no_pos,
+                                "attention": trainer.attention, "torch_threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

@@ -7,33 +7,30 @@ CPU with the same AdamW settings, schedule, clipping and loss (`torch_train.py`)
 (Tiny Shakespeare via `tfglm.data.train_dataset`, or random tokens without ../shared/data). Warm-up first (the first
 call's time, minus its steps at the steady rate, is reported as compile time), then timed rounds alternating tfglm /
 KerasHub / HF-torch / nanoGPT-torch; the ratios are tfglm's tokens/s over each peer's, medians of the per-round
-pairs. Peak RSS: each model trains in its own subprocess (the PyTorch ones without TensorFlow).
+pairs. Each model trains in its own worker process (`workers.py`; the PyTorch ones, `torch_train.py`, without
+TensorFlow), so no two frameworks share a process's threads, and each reports its own peak RSS.
 
     python bench/train_throughput.py [--quick] [--only tiny|shakespeare]
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
-
-if "--child" not in sys.argv:  # not in the Keras models' peak-RSS children, which should not carry PyTorch
-    import torch_train  # PyTorch before TensorFlow: torch_train.py says why
 
 import common  # noqa: F401  (sets TF_CPP_MIN_LOG_LEVEL before TensorFlow loads)
 import keras
 import keras_hub
 import numpy as np
 import tensorflow as tf
+import workers
 
 from tfglm.data import corpus as data
 from tfglm.config import load_config
 from tfglm.models.gpt import GPT
 from tfglm.tasks.trainer import compile_model
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 TF_MODELS = ("tfglm", "keras_hub")
 MODELS = TF_MODELS + ("hf_torch", "nanogpt_torch")  # the PyTorch ones: torch_train.KINDS
 NAMES = {"tfglm": "tfglm", "keras_hub": "KerasHub", "hf_torch": "HF-torch", "nanogpt_torch": "nanoGPT-torch"}
@@ -46,9 +43,12 @@ SETUPS = {
 }
 
 
+def overrides(steps_per_execution):
+    return ["model.dropout=0.0", f"train.steps_per_execution={steps_per_execution}"]
+
+
 def load(name, steps_per_execution):
-    return load_config(os.path.join(common.CONFIGS, SETUPS[name][0]),
-                       ["model.dropout=0.0", f"train.steps_per_execution={steps_per_execution}"])
+    return load_config(os.path.join(common.CONFIGS, SETUPS[name][0]), overrides(steps_per_execution))
 
 
 def batches(config, count):
@@ -84,56 +84,29 @@ def build(kind, config, vocab_size):
     return model, model.count_params() - position, lambda x: {"token_ids": x, "padding_mask": tf.ones_like(x)}
 
 
-def fit_seconds(model, dataset, steps):
-    """Wall seconds of `steps` training steps, and the last loss."""
-    start = time.perf_counter()
-    history = model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
-    return time.perf_counter() - start, float(history.history["loss"][-1])
+def worker(kind, name, batches_path, quick):
+    """A Keras model's worker process: builds `kind` for config `name`, then trains the steps it is asked for."""
+    config = load(name, SETUPS[name][2 if quick else 1][0])
+    batches = np.load(batches_path)
+    rss_before = workers.peak_rss_mb()
+    keras.utils.set_random_seed(config.train.seed)
+    model, params, inputs = build(kind, config, int(batches["vocab"]))
+    dataset = tf.data.Dataset.from_tensor_slices((inputs(batches["x"]), batches["y"])).repeat()
+    dataset = common.without_autotune(dataset)
+
+    def fit(steps):  # the last loss
+        return float(model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0).history["loss"][-1])
+
+    workers.serve(fit, {"rss_before_model_mb": rss_before, "params_no_pos": params})
 
 
-def runner(kind, config, vocab, x, y):
-    """(fit(steps) -> (wall seconds, last loss), parameters excluding position embeddings, notes for the JSON)."""
+def command(kind, name, batches_path, quick):
     if kind in TF_MODELS:
-        keras.utils.set_random_seed(config.train.seed)
-        model, params, inputs = build(kind, config, vocab)
-        dataset = common.without_autotune(tf.data.Dataset.from_tensor_slices((inputs(x), y)).repeat())
-        return lambda steps: fit_seconds(model, dataset, steps), params, {}
-    c = torch_train.config_of(config, vocab)
-    trainer = torch_train.Trainer(kind, c["model"], c["train"], vocab, x, y)
-
-    def fit(steps):
-        start = time.perf_counter()
-        loss = trainer.fit(steps)
-        return time.perf_counter() - start, loss
-
-    threads = torch_train.torch.get_num_threads()
-    return fit, trainer.params_no_pos, {"attention": trainer.attention, "torch_threads": threads}
-
-
-def child(kind, name, steps, quick):
-    """Subprocess entry: trains one model for its warm-up steps and prints its peak RSS as JSON."""
-    spe, warmup, _, _ = SETUPS[name][2 if quick else 1]
-    config = load(name, spe)
-    x, y, vocab, _ = batches(config, warmup)
-    rss_before = common.peak_rss_mb()
-    model, _, inputs = build(kind, config, vocab)
-    dataset = common.without_autotune(tf.data.Dataset.from_tensor_slices((inputs(x), y)).repeat())
-    fit_seconds(model, dataset, steps)
-    print(json.dumps({"rss_before_model_mb": rss_before, "peak_rss_mb": common.peak_rss_mb()}))
-
-
-def peak_rss(kind, name, quick, config, vocab, x, y):
+        return [sys.executable, os.path.abspath(__file__), "--worker", kind, "--only", name, "--batches",
+                batches_path] + (["--quick"] if quick else [])
     spe = SETUPS[name][2 if quick else 1][0]
-    with tempfile.TemporaryDirectory() as tmp:
-        if kind in TF_MODELS:
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--only", name, "--steps", str(2 * spe)]
-            cmd += ["--quick"] if quick else []
-        else:  # the same batches, handed over in a file: the child does not import TensorFlow
-            np.savez(os.path.join(tmp, "batches.npz"), x=x, y=y)
-            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_train.py"), kind,
-                   os.path.join(tmp, "batches.npz"), json.dumps(torch_train.config_of(config, vocab)), str(2 * spe)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return [sys.executable, os.path.join(HERE, "torch_train.py"), kind, batches_path,
+            os.path.join(common.CONFIGS, SETUPS[name][0]), *overrides(spe)]
 
 
 def run_config(name, quick):
@@ -144,27 +117,33 @@ def run_config(name, quick):
     tokens_per_step = t.batch_size * m.max_length
     rows = []
     runs = {}
-    for kind in MODELS:
-        fit, params, notes = runner(kind, config, vocab, x, y)
-        first, _ = fit(spe)  # compiles (TensorFlow), first-call set-up (PyTorch)
-        if warmup > spe:
-            fit(warmup - spe)
-        runs[kind] = {"fit": fit, "params": params, "notes": notes, "first": first, "times": []}
-    for _ in range(rounds):
-        for kind in MODELS:
-            seconds, loss = runs[kind]["fit"](round_steps)
-            runs[kind]["times"].append(seconds / round_steps)
-            runs[kind]["loss"] = loss
+    with tempfile.TemporaryDirectory() as tmp:
+        batches_path = os.path.join(tmp, "batches.npz")
+        np.savez(batches_path, x=x, y=y, vocab=vocab)
+        for kind in MODELS:  # one at a time: a model compiling must not share the cores with another
+            process, ready = workers.start(command(kind, name, batches_path, quick))
+            first = workers.ask(process, spe)["seconds"]  # compiles (TensorFlow), first-call set-up (PyTorch)
+            if warmup > spe:
+                workers.ask(process, warmup - spe)
+            notes = {k: v for k, v in ready.items() if k not in ("params_no_pos", "rss_before_model_mb")}
+            runs[kind] = {"process": process, "ready": ready, "notes": notes, "first": first, "times": []}
+        for _ in range(rounds):
+            for kind in MODELS:
+                out = workers.ask(runs[kind]["process"], round_steps)
+                runs[kind]["times"].append(out["seconds"] / round_steps)
+                runs[kind].update(loss=out["value"], peak_rss_mb=out["peak_rss_mb"])
+        workers.stop(r["process"] for r in runs.values())
     for kind in MODELS:
         r = runs[kind]
         step = common.median(r["times"])
-        flops_per_token = 6 * r["params"] + 12 * m.num_layers * m.hidden_dim * m.max_length
+        params = r["ready"]["params_no_pos"]
+        flops_per_token = 6 * params + 12 * m.num_layers * m.hidden_dim * m.max_length
         rows.append({
-            "config": name, "model": kind, "params_no_pos": r["params"], "step_ms": 1e3 * step,
+            "config": name, "model": kind, "params_no_pos": params, "step_ms": 1e3 * step,
             "step_ms_all": [round(1e3 * s, 2) for s in r["times"]], "tokens_per_s": tokens_per_step / step,
             "gflops": flops_per_token * tokens_per_step / step / 1e9, "flops_per_token": flops_per_token,
             "compile_s": r["first"] - spe * step, "loss": r["loss"], **r["notes"],
-            **peak_rss(kind, name, quick, config, vocab, x, y)})
+            "rss_before_model_mb": r["ready"]["rss_before_model_mb"], "peak_rss_mb": r["peak_rss_mb"]})
     # The load moves between rounds, not within one pair: the median of the paired per-round ratios is the figure.
     ratios = {f"tfglm_over_{kind}": common.median([k / t for t, k in zip(runs["tfglm"]["times"], runs[kind]["times"])])
               for kind in MODELS[1:]}
@@ -179,11 +158,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer warm-up and timed steps")
     parser.add_argument("--only", choices=sorted(SETUPS), help="one config only")
-    parser.add_argument("--child", choices=TF_MODELS, help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=TF_MODELS, help=argparse.SUPPRESS)
+    parser.add_argument("--batches", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        return child(args.child, args.only, args.steps, args.quick)
+    if args.worker:
+        return worker(args.worker, args.only, args.batches, args.quick)
 
     peak_before = common.matmul_peak_gflops()
     results = [run_config(name, args.quick) for name in ([args.only] if args.only else SETUPS)]
