@@ -5,10 +5,11 @@ the nanoGPT-style PyTorch model, in alternating rounds.
 The code variants are patched into the worker's model (nothing in tfglm changes): attention through
 `keras.ops.dot_product_attention` on [batch, length, heads, head_dim] (no transposes of queries, keys, values and
 output), the AdamW update outside the XLA-compiled step, `steps_per_execution` 1 (against the config's 50), and the
-token embedding as a one-hot matmul (its gradient a matmul, not a scatter-add). Two entries are not
-levers but bounds, with wrong numerics on purpose: `no_mask` (the causal mask dropped) and `no_norm_gelu` (layer
-norms and GELU replaced by the identity) say how much of the step those parts cost at most, so how much fusing them
-by hand could win.
+token embedding as a one-hot matmul (its gradient a matmul, not a scatter-add), and global-norm clipping with one
+reduction over all gradients instead of one per variable. Three entries are not
+levers but bounds, with wrong numerics on purpose: `no_mask` (the causal mask dropped), `no_norm_gelu` (layer
+norms and GELU replaced by the identity) and `no_clipping` (no global-norm clipping) say how much of the step those
+parts cost at most, so how much fusing them by hand could win.
 
 Every lever runs in its own long-lived subprocess (XLA flags and thread pools are fixed when TensorFlow starts),
 built and warmed up once; then each round asks every process in turn for the same number of steps, so a change of
@@ -86,6 +87,22 @@ def one_hot_embedding(model):
     keras.layers.ReversibleEmbedding.call = call
 
 
+def one_reduction_clipping(model):
+    """Global-norm clipping with one reduction over all gradients (flattened and concatenated) instead of Keras's one
+    per variable."""
+    from keras import ops
+
+    optimizer = model.optimizer
+
+    def clip(gradients):
+        flat = ops.concatenate([ops.reshape(g, (-1,)) for g in gradients])
+        norm = ops.sqrt(ops.sum(ops.square(flat)))
+        scale = ops.minimum(1.0, optimizer.global_clipnorm / ops.maximum(norm, 1e-12))
+        return [g * scale for g in gradients]
+
+    optimizer._clip_gradients = clip
+
+
 def no_mask(model):
     """A bound, not a lever: attention without its causal mask."""
     for layer in model._flatten_layers():
@@ -122,8 +139,11 @@ LEVERS = {
     "one_hot_embedding": ("", [], None, one_hot_embedding),
     "no_mask": ("", [], None, no_mask),
     "no_norm_gelu": ("", [], None, no_norm_gelu),
+    "one_reduction_clipping": ("", [], None, one_reduction_clipping),
+    "no_clipping": ("", ["train.grad_clip=0.0"], None, None),
 }
-TRAIN_ONLY = ("keras_attention", "optimizer_outside_xla", "steps_per_execution_1", "one_hot_embedding")
+TRAIN_ONLY = ("keras_attention", "optimizer_outside_xla", "steps_per_execution_1", "one_hot_embedding",
+              "one_reduction_clipping", "no_clipping")
 TORCH = "nanogpt_torch"
 CONFIGS = {"train": "gpt-char-tiny.yaml", "decode": "gpt-char-shakespeare.yaml"}
 DECODE_TOKENS = 128  # generate_throughput.py's: 16-token prompt, 128 new tokens, vocabulary 50,257
