@@ -110,6 +110,8 @@ class Trainer:
 def main():
     from tfglm.config import load_config  # no TensorFlow
 
+    if len(sys.argv) < 4 or sys.argv[1] not in KINDS:
+        sys.exit(f"usage: python bench/torch_train.py {{{','.join(KINDS)}}} BATCHES.npz CONFIG.yaml [OVERRIDE ...]")
     kind, batches, config_file, *overrides = sys.argv[1:]
     data = np.load(batches)
     config = config_of(load_config(config_file, overrides), int(data["vocab"]))
