@@ -115,6 +115,23 @@ class CodepointIds:
         return tf.strings.reduce_join(tf.strings.as_string(ids), axis=-1, separator=" ")
 
 
+# The decode benchmarks' model (generate_throughput.py, probe_decode_step.py, speed_levers.py): GPT-2's vocabulary,
+# 6 x 384, context 256, random weights (same shapes, same cost); greedy from a 16-token prompt.
+DECODE_SHAPE = {"num_layers": 6, "num_heads": 6, "hidden_dim": 384, "max_length": 256}
+DECODE_PROMPT = "First Citizen: "  # 15 characters; with <eot>, 16 tokens
+DECODE_NEW_TOKENS = 128
+
+
+def decode_generator(jit_compile=True):
+    """A `tfglm.generation.decode.Generator` of the decode benchmarks' model, with `CodepointIds`."""
+    from tfglm.generation.decode import Generator
+    from tfglm.models.gpt import GPT
+
+    model = GPT(CodepointIds.vocab_size, **DECODE_SHAPE)
+    model.build()
+    return Generator(model, CodepointIds(), jit_compile=jit_compile)
+
+
 def without_autotune(dataset):
     """`dataset` with tf.data autotuning off. With it on, a `fit` call ends only on a tick of the autotuning thread's
     back-off (10, 20, 40 ... ms from the call's start), so whole-`fit` timings snap to 10 x (2^k - 1) ms."""

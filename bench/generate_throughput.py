@@ -22,7 +22,10 @@ import tempfile
 import time
 
 import torch
-import torch._dynamo  # noqa: F401  (before TensorFlow: torch_train.py says why)
+# Before TensorFlow: transformers' generate loads torch._dynamo, which loads triton, whose LLVM segfaults when it is
+# loaded into a process that already holds XLA's (torch 2.14, TensorFlow 2.20: `import triton` after an XLA
+# compilation crashes in triton/knobs.py).
+import torch._dynamo  # noqa: F401
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import common
@@ -33,24 +36,16 @@ import tensorflow as tf
 
 from tfglm.config import GenerateConfig
 from tfglm.tasks.causal_lm import serving_module
-from tfglm.generation.decode import Generator
-from tfglm.models.gpt import GPT
 
-VOCAB, LAYERS, HEADS, WIDTH, CONTEXT = common.CodepointIds.vocab_size, 6, 6, 384, 256
-PROMPT = "First Citizen: "  # 15 characters; with <eot>, a 16-token prompt
-NEW_TOKENS = 128
+VOCAB, PROMPT, NEW_TOKENS = common.CodepointIds.vocab_size, common.DECODE_PROMPT, common.DECODE_NEW_TOKENS
+LAYERS, HEADS, WIDTH, CONTEXT = (common.DECODE_SHAPE[k] for k in ("num_layers", "num_heads", "hidden_dim",
+                                                                   "max_length"))
 BATCHES = (1, 8)
-
-
-def tfglm_generator():
-    model = GPT(VOCAB, LAYERS, HEADS, WIDTH, max_length=CONTEXT)
-    model.build()
-    return Generator(model, common.CodepointIds())
 
 
 def tfglm_runner(batch):
     """A callable running one tfglm generation of `batch` prompts; returns the number of generated tokens."""
-    generator = tfglm_generator()
+    generator = common.decode_generator()
     prompts = tf.constant([PROMPT] * batch)
 
     def run():
@@ -62,7 +57,7 @@ def tfglm_runner(batch):
 
 def exported_runner(batch):
     """The same through the SavedModel's `generate` signature (as `tfglm export` writes it), loaded back."""
-    generator = tfglm_generator()
+    generator = common.decode_generator()
     module = serving_module(generator, GenerateConfig())
     path = tempfile.mkdtemp(prefix="tfglm-generate-")
     tf.saved_model.save(module, path, signatures={"generate": module.generate})

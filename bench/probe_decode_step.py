@@ -22,7 +22,8 @@ import common
 import numpy as np
 import tensorflow as tf
 
-WIDTH, VOCAB, LAYERS, CONTEXT = 384, common.CodepointIds.vocab_size, 6, 256
+WIDTH, LAYERS, VOCAB = common.DECODE_SHAPE["hidden_dim"], common.DECODE_SHAPE["num_layers"], \
+    common.CodepointIds.vocab_size
 LOOP_STEPS = 50
 BLOCK_SHAPES = [shape for _ in range(LAYERS) for shape in
                 ((WIDTH, 3 * WIDTH), (WIDTH, WIDTH), (WIDTH, 4 * WIDTH), (4 * WIDTH, WIDTH))]
@@ -68,18 +69,13 @@ def block_chain(layout, parts=1):
 
 
 def decode_step():
-    """The real thing: `Generator.generate` of 128 new tokens from a 16-token prompt; per call, (seconds, tokens)."""
+    """The real thing: `Generator.generate` of 128 new tokens from a 16-token prompt; returns the tokens made."""
     import keras
 
-    from tfglm.generation.decode import Generator
-    from tfglm.models.gpt import GPT
-
     keras.utils.set_random_seed(0)
-    model = GPT(VOCAB, num_layers=LAYERS, num_heads=6, hidden_dim=WIDTH, max_length=CONTEXT)
-    model.build()
-    generator = Generator(model, common.CodepointIds())
-    prompts = tf.constant(["First Citizen: "])
-    return lambda: generator.generate(prompts, 128, 0.0, 0, 1.0, 0)["num_tokens"].numpy()
+    generator = common.decode_generator()
+    prompts = tf.constant([common.DECODE_PROMPT])
+    return lambda: generator.generate(prompts, common.DECODE_NEW_TOKENS, 0.0, 0, 1.0, 0)["num_tokens"].numpy()
 
 
 def main():

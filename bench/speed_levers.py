@@ -22,6 +22,7 @@ the machine's load falls on all levers alike. The figure is each lever's median 
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 
@@ -145,8 +146,8 @@ LEVERS = {
 TRAIN_ONLY = ("keras_attention", "optimizer_outside_xla", "steps_per_execution_1", "one_hot_embedding",
               "one_reduction_clipping", "no_clipping")
 TORCH = "nanogpt_torch"
-CONFIGS = {"train": "gpt-char-tiny.yaml", "decode": "gpt-char-shakespeare.yaml"}
-DECODE_TOKENS = 128  # generate_throughput.py's: 16-token prompt, 128 new tokens, vocabulary 50,257
+TRAIN_CONFIG = "gpt-char-tiny.yaml"  # decoding: common.decode_generator's model (generate_throughput.py's)
+WHAT = ("train", "decode")
 
 
 def tf_worker(what, overrides, threads, patch, batches_path):
@@ -161,44 +162,41 @@ def tf_worker(what, overrides, threads, patch, batches_path):
     from tfglm.config import load_config
     from tfglm.models.gpt import GPT
 
-    config = load_config(os.path.join(common.CONFIGS, CONFIGS[what]), ["model.dropout=0.0", *overrides])
+    config = load_config(os.path.join(common.CONFIGS, TRAIN_CONFIG), ["model.dropout=0.0", *overrides])
     keras.utils.set_random_seed(0)
-    vocab = 67 if what == "train" else common.CodepointIds.vocab_size
-    model = GPT.from_config_tree(config.model, vocab)
     if what == "train":
         from tfglm.tasks.trainer import compile_model
 
+        model = GPT.from_config_tree(config.model, 67)
         compile_model(model, config.train)
-    if patch:
-        patch(model)
-    if what == "train":
         batches = np.load(batches_path)
         dataset = tf.data.Dataset.from_tensor_slices((batches["x"], batches["y"])).repeat()
         dataset = common.without_autotune(dataset)
 
         def run(n):
             return float(model.fit(dataset, epochs=1, steps_per_epoch=n, verbose=0).history["loss"][-1])
-        run(2 * config.train.steps_per_execution)
+        warmup = 2 * config.train.steps_per_execution
     else:
-        from tfglm.generation.decode import Generator
+        generator = common.decode_generator(config.train.jit_compile)
+        model = generator.model
+        prompts = tf.constant([common.DECODE_PROMPT])
+        tokens = common.DECODE_NEW_TOKENS
 
-        if not model.built:
-            model.build()
-        generator = Generator(model, common.CodepointIds(), jit_compile=config.train.jit_compile)
-        prompts = tf.constant(["First Citizen: "])  # with <eot>, 16 tokens
-
-        def run(n):  # n new tokens, greedy, in calls of DECODE_TOKENS
-            return sum(float(generator.generate(prompts, DECODE_TOKENS, 0.0, 0, 1.0, 0)["num_tokens"].numpy().sum())
-                       for _ in range(max(1, n // DECODE_TOKENS)))
-        run(DECODE_TOKENS)
+        def run(n):  # n new tokens, greedy, in calls of `tokens`
+            return sum(float(generator.generate(prompts, tokens, 0.0, 0, 1.0, 0)["num_tokens"].numpy().sum())
+                       for _ in range(max(1, n // tokens)))
+        warmup = tokens
+    if patch:  # before the first call traces the model
+        patch(model)
+    run(warmup)
     workers.serve(run, {})
 
 
-def batches(config_file, count=100, vocab=67):
-    """`count` random training batches (x, y) of `config_file`'s shape, the same for every process."""
+def batches(count=100, vocab=67):
+    """`count` random training batches (x, y) of TRAIN_CONFIG's shape, the same for every process."""
     from tfglm.config import load_config  # no TensorFlow
 
-    config = load_config(os.path.join(HERE, "..", "configs", config_file))
+    config = load_config(os.path.join(HERE, "..", "configs", TRAIN_CONFIG))
     x = np.random.default_rng(0).integers(0, vocab, (count, config.train.batch_size, config.model.max_length + 1),
                                           dtype=np.int32)
     return {"x": x[..., :-1], "y": x[..., 1:], "vocab": vocab}
@@ -208,7 +206,7 @@ def command(what, name, batches_path):
     """The worker command line of lever `name` (or of the PyTorch peer, `torch_train.py`)."""
     if name == TORCH:
         return [sys.executable, os.path.join(HERE, "torch_train.py"), TORCH, batches_path,
-                os.path.join(HERE, "..", "configs", CONFIGS[what]), "model.dropout=0.0"]
+                os.path.join(HERE, "..", "configs", TRAIN_CONFIG), "model.dropout=0.0"]
     return [sys.executable, os.path.abspath(__file__), "--worker", what, "--lever", name, "--batches", batches_path]
 
 
@@ -230,9 +228,8 @@ def sweep(what, names, rounds, steps, batches_path):
             times[name].append(out["seconds"] / (out["value"] if what == "decode" else steps))
     workers.stop(processes.values())
     base = times["default"]
-    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    rows = [{"lever": name, "flags": LEVERS.get(name, ("",))[0], "ms": round(1e3 * median(t), 2),
-             "speedup_over_default": round(median([b / s for b, s in zip(base, t)]), 3),
+    rows = [{"lever": name, "flags": LEVERS.get(name, ("",))[0], "ms": round(1e3 * statistics.median(t), 2),
+             "speedup_over_default": round(statistics.median([b / s for b, s in zip(base, t)]), 3),
              "ms_by_round": [round(1e3 * s, 1) for s in t]} for name, t in times.items()]
     for row in rows:
         print(f"{what} {row['lever']:>22}: {row['ms']:8.2f} ms/step, x{row['speedup_over_default']:.3f} "
@@ -242,12 +239,12 @@ def sweep(what, names, rounds, steps, batches_path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=sorted(CONFIGS))
+    parser.add_argument("--only", choices=WHAT)
     parser.add_argument("--levers", help="comma-separated subset (default: all)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=100, help="training steps a round")
     parser.add_argument("--tokens", type=int, default=256, help="new tokens a round (decode)")
-    parser.add_argument("--worker", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=WHAT, help=argparse.SUPPRESS)
     parser.add_argument("--lever", help=argparse.SUPPRESS)
     parser.add_argument("--batches", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -258,8 +255,8 @@ def main():
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         batches_path = os.path.join(tmp, "batches.npz")
-        np.savez(batches_path, **batches(CONFIGS["train"]))
-        for what in [args.only] if args.only else CONFIGS:
+        np.savez(batches_path, **batches())
+        for what in [args.only] if args.only else WHAT:
             names = ["default"] + [n for n in chosen if n != "default" and (what == "train" or n not in TRAIN_ONLY)]
             names += [TORCH] if what == "train" else []
             result[what] = sweep(what, names, args.rounds, args.steps if what == "train" else args.tokens,

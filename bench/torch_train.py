@@ -11,10 +11,6 @@ As a script it is the PyTorch peers' worker process (`workers.py`) for `train_th
 imports torch (and transformers), loads the batches the parent saved, builds one model and trains the steps it is
 asked for. TensorFlow is never imported, so the timings and the peak RSS are the PyTorch stack's own.
 
-Import it before TensorFlow: it loads `torch._dynamo` now (AdamW's step and transformers load it anyway), which
-loads triton, whose LLVM segfaults when it is loaded into a process that already holds TensorFlow's (torch 2.14,
-TensorFlow 2.20: `import triton` after an XLA compilation crashes in `triton/knobs.py`).
-
     python bench/torch_train.py KIND BATCHES.npz CONFIG.yaml [OVERRIDE ...]
 """
 
@@ -24,27 +20,17 @@ import sys
 
 import numpy as np
 import torch
-import torch._dynamo  # noqa: F401  (before TensorFlow: see above)
 import torch.nn.functional as F
 
 import workers
 
 KINDS = ("hf_torch", "nanogpt_torch")
-TRAIN_FIELDS = ("steps", "learning_rate", "min_learning_rate", "warmup_steps", "weight_decay", "beta_1", "beta_2",
-                "grad_clip", "seed")
-
-
-def config_of(config, vocab_size):
-    """What `Trainer` needs of a tfglm config (`tfglm.config.load_config`'s), as JSON-able dicts."""
-    m = config.model
-    return {"model": {k: getattr(m, k) for k in ("num_layers", "num_heads", "hidden_dim", "max_length")},
-            "train": {k: getattr(config.train, k) for k in TRAIN_FIELDS}, "vocab_size": int(vocab_size)}
 
 
 def lr_factor(train):
     """The multiple of `learning_rate` at each step: Keras's CosineDecay with warmup, as tfglm's schedule."""
-    warmup, decay, alpha = train["warmup_steps"], train["steps"] - train["warmup_steps"], \
-        train["min_learning_rate"] / train["learning_rate"]
+    warmup, decay, alpha = train.warmup_steps, train.steps - train.warmup_steps, \
+        train.min_learning_rate / train.learning_rate
 
     def factor(step):
         if step < warmup:
@@ -56,12 +42,13 @@ def lr_factor(train):
 
 
 class Trainer:
-    """One PyTorch peer at tfglm's config (`model`: num_layers, num_heads, hidden_dim, max_length; `train`: the
-    TRAIN_FIELDS of tfglm's TrainConfig), cycling over the batches x, y ([count, batch, length] integer arrays)."""
+    """One PyTorch peer at a tfglm config (`tfglm.config.load_config`'s: the model's shape, the training settings),
+    cycling over the batches x, y ([count, batch, length] integer arrays)."""
 
-    def __init__(self, kind, model, train, vocab_size, x, y):
-        torch.manual_seed(train["seed"])
-        layers, heads, width, context = (model[k] for k in ("num_layers", "num_heads", "hidden_dim", "max_length"))
+    def __init__(self, kind, config, vocab_size, x, y):
+        m, train = config.model, config.train
+        torch.manual_seed(train.seed)
+        layers, heads, width, context = m.num_layers, m.num_heads, m.hidden_dim, m.max_length
         if kind == "hf_torch":
             from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -82,12 +69,12 @@ class Trainer:
         self.model.train()
         self.params = list(self.model.parameters())  # a tied weight once
         self.params_no_pos = sum(p.numel() for p in self.params) - position
-        groups = [{"params": [p for p in self.params if p.dim() >= 2], "weight_decay": train["weight_decay"]},
+        groups = [{"params": [p for p in self.params if p.dim() >= 2], "weight_decay": train.weight_decay},
                   {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=train["learning_rate"], betas=(train["beta_1"], train["beta_2"]),
+        self.optimizer = torch.optim.AdamW(groups, lr=train.learning_rate, betas=(train.beta_1, train.beta_2),
                                            eps=1e-7)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(train))
-        self.clip = train["grad_clip"]
+        self.clip = train.grad_clip
         self.x, self.y = torch.from_numpy(np.asarray(x, np.int64)), torch.from_numpy(np.asarray(y, np.int64))
         self.position = 0
 
@@ -114,11 +101,11 @@ def main():
         sys.exit(f"usage: python bench/torch_train.py {{{','.join(KINDS)}}} BATCHES.npz CONFIG.yaml [OVERRIDE ...]")
     kind, batches, config_file, *overrides = sys.argv[1:]
     data = np.load(batches)
-    config = config_of(load_config(config_file, overrides), int(data["vocab"]))
+    config = load_config(config_file, overrides)
     if kind == "hf_torch":  # loaded before the baseline, as the TensorFlow workers have KerasHub loaded
         importlib.import_module("transformers.models.gpt2.modeling_gpt2")
     rss_before = workers.peak_rss_mb()
-    trainer = Trainer(kind, config["model"], config["train"], config["vocab_size"], data["x"], data["y"])
+    trainer = Trainer(kind, config, int(data["vocab"]), data["x"], data["y"])
     workers.serve(trainer.fit, {"rss_before_model_mb": rss_before, "params_no_pos": trainer.params_no_pos,
                                 "attention": trainer.attention, "torch_threads": torch.get_num_threads()})
 
