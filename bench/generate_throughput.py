@@ -120,11 +120,16 @@ def main():
     bandwidth = common.read_bandwidth_gbs()
     rows = []
     for batch in BATCHES:
-        runners = {}
+        built = {}
         for name, make in (("tfglm", tfglm_runner), ("tfglm_exported", exported_runner),
                            ("keras_hub", keras_hub_runner), ("hf_torch", hf_torch_runner)):
+            # Every model built before any is called: reseeding clears TensorFlow's kernel cache
+            # (`TFE_ContextClearCaches`), and a function called before it re-instantiates on its next call (about
+            # 1 s for tfglm's `generate`), which made tfglm's first timed round 2-2.5x slower than the rest.
             keras.utils.set_random_seed(0)
-            run, params = make(batch)
+            built[name] = make(batch)
+        runners = {}
+        for name, (run, params) in built.items():
             start = time.perf_counter()
             run()  # compiles
             runners[name] = {"run": run, "params": params, "first_s": time.perf_counter() - start, "times": []}
