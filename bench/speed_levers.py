@@ -4,12 +4,13 @@ the nanoGPT-style PyTorch model, in alternating rounds.
 
 The code variants are patched into the worker's model (nothing in tfglm changes): attention through
 `keras.ops.dot_product_attention` on [batch, length, heads, head_dim] (no transposes of queries, keys, values and
-output), the AdamW update outside the XLA-compiled step, `steps_per_execution` 1 (against the config's 50), and the
-token embedding as a one-hot matmul (its gradient a matmul, not a scatter-add), and global-norm clipping with one
-reduction over all gradients instead of one per variable. Three entries are not
-levers but bounds, with wrong numerics on purpose: `no_mask` (the causal mask dropped), `no_norm_gelu` (layer
-norms and GELU replaced by the identity) and `no_clipping` (no global-norm clipping) say how much of the step those
-parts cost at most, so how much fusing them by hand could win.
+output), the AdamW update outside the XLA-compiled step, `steps_per_execution` 1 (against the config's 50), the
+token embedding as a one-hot matmul (its gradient a matmul, not a scatter-add), global-norm clipping with one
+reduction over all gradients instead of one per variable, layer norm and GELU with hand-derived gradients, and the
+tanh GELU written with one sigmoid. Some entries are not levers but bounds, with wrong numerics on purpose:
+`no_mask` (the causal mask dropped), `no_norm_gelu`, `no_norm` and `no_gelu` (layer norms and / or the GELU
+replaced by the identity) and `no_clipping` (no global-norm clipping) say how much of the step those parts cost at
+most, so how much fusing them by hand could win.
 
 Every lever runs in its own long-lived subprocess (XLA flags and thread pools are fixed when TensorFlow starts),
 built and warmed up once; then each round asks every process in turn for the same number of steps, so a change of
@@ -104,6 +105,54 @@ def one_reduction_clipping(model):
     optimizer._clip_gradients = clip
 
 
+def set_activation(model, activation):
+    """Makes `activation` every block's feed-forward activation in `model`."""
+    for layer in model._flatten_layers():
+        if layer.name == "feed_forward_in":
+            layer.activation = activation
+
+
+def hand_gradient_norm_gelu(model):
+    """Layer norm and the tanh GELU with hand-derived gradients (`tf.custom_gradient`): the backward pass of a norm is
+    two row reductions and the gamma / beta sums, and the GELU's keeps only its input, where autodiff of Keras's
+    `moments` and of the tanh formula keeps more intermediates and reductions."""
+    import keras
+    import tensorflow as tf
+
+    def norm_call(self, x):
+        epsilon = self.epsilon
+
+        @tf.custom_gradient
+        def norm(x, gamma, beta):
+            centered = x - tf.reduce_mean(x, -1, keepdims=True)
+            inv = tf.math.rsqrt(tf.reduce_mean(tf.square(centered), -1, keepdims=True) + epsilon)
+            normed = centered * inv
+
+            def grad(dy):
+                g = dy * gamma
+                dx = inv * (g - tf.reduce_mean(g, -1, keepdims=True)
+                            - normed * tf.reduce_mean(g * normed, -1, keepdims=True))
+                rows = list(range(len(x.shape) - 1))
+                return dx, tf.reduce_sum(dy * normed, rows), tf.reduce_sum(dy, rows)
+
+            return normed * gamma + beta, grad
+
+        return norm(x, tf.convert_to_tensor(self.gamma), tf.convert_to_tensor(self.beta))
+
+    @tf.custom_gradient
+    def gelu(x):
+        c = 0.7978845608028654  # sqrt(2 / pi)
+        t = tf.tanh(c * (x + 0.044715 * x ** 3))
+
+        def grad(dy):
+            return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x))
+
+        return 0.5 * x * (1 + t), grad
+
+    keras.layers.LayerNormalization.call = norm_call
+    set_activation(model, gelu)
+
+
 def no_mask(model):
     """A bound, not a lever: attention without its causal mask."""
     for layer in model._flatten_layers():
@@ -111,14 +160,30 @@ def no_mask(model):
             layer.causal = False
 
 
-def no_norm_gelu(model):
-    """A bound, not a lever: every layer norm and the feed-forward GELU replaced by the identity."""
+def sigmoid_gelu(model):
+    """The tanh GELU as x * sigmoid(2u), u = sqrt(2 / pi) (x + 0.044715 x^3): the same function (0.5 (1 + tanh u) is
+    sigmoid(2u)) with one transcendental and fewer element-wise operations."""
+    from keras import ops
+
+    set_activation(model, lambda x: x * ops.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x)))
+
+
+def no_norm(model):
+    """A bound, not a lever: every layer norm replaced by the identity."""
     import keras
 
     keras.layers.LayerNormalization.call = lambda self, x: x
-    for layer in model._flatten_layers():
-        if layer.name == "feed_forward_in":
-            layer.activation = keras.activations.linear
+
+
+def no_gelu(model):
+    """A bound, not a lever: the feed-forward GELU replaced by the identity."""
+    set_activation(model, lambda x: x)
+
+
+def no_norm_gelu(model):
+    """A bound, not a lever: every layer norm and the feed-forward GELU replaced by the identity."""
+    no_norm(model)
+    no_gelu(model)
 
 
 # name -> (XLA_FLAGS, tfglm config overrides, TensorFlow intra-op threads or None, patch of the built model or None)
@@ -133,18 +198,24 @@ LEVERS = {
     "no_fusion_emitters": ("--xla_cpu_use_fusion_emitters=false", [], None, None),
     "concurrency_scheduler": ("--xla_cpu_enable_concurrency_optimized_scheduler=true", [], None, None),
     "single_thread_eigen": ("--xla_cpu_multi_thread_eigen=false", [], None, None),
+    "vector_width_512": ("--xla_cpu_prefer_vector_width=512", [], None, None),
+    "fast_min_max": ("--xla_cpu_enable_fast_min_max=true", [], None, None),
     "intra_op_1": ("", [], 1, None),
     "keras_attention": ("", [], None, keras_attention),
     "optimizer_outside_xla": ("", ["train.jit_compile=false"], None, optimizer_outside_xla),
     "steps_per_execution_1": ("", ["train.steps_per_execution=1"], None, None),
     "one_hot_embedding": ("", [], None, one_hot_embedding),
+    "hand_gradient_norm_gelu": ("", [], None, hand_gradient_norm_gelu),
     "no_mask": ("", [], None, no_mask),
     "no_norm_gelu": ("", [], None, no_norm_gelu),
+    "sigmoid_gelu": ("", [], None, sigmoid_gelu),
+    "no_norm": ("", [], None, no_norm),
+    "no_gelu": ("", [], None, no_gelu),
     "one_reduction_clipping": ("", [], None, one_reduction_clipping),
     "no_clipping": ("", ["train.grad_clip=0.0"], None, None),
 }
 TRAIN_ONLY = ("keras_attention", "optimizer_outside_xla", "steps_per_execution_1", "one_hot_embedding",
-              "one_reduction_clipping", "no_clipping")
+              "one_reduction_clipping", "no_clipping", "hand_gradient_norm_gelu", "sigmoid_gelu", "no_norm", "no_gelu")
 TORCH = "nanogpt_torch"
 TRAIN_CONFIG = "gpt-char-tiny.yaml"  # decoding: common.decode_generator's model (generate_throughput.py's)
 WHAT = ("train", "decode")
