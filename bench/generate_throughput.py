@@ -2,7 +2,8 @@
 Hugging Face transformers' `GPT2LMHeadModel.generate` (PyTorch), greedy, 16-token prompts, 128 new tokens, batch 1 and
 8, for a 6 x 384 model with context 256 and a 50,257-token vocabulary (random weights: same shapes, same cost), and
 tfglm's model again through its exported SavedModel: the `generate` signature of
-`tfglm.tasks.causal_lm.serving_module`, saved and loaded back in this process. The four alternate call by call; the
+`tfglm.tasks.causal_lm.serving_module`, saved and loaded back in this process, and its `generate_start` + `advance`
+signatures streaming 4 tokens a call as `tfglm serve` does. The five alternate call by call; the
 ratios are tfglm's tokens/s over each peer's, medians of the paired rounds. Also the batch-1 memory-bandwidth bound:
 weight bytes / read bandwidth, both measured in this run.
 
@@ -35,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfglm.config import GenerateConfig
+from tfglm.serving.openai_api import STREAM_STEPS
 from tfglm.tasks.causal_lm import serving_module
 
 VOCAB, PROMPT, NEW_TOKENS = common.CodepointIds.vocab_size, common.DECODE_PROMPT, common.DECODE_NEW_TOKENS
@@ -55,21 +57,32 @@ def tfglm_runner(batch):
     return run, generator.model.count_params()
 
 
-def exported_runner(batch):
-    """The same through the SavedModel's `generate` signature (as `tfglm export` writes it), loaded back."""
+def exported_runner(batch, stream_steps=None):
+    """The same through the SavedModel's `generate` signature (as `tfglm export` writes it), loaded back; or, with
+    `stream_steps`, through its `generate_start` and `advance` signatures, `stream_steps` tokens a call, as
+    `tfglm serve` streams."""
     generator = common.decode_generator()
     module = serving_module(generator, GenerateConfig())
     path = tempfile.mkdtemp(prefix="tfglm-generate-")
-    tf.saved_model.save(module, path, signatures={"generate": module.generate})
-    generate = tf.saved_model.load(path).signatures["generate"]
+    tf.saved_model.save(module, path, signatures={"generate": module.generate, "generate_start": module.generate_start,
+                                                  "advance": module.advance})
+    signatures = tf.saved_model.load(path).signatures
     shutil.rmtree(path)
     # Every input given: a loaded signature called from Python does not fill in the SignatureDef's defaults.
-    inputs = {"prompts": tf.constant([PROMPT] * batch), "max_new_tokens": tf.constant(NEW_TOKENS),
-              "temperature": tf.constant(0.0), "top_k": tf.constant(0), "top_p": tf.constant(1.0),
-              "seed": tf.constant(0)}
+    prompts, max_new_tokens = tf.constant([PROMPT] * batch), tf.constant(NEW_TOKENS)
+    options = {"temperature": tf.constant(0.0), "top_k": tf.constant(0), "top_p": tf.constant(1.0),
+               "seed": tf.constant(0)}
 
     def run():
-        return int(generate(**inputs)["num_tokens"].numpy().sum())
+        if stream_steps is None:
+            out = signatures["generate"](prompts=prompts, max_new_tokens=max_new_tokens, **options)
+        else:
+            out = signatures["generate_start"](prompts=prompts, max_new_tokens=max_new_tokens)
+            state = signatures["advance"].structured_input_signature[1]
+            while "finished" not in out or not bool(out["finished"]):
+                out = signatures["advance"](**{k: out[k] for k in state if k in out}, steps=tf.constant(stream_steps),
+                                            **options)
+        return int(out["num_tokens"].numpy().sum())
 
     return run, generator.model.count_params()
 
@@ -122,6 +135,7 @@ def main():
     for batch in BATCHES:
         built = {}
         for name, make in (("tfglm", tfglm_runner), ("tfglm_exported", exported_runner),
+                           ("tfglm_exported_stream4", lambda b: exported_runner(b, STREAM_STEPS)),
                            ("keras_hub", keras_hub_runner), ("hf_torch", hf_torch_runner)):
             # Every model built before any is called: reseeding clears TensorFlow's kernel cache
             # (`TFE_ContextClearCaches`), and a function called before it re-instantiates on its next call (about
