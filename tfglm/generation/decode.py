@@ -122,8 +122,9 @@ class Generator(tf.Module):
         self._prefill = tf.function(self._prefill_tokens, jit_compile=jit_compile)
         self._advance = tf.function(self._advance_tokens, jit_compile=jit_compile)
         # `stream`'s chunks as one graph call each: run eagerly, the string and mask ops around the decode loop cost
-        # about 2 ms a token at 8 tokens a chunk.
-        self._stream_advance = tf.function(self.advance)
+        # about 2 ms a token at 8 tokens a chunk. One trace for every buffer shape after the second (the XLA function
+        # inside still compiles once per shape).
+        self._stream_advance = tf.function(self.advance, reduce_retracing=True)
 
     def _prefill_tokens(self, tokens, lengths, prefill_length, max_new_tokens):
         return prefill(self.model, tokens, lengths, prefill_length, max_new_tokens)
