@@ -73,12 +73,13 @@ def exported_runner(batch, stream_steps=None):
     options = {"temperature": tf.constant(0.0), "top_k": tf.constant(0), "top_p": tf.constant(1.0),
                "seed": tf.constant(0)}
 
+    state = signatures["advance"].structured_input_signature[1]  # the decode state's names, and advance's options
+
     def run():
         if stream_steps is None:
             out = signatures["generate"](prompts=prompts, max_new_tokens=max_new_tokens, **options)
         else:
             out = signatures["generate_start"](prompts=prompts, max_new_tokens=max_new_tokens)
-            state = signatures["advance"].structured_input_signature[1]
             while "finished" not in out or not bool(out["finished"]):
                 out = signatures["advance"](**{k: out[k] for k in state if k in out}, steps=tf.constant(stream_steps),
                                             **options)

@@ -186,32 +186,29 @@ def no_norm_gelu(model):
     no_gelu(model)
 
 
+XLA_FLAG_LEVERS = {
+    "fast_math": "--xla_cpu_enable_fast_math=true",
+    "legacy_runtime": "--xla_cpu_use_thunk_runtime=false",
+    "xnnpack": "--xla_cpu_use_xnnpack=true",
+    "xnn_fusion": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+    "onednn": "--xla_cpu_use_onednn=true",
+    "no_fusion_emitters": "--xla_cpu_use_fusion_emitters=false",
+    "concurrency_scheduler": "--xla_cpu_enable_concurrency_optimized_scheduler=true",
+    "single_thread_eigen": "--xla_cpu_multi_thread_eigen=false",
+    "vector_width_512": "--xla_cpu_prefer_vector_width=512",
+    "fast_min_max": "--xla_cpu_enable_fast_min_max=true",
+}
+PATCH_LEVERS = (keras_attention, one_hot_embedding, hand_gradient_norm_gelu, no_mask, no_norm_gelu, sigmoid_gelu,
+                no_norm, no_gelu, one_reduction_clipping)
 # name -> (XLA_FLAGS, tfglm config overrides, TensorFlow intra-op threads or None, patch of the built model or None)
 LEVERS = {
     "default": ("", [], None, None),
     "no_xla": ("", ["train.jit_compile=false"], None, None),
-    "fast_math": ("--xla_cpu_enable_fast_math=true", [], None, None),
-    "legacy_runtime": ("--xla_cpu_use_thunk_runtime=false", [], None, None),
-    "xnnpack": ("--xla_cpu_use_xnnpack=true", [], None, None),
-    "xnn_fusion": ("--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY", [], None, None),
-    "onednn": ("--xla_cpu_use_onednn=true", [], None, None),
-    "no_fusion_emitters": ("--xla_cpu_use_fusion_emitters=false", [], None, None),
-    "concurrency_scheduler": ("--xla_cpu_enable_concurrency_optimized_scheduler=true", [], None, None),
-    "single_thread_eigen": ("--xla_cpu_multi_thread_eigen=false", [], None, None),
-    "vector_width_512": ("--xla_cpu_prefer_vector_width=512", [], None, None),
-    "fast_min_max": ("--xla_cpu_enable_fast_min_max=true", [], None, None),
+    **{name: (flag, [], None, None) for name, flag in XLA_FLAG_LEVERS.items()},
     "intra_op_1": ("", [], 1, None),
-    "keras_attention": ("", [], None, keras_attention),
     "optimizer_outside_xla": ("", ["train.jit_compile=false"], None, optimizer_outside_xla),
     "steps_per_execution_1": ("", ["train.steps_per_execution=1"], None, None),
-    "one_hot_embedding": ("", [], None, one_hot_embedding),
-    "hand_gradient_norm_gelu": ("", [], None, hand_gradient_norm_gelu),
-    "no_mask": ("", [], None, no_mask),
-    "no_norm_gelu": ("", [], None, no_norm_gelu),
-    "sigmoid_gelu": ("", [], None, sigmoid_gelu),
-    "no_norm": ("", [], None, no_norm),
-    "no_gelu": ("", [], None, no_gelu),
-    "one_reduction_clipping": ("", [], None, one_reduction_clipping),
+    **{patch.__name__: ("", [], None, patch) for patch in PATCH_LEVERS},
     "no_clipping": ("", ["train.grad_clip=0.0"], None, None),
 }
 TRAIN_ONLY = ("keras_attention", "optimizer_outside_xla", "steps_per_execution_1", "one_hot_embedding",
