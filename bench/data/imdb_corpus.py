@@ -5,7 +5,7 @@ removed, punctuation and clitics split off ("does n't", "film 's").
 The package's other 8,530 rows (source `rotten_tomatoes`) are left out: SST-2's sentences are those Rotten Tomatoes
 snippets, its test set included. The labels are not written.
 
-    python bench/imdb_corpus.py [--out runs/imdb-data/imdb.txt]
+    python -m bench.data.imdb_corpus [--out runs/imdb-data/imdb.txt]
 """
 
 import argparse
@@ -47,7 +47,7 @@ def write_corpus(path):
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/imdb-data/imdb.txt")
     write_corpus(parser.parse_args().out)
 
