@@ -13,7 +13,7 @@ from tfglm.data import labelled
 from tfglm.data.tokenizers import CharTokenizer
 from tfglm.generation.decode import Generator
 from tfglm.models.gpt import GPT
-from tfglm.tasks.trainer import train
+from tfglm.training.trainer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")

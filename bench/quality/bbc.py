@@ -15,8 +15,8 @@ import time
 from bench import common
 from bench.data import bbc_jsonl
 from tfglm.config import load_config
-from tfglm.tasks import runs
 from tfglm.tasks.classify import finetune
+from tfglm.training import runs
 
 
 def main():

@@ -57,8 +57,8 @@ from bench import common  # noqa: E402
 from bench.data import chitchat_jsonl  # noqa: E402
 from tfglm.data.chat import ChatTokenizer, read_conversations  # noqa: E402
 from tfglm.data.tokenizers import load_tokenizer  # noqa: E402
-from tfglm.tasks import runs  # noqa: E402
 from tfglm.tasks.chat import assistant_loss, encode  # noqa: E402
+from tfglm.training import runs  # noqa: E402
 
 CONFIG = os.path.join(common.CONFIGS, "chat-chitchat.yaml")
 GREEDY, SAMPLED = (0.0, 0, 1.0, 0), (0.8, 40, 1.0, 0)  # temperature, top_k, top_p, seed

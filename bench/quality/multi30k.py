@@ -12,9 +12,9 @@ import time
 
 from bench import common
 from tfglm.config import load_config
-from tfglm.tasks import runs
 from tfglm.tasks.seq2seq import evaluate
-from tfglm.tasks.trainer import train
+from tfglm.training import runs
+from tfglm.training.trainer import train
 
 MULTI30K = os.path.join(common.DATA, "multi30k")
 

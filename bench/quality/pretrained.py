@@ -31,10 +31,10 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench.data.bbc_jsonl import write_split  # noqa: E402
-from tfglm.checkpoints import import_checkpoint  # noqa: E402
 from tfglm.data import labelled  # noqa: E402
-from tfglm.tasks import runs  # noqa: E402
 from tfglm.tasks.classify import finetune  # noqa: E402
+from tfglm.training import runs  # noqa: E402
+from tfglm.training.pretrained import import_checkpoint  # noqa: E402
 
 # (text column, label column, model.max_length, LoRA learning rate, full fine-tuning learning rate, epochs)
 TASKS = {"sst2": ("sentence", "label", 64, 1e-3, 1e-4, 1), "bbc": ("text", "topic", 256, 1e-3, 1e-4, 3)}

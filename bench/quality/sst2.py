@@ -24,8 +24,8 @@ from bench.data import imdb_corpus
 from tfglm.config import load_config
 from tfglm.data import corpus as data
 from tfglm.data import labelled
-from tfglm.tasks import runs, trainer
 from tfglm.tasks.classify import finetune
+from tfglm.training import runs, trainer
 
 RUNS = ("gpt", "encoder", "scratch")
 

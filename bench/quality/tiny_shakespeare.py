@@ -1,4 +1,4 @@
-"""Quality: nanoGPT's CPU recipe on Tiny Shakespeare with `tfglm.tasks.trainer.train` and configs/gpt-char-tiny.yaml
+"""Quality: nanoGPT's CPU recipe on Tiny Shakespeare with `tfglm.training.trainer.train` and configs/gpt-char-tiny.yaml
 (4 x 128, context 64, batch 12, 2,000 steps, lr 1e-3, no dropout, 90/10 split, 200 validation batches).
 
 Reports the validation loss at each validation point with its wall time (metrics.jsonl; the first point includes XLA
@@ -17,8 +17,8 @@ import time
 
 from bench import common
 from tfglm.config import load_config
-from tfglm.tasks import runs
-from tfglm.tasks.trainer import train
+from tfglm.training import runs
+from tfglm.training.trainer import train
 
 NANOGPT_VAL_LOSS = 1.886
 NANOGPT_SECONDS = 136

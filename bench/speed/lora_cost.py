@@ -1,6 +1,6 @@
 """What LoRA costs against full fine-tuning: all-MiniLM-L6-v2 (imported with `tfglm import`) fine-tuned as an SST-2
 classifier (context 64, batch 32, steps_per_execution 10, XLA) fully and with LoRA rank 8, each in its own process:
-trainable parameters, the steady training step (a 2,000-row, one-epoch `tfglm.tasks.trainer.train` run first, which
+trainable parameters, the steady training step (a 2,000-row, one-epoch `tfglm.training.trainer.train` run first, which
 compiles every length bucket, then 100 more steps timed), and the process's peak resident memory.
 
     pip install -e ".[bench]"
@@ -23,9 +23,9 @@ import all_minilm_l6_v2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import common, workers  # noqa: E402
-from tfglm.checkpoints import import_checkpoint  # noqa: E402
-from tfglm.tasks import runs  # noqa: E402
-from tfglm.tasks.trainer import train  # noqa: E402
+from tfglm.training import runs  # noqa: E402
+from tfglm.training.pretrained import import_checkpoint  # noqa: E402
+from tfglm.training.trainer import train  # noqa: E402
 
 MODES = ("full", "lora")
 TIMED_STEPS = 100

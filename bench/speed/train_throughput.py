@@ -1,7 +1,7 @@
 """Training throughput: tfglm's GPT vs KerasHub's GPT2CausalLM and two PyTorch GPTs of the identical config.
 
 For configs/gpt-char-tiny.yaml and configs/gpt-char-shakespeare.yaml (dropout forced to 0): tfglm and KerasHub compiled
-with XLA and the same AdamW + loss (`tfglm.tasks.trainer.compile_model`; KerasHub's default accuracy metric removed);
+with XLA and the same AdamW + loss (`tfglm.training.trainer.compile_model`; KerasHub's default accuracy metric removed);
 Hugging Face transformers' `GPT2LMHeadModel` and nanoGPT's model (`torch_gpt.py`) in eager PyTorch on the CPU with the
 same AdamW settings, schedule, clipping and loss (`torch_train.py`). All four are fed the same batches (Tiny Shakespeare
 via `tfglm.data.corpus.train_dataset`, or random tokens without ../shared/data). Warm-up first (the first call's time,
@@ -26,7 +26,7 @@ from bench import common, extra, workers
 from tfglm.config import load_config
 from tfglm.data import corpus as data
 from tfglm.models.gpt import GPT
-from tfglm.tasks.trainer import compile_model
+from tfglm.training.trainer import compile_model
 
 TF_MODELS = ("tfglm", "keras_hub")
 MODELS = TF_MODELS + ("hf_torch", "nanogpt_torch")  # the PyTorch ones: torch_train.KINDS
