@@ -163,3 +163,4 @@ def to_json(name, array):
         return array.tolist()
     values = np.empty(array.shape, dtype=object)
     values.flat[:] = [convert(x) for x in array.flat]
+    return values.tolist()

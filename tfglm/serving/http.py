@@ -206,5 +206,3 @@ def error_response(status, message, headers=None, body=None):
     if status in (408, 413):
         headers["Connection"] = "close"
     return json_response(body or {"error": message}, status, headers)
-
-
