@@ -36,7 +36,7 @@ from tfglm.errors import TfglmError
 from tfglm.serving.export import export_run
 from tfglm.generation.decode import Generator
 from tfglm.serving.batching import Batcher
-from tfglm.serving.server import Server
+from tfglm.serving.serve import Server
 from tfglm.serving.versions import Model, read_model_config
 
 
@@ -165,7 +165,7 @@ def test_client_and_core_load_without_the_fronts():
     """The client (and the codec it uses) needs no web server, and the serving core imports no front."""
     code = ("import sys, tfglm.serving.client, tfglm.serving.core; "
             "print(sorted(m for m in sys.modules if m in ('uvicorn', 'starlette', 'h11') "
-            "or m.split('.')[-1] in ('http', 'rest', 'grpc_api', 'openai_api', 'server') and m.startswith('tfglm')))")
+            "or m.split('.')[-1] in ('http', 'rest', 'grpc_api', 'openai_api', 'serve') and m.startswith('tfglm')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

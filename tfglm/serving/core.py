@@ -78,7 +78,7 @@ class Admission:
 
 class ServerCore:
     """Models, each polled for new versions, behind the limits and metrics every front shares (TF Serving's
-    ServerCore); `Server` (`tfglm.serving.server`) puts the fronts before it.
+    ServerCore); `Server` (`tfglm.serving.serve`) puts the fronts before it.
 
     `models` maps each name to its base path or to a ModelConfig (`read_model_config`). Limits: a request holds at
     most `max_batch_size` prompts (also the batcher's largest batch) of `max_prompt_bytes` each and
