@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from bench import common
 from tfglm.generation.decode import Generator
-from tfglm.serving import server as serve
+from tfglm.serving import serve
 from tfglm.serving.export import export_run
 from tfglm.tasks.registry import load_run
 
