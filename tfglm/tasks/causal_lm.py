@@ -34,6 +34,7 @@ STREAMING = ("generate_start", "chat_start", "advance")
 class CausalLM(Task):
     name = "causal_lm"
     model_kinds = ("gpt",)
+    perplexity = True
     generates = True
 
     def load_vocabulary(self):
