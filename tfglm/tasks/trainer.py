@@ -233,7 +233,8 @@ def _check_run_dir(run_dir, resume):
 
 def train(config, run_dir, task=None, resume=False, tpu=None, verbose=None):
     """Trains `config` into `run_dir` (or continues the run there) as `task` (by default the one for its
-    model.kind) under `train.strategy`; returns the Run (config, tokenizer, model, task).
+    model.kind) under `train.strategy`; returns the Run (config, tokenizer, model, task). `verbose` is Keras's; by
+    default its progress bar in a terminal, and `ProgressLog`'s lines every `train.log_every_s` seconds elsewhere.
 
     Examples:
     ```python
@@ -280,10 +281,10 @@ def train(config, run_dir, task=None, resume=False, tpu=None, verbose=None):
     if step >= schedule.steps:
         return result
     train_ds, val_ds = task.datasets(step)
-    if verbose is None:
+    if verbose is None:  # Keras's bar in a terminal; elsewhere (a log file) ProgressLog's lines
         verbose = 1 if sys.stdout.isatty() else 0
-    if verbose != 1 and chief:
-        callbacks.append(ProgressLog(schedule, task.counts_epochs, t.log_every_s))
+        if not verbose and chief:
+            callbacks.append(ProgressLog(schedule, task.counts_epochs, t.log_every_s))
     loop = dict(epochs=schedule.steps // schedule.eval_interval, initial_epoch=step // schedule.eval_interval,
                 steps_per_epoch=schedule.eval_interval, callbacks=callbacks, verbose=verbose)
     if kind != "default":
