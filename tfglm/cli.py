@@ -333,7 +333,10 @@ def cmd_chat(args):
 def cmd_export(args):
     from tfglm.serving.export import export_run
 
-    print(export_run(args.model, args.out, args.version, jit_compile=not args.no_jit_compile))
+    path = export_run(args.model, args.out, args.version, jit_compile=not args.no_jit_compile)
+    print(path)
+    log.info("exported version %s of %s; in Python: import tensorflow_text, then tf.saved_model.load(%r); to serve "
+             "every version: tfglm serve --model_base_path %s", os.path.basename(path), args.out, path, args.out)
 
 
 def cmd_evaluate(args):

@@ -68,6 +68,7 @@ class TrainConfig:
     connect_timeout_s: int = 60  # multi-worker: how long to wait for every peer in TF_CONFIG
     init_from: str = ""  # a run directory whose weights start this run's backbone (fine-tuning a pretrained model)
     lora_rank: int = 0  # > 0: LoRA of this rank on the backbone's projections, the rest of the backbone frozen
+    log_every_s: float = 30.0  # when stdout is not a terminal: a progress line this often (a terminal has Keras's bar)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +111,8 @@ GenerateConfig = dataclasses.make_dataclass(
 
 @dataclasses.dataclass
 class ClassifyConfig:
-    text_column: str = "sentence"  # column (TSV/CSV header) or field (JSONL) holding the text
-    label_column: str = "label"
+    text_column: str = ""  # column (TSV/CSV header) or field (JSONL) holding the text; "": text, sentence or review
+    label_column: str = ""  # "": label, labels or category
     val_fraction: float = 0.1  # of the training rows, held out for early stopping when no --val file is given
     epochs: int = 10
     patience: int = 2  # epochs without a better validation `monitor` before stopping
@@ -267,6 +268,7 @@ def validate(config):
         (t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1"),
         (t.lora_rank >= 0, "train.lora_rank", "must be >= 0 (0 is full fine-tuning)"),
         (t.connect_timeout_s >= 1, "train.connect_timeout_s", "must be >= 1"),
+        (t.log_every_s >= 0, "train.log_every_s", "must be >= 0"),
         (0.0 <= c.val_fraction < 1.0, "classify.val_fraction", "must be in [0, 1)"),
         (c.epochs >= 1, "classify.epochs", "must be >= 1"),
         (c.patience >= 1, "classify.patience", "must be >= 1"),

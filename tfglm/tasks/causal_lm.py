@@ -26,6 +26,7 @@ log = logging.getLogger("tfglm")
 class CausalLM(Task):
     name = "causal_lm"
     model_kinds = ("gpt",)
+    perplexity = True
     generates = True
 
     def load_vocabulary(self):
