@@ -50,6 +50,12 @@ def corpus_texts():
     return docs + docs[:COPIES]
 
 
+def split_documents(ids, tokenizer):
+    """The texts of a token stream, each document ending with <eot>."""
+    splits = np.concatenate([[0], np.flatnonzero(ids == tokenizer.eot_id) + 1])
+    return [t.decode() for t in tokenizer.detokenize(tf.RaggedTensor.from_row_splits(ids, splits)).numpy()]
+
+
 @pytest.fixture(scope="module")
 def prepared_dir(tmp_path_factory):
     """The corpus of `corpus_texts` prepared through the command line, Beam's options passed through."""
@@ -73,10 +79,7 @@ def test_duplicates_short_and_malformed_documents_are_dropped_and_counted(prepar
     assert 0 < manifest["validation_tokens"] < manifest["train_tokens"]
     prepared = shards.Prepared(prepared_dir)
     tokenizer = shards.read_tokenizer(prepared.tokenizer_dir)
-    stream = prepared.streams["train"].window(0, prepared.streams["train"].num_tokens)
-    texts = tokenizer.detokenize(tf.RaggedTensor.from_row_splits(
-        stream, np.concatenate([[0], np.flatnonzero(stream == tokenizer.eot_id) + 1]))).numpy()
-    texts = [t.decode() for t in texts if t]
+    texts = split_documents(prepared.streams["train"].window(0, prepared.streams["train"].num_tokens), tokenizer)
     assert len(texts) == len(set(texts)) and set(texts) < set(documents(UNIQUE))
 
 
@@ -175,3 +178,19 @@ def test_a_corpus_with_no_document_left_is_one_line(tmp_path):
     source = write_jsonl(tmp_path / "short.jsonl", ["ab", "cd"])
     with pytest.raises(TfglmError, match=r"^data: no document left to prepare \(2 read, 2 too short"):
         prepare(tiny_config("data.min_chars=10"), [source], str(tmp_path / "out"), IN_PROCESS)
+
+
+def test_a_sentencepiece_vocabulary_is_trained_on_a_sample_and_round_trips_the_documents(tmp_path):
+    docs = documents(120, seed=1)
+    source = write_jsonl(tmp_path / "corpus.jsonl", docs)
+    out = str(tmp_path / "shards")
+    manifest = prepare(tiny_config("tokenizer.kind=sentencepiece", "tokenizer.vocab_size=300"), [source], out,
+                       IN_PROCESS)
+    assert manifest["tokenizer_kind"] == "sentencepiece" and manifest["dtype"] == "uint16"
+    prepared = shards.Prepared(out)
+    tokenizer = shards.read_tokenizer(prepared.tokenizer_dir)
+    texts = []
+    for stream in prepared.streams.values():
+        ids = stream.window(0, stream.num_tokens)
+        texts += split_documents(ids, tokenizer)
+    assert sorted(texts) == sorted(docs)

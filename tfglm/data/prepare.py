@@ -188,19 +188,19 @@ def is_validation(digest, val_fraction):
     return int(digest[:8], 16) < val_fraction * 16 ** 8
 
 
-def scan_unit(numbered, data, collect_chars):
-    """One unit's counts, (hash, (unit, index)) pairs, character set and lowest-hash sample."""
+def scan_unit(numbered, data, learn):
+    """One unit's counts, (hash, (unit, index)) pairs, and what a new tokenizer learns from (`learn`): its character
+    set ("chars") or its documents of lowest hash ("sample")."""
     number, unit = numbered
     counts = collections.Counter()
     hashes, chars, sample = [], set(), []
     for index, digest, text in clean_documents(unit, data, counts):
         hashes.append((digest, (number, index)))
-        if collect_chars:
+        if learn == "chars":
             chars.update(text)
-        if len(sample) < SAMPLE_DOCS:
-            heapq.heappush(sample, (-int(digest, 16), digest, text[:SAMPLE_CHARS]))
-        else:
-            heapq.heappushpop(sample, (-int(digest, 16), digest, text[:SAMPLE_CHARS]))
+        elif learn == "sample":
+            entry = (-int(digest, 16), digest, text[:SAMPLE_CHARS])
+            (heapq.heappush if len(sample) < SAMPLE_DOCS else heapq.heappushpop)(sample, entry)
     return {"counts": dict(counts), "hashes": hashes, "chars": "".join(sorted(chars)),
             "sample": [(digest, text) for _, digest, text in sample]}
 
@@ -309,12 +309,12 @@ def prepare(config, patterns, out, beam_args=()):
     tf.io.gfile.makedirs(out)
     scan_dir = shards.join(out, "scan")
     tf.io.gfile.makedirs(scan_dir)
-    collect_chars = config.tokenizer.kind == "char" and not config.train.init_from
+    learn = None if config.train.init_from else "chars" if config.tokenizer.kind == "char" else "sample"
     options = pipeline_options(beam_args)
 
     with beam.Pipeline(options=options) as p:
         scans = (p | "units" >> beam.Create(units) | beam.Reshuffle()
-                 | "scan" >> beam.Map(scan_unit, data, collect_chars))
+                 | "scan" >> beam.Map(scan_unit, data, learn))
         (scans | beam.Map(lambda s: s["counts"]) | "add counts" >> beam.CombineGlobally(add_counts)
          | "write counts" >> beam.Map(write_json, shards.join(scan_dir, "counts.json")))
         (scans | beam.FlatMap(lambda s: s["hashes"]) | beam.GroupByKey() | beam.FlatMap(copies_after_first)
