@@ -144,7 +144,7 @@ def tiny_run(root, config):
     """A run of `config` (a file in configs/) trained for 4 steps on a short play-like corpus, for serving
     benchmarks: the weights' values do not change the cost. Greedy, at most 32 new tokens by default."""
     from tfglm.config import load_config
-    from tfglm.tasks.trainer import train
+    from tfglm.training.trainer import train
 
     corpus = os.path.join(root, "corpus.txt")
     with open(corpus, "w") as f:

@@ -3,7 +3,7 @@ tfglm's distributed loop against plain Keras `fit` on one device.
 
 Three ways to train configs/gpt-char-tiny.yaml (4x128, context 64, global batch 12), in one process, alternating:
   fit          Keras `fit` on the default strategy (what one device uses)
-  loop x1      `tfglm.distribute.fit_distributed` on the default strategy (the loop, no all-reduce)
+  loop x1      `tfglm.training.distributed.fit_distributed` on the default strategy (the loop, no all-reduce)
   mirrored x2  `fit_distributed` under MirroredStrategy over 2 logical CPU devices (6 sequences each)
 Two logical CPU devices share the same two cores, so x2 measures the loop's cross-replica overhead, not a speed-up.
 
@@ -24,10 +24,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tfglm.data import corpus as data  # noqa: E402
-from tfglm.tasks import distribute  # noqa: E402
+from tfglm.training import distributed  # noqa: E402
 from tfglm.config import load_config  # noqa: E402
 from tfglm.models.gpt import GPT  # noqa: E402
-from tfglm.tasks.trainer import compile_model  # noqa: E402
+from tfglm.training.trainer import compile_model  # noqa: E402
 
 
 class Timer(keras.callbacks.Callback):
@@ -60,8 +60,8 @@ def trainer(name, config, tokens):
         if name == "fit":
             model.fit(train, validation_data=val, shuffle=False, **kwargs)
         else:
-            distribute.fit_distributed(model, strategy, distribute.per_worker(train, t.batch_size),
-                                       distribute.per_worker(val, t.batch_size),
+            distributed.fit_distributed(model, strategy, distributed.per_worker(train, t.batch_size),
+                                       distributed.per_worker(val, t.batch_size),
                                        steps_per_execution=t.steps_per_execution, **kwargs)
         epoch[0] += 1
         return timer.seconds

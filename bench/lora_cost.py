@@ -27,8 +27,8 @@ def child(mode, rank, root):
     """One mode in this process: prints {"trainable_params", "step_ms", "peak_rss_mb"} as JSON."""
     import numpy as np
 
-    from tfglm.tasks import runs
-    from tfglm.tasks.trainer import train
+    from tfglm.training import runs
+    from tfglm.training.trainer import train
 
     config = runs.read_config(os.path.join(root, "minilm"), [
         "classify.text_column=sentence", "classify.label_column=label", "classify.epochs=1",
@@ -56,7 +56,7 @@ def main():
         return child(args.child, args.rank, args.root)
     import all_minilm_l6_v2
 
-    from tfglm.checkpoints import import_checkpoint
+    from tfglm.training.pretrained import import_checkpoint
 
     result = {"rank": args.rank, "timed_steps": TIMED_STEPS}
     with tempfile.TemporaryDirectory() as root:

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from tfglm.config import load_config
 from tfglm.models.gpt import GPT
-from tfglm.tasks.trainer import compile_model
+from tfglm.training.trainer import compile_model
 
 
 def mean_ms(fn, repeats):

@@ -14,7 +14,7 @@ import time
 import bbc_jsonl
 import common
 
-from tfglm.tasks import runs
+from tfglm.training import runs
 from tfglm.tasks.classify import finetune
 from tfglm.config import load_config
 

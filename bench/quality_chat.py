@@ -53,7 +53,7 @@ import tensorflow as tf
 import tfglm
 from tfglm.data.chat import ChatTokenizer, read_conversations
 from tfglm.data.tokenizers import load_tokenizer
-from tfglm.tasks import runs
+from tfglm.training import runs
 from tfglm.tasks.chat import assistant_loss, encode
 
 CONFIG = os.path.join(common.CONFIGS, "chat-chitchat.yaml")

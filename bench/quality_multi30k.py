@@ -13,10 +13,10 @@ import time
 
 import common
 
-from tfglm.tasks import runs
+from tfglm.training import runs
 from tfglm.config import load_config
 from tfglm.tasks.seq2seq import evaluate
-from tfglm.tasks.trainer import train
+from tfglm.training.trainer import train
 
 MULTI30K = os.path.join(common.ROOT, "..", "shared", "data", "multi30k")
 

@@ -28,9 +28,9 @@ import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from tfglm.checkpoints import import_checkpoint
+from tfglm.training.pretrained import import_checkpoint
 from tfglm.data import labelled
-from tfglm.tasks import runs
+from tfglm.training import runs
 from tfglm.tasks.classify import finetune
 
 SST2 = os.path.join(common.ROOT, "..", "shared", "data", "sst2")

@@ -24,10 +24,10 @@ import imdb_corpus
 
 from tfglm.data import corpus as data
 from tfglm.data import labelled
-from tfglm.tasks import runs
+from tfglm.training import runs
 from tfglm.tasks.classify import finetune
 from tfglm.config import load_config
-from tfglm.tasks import trainer
+from tfglm.training import trainer
 
 SST2 = os.path.join(common.ROOT, "..", "shared", "data", "sst2")
 RUNS = ("gpt", "encoder", "scratch")

@@ -17,9 +17,9 @@ import time
 
 import common
 
-from tfglm.tasks import runs
+from tfglm.training import runs
 from tfglm.config import load_config
-from tfglm.tasks.trainer import train
+from tfglm.training.trainer import train
 
 NANOGPT_VAL_LOSS = 1.886
 NANOGPT_SECONDS = 136

@@ -233,7 +233,7 @@ def tf_worker(what, overrides, threads, patch, batches_path):
     config = load_config(os.path.join(common.CONFIGS, TRAIN_CONFIG), ["model.dropout=0.0", *overrides])
     keras.utils.set_random_seed(0)
     if what == "train":
-        from tfglm.tasks.trainer import compile_model
+        from tfglm.training.trainer import compile_model
 
         model = GPT.from_config_tree(config.model, 67)
         compile_model(model, config.train)

@@ -1,4 +1,4 @@
-"""The PyTorch peers of `train_throughput.py`, trained as `tfglm.tasks.trainer.compile_model` trains, without
+"""The PyTorch peers of `train_throughput.py`, trained as `tfglm.training.trainer.compile_model` trains, without
 TensorFlow: Hugging Face transformers' `GPT2LMHeadModel` (random init) and nanoGPT's model (`torch_gpt.py`), eager, on
 the CPU, torch's default thread count.
 

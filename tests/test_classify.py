@@ -142,7 +142,7 @@ def test_mlm_loss_is_the_mean_over_selected_tokens_only():
     from tfglm.models.heads import EncoderPretrainer
     from tfglm.config import load_config
     from tfglm.tasks.masked_lm import MaskedLM
-    from tfglm.tasks.trainer import compile_model
+    from tfglm.training.trainer import compile_model
 
     keras.utils.set_random_seed(0)
     model = EncoderPretrainer(Encoder(vocab_size=50, num_layers=1, num_heads=2, hidden_dim=16, max_length=12))
@@ -245,10 +245,10 @@ def test_monitor_loss_picks_and_stops_on_validation_loss(tmp_path):
     falling: with classify.monitor=loss the run is not stopped (patience 1) and best.weights.h5 is the checkpoint with
     the lowest validation loss, the last."""
     from tfglm.config import load_config
-    from tfglm.tasks import runs
+    from tfglm.training import runs
     from tfglm.tasks.classify import probabilities
     from tfglm.tasks.registry import load_run
-    from tfglm.tasks.trainer import train
+    from tfglm.training.trainer import train
 
     rng = np.random.RandomState(1)
     train_file = _write_tsv(tmp_path / "train.tsv", _separable_rows(rng, 320))
@@ -278,7 +278,7 @@ def test_a_pretrained_gpt_learns_to_classify_on_its_last_token_with_balanced_cla
     from conftest import tiny_config
     from tfglm.tasks.classify import balanced_class_weights, finetune, predict
     from tfglm.serving.export import export_run
-    from tfglm.tasks.trainer import train
+    from tfglm.training.trainer import train
 
     assert balanced_class_weights(np.array([0, 0, 0, 1]), 2) == pytest.approx([4 / 6, 2.0])
     rng = np.random.RandomState(1)

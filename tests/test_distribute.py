@@ -14,10 +14,10 @@ import pytest
 
 from conftest import TINY
 from tfglm.data import corpus as data
-from tfglm.tasks import distribute
+from tfglm.training import distributed
 from tfglm.config import load_config
 from tfglm.errors import TfglmError
-from tfglm.tasks.trainer import set_precision
+from tfglm.training.trainer import set_precision
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
 # No clipping: Keras clips each replica's gradient before the all-reduce, which differs from one device.
@@ -175,15 +175,15 @@ def test_every_training_input_has_a_static_shape():
         def get_per_replica_batch_size(self, global_batch):
             return global_batch // 2
 
-    worker_ds = distribute.per_worker(ds, 8)(Context())
+    worker_ds = distributed.per_worker(ds, 8)(Context())
     assert [s.shape.as_list() for s in worker_ds.element_spec] == [[4, 16], [4, 16]]
     first_global, first_share = next(iter(ds)), next(iter(worker_ds))
     np.testing.assert_array_equal(first_share[0], first_global[0][4:])
 
 
 def test_mixed_bfloat16_trains_on_cpu(tmp_path, pattern_file):
-    from tfglm.tasks import runs
-    from tfglm.tasks.trainer import train
+    from tfglm.training import runs
+    from tfglm.training.trainer import train
 
     config = load_config(overrides=TINY + [f"data.files=[{pattern_file}]", "train.mixed_precision=mixed_bfloat16",
                                            "train.learning_rate=0.003"])
@@ -199,7 +199,7 @@ def test_mixed_bfloat16_trains_on_cpu(tmp_path, pattern_file):
 
 def test_gradient_accumulation_updates_every_k_batches():
     from tfglm.models.gpt import GPT
-    from tfglm.tasks.trainer import compile_model
+    from tfglm.training.trainer import compile_model
 
     config = load_config(overrides=TINY + ["train.grad_accum_steps=2", "train.jit_compile=false",
                                            "train.steps_per_execution=1"])

@@ -14,7 +14,7 @@ from tfglm.tasks.registry import load_run
 from tfglm.cli import main
 from tfglm.serving.export import WARMUP, export_run
 from tfglm.generation.decode import Generator
-from tfglm.tasks.trainer import train
+from tfglm.training.trainer import train
 
 DOCUMENT = "the cat sat on the mat. "
 PROMPTS = ["the cat", "", "mat. the", "t"]

@@ -7,10 +7,10 @@ import tensorflow as tf
 
 from conftest import tiny_config
 from tfglm.tasks.registry import load_run
-from tfglm.cli import generate_texts, main
-from tfglm.generation.decode import Generator
+from tfglm.cli import main
+from tfglm.generation.decode import Generator, generate_texts
 from tfglm.generation.sampling import sample
-from tfglm.tasks.trainer import train
+from tfglm.training.trainer import train
 
 
 @pytest.fixture(scope="module")

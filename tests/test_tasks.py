@@ -15,9 +15,9 @@ from conftest import write_conversations
 from test_train import _stop_at_step
 from tfglm.config import load_config
 from tfglm.errors import TfglmError
-from tfglm.tasks import runs
+from tfglm.training import runs
 from tfglm.tasks.registry import get_task, load_run
-from tfglm.tasks.trainer import train
+from tfglm.training.trainer import train
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
 SMALL = ["model.num_layers=1", "model.num_heads=2", "model.hidden_dim=32", "model.dropout=0.0", "train.grad_clip=0",

@@ -9,11 +9,11 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from tfglm.tasks import runs
+from tfglm.training import runs
 from tfglm.tasks.registry import load_run
 from tfglm.errors import TfglmError
 from tfglm.generation.decode import Generator
-from tfglm.tasks.trainer import train
+from tfglm.training.trainer import train
 
 
 def _metrics(run_dir):

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from tfglm.data import parallel
-from tfglm.tasks import runs
+from tfglm.training import runs
 from tfglm.tasks.registry import load_run
 from tfglm.cli import main
 from tfglm.errors import TfglmError
@@ -172,7 +172,7 @@ def test_resumed_translation_run_ends_where_an_uninterrupted_one_does(tmp_path, 
 
     from test_train import _fit_with, _stop_at_step
     from tfglm.config import load_config
-    from tfglm.tasks.trainer import train
+    from tfglm.training.trainer import train
 
     config = tmp_path / "reverse.yaml"
     config.write_text(CONFIG % (_write_tsv(tmp_path / "train.tsv", _reversal_pairs(400, 0)),

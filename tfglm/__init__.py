@@ -34,8 +34,9 @@ _API = {
     "CharTokenizer": "tfglm.data.tokenizers", "SentencePieceTokenizer": "tfglm.data.tokenizers",
     "WordPieceTokenizer": "tfglm.data.tokenizers", "BytePairTokenizer": "tfglm.data.tokenizers",
     "Generator": "tfglm.generation.decode",
-    "Translator": "tfglm.generation.beam", "load_config": "tfglm.config", "train": "tfglm.tasks.trainer",
-    "load_run": "tfglm.tasks.registry", "export_run": "tfglm.serving.export", "import_checkpoint": "tfglm.checkpoints",
+    "Translator": "tfglm.generation.beam", "load_config": "tfglm.config", "train": "tfglm.training.trainer",
+    "load_run": "tfglm.tasks.registry", "export_run": "tfglm.serving.export",
+    "import_checkpoint": "tfglm.training.pretrained",
 }
 __all__ = sorted(_API)
 

@@ -9,7 +9,7 @@ import shutil
 import sys
 import warnings
 
-from tfglm.config import GENERATE_OPTIONS
+from tfglm.config import GENERATE_OPTIONS, generate_options, generate_settings
 from tfglm.errors import TfglmError
 
 log = logging.getLogger("tfglm")
@@ -168,7 +168,7 @@ def _training_config(args, overrides, default_config=None):
     """The config of a training command: the run's own for --resume, else --config (or `default_config`, a run
     directory's) with the overrides."""
     from tfglm.config import load_config
-    from tfglm.tasks import runs
+    from tfglm.training import runs
 
     if args.resume:
         if args.config:
@@ -187,11 +187,12 @@ def _data_overrides(args):
 
 
 def cmd_train(args, task=None):
-    from tfglm.tasks.trainer import train
+    from tfglm.training.trainer import train
 
     run = train(_training_config(args, _data_overrides(args)), args.out, task=task, resume=args.resume, tpu=args.tpu)
     print(f"\nmodel: {os.path.abspath(args.out)}")
     if run.task.generates:
+        from tfglm.generation.decode import generate_texts
         from tfglm.tasks.registry import load_run
 
         best = load_run(args.out)
@@ -213,9 +214,9 @@ def cmd_pretrain(args):
 
 
 def cmd_finetune(args):
-    from tfglm.tasks import runs
+    from tfglm.training import runs
     from tfglm.tasks.registry import load_run
-    from tfglm.tasks.trainer import train
+    from tfglm.training.trainer import train
 
     overrides = list(args.set)
     if not args.resume:
@@ -240,47 +241,12 @@ def cmd_finetune(args):
 
 
 def cmd_import(args):
-    from tfglm.checkpoints import import_checkpoint
+    from tfglm.training.pretrained import import_checkpoint
 
     if args.overwrite:
         _overwrite(args.out)
     task = import_checkpoint(args.source, args.directory, args.out, args.set)
     print(f"{task} run: {os.path.abspath(args.out)}")
-
-
-def _generate_settings(config, args=None):
-    """The run's `generate` config with any command-line values applied, validated like a config."""
-    from tfglm.config import load_config
-
-    overrides = [f"generate.{o.name}={getattr(args, o.name)}" for o in GENERATE_OPTIONS
-                 if args is not None and getattr(args, o.name, None) is not None]
-    return load_config(base=config.to_dict(), overrides=overrides).generate
-
-
-def _options(settings):
-    """The generation options of `settings` in `GENERATE_OPTIONS` order (the `Generator` methods' arguments)."""
-    return tuple(getattr(settings, o.name) for o in GENERATE_OPTIONS)
-
-
-def _warn_truncated(generator, prompts, settings, first=1):
-    """Warns about prompts (numbered from `first`) truncated from the left to fit the context."""
-    import tensorflow as tf
-
-    lengths = generator.prompt_ids(tf.constant(prompts), settings.max_new_tokens).row_lengths()
-    full = generator.tokenizer.tokenize(tf.constant(prompts)).row_lengths() + 1
-    for i, (kept, had) in enumerate(zip(lengths.numpy(), full.numpy()), first):
-        if kept < had:
-            log.warning("prompt %d: %d tokens, truncated from the left to the last %d (context %d minus %d new)",
-                        i, had, kept, generator.context, settings.max_new_tokens)
-
-
-def generate_texts(generator, prompts, settings):
-    """Runs the shared decode function; warns about prompts truncated to fit the context."""
-    import tensorflow as tf
-
-    _warn_truncated(generator, prompts, settings)
-    out = generator.generate(tf.constant(prompts), *_options(settings))
-    return [c.decode("utf-8", errors="replace") for c in out["completions"].numpy()], out["num_tokens"].numpy()
 
 
 def _check_utf8(option, texts):
@@ -293,20 +259,21 @@ def _check_utf8(option, texts):
 
 
 def cmd_generate(args):
+    from tfglm.generation.decode import generate_texts, warn_truncated
     from tfglm.tasks.registry import load_run
 
     run = load_run(args.model)
     generator = run.task.generator(run.model)
-    settings = _generate_settings(run.config, args)
+    settings = generate_settings(run.config, vars(args))
     prompts = args.prompt or [settings.prompt]
     _check_utf8("prompt", prompts)
     if args.stream:
         if args.json:
             raise TfglmError("--stream prints text as it comes; --json prints whole objects: give one of them")
         for i, prompt in enumerate(prompts, 1):
-            _warn_truncated(generator, [prompt], settings, first=i)
+            warn_truncated(generator, [prompt], settings, first=i)
             print(prompt, end="", flush=True)
-            for pieces in generator.stream([prompt], *_options(settings)):
+            for pieces in generator.stream([prompt], *generate_options(settings)):
                 print(pieces[0], end="", flush=True)
             print("\n" + "-" * 40)
         return
@@ -317,69 +284,6 @@ def cmd_generate(args):
         else:
             print(prompt + text)
             print("-" * 40)
-
-
-class ChatSession:
-    """One conversation with a chat run: the system message and the turns so far, forgetting (with one warning) the
-    oldest turns once they no longer fit the context, as the chat template's encoding drops them anyway."""
-
-    def __init__(self, generator, system, settings):
-        self.generator, self.system, self.settings = generator, system, settings
-        self.turns = []  # (role, text)
-        self.warned = False
-
-    def reset(self):
-        self.turns, self.warned = [], False
-
-    def ask(self, message):
-        """(roles, contents), strings [1, messages]: the conversation to answer once `message` joins it."""
-        import tensorflow as tf
-
-        self.turns.append(("user", message))
-        budget = self.generator.context - self.settings.max_new_tokens
-        _, _, dropped = self.generator.tokenizer.encode_chat(*map(tf.constant, self.conversation()), budget,
-                                                             generation_prompt=True)
-        dropped = int(dropped[0])
-        if dropped:
-            if not self.warned:
-                log.warning("the conversation outgrew the context (%d tokens minus %d new): its oldest turns are "
-                            "forgotten from now on", self.generator.context, self.settings.max_new_tokens)
-                self.warned = True
-            self.turns = self.turns[dropped:]
-        return self.conversation()
-
-    def conversation(self):
-        messages = ([("system", self.system)] if self.system else []) + self.turns
-        return [[role for role, _ in messages]], [[text for _, text in messages]]
-
-    def answered(self, reply):
-        self.turns.append(("assistant", reply))
-
-    def reply(self, message):
-        """The whole reply to `message` and its token count."""
-        import tensorflow as tf
-
-        roles, contents = self.ask(message)
-        out = self.generator.chat(tf.constant(roles), tf.constant(contents), *_options(self.settings))
-        reply = out["completions"].numpy()[0].decode("utf-8", errors="replace")
-        self.answered(reply)
-        return reply, int(out["num_tokens"].numpy()[0])
-
-    def stream(self, message):
-        """Yields the reply to `message` piece by piece as it is generated. Stopped early (Ctrl-C in it, or closed),
-        the conversation keeps the part of the reply already yielded, or forgets `message` when none was."""
-        reply, finished = [], False
-        try:
-            conversation = self.ask(message)
-            for pieces in self.generator.stream(None, *_options(self.settings), conversations=conversation):
-                reply.append(pieces[0])
-                yield pieces[0]
-            finished = True
-        finally:
-            if finished or "".join(reply):
-                self.answered("".join(reply))
-            elif self.turns[-1:] == [("user", message)]:
-                self.turns.pop()
 
 
 def _chat_terminal(session):
@@ -421,6 +325,7 @@ def _chat_terminal(session):
 
 def cmd_chat(args):
     from tfglm.data.chat import ChatTokenizer
+    from tfglm.generation.chat import ChatSession
     from tfglm.tasks.registry import load_run
 
     if args.json and not args.message:
@@ -431,7 +336,7 @@ def cmd_chat(args):
         raise TfglmError(f"{args.model}: a {run.task.name} run, without the chat template; `tfglm chat` talks with a "
                          f"chat run (`tfglm finetune --task chat`)")
     system = run.config.chat.system if args.system is None else args.system
-    session = ChatSession(run.task.generator(run.model), system, _generate_settings(run.config, args))
+    session = ChatSession(run.task.generator(run.model), system, generate_settings(run.config, vars(args)))
     if not args.message:
         _chat_terminal(session)
         return
@@ -450,7 +355,7 @@ def cmd_export(args):
 
 
 def cmd_evaluate(args):
-    from tfglm.tasks import runs
+    from tfglm.training import runs
     from tfglm.tasks.registry import load_run
 
     run = load_run(args.model)

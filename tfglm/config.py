@@ -212,6 +212,19 @@ def _coerce(value, kind, where, name):
     return value
 
 
+def generate_settings(config, values=None):
+    """The `generate` config of `config` with the option values in `values` ({name: value}, e.g. command-line
+    options; None leaves an option as it is) applied, validated like a config."""
+    overrides = [f"generate.{o.name}={values[o.name]}" for o in GENERATE_OPTIONS
+                 if values is not None and values.get(o.name) is not None]
+    return load_config(base=config.to_dict(), overrides=overrides).generate
+
+
+def generate_options(settings):
+    """The generation options of `settings` in `GENERATE_OPTIONS` order (the `Generator` methods' arguments)."""
+    return tuple(getattr(settings, o.name) for o in GENERATE_OPTIONS)
+
+
 def validate(config):
     """Rejects impossible values, naming every key that has one."""
     m, t, g, tok, c = config.model, config.train, config.generate, config.tokenizer, config.classify

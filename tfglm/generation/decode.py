@@ -8,12 +8,14 @@ up to powers of two, and decoded. XLA compiles once per such shape bucket, never
 """
 
 import codecs
+import logging
 
 import tensorflow as tf
 
-from tfglm.config import GENERATE_OPTIONS
+from tfglm.config import GENERATE_OPTIONS, generate_options
 from tfglm.generation.sampling import sample
 
+log = logging.getLogger("tfglm")
 DTYPES = {int: tf.int32, float: tf.float32}
 OPTIONS = [tf.TensorSpec([], DTYPES[o.type], name=o.name) for o in GENERATE_OPTIONS]
 SIGNATURE = [tf.TensorSpec([None], tf.string, name="prompts")] + OPTIONS
@@ -207,6 +209,23 @@ class Generator(tf.Module):
         projection = self.model.output_projection()  # once per stream, not per chunk
         return stream_text(lambda state: self._stream_advance(state, tf.constant(steps), *options, projection),
                            state)
+
+
+def warn_truncated(generator, prompts, settings, first=1):
+    """Warns about prompts (numbered from `first`) truncated from the left to fit the context."""
+    lengths = generator.prompt_ids(tf.constant(prompts), settings.max_new_tokens).row_lengths()
+    full = generator.tokenizer.tokenize(tf.constant(prompts)).row_lengths() + 1
+    for i, (kept, had) in enumerate(zip(lengths.numpy(), full.numpy()), first):
+        if kept < had:
+            log.warning("prompt %d: %d tokens, truncated from the left to the last %d (context %d minus %d new)",
+                        i, had, kept, generator.context, settings.max_new_tokens)
+
+
+def generate_texts(generator, prompts, settings):
+    """Runs the shared decode function; warns about prompts truncated to fit the context."""
+    warn_truncated(generator, prompts, settings)
+    out = generator.generate(tf.constant(prompts), *generate_options(settings))
+    return [c.decode("utf-8", errors="replace") for c in out["completions"].numpy()], out["num_tokens"].numpy()
 
 
 def stream_text(advance_fn, state):

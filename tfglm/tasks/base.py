@@ -1,4 +1,4 @@
-"""The Task interface: what one kind of run owns. The one trainer (`tfglm.tasks.trainer.train`) gives every task the
+"""The Task interface: what one kind of run owns. The one trainer (`tfglm.training.trainer.train`) gives every task the
 same strategies, precision, checkpoints, resume, metrics and TensorBoard; a task supplies what is specific to it."""
 
 import dataclasses

@@ -23,7 +23,7 @@ from tfglm.data.tokenizers import CharTokenizer, SentencePieceTokenizer, load_to
 from tfglm.errors import TfglmError
 from tfglm.generation.decode import CHAT_SIGNATURE, OPTIONS, SIGNATURE, Generator
 from tfglm.models.gpt import GPT
-from tfglm.tasks import runs
+from tfglm.training import runs
 from tfglm.tasks.base import Task
 from tfglm.tasks.registry import load_run
 

@@ -19,7 +19,7 @@ from tfglm.data.tokenizers import load_tokenizer, new_tokenizer
 from tfglm.errors import TfglmError
 from tfglm.generation.decode import Generator
 from tfglm.models.gpt import GPT
-from tfglm.tasks import runs
+from tfglm.training import runs
 from tfglm.tasks.base import Task, epoch_schedule
 from tfglm.tasks.causal_lm import serving_module, streaming_signatures
 from tfglm.tasks.registry import load_run

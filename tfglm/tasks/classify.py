@@ -2,7 +2,7 @@
 or on a GPT's last token (gpt), optional balanced class weights, early stopping on validation accuracy, and
 accuracy, macro-F1 and the confusion matrix of the best model in eval.json.
 
-A classifier run directory holds what every run does (`tfglm.tasks.runs`; best.weights.h5 has the best validation
+A classifier run directory holds what every run does (`tfglm.training.runs`; best.weights.h5 has the best validation
 accuracy so far, metrics.jsonl one line an epoch), plus labels.json (the label set, in class-index order) and
 eval.json.
 """
@@ -22,11 +22,11 @@ from tfglm.errors import TfglmError
 from tfglm.models.encoder import Encoder, dummy_inputs
 from tfglm.models.gpt import GPT
 from tfglm.models.heads import EncoderClassifier, GPTClassifier
-from tfglm.tasks import runs
+from tfglm.training import runs
 from tfglm.tasks.base import Task, epoch_schedule
 from tfglm.tasks.masked_lm import packer
 from tfglm.tasks.registry import load_run
-from tfglm.tasks.trainer import train
+from tfglm.training.trainer import train
 
 log = logging.getLogger("tfglm")
 LABELS = "labels.json"

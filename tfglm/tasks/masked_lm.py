@@ -1,5 +1,5 @@
 """BERT pretraining: a WordPiece vocabulary trained on the corpus, sentence-pair examples with dynamic masking built
-in `tf.data`, trained by the one trainer (`tfglm.tasks.trainer`).
+in `tf.data`, trained by the one trainer (`tfglm.training.trainer`).
 
 Segments are the non-empty lines of each text file (one document a file) and the texts of labelled files (TSV, CSV,
 JSONL: `classify.text_column`, one document a row). Example i is a pure function of (seed, i): a random segment A
@@ -26,7 +26,7 @@ from tfglm.data.corpus import per_token_weights
 from tfglm.data.tokenizers import load_tokenizer, train_wordpiece
 from tfglm.errors import TfglmError
 from tfglm.models.heads import build_pretrainer
-from tfglm.tasks import runs
+from tfglm.training import runs
 from tfglm.tasks.base import Task
 
 log = logging.getLogger("tfglm")

@@ -9,7 +9,7 @@ import logging
 import os
 
 from tfglm.errors import TfglmError
-from tfglm.tasks import runs
+from tfglm.training import runs
 
 log = logging.getLogger("tfglm")
 

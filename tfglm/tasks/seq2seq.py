@@ -20,7 +20,7 @@ from tfglm.data.tokenizers import SentencePieceTokenizer, load_tokenizer, train_
 from tfglm.errors import TfglmError
 from tfglm.generation.beam import Translator
 from tfglm.models.encoder_decoder import EncoderDecoder
-from tfglm.tasks import runs
+from tfglm.training import runs
 from tfglm.tasks.base import Task
 from tfglm.tasks.registry import load_run
 

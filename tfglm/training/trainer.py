@@ -3,7 +3,7 @@ warmup + cosine decay, clipping and gradient accumulation, LoRA (`train.lora_ran
 steps, best/last atomic checkpoints, exact resume (step, optimizer state, data position), early stopping,
 metrics.jsonl and TensorBoard.
 
-Under the default strategy it trains with Keras `fit`; under every other with `distribute.fit_distributed`, the same
+Under the default strategy it trains with Keras `fit`; under every other with `distributed.fit_distributed`, the same
 model, loss, optimizer, datasets and callbacks (Keras `fit` fails under MultiWorkerMirroredStrategy,
 keras-team/keras#20585, and with `steps_per_execution > 1` under MirroredStrategy over CPU devices).
 """
@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from tfglm.errors import TfglmError
 from tfglm.layers import enable_lora, lora_variables
-from tfglm.tasks import distribute, runs
+from tfglm.training import distributed, runs
 from tfglm.tasks.registry import DEFAULT_FOR_KIND, Run, get_task
 
 log = logging.getLogger("tfglm")
@@ -201,8 +201,8 @@ def train(config, run_dir, task=None, resume=False, tpu=None, verbose=None):
     task = get_task(task or DEFAULT_FOR_KIND[config.model.kind])(config, run_dir)
     resume = _check_run_dir(run_dir, resume)
     t = config.train
-    strategy, kind = distribute.make_strategy(t.strategy, tpu, t.connect_timeout_s)
-    chief = distribute.is_chief(strategy)
+    strategy, kind = distributed.make_strategy(t.strategy, tpu, t.connect_timeout_s)
+    chief = distributed.is_chief(strategy)
     set_precision(t.mixed_precision)
     keras.utils.set_random_seed(t.seed)  # before any tokenizer: reseeding drops the eager kernels that hold one
     os.makedirs(run_dir, exist_ok=True)
@@ -210,7 +210,7 @@ def train(config, run_dir, task=None, resume=False, tpu=None, verbose=None):
     if chief:
         runs.atomic_write(runs.path(run_dir, runs.CONFIG), config.save)
     schedule = task.schedule()
-    distribute.check_batch(strategy, schedule.batch_size)
+    distributed.check_batch(strategy, schedule.batch_size)
     with strategy.scope():
         model = task.build_model()
         if not resume:
@@ -232,8 +232,8 @@ def train(config, run_dir, task=None, resume=False, tpu=None, verbose=None):
                 steps_per_epoch=schedule.eval_interval, callbacks=callbacks,
                 verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose)
     if kind != "default":
-        distribute.fit_distributed(model, strategy, distribute.per_worker(train_ds, schedule.batch_size),
-                                   distribute.per_worker(val_ds, schedule.batch_size),
+        distributed.fit_distributed(model, strategy, distributed.per_worker(train_ds, schedule.batch_size),
+                                   distributed.per_worker(val_ds, schedule.batch_size),
                                    steps_per_execution=schedule.steps_per_execution, jit_compile=schedule.jit_compile,
                                    **loop)
     else:
