@@ -23,10 +23,10 @@ from tfglm.data import corpus, shards  # noqa: E402
 from tfglm.data.prepare import prepare  # noqa: E402
 from tfglm.data.tokenizers import CharTokenizer  # noqa: E402
 from tfglm.errors import TfglmError  # noqa: E402
-from tfglm.tasks import runs  # noqa: E402
+from tfglm.training import runs  # noqa: E402
 from tfglm.tasks.causal_lm import CausalLM  # noqa: E402
 from tfglm.tasks.registry import load_run  # noqa: E402
-from tfglm.tasks.trainer import train  # noqa: E402
+from tfglm.training.trainer import train  # noqa: E402
 
 IN_PROCESS = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]  # Beam's options: no worker processes
 WORDS = "the cat sat on a mat while dogs ran over hills and rivers".split()
