@@ -25,7 +25,6 @@ from tfglm.tasks.base import Task
 from tfglm.tasks.registry import load_run
 
 log = logging.getLogger("tfglm")
-SOURCES = tf.TensorSpec([None], tf.string, name="sources")
 
 
 class SmoothedCrossEntropy(keras.losses.Loss):
@@ -127,10 +126,8 @@ class Seq2Seq(Task):
                 "beam_width": translator.beam_width, "length_penalty": translator.length_penalty,
                 "translate_s": round(time.time() - start, 1)}
 
-    def serving(self, model, jit_compile):
-        module = serving_module(self.translator(model, jit_compile=jit_compile))
-        signatures = {"translate": module.translate, "serving_default": module.translate}
-        return module, signatures, ("translate", {"sources": [self.config.generate.prompt]})
+    def exported(self, model, jit_compile):
+        return self.translator(model, jit_compile=jit_compile)
 
 
 def load_translator(run_dir, beam_width=None, jit_compile=True):
@@ -164,19 +161,3 @@ def translate_texts(translator, texts, batch_size=64):
         for i, text in zip(chunk, result):
             out[i] = text.decode("utf-8", errors="replace")
     return out
-
-
-def serving_module(translator):
-    """The exported object: a `translate` signature (sources in, translations out), the tokenizer and the weights
-    (as in `tfglm.tasks.causal_lm.serving_module`)."""
-
-    @tf.function(input_signature=[SOURCES])
-    def translate(sources):
-        """`Translator.translate`: {"translations": strings}."""
-        return translator.translate(sources)
-
-    module = tf.Module()
-    module.tokenizer = translator.tokenizer
-    module.weights = [variable.value for variable in translator.model.variables]
-    module.translate = translate
-    return module
