@@ -44,6 +44,11 @@ class TokenizerConfig:
 class DataConfig:
     files: list = dataclasses.field(default_factory=list)  # globs; empty means the embedded corpus
     val_fraction: float = 0.1  # the last fraction of the token stream is validation
+    # `tfglm prepare` only (`tfglm.data.prepare`):
+    format: str = "auto"  # auto (by extension) | text (one file a document) | jsonl | parquet
+    text_field: str = "text"  # the document's field in JSONL objects and Parquet rows
+    min_chars: int = 1  # shorter documents (after Unicode NFC normalization) are dropped and counted
+    max_chars: int = 0  # longer documents are dropped and counted; 0: no limit
 
 
 @dataclasses.dataclass
@@ -249,6 +254,10 @@ def validate(config):
          f"must be 'wordpiece' exactly when model.kind is 'bert' (model.kind {m.kind!r}, tokenizer.kind {tok.kind!r})"),
         (tok.vocab_size >= 300, "tokenizer.vocab_size", "must be >= 300 (256 byte pieces are reserved)"),
         (0.0 < config.data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)"),
+        (config.data.format in ("auto", "text", "jsonl", "parquet"), "data.format",
+         f"must be 'auto', 'text', 'jsonl' or 'parquet', got {config.data.format!r}"),
+        (config.data.min_chars >= 0 and config.data.max_chars >= 0, "data.min_chars",
+         "data.min_chars and data.max_chars must be >= 0"),
         (1 <= t.steps <= 10 ** 12, "train.steps", "must be in [1, 1e12]"),
         (t.batch_size >= 1, "train.batch_size", "must be >= 1"),
         (t.learning_rate > 0, "train.learning_rate", "must be > 0"),

@@ -55,7 +55,8 @@ class Task:
         return {}
 
     def datasets(self, step):
-        """(train, validation) `tf.data` datasets; train yields the batches of steps [step, schedule().steps)."""
+        """(train, validation) `tf.data` datasets; train yields the batches of steps [step, schedule().steps), or is
+        a function of a `tf.distribute.InputContext` that yields only that input pipeline's rows of each batch."""
         raise NotImplementedError
 
     def tokens_per_step(self):

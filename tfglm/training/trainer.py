@@ -293,5 +293,6 @@ def train(config, run_dir, task=None, resume=False, tpu=None, verbose=None):
                                    steps_per_execution=schedule.steps_per_execution, jit_compile=schedule.jit_compile,
                                    **loop)
     else:
-        model.fit(train_ds, validation_data=val_ds, shuffle=False, **loop)
+        whole = train_ds(tf.distribute.InputContext()) if callable(train_ds) else train_ds
+        model.fit(whole, validation_data=val_ds, shuffle=False, **loop)
     return result
