@@ -170,10 +170,8 @@ class Seq2Seq(Task):
 
 
 def load_translator(run_dir, beam_width=None, jit_compile=True):
-    """A `Translator` for the translation run's best weights."""
+    """A `Translator` for the translation run's best weights (`Task.translator`: an error for another task's run)."""
     run = load_run(run_dir)
-    if not isinstance(run.task, Seq2Seq):
-        raise TfglmError(f"{run_dir}: not a translation run (its task is {run.task.name})")
     return run.task.translator(run.model, beam_width, jit_compile)
 
 
