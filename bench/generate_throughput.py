@@ -2,7 +2,7 @@
 Hugging Face transformers' `GPT2LMHeadModel.generate` (PyTorch), greedy, 16-token prompts, 128 new tokens, batch 1 and
 8, for a 6 x 384 model with context 256 and a 50,257-token vocabulary (random weights: same shapes, same cost), and
 tfglm's model again through its exported SavedModel: the `generate` signature of
-`tfglm.tasks.causal_lm.serving_module`, saved and loaded back in this process, and its `generate_start` + `advance`
+`tfglm.serving.signatures.language_model`, saved and loaded back in this process, and its `generate_start` + `advance`
 signatures streaming 4 tokens a call as `tfglm serve` does. The five alternate call by call; the
 ratios are tfglm's tokens/s over each peer's, medians of the paired rounds. Also the batch-1 memory-bandwidth bound:
 weight bytes / read bandwidth, both measured in this run.
@@ -37,7 +37,7 @@ import tensorflow as tf
 
 from tfglm.config import GenerateConfig
 from tfglm.serving.openai_api import STREAM_STEPS
-from tfglm.tasks.causal_lm import serving_module
+from tfglm.serving.signatures import language_model
 
 VOCAB, PROMPT, NEW_TOKENS = common.CodepointIds.vocab_size, common.DECODE_PROMPT, common.DECODE_NEW_TOKENS
 LAYERS, HEADS, WIDTH, CONTEXT = (common.DECODE_SHAPE[k] for k in ("num_layers", "num_heads", "hidden_dim",
@@ -62,10 +62,10 @@ def exported_runner(batch, stream_steps=None):
     `stream_steps`, through its `generate_start` and `advance` signatures, `stream_steps` tokens a call, as
     `tfglm serve` streams."""
     generator = common.decode_generator()
-    module = serving_module(generator, GenerateConfig())
+    export = language_model(generator, GenerateConfig())
     path = tempfile.mkdtemp(prefix="tfglm-generate-")
-    tf.saved_model.save(module, path, signatures={"generate": module.generate, "generate_start": module.generate_start,
-                                                  "advance": module.advance})
+    tf.saved_model.save(export.module, path, signatures={name: export.signatures[name]
+                                                         for name in ("generate", "generate_start", "advance")})
     signatures = tf.saved_model.load(path).signatures
     shutil.rmtree(path)
     # Every input given: a loaded signature called from Python does not fill in the SignatureDef's defaults.

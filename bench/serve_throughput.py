@@ -26,7 +26,7 @@ import common
 import tensorflow as tf
 
 from tfglm.tasks.registry import load_run
-from tfglm.serving import server as serve
+from tfglm.serving import serve
 from tfglm.serving.export import export_run
 from tfglm.generation.decode import Generator
 

@@ -365,7 +365,7 @@ def test_served_classifier_answers_classify_over_rest_and_grpc_and_predict_throu
     from tensorflow_serving.apis import classification_pb2, prediction_service_pb2_grpc
 
     from tfglm.serving.client import Client
-    from tfglm.serving.server import Server
+    from tfglm.serving.serve import Server
 
     base_path, probabilities = exported
     server = Server({"cls": base_path}, port=0, rest_api_port=0, poll_s=60).start()

@@ -12,7 +12,8 @@ import tensorflow as tf
 from conftest import tiny_config
 from tfglm.tasks.registry import load_run
 from tfglm.cli import main
-from tfglm.serving.export import WARMUP, export_run
+from tfglm.serving.export import export_run
+from tfglm.serving.signatures import WARMUP
 from tfglm.generation.decode import Generator
 from tfglm.training.trainer import train
 

@@ -12,7 +12,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "tfglm"
 # belongs to the layer of the longest name here that is its own or a package's above it (`tfglm` names only itself).
 LAYERS = [
     ("command line", ["tfglm.cli", "tfglm.__main__"]),
-    ("serving fronts", ["tfglm.serving.rest", "tfglm.serving.grpc_api", "tfglm.serving.openai_api"]),
+    ("serving entry", ["tfglm.serving.serve"]),  # `tfglm serve`: the core with its fronts before it
+    ("serving fronts", ["tfglm.serving.rest", "tfglm.serving.grpc_api", "tfglm.serving.openai_api",
+                        "tfglm.serving.http"]),  # http: the web server under REST and OpenAI
     ("serving core", ["tfglm.serving"]),
     ("training and tasks", ["tfglm.training", "tfglm.tasks"]),
     ("models, preprocessors, generation, importers",
@@ -134,6 +136,7 @@ def test_imports_are_read_from_source(tmp_path, source, expected):
 
 def test_cycles_and_layers_are_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    assert layer("tfglm.serving.rest") < layer("tfglm.serving.server") < layer("tfglm.tasks.chat")
+    assert layer("tfglm.serving.serve") < layer("tfglm.serving.rest") < layer("tfglm.serving.core") < layer(
+        "tfglm.tasks.chat")
     assert layer("tfglm.training.trainer") == layer("tfglm.tasks.registry") < layer("tfglm.importers.huggingface")
     assert layer("tfglm") == layer("tfglm.errors") and layer("tfglm.unplaced") is None

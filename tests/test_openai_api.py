@@ -41,7 +41,7 @@ def expected(generator):
 
 @pytest.fixture(scope="module")
 def server(chat_base_path):
-    from tfglm.serving.server import Server
+    from tfglm.serving.serve import Server
 
     server = Server({"chat": chat_base_path}, port=0, rest_api_port=0, enable_batching=True, poll_s=60,
                     max_prompt_bytes=256, max_enqueued_requests=1, read_timeout_s=2.0).start()

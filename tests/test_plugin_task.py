@@ -15,6 +15,7 @@ from tfglm import config as config_tree
 from tfglm.cli import main
 from tfglm.errors import TfglmError
 from tfglm.tasks import Evaluation, Task, register, registry
+from tfglm.tasks.base import TextClassifier
 from tfglm.training import runs
 
 LENGTH = 12
@@ -88,12 +89,8 @@ class Majority(Task):
         predicted = model.predict(encode(tf.constant(texts)), verbose=0).argmax(-1)
         return {"rows": int(keep.sum()), "accuracy": float((predicted == labels)[keep].mean())}
 
-    def serving(self, model, jit_compile):
-        module = tf.Module()
-        module.model = model
-        module.predict = tf.function(lambda texts: {"labels": tf.argmax(model(encode(texts)), -1)},
-                                     input_signature=[tf.TensorSpec([None], tf.string, name="texts")])
-        return module, {"predict": module.predict, "serving_default": module.predict}, ("predict", {"texts": ["ab"]})
+    def exported(self, model, jit_compile):
+        return TextClassifier(model, None, encode, ["no", "yes"], "text")
 
 
 @pytest.fixture
@@ -142,7 +139,8 @@ def test_a_plugin_task_trains_evaluates_and_exports(majority, tmp_path, capsys):
     texts = ["aab", "bbbc", "acacac", "cb"]
     served = tf.saved_model.load(exported).signatures["predict"](texts=tf.constant(texts))["labels"].numpy()
     run = registry.load_run(out)
-    assert served.tolist() == run.model.predict(encode(tf.constant(texts)), verbose=0).argmax(-1).tolist()
+    expected = run.model.predict(encode(tf.constant(texts)), verbose=0).argmax(-1)
+    assert [label.decode() for label in served] == [["no", "yes"][i] for i in expected]
 
     assert main(["predict", "--model", out, "ab"]) == 2  # a capability it does not declare is a one-line error
     assert "a majority run does not classify texts" in capsys.readouterr().err

@@ -8,6 +8,8 @@ import select
 import shutil
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -33,7 +35,9 @@ from tfglm.serving.client import Client
 from tfglm.errors import TfglmError
 from tfglm.serving.export import export_run
 from tfglm.generation.decode import Generator
-from tfglm.serving.server import Batcher, Model, Server, read_model_config
+from tfglm.serving.batching import Batcher
+from tfglm.serving.serve import Server
+from tfglm.serving.versions import Model, read_model_config
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +159,16 @@ def test_client_grpc_and_rest_equal_generator(server, expected, capsys):
         Client(f"127.0.0.1:{server.grpc_port}", "nope", "grpc").generate(["a"])
     with pytest.raises(TfglmError, match="INVALID_ARGUMENT: temperature: must be in \\[0.0, inf\\), got -"):
         Client(f"127.0.0.1:{server.grpc_port}", "tiny", "grpc").generate(["a"], temperature=-1.0)
+
+
+def test_client_and_core_load_without_the_fronts():
+    """The client (and the codec it uses) needs no web server, and the serving core imports no front."""
+    code = ("import sys, tfglm.serving.client, tfglm.serving.core; "
+            "print(sorted(m for m in sys.modules if m in ('uvicorn', 'starlette', 'h11') "
+            "or m.split('.')[-1] in ('http', 'rest', 'grpc_api', 'openai_api', 'serve') and m.startswith('tfglm')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_metadata_and_status_over_rest_and_grpc(server):

@@ -157,7 +157,7 @@ def test_exported_translate_in_a_clean_interpreter_and_served_equals_in_process(
     assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
 
     from tfglm.serving.client import Client
-    from tfglm.serving.server import Server
+    from tfglm.serving.serve import Server
 
     server = Server({"en-de": str(tmp_path / "models")}, port=0, rest_api_port=0, poll_s=60).start()
     try:

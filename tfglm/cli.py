@@ -373,7 +373,8 @@ def cmd_predict(args):
 def cmd_serve(args):
     import time
 
-    from tfglm.serving.server import Server, read_model_config
+    from tfglm.serving.serve import Server
+    from tfglm.serving.versions import read_model_config
 
     if bool(args.model_config_file) == bool(args.model_base_path):
         raise TfglmError("give --model_base_path (with --model_name) or --model_config_file, not both")

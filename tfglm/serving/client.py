@@ -12,8 +12,13 @@ import json
 import urllib.error
 import urllib.request
 
+import grpc
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
 from tfglm.config import GENERATE_OPTIONS
 from tfglm.errors import TfglmError
+from tfglm.serving.codec import to_json
 
 DTYPES = {"prompts": "string", "texts": "string", "sources": "string", "token_ids": "int32", "lengths": "int32",
           **{o.name: {int: "int32", float: "float32"}[o.type] for o in GENERATE_OPTIONS}}
@@ -28,9 +33,6 @@ class Client:
         self.target, self.model_name, self.protocol = url_or_target, model_name, protocol
         self.version, self.timeout = version, timeout
         if protocol == "grpc":
-            import grpc
-            from tensorflow_serving.apis import prediction_service_pb2_grpc
-
             self._stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(url_or_target))
 
     def generate(self, prompts, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=None):
@@ -71,12 +73,6 @@ class Client:
             raise TfglmError(f"{url}: {e}") from None
 
     def _grpc(self, signature_name, inputs):
-        import grpc
-        import tensorflow as tf
-        from tensorflow_serving.apis import predict_pb2
-
-        from tfglm.serving.rest import to_json
-
         request = predict_pb2.PredictRequest()
         request.model_spec.name, request.model_spec.signature_name = self.model_name, signature_name
         if self.version:

@@ -1,6 +1,6 @@
-"""SavedModel export for TF Serving: `base_path/<version>/` with the signatures of the run's task (see each task's
-`serving`: a language model's generate, score, tokenize and detokenize; a classifier's predict and classify; a
-translation model's translate), and a warmup request.
+"""SavedModel export for TF Serving: `base_path/<version>/` with the signatures of what the run's task serves
+(`tfglm.serving.signatures`: a language model's generate, score, tokenize and detokenize; a classifier's predict and
+classify; a translation model's translate), and a warmup request.
 
 The graph holds TensorFlow core and tensorflow-text ops only (both are linked into TF Serving's model server). With
 `jit_compile=True` decode loops are XLA functions, which TF Serving runs only when started with
@@ -16,10 +16,11 @@ import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
 from tfglm.errors import TfglmError
+from tfglm.serving import signatures
+from tfglm.serving.signatures import WARMUP
 from tfglm.tasks.registry import load_run
 
 log = logging.getLogger("tfglm")
-WARMUP = os.path.join("assets.extra", "tf_serving_warmup_requests")
 
 
 def _next_version(base_path):
@@ -62,7 +63,7 @@ def export_run(run_dir, base_path, version=None, jit_compile=True):
     if version is not None and version < 1:
         raise TfglmError(f"--version: must be a positive integer, got {version}")
     run = load_run(run_dir)
-    module, signatures, warmup = run.task.serving(run.model, jit_compile)
+    export = signatures.build(run.task.exported(run.model, jit_compile), run.config.generate)
     os.makedirs(base_path, exist_ok=True)
     version = version or _next_version(base_path)
     target = os.path.join(base_path, str(version))
@@ -71,9 +72,9 @@ def export_run(run_dir, base_path, version=None, jit_compile=True):
     tmp = tempfile.mkdtemp(prefix=f"tmp-{version}-", dir=base_path)
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the version from a server running as another user
     try:
-        write_warmup(tmp, *warmup)
+        write_warmup(tmp, *export.warmup)
         log.info("writing %s", target)
-        tf.saved_model.save(module, tmp, signatures=signatures)
+        tf.saved_model.save(export.module, tmp, signatures=export.signatures)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

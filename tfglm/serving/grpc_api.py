@@ -17,21 +17,21 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      prediction_service_pb2_grpc, regression_pb2)
 
 from tfglm.errors import TfglmError
-from tfglm.serving.server import CODES, RequestError
+from tfglm.serving.checks import CODES, RequestError
 
 log = logging.getLogger("tfglm")
 MAX_RESPONSE_BYTES = 64 << 20
 VALUE_FIELDS = [f.name for f in tensor_pb2.TensorProto.DESCRIPTOR.fields if f.name.endswith("_val")]
 
 
-def start(server, host, port):
+def start(core, host, port):
     """(the running gRPC server, its port)."""
     grpc_server = grpc.server(
-        ThreadPoolExecutor(server.num_threads, thread_name_prefix="tfglm-grpc"),
-        maximum_concurrent_rpcs=server.admission.limit,
-        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", server.max_request_bytes),
+        ThreadPoolExecutor(core.num_threads, thread_name_prefix="tfglm-grpc"),
+        maximum_concurrent_rpcs=core.admission.limit,
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", core.max_request_bytes),
                  ("grpc.max_send_message_length", MAX_RESPONSE_BYTES)])
-    service = Service(server)
+    service = Service(core)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(service, grpc_server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(service, grpc_server)
     try:
@@ -85,13 +85,13 @@ def _examples(input):
 class Service(prediction_service_pb2_grpc.PredictionServiceServicer, model_service_pb2_grpc.ModelServiceServicer):
     """Both services; each RPC is measured (metrics), and model work is admitted through the server's queue bound."""
 
-    def __init__(self, server):
-        self.server = server
+    def __init__(self, core):
+        self.core = core
 
     def _serve(self, context, handle):
         """`handle(labels)`'s response; a RequestError ends the RPC with TF Serving's status code."""
         try:
-            with self.server.metrics.request() as labels:
+            with self.core.metrics.request() as labels:
                 return handle(labels)
         except RequestError as e:
             error = e
@@ -108,7 +108,7 @@ class Service(prediction_service_pb2_grpc.PredictionServiceServicer, model_servi
                 spec.version_label if choice == "version_label" else None)
 
     def _servable(self, spec, labels):
-        return self.server.servable(spec.name, *self._version(spec), labels)
+        return self.core.servable(spec.name, *self._version(spec), labels)
 
     @staticmethod
     def _signature(servable, spec, labels):
@@ -128,7 +128,7 @@ class Service(prediction_service_pb2_grpc.PredictionServiceServicer, model_servi
             signature_name = self._signature(servable, request.model_spec, labels)
             servable.check_input_names(signature_name, request.inputs)
             inputs = {k: to_array(k, v) for k, v in request.inputs.items()}
-            with self.server.admission():
+            with self.core.admission():
                 outputs = servable.predict(signature_name, inputs)
             unknown = set(request.output_filter) - set(outputs)
             if unknown:
@@ -147,7 +147,7 @@ class Service(prediction_service_pb2_grpc.PredictionServiceServicer, model_servi
         servable = self._servable(request.model_spec, labels)
         signature_name = self._signature(servable, request.model_spec, labels)
         examples = _examples(request.input)
-        with self.server.admission():
+        with self.core.admission():
             return servable, signature_name, getattr(servable, method)(signature_name, examples)
 
     def Classify(self, request, context):
@@ -189,7 +189,7 @@ class Service(prediction_service_pb2_grpc.PredictionServiceServicer, model_servi
 
     def GetModelStatus(self, request, context):
         def handle(labels):
-            status = self.server.model(request.model_spec.name).status(*self._version(request.model_spec))
+            status = self.core.model(request.model_spec.name).status(*self._version(request.model_spec))
             labels["model"] = request.model_spec.name
             return status
 

@@ -1,4 +1,5 @@
-"""OpenAI-compatible endpoints on `tfglm serve`'s REST front, so OpenAI clients and tools talk to exported models:
+"""OpenAI-compatible endpoints on `tfglm serve`'s HTTP server, beside the REST front, so OpenAI clients and tools
+talk to exported models:
 
     GET  /v1/models              the served models with streaming signatures (`id` is the model's name)
     POST /v1/chat/completions    a chat export's `chat_start` + `advance` (`"stream": true`: server-sent events)
@@ -27,8 +28,9 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from tfglm.config import GENERATE_OPTIONS
-from tfglm.serving.rest import error_response, json_object, json_response, read_body
-from tfglm.serving.server import RequestError
+from tfglm.serving.checks import RequestError
+from tfglm.serving.codec import json_object
+from tfglm.serving.http import error_response, json_response, read_body
 
 log = logging.getLogger("tfglm")
 STREAM_STEPS = 4  # tokens decoded per streamed chunk
@@ -47,12 +49,12 @@ class OpenAIError(RequestError):
         self.param, self.code = param, code
 
 
-def routes(server, pool):
+def routes(core, pool):
     """The Starlette routes of the OpenAI endpoints; model work runs on `pool`."""
 
     async def models(request):
         data = []
-        for name, model in server.models.items():
+        for name, model in core.models.items():
             servables = model.servables
             if servables and "advance" in servables[max(servables)].signature_defs:
                 data.append({"id": name, "object": "model", "created": servables[max(servables)].created,
@@ -62,7 +64,7 @@ def routes(server, pool):
     def endpoint(kind):
         async def handle(request):
             try:
-                with server.metrics.request() as labels:
+                with core.metrics.request() as labels:
                     return await complete(request, kind, labels)
             except RequestError as e:
                 return error_response(e.status, str(e), e.headers, error_body(e))
@@ -74,14 +76,14 @@ def routes(server, pool):
         return handle
 
     async def complete(request, kind, labels):
-        body = await read_body(request, server.max_request_bytes, server.read_timeout_s)
+        body = await read_body(request, core.max_request_bytes, core.read_timeout_s)
         loop = asyncio.get_running_loop()
-        query = parse(json_object(body), kind, server, labels)
+        query = parse(json_object(body), kind, core, labels)
         if not query.stream:
-            with server.admission():
+            with core.admission():
                 text, outputs = await loop.run_in_executor(pool, whole, query)
             return json_response(query.response(text, *outcome(outputs)))
-        admitted = server.admission()
+        admitted = core.admission()
         admitted.__enter__()  # left when the stream ends (`EventStream`), or here if it cannot start
         try:
             chunks = query.servable.stream(kind, query.arrays, STREAM_STEPS)
@@ -169,13 +171,13 @@ class Query:
         return {**self._head("text_completion"), "choices": [choice]}
 
 
-def parse(request, kind, server, labels):
+def parse(request, kind, core, labels):
     """The Query of a chat (`kind` "chat") or completions ("generate") request body; OpenAIError if it is bad."""
     model = request.get("model")
     if not isinstance(model, str):
         raise OpenAIError("model: expected the name of a served model (GET /v1/models lists them)", "model")
     try:
-        servable = server.servable(model, labels=labels)
+        servable = core.servable(model, labels=labels)
     except RequestError as e:
         raise OpenAIError(f"The model '{model}' does not exist ({e})", "model", 404, "model_not_found") from None
     if f"{kind}_start" not in servable.signature_defs or "advance" not in servable.signature_defs:

@@ -130,9 +130,23 @@ class Task:
                              f"a chat run (`tfglm finetune --task chat`)")
         return ChatSession(self.generator(model), system or "", settings)
 
-    def serving(self, model, jit_compile):
-        """(module, {signature name: function}, (warmup signature, {input name: value})) for `tfglm export`."""
+    def exported(self, model, jit_compile):
+        """What `tfglm export` serves (`tfglm.serving.signatures` builds the signatures): a `Generator` (a language
+        model), a `Translator` or a `TextClassifier`; `jit_compile` makes its decode loops XLA functions."""
         raise TfglmError(f"{self.run_dir}: a {self.name} run has nothing to serve")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextClassifier:
+    """A classifier as its export serves it (`Task.exported`): the model, its tokenizer, `encode` (texts [batch] ->
+    the model's inputs, in the graph), the label names in class-index order, and the `tf.Example` feature that holds
+    the text (TF Serving's Classify API)."""
+
+    model: object
+    tokenizer: object
+    encode: object
+    labels: list
+    text_feature: str
 
 
 def epoch_checks(key, section):

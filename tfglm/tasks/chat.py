@@ -21,7 +21,6 @@ from tfglm.errors import TfglmError
 from tfglm.generation.decode import Generator
 from tfglm.models.gpt import GPT
 from tfglm.tasks.base import Task, epoch_checks, epoch_schedule
-from tfglm.tasks.causal_lm import serving_module, streaming_signatures
 from tfglm.tasks.registry import load_run
 from tfglm.training import runs
 
@@ -167,13 +166,8 @@ class Chat(Task):
         return {"data": inputs.data, "conversations": len(conversations), "examples": len(ids),
                 "assistant_tokens": tokens, "loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50.0)), 4)}
 
-    def serving(self, model, jit_compile):
-        module = serving_module(Generator(model, self.tokenizer, jit_compile=jit_compile), self.config.generate)
-        signatures = {name: getattr(module, name) for name in ("chat", "generate", "score", "tokenize",
-                                                                "detokenize")}
-        signatures.update(streaming_signatures(module), serving_default=module.chat)
-        prompt = self.config.generate.prompt or "Hello"
-        return module, signatures, ("chat", {"roles": [["user"]], "contents": [[prompt]]})
+    def exported(self, model, jit_compile):
+        return Generator(model, self.tokenizer, jit_compile=jit_compile)
 
 
 def encode(tokenizer, conversations, length, where, batch_size=256):

@@ -21,7 +21,7 @@ from tfglm.errors import TfglmError
 from tfglm.models.encoder import Encoder, dummy_inputs
 from tfglm.models.gpt import GPT
 from tfglm.models.heads import EncoderClassifier, GPTClassifier
-from tfglm.tasks.base import Evaluation, Task, epoch_checks, epoch_schedule
+from tfglm.tasks.base import Evaluation, Task, TextClassifier, epoch_checks, epoch_schedule
 from tfglm.tasks.registry import load_run
 from tfglm.training import runs
 from tfglm.training.trainer import train
@@ -243,10 +243,9 @@ class Classify(Task):
                  "probabilities": {label: round(float(q), 5) for label, q in zip(self.labels, p)}}
                 for text, p in zip(texts, probs)]
 
-    def serving(self, model, jit_compile):
-        module = serving_module(model, self.tokenizer, self.config, self.labels)
-        signatures = {"predict": module.predict, "classify": module.classify, "serving_default": module.predict}
-        return module, signatures, ("predict", {"texts": [self.config.generate.prompt or "a"]})
+    def exported(self, model, jit_compile):
+        return TextClassifier(model, self.tokenizer, encode(self.tokenizer, self.config.model), self.labels,
+                              self.config.classify.text_column)
 
 
 def finetune(config, run_dir, train_file, eval_file, pretrained=None, val_file=None, verbose=None):
@@ -283,36 +282,3 @@ def score(model, tokenizer, config, labels, texts, targets):
     predicted = probabilities(model, tokenizer, config, texts).argmax(-1)
     index = {label: i for i, label in enumerate(labels)}
     return labelled.scores(np.array([index[t] for t in targets]), predicted, labels)
-
-
-def serving_module(model, tokenizer, config, labels):
-    """The exported object of a classifier (as in `tfglm.export.serving_module`): `predict` takes `texts` and gives
-    each one's `labels` and `scores` (the probability of every label, in labels.json order); `classify` is TF
-    Serving's Classify API: serialized `tf.Example`s with the text in the feature `classify.text_column` in, `classes`
-    (the label names) and `scores` [batch, num_labels] out."""
-    encode_texts = encode(tokenizer, config.model)
-    names = tf.constant(labels)
-    feature = config.classify.text_column
-
-    def scores(texts):
-        return tf.nn.softmax(model(encode_texts(texts), training=False), axis=-1)
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="texts")])
-    def predict(texts):
-        """{"labels": the most probable label of each text, "scores": [batch, num_labels]}."""
-        probs = scores(texts)
-        return {"labels": tf.gather(names, tf.argmax(probs, axis=-1)), "scores": probs}
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
-    def classify(inputs):
-        """TF Serving's Classify API: {"classes": [batch, num_labels] label names, "scores": their probabilities}."""
-        texts = tf.io.parse_example(inputs, {feature: tf.io.FixedLenFeature([], tf.string)})[feature]
-        probs = scores(texts)
-        return {"classes": tf.tile(names[None], [tf.shape(probs)[0], 1]), "scores": probs}
-
-    module = tf.Module()
-    module.tokenizer = tokenizer
-    module.weights = [variable.value for variable in model.variables]
-    module.predict, module.classify = predict, classify
-    return module
-

@@ -11,7 +11,6 @@ import os
 import time
 
 import keras
-import tensorflow as tf
 from keras import ops
 
 from tfglm.data import parallel
@@ -24,7 +23,6 @@ from tfglm.tasks.registry import load_run
 from tfglm.training import runs
 
 log = logging.getLogger("tfglm")
-SOURCES = tf.TensorSpec([None], tf.string, name="sources")
 
 
 @dataclasses.dataclass
@@ -163,10 +161,8 @@ class Seq2Seq(Task):
                 "beam_width": translator.beam_width, "length_penalty": translator.length_penalty,
                 "translate_s": round(time.time() - start, 1)}
 
-    def serving(self, model, jit_compile):
-        module = serving_module(self.translator(model, jit_compile=jit_compile))
-        signatures = {"translate": module.translate, "serving_default": module.translate}
-        return module, signatures, ("translate", {"sources": [self.config.generate.prompt]})
+    def exported(self, model, jit_compile):
+        return self.translator(model, jit_compile=jit_compile)
 
 
 def load_translator(run_dir, beam_width=None, jit_compile=True):
@@ -181,19 +177,3 @@ def evaluate(run_dir, source, reference, beam_width=None):
     result = run.task.evaluate(run.model, TranslationEvaluation(source, reference, beam_width))
     runs.write_json(runs.path(run_dir, runs.EVAL), result)
     return result
-
-
-def serving_module(translator):
-    """The exported object: a `translate` signature (sources in, translations out), the tokenizer and the weights
-    (as in `tfglm.tasks.causal_lm.serving_module`)."""
-
-    @tf.function(input_signature=[SOURCES])
-    def translate(sources):
-        """`Translator.translate`: {"translations": strings}."""
-        return translator.translate(sources)
-
-    module = tf.Module()
-    module.tokenizer = translator.tokenizer
-    module.weights = [variable.value for variable in translator.model.variables]
-    module.translate = translate
-    return module

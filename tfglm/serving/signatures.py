@@ -1,0 +1,209 @@
+"""The signatures `tfglm export` writes, built from what a task serves (`Task.exported`): a `Generator`, a
+`Translator` or a `TextClassifier`.
+
+A language model's export holds generate (also serving_default), score, tokenize and detokenize signatures, and a
+chat model's (a chat tokenizer) also `chat` (then serving_default); for streaming, `generate_start` (and
+`chat_start`) and `advance`, which pass the decode state between calls as named tensors (the per-layer caches stacked
+into one, `caches`). `generate` and `chat` take `prompts` (or `roles` and `contents`) plus the optional generation
+options (`tfglm.config.GENERATE_OPTIONS`), each with the run's `generate` config as its default, recorded in the
+SignatureDef's `defaults`, which TF Serving fills in for inputs a request leaves out. The model's context is saved as
+the variable `context`, so `tfglm serve` can reject a `max_new_tokens` above `context - 1` by name. A translation
+model's export holds `translate`; a classifier's `predict` and `classify` (TF Serving's Classify API).
+
+Every exported object tracks the `tf.Variable`s inside the Keras variables rather than the Keras model: the saved
+functions read those, and a Keras model would be saved as copies that TF1-style loaders (TF Serving) restore instead.
+"""
+
+import collections
+import os
+
+import tensorflow as tf
+
+from tfglm.data.chat import ChatTokenizer
+from tfglm.generation.beam import Translator
+from tfglm.generation.decode import CHAT_SIGNATURE, OPTIONS, SIGNATURE, Generator
+from tfglm.tasks.base import TextClassifier
+
+# The export's warm-up requests, which a server replays while loading a version (TF Serving's path).
+WARMUP = os.path.join("assets.extra", "tf_serving_warmup_requests")
+# The streaming signatures pass the decode state (caches included) between calls: `tfglm serve` runs them for its
+# OpenAI-compatible endpoints and does not take them over Predict, where a client would send the state back.
+STREAMING = ("generate_start", "chat_start", "advance")
+TEXTS = tf.TensorSpec([None], tf.string, name="texts")
+SOURCES = tf.TensorSpec([None], tf.string, name="sources")
+
+Export = collections.namedtuple("Export", "module signatures warmup")
+Export.__doc__ = """What `tfglm export` saves: the object to save, {signature name: function}, and the warm-up
+request (signature name, {input name: value})."""
+
+
+def build(served, settings):
+    """The Export of what a task serves; `settings` is the run's `generate` config (the options' defaults, and the
+    warm-up prompt)."""
+    if isinstance(served, Generator):
+        return language_model(served, settings)
+    if isinstance(served, Translator):
+        return translation(served, settings.prompt)
+    if isinstance(served, TextClassifier):
+        return classifier(served, settings.prompt)
+    raise TypeError(f"nothing to export for a {type(served).__name__}")
+
+
+def language_model(generator, settings):
+    """A language model's Export; a chat model's serves `chat` by default and warms up with a conversation."""
+    module = language_module(generator, settings)
+    chat = hasattr(module, "chat")
+    names = ("chat",) * chat + ("generate", "score", "tokenize", "detokenize")
+    signatures = {name: getattr(module, name) for name in names}
+    signatures.update({name: getattr(module, name) for name in STREAMING if hasattr(module, name)},
+                      serving_default=module.chat if chat else module.generate)
+    if chat:
+        return Export(module, signatures, ("chat", {"roles": [["user"]], "contents": [[settings.prompt or "Hello"]]}))
+    return Export(module, signatures, ("generate", {"prompts": [settings.prompt]}))
+
+
+def language_module(generator, settings):
+    """The exported object of a language model: the signature functions, the tokenizer and the weights they read."""
+    tokenizer, model = generator.tokenizer, generator.model
+    default_max_new = min(settings.max_new_tokens, generator.context - 1)
+
+    @tf.function(input_signature=SIGNATURE)
+    def generate(prompts, max_new_tokens=tf.constant(default_max_new), temperature=tf.constant(settings.temperature),
+                 top_k=tf.constant(settings.top_k), top_p=tf.constant(settings.top_p),
+                 seed=tf.constant(settings.seed)):
+        """`Generator.generate`; the tensor defaults become the SignatureDef's `defaults`, so every input but
+        `prompts` is optional (a plain Python default would not be)."""
+        return generator.generate(prompts, max_new_tokens, temperature, top_k, top_p, seed)
+
+    @tf.function(input_signature=CHAT_SIGNATURE)
+    def chat(roles, contents, max_new_tokens=tf.constant(default_max_new),
+             temperature=tf.constant(settings.temperature), top_k=tf.constant(settings.top_k),
+             top_p=tf.constant(settings.top_p), seed=tf.constant(settings.seed)):
+        """`Generator.chat` (a chat model only): the assistant's `replies` to conversations given as `roles` and
+        `contents` [batch, messages] (role "" pads), and their `num_tokens`."""
+        out = generator.chat(roles, contents, max_new_tokens, temperature, top_k, top_p, seed)
+        return {"replies": out["completions"], "num_tokens": out["num_tokens"]}
+
+    max_new = tf.TensorSpec([], tf.int32, name="max_new_tokens")
+
+    @tf.function(input_signature=[SIGNATURE[0], max_new])
+    def generate_start(prompts, max_new_tokens=tf.constant(default_max_new)):
+        """The decode state of `prompts` (`advance`'s input): `generate`, streamed."""
+        ids = generator.prompt_ids(prompts, tf.clip_by_value(max_new_tokens, 1, generator.context - 1))
+        return as_tensors(generator.start(ids, max_new_tokens))
+
+    @tf.function(input_signature=CHAT_SIGNATURE[:2] + [max_new])
+    def chat_start(roles, contents, max_new_tokens=tf.constant(default_max_new)):
+        """The decode state of conversations (`advance`'s input): `chat`, streamed."""
+        ids = generator.chat_ids(roles, contents, tf.clip_by_value(max_new_tokens, 1, generator.context - 1))
+        return as_tensors(generator.start(ids, max_new_tokens))
+
+    layer = model.init_cache(1, 1)[0].shape  # [batch, 2, heads, length, head_dim]
+    state_specs = [tf.TensorSpec([None, None], tf.int32, name="tokens"),
+                   tf.TensorSpec([None], tf.int32, name="lengths"),
+                   tf.TensorSpec([len(model.blocks), None, *layer[1:3], None, *layer[4:]], model.compute_dtype,
+                                 name="caches"),
+                   tf.TensorSpec([None], tf.int32, name="limit"), tf.TensorSpec([], tf.int32, name="index"),
+                   tf.TensorSpec([None], tf.bool, name="done"), tf.TensorSpec([], tf.int32, name="rows")]
+
+    @tf.function(input_signature=state_specs + [tf.TensorSpec([], tf.int32, name="steps")] + OPTIONS[1:])
+    def advance(tokens, lengths, caches, limit, index, done, rows, steps=tf.constant(8),
+                temperature=tf.constant(settings.temperature), top_k=tf.constant(settings.top_k),
+                top_p=tf.constant(settings.top_p), seed=tf.constant(settings.seed)):
+        """Up to `steps` more tokens from a `*_start` or `advance` state: the new state, and the text so far
+        (`completions`), `num_tokens` and `finished`. `limit` and `steps` are clipped to the buffer, so a state sent
+        by a client cannot make the loop run longer than its tokens."""
+        total = tf.shape(tokens)[1]
+        state = {"tokens": tokens, "lengths": lengths, "caches": tf.unstack(caches, len(model.blocks)),
+                 "limit": tf.minimum(limit, total), "index": index, "done": done, "rows": rows}
+        state, out = generator.advance(state, tf.clip_by_value(steps, 0, total), temperature, top_k, top_p, seed)
+        return {**as_tensors(state), **out}
+
+    @tf.function(input_signature=[TEXTS])
+    def score(texts):
+        """Total log-likelihood of each text's tokens after the leading `<eot>`, their count and perplexity.
+        Texts longer than the context are scored on their first `context - 1` tokens (`num_tokens` says how many)."""
+        ids = tokenizer.tokenize(texts)
+        ids = tf.concat([tf.fill([tf.shape(texts)[0], 1], tokenizer.eot_id), ids], axis=1)[:, :generator.context]
+        num_tokens = tf.cast(ids.row_lengths(), tf.int32) - 1
+        tokens = ids.to_tensor(default_value=tokenizer.eot_id)
+        log_probs = tf.nn.log_softmax(model(tokens, training=False)[:, :-1], axis=-1)
+        targets = tokens[:, 1:]
+        token_log_probs = tf.gather(log_probs, targets, batch_dims=2)
+        scored = tf.sequence_mask(num_tokens, tf.shape(targets)[1])
+        log_likelihood = tf.reduce_sum(tf.where(scored, token_log_probs, 0.0), axis=1)
+        perplexity = tf.exp(-log_likelihood / tf.cast(tf.maximum(num_tokens, 1), tf.float32))
+        return {"log_likelihood": log_likelihood, "num_tokens": num_tokens, "perplexity": perplexity}
+
+    @tf.function(input_signature=[TEXTS])
+    def tokenize(texts):
+        """Token ids [batch, longest] (0 past each row's `lengths`), without the leading `<eot>`."""
+        ids = tokenizer.tokenize(texts)
+        return {"token_ids": ids.to_tensor(default_value=0), "lengths": tf.cast(ids.row_lengths(), tf.int32)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="token_ids"),
+                                  tf.TensorSpec([None], tf.int32, name="lengths")])
+    def detokenize(token_ids, lengths):
+        """Texts from the first `lengths` ids of each row of `token_ids`."""
+        return {"texts": tokenizer.detokenize(tf.RaggedTensor.from_tensor(token_ids, lengths=lengths))}
+
+    module = tf.Module()
+    module.context = tf.Variable(generator.context, trainable=False, name="context")  # read by `tfglm serve`
+    module.tokenizer = tokenizer
+    module.weights = [variable.value for variable in model.variables]
+    module.generate, module.score, module.tokenize, module.detokenize = generate, score, tokenize, detokenize
+    module.generate_start, module.advance = generate_start, advance
+    if isinstance(tokenizer, ChatTokenizer):
+        module.chat, module.chat_start = chat, chat_start
+    return module
+
+
+def as_tensors(state):
+    """A decode state as the streaming signatures' named tensors: its caches stacked into one."""
+    return {**state, "caches": tf.stack(state["caches"])}
+
+
+def translation(translator, prompt):
+    """A translation model's Export: `translate` (sources in, translations out)."""
+
+    @tf.function(input_signature=[SOURCES])
+    def translate(sources):
+        """`Translator.translate`: {"translations": strings}."""
+        return translator.translate(sources)
+
+    module = tf.Module()
+    module.tokenizer = translator.tokenizer
+    module.weights = [variable.value for variable in translator.model.variables]
+    module.translate = translate
+    return Export(module, {"translate": translate, "serving_default": translate}, ("translate", {"sources": [prompt]}))
+
+
+def classifier(served, prompt):
+    """A classifier's Export: `predict` takes `texts` and gives each one's `labels` and `scores` (the probability of
+    every label, in the run's label order); `classify` is TF Serving's Classify API: serialized `tf.Example`s with
+    the text in the feature `served.text_feature` in, `classes` (the label names) and `scores` [batch, num_labels]
+    out."""
+    names = tf.constant(served.labels)
+
+    def scores(texts):
+        return tf.nn.softmax(served.model(served.encode(texts), training=False), axis=-1)
+
+    @tf.function(input_signature=[TEXTS])
+    def predict(texts):
+        """{"labels": the most probable label of each text, "scores": [batch, num_labels]}."""
+        probs = scores(texts)
+        return {"labels": tf.gather(names, tf.argmax(probs, axis=-1)), "scores": probs}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+    def classify(inputs):
+        """TF Serving's Classify API: {"classes": [batch, num_labels] label names, "scores": their probabilities}."""
+        texts = tf.io.parse_example(inputs, {served.text_feature: tf.io.FixedLenFeature([], tf.string)})
+        probs = scores(texts[served.text_feature])
+        return {"classes": tf.tile(names[None], [tf.shape(probs)[0], 1]), "scores": probs}
+
+    module = tf.Module()
+    module.tokenizer = served.tokenizer
+    module.weights = [variable.value for variable in served.model.variables]
+    module.predict, module.classify = predict, classify
+    return Export(module, {"predict": predict, "classify": classify, "serving_default": predict},
+                  ("predict", {"texts": [prompt or "a"]}))
