@@ -7,25 +7,6 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-
-# The fixtures that train a model (here and in test modules): a test that uses one, directly or through another
-# fixture, is `slow` as a test that trains in its body is.
-TRAINED = {"chat_run", "sentence_run", "pattern_run", "documents_run", "classifier", "references",
-           "single_device", "run_dir"}
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items):
-    """Marks `slow` the tests that use a trained fixture. Under `--dist loadgroup` (the README's command) a module's
-    tests run on one worker, as under `--dist loadfile`, unless the module joins a named `xdist_group` with the other
-    modules that use the same session fixture, so that fixture trains on one worker only."""
-    for item in items:
-        if TRAINED & set(item.fixturenames):
-            item.add_marker(pytest.mark.slow)
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-
-
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 TINY = [
@@ -40,6 +21,40 @@ def tiny_config(*overrides):
     from tfglm.config import load_config
 
     return load_config(overrides=TINY + list(overrides))
+
+
+# The fixtures that train a model (here and in test modules): a test that uses one, directly or through another
+# fixture, is `slow` as a test that trains in its body is.
+TRAINED = {"chat_run", "sentence_run", "pattern_run", "documents_run", "classifier", "references",
+           "single_device", "run_dir"}
+# The modules that use each session fixture: under `--dist loadfile` they run on one worker, so that the fixture trains
+# once.
+SHARED = {"chat_run": ["test_chat.py", "test_chat_cli.py", "test_openai_api.py"],
+          "sentence_run": ["test_export.py", "test_serve.py"], "pattern_run": ["test_cli.py", "test_train.py"]}
+
+
+def pytest_collection_modifyitems(items):
+    """Marks `slow` the tests that use a trained fixture."""
+    for item in items:
+        if TRAINED & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the modules of each SHARED group sent to the same worker as one unit."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling  # pytest-xdist is there: it calls this hook
+
+    group = {os.path.join("tests", module): name for name, modules in SHARED.items() for module in modules}
+
+    class SharedFixtureScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            path = nodeid.split("::", 1)[0]
+            return group.get(path, path)
+
+    return SharedFixtureScheduling(config, log)
 
 
 def stop_at_step(step):

@@ -19,8 +19,6 @@ from tfglm.generation.decode import Generator
 from tfglm.training import runs
 from tfglm.tasks.registry import load_run
 
-pytestmark = pytest.mark.xdist_group("chat_run")
-
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ,?!"
 
 

@@ -16,8 +16,6 @@ from tfglm.config import generate_settings
 from tfglm.generation.chat import ChatSession
 from tfglm.tasks.registry import load_run
 
-pytestmark = pytest.mark.xdist_group("chat_run")
-
 GREEDY = ["--temperature", "0"]
 
 

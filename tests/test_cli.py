@@ -10,8 +10,6 @@ import pytest
 from conftest import TINY
 from tfglm.cli import main
 
-pytestmark = pytest.mark.xdist_group("pattern_run")
-
 
 def _train_args(tmp_path, *extra):
     sets = [a for s in TINY for a in ("--set", s)]

@@ -17,8 +17,6 @@ from tfglm.serving.export import export_run
 from tfglm.serving.signatures import WARMUP
 from tfglm.generation.decode import Generator
 
-pytestmark = pytest.mark.xdist_group("sentence_run")
-
 PROMPTS = ["the cat", "", "mat. the", "t"]
 GREEDY = {"max_new_tokens": 12, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
 

@@ -39,7 +39,7 @@ from tfglm.serving.batching import Batcher
 from tfglm.serving.serve import Server
 from tfglm.serving.versions import Model, read_model_config
 
-pytestmark = [pytest.mark.serve, pytest.mark.xdist_group("sentence_run")]
+pytestmark = pytest.mark.serve
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,6 @@ from tfglm.errors import TfglmError
 from tfglm.generation.decode import Generator
 from tfglm.training.trainer import train
 
-pytestmark = pytest.mark.xdist_group("pattern_run")
-
 
 def _metrics(run_dir):
     return runs.read_metrics(run_dir)
