@@ -7,7 +7,6 @@ whose losses are label-smoothed, logs/), plus eval.json after `tfglm evaluate`.
 
 import dataclasses
 import logging
-import os
 import time
 
 import keras
@@ -101,8 +100,7 @@ class Seq2Seq(Task):
             self.tokenizer = SentencePieceTokenizer(train_sentencepiece(self.sources + self.targets,
                                                                         self.config.tokenizer.vocab_size))
             if chief:
-                os.makedirs(runs.path(self.run_dir, runs.TOKENIZER), exist_ok=True)
-                self.tokenizer.save(runs.path(self.run_dir, runs.TOKENIZER))
+                runs.save_tokenizer(self.run_dir, self.tokenizer)
         self.target_tokens = parallel.report_lengths(self.sources, self.targets, self.tokenizer, length,
                                                      tr.pairs or tr.source)
         parallel.report_lengths(self.val_sources, self.val_targets, self.tokenizer, length,
