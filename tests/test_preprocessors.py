@@ -1,5 +1,8 @@
 """The preprocessors on their own: special tokens, truncation side, padding, bucket shapes, config round trip."""
 
+import re
+import textwrap
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -104,3 +107,11 @@ def test_encoder_classifier_config_round_trip():
     assert restored.get_config() == p.get_config()
     np.testing.assert_array_equal(restored(tf.constant(["the cat"]))["token_ids"],
                                   p(tf.constant(["the cat"]))["token_ids"])
+
+
+@pytest.mark.parametrize("family", [CausalLMPreprocessor, ChatPreprocessor, EncoderClassifierPreprocessor,
+                                    Seq2SeqPreprocessor])
+def test_docstring_example_runs(family):
+    examples = re.findall(r"Examples:\n\s*```python\n(.*?)```", family.__doc__, re.S)
+    assert len(examples) == 1
+    exec(compile(textwrap.dedent(examples[0]), f"{family.__name__} example", "exec"), {})

@@ -2,9 +2,9 @@
 
 `Generator` is the single entry point used by `tfglm generate` and `tfglm chat`, the exported SavedModel and the server,
 whole (`generate`, `chat`) or streamed in chunks of a few tokens (`stream`, the export's `*_start` and `advance`
-signatures). Prompts are encoded in the graph by the causal LM (or chat) preprocessor (`tfglm.preprocessors`): `<eot>` first,
-truncated from the left to fit the context, right-padded into a buffer whose batch, prompt and total lengths are
-bucketed, and decoded. XLA compiles once per such shape bucket, never per call or prompt length.
+signatures). Prompts are encoded in the graph by the causal LM (or chat) preprocessor (`tfglm.preprocessors`): `<eot>`
+first, truncated from the left to fit the context, right-padded into a buffer whose batch, prompt and total lengths
+are bucketed, and decoded. XLA compiles once per such shape bucket, never per call or prompt length.
 """
 
 import codecs
@@ -166,14 +166,16 @@ class Generator(tf.Module):
     def generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed):
         """Completions (strings [batch]) and their token counts (int32 [batch]) for `prompts`."""
         room = tf.clip_by_value(max_new_tokens, 1, self.context - 1)
-        return self.complete(self.preprocessor.prompt_ids(prompts, room), max_new_tokens, temperature, top_k, top_p, seed)
+        return self.complete(self.preprocessor.prompt_ids(prompts, room), max_new_tokens, temperature, top_k, top_p,
+                             seed)
 
     @tf.function(input_signature=CHAT_SIGNATURE)
     def chat(self, roles, contents, max_new_tokens, temperature, top_k, top_p, seed):
         """The assistant's next reply (strings [batch]) to conversations given as `roles` and `contents` (strings
         [batch, messages]; role "" pads a shorter conversation), and its token counts (int32 [batch])."""
         room = tf.clip_by_value(max_new_tokens, 1, self.context - 1)
-        return self.complete(self.preprocessor.chat_ids(roles, contents, room), max_new_tokens, temperature, top_k, top_p, seed)
+        return self.complete(self.preprocessor.chat_ids(roles, contents, room), max_new_tokens, temperature, top_k,
+                             top_p, seed)
 
     def stream(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, steps=8, conversations=None):
         """Yields, every `steps` tokens, the text each prompt (or each (roles, contents) conversation) gained."""

@@ -24,8 +24,9 @@ class CausalLMPreprocessor(keras.layers.Layer):
 
     tokenizer = CharTokenizer("abc")
     preprocessor = CausalLMPreprocessor(tokenizer, sequence_length=4)
-    preprocessor(tf.constant(["abcabc"]))  # {"token_ids": [[0, 2, 3, 4]], "lengths": [4]}: <eot> first, cut right
-    preprocessor.prompt_ids(tf.constant(["abcabc"]), 1).to_list()  # [[2, 3, 4]]: the last 3 tokens kept
+    inputs = preprocessor(tf.constant(["abcabc"]))  # <eot> (0) first, cut from the right
+    assert inputs["token_ids"].numpy().tolist() == [[0, 2, 3, 4]] and inputs["lengths"].numpy().tolist() == [4]
+    assert preprocessor.prompt_ids(tf.constant(["abcabc"]), 1).to_list() == [[2, 3, 4]]  # room for 1 new token
     ```
     """
 
@@ -88,7 +89,7 @@ class ChatPreprocessor(CausalLMPreprocessor):
 
     preprocessor = ChatPreprocessor(ChatTokenizer(CharTokenizer("abhi")), sequence_length=16)
     ids = preprocessor.chat_ids(tf.constant([["user"]]), tf.constant([["hi"]]), 4)
-    # <eot> <|user|> h i <eot> <|assistant|>: the assistant's turn opened
+    assert len(ids.to_list()[0]) == 6  # <eot> <|user|> h i <eot> <|assistant|>: the assistant's turn opened
     ```
     """
 

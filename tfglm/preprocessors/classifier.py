@@ -19,7 +19,8 @@ class EncoderClassifierPreprocessor(keras.layers.Layer):
 
     tokenizer = train_wordpiece(["the cat sat", "a dog ran"], 64)
     preprocessor = EncoderClassifierPreprocessor(tokenizer, sequence_length=8)
-    inputs = preprocessor(tf.constant(["the cat"]))  # token_ids, segment_ids, padding_mask: [1, 8]
+    inputs = preprocessor(tf.constant(["the cat"]))  # [CLS] the cat [SEP] [PAD] ...
+    assert inputs["token_ids"].shape == (1, 8) and inputs["padding_mask"].numpy().sum() == 4
     ```
     """
 
