@@ -166,7 +166,7 @@ def test_a_sentence_transformers_checkpoint_classifies_on_its_mean_token(tmp_pat
     assert runs.read_config(str(tmp_path / "plain-run")).model.pooling == "cls"
     run = tfglm.load_run(str(tmp_path / "run"))
     assert run.config.model.pooling == "mean"
-    classifier = build_classifier(run.config, len(BERT_VOCAB), 3, backbone=run.model.encoder)
+    classifier = build_classifier(run.config, len(BERT_VOCAB), 3, backbone=run.task.backbone(run.model))
     assert not any("pooler" in v.path for v in classifier.trainable_variables)
     inputs = bert_inputs()
     sequence, pooled, _ = bert_reference(bert_tensors(), inputs["token_ids"], inputs["segment_ids"],
@@ -381,7 +381,7 @@ def test_lora_trains_only_lora_weights_and_the_export_merges_them(tmp_path):
     trainable = {v.path.split("/", 1)[1] for v in run.model.trainable_variables}
     assert trainable and all("lora_kernel" in p or p.startswith("classifier_head") for p in trainable)
     assert sum("lora_kernel" in p for p in trainable) == 2 * 4 * LAYERS  # qkv, output, feed-forward in and out
-    imported = tfglm.load_run(str(tmp_path / "bert")).model.encoder
+    imported = tfglm.load_run(str(tmp_path / "bert")).model  # an embed run: the encoder alone
     frozen = [v for v in run.model.encoder.weights if "lora_kernel" not in v.path]
     for before, after in zip(imported.weights, frozen, strict=True):
         np.testing.assert_array_equal(before.numpy(), after.numpy(), err_msg=after.path)

@@ -10,9 +10,8 @@ import tensorflow as tf
 from tfglm.data.chat import ChatTokenizer
 from tfglm.data.parallel import PAD
 from tfglm.data.tokenizers import CharTokenizer, train_wordpiece
-from tfglm.preprocessors import (CausalLMPreprocessor, ChatPreprocessor, DecoderClassifierPreprocessor,
-                                 EncoderClassifierPreprocessor, Seq2SeqPreprocessor, buckets,
-                                 language_model_preprocessor)
+from tfglm.preprocessors import (CausalLMPreprocessor, ChatPreprocessor, EncoderPreprocessor, Seq2SeqPreprocessor,
+                                 buckets, language_model_preprocessor)
 
 TOKENIZER = CharTokenizer("abcdefgh")  # <eot> 0, <unk> 1, a..h 2..9
 
@@ -65,7 +64,7 @@ def test_chat_preprocessor_opens_the_assistant_turn_and_cuts_from_the_left():
 
 def test_classifier_preprocessors_pack_for_their_backbone():
     tokenizer = train_wordpiece(["the cat sat on the mat", "a dog ran"], 40)
-    encoder = EncoderClassifierPreprocessor(tokenizer, sequence_length=6)
+    encoder = EncoderPreprocessor(tokenizer, sequence_length=6)
     out = encoder(tf.constant(["the cat sat on the mat"]))
     tokens = tokenizer.tokenize(tf.constant(["the cat sat on the mat"])).to_list()[0]
     assert out["token_ids"].numpy().tolist() == [[tokenizer.cls_id, *tokens[:4], tokenizer.sep_id]]
@@ -73,7 +72,7 @@ def test_classifier_preprocessors_pack_for_their_backbone():
     assert short["token_ids"].numpy()[0, 3:].tolist() == [tokenizer.pad_id] * 3
     assert short["padding_mask"].numpy().tolist() == [[True, True, True, False, False, False]]
     assert short["segment_ids"].numpy().tolist() == [[0] * 6]
-    decoder = DecoderClassifierPreprocessor(TOKENIZER, sequence_length=4)
+    decoder = CausalLMPreprocessor(TOKENIZER, sequence_length=4)  # a GPT classifier's
     assert decoder(tf.constant(["abcdef"]))["token_ids"].numpy().tolist() == [[0] + ids("abc")]
 
 
@@ -85,8 +84,7 @@ def test_seq2seq_preprocessor_cuts_sources_and_buckets_the_buffer():
     assert p(tf.constant(["ab"]))["source_ids"].shape == (1, 8)  # lengths bucket from 8
 
 
-@pytest.mark.parametrize("family", [CausalLMPreprocessor, ChatPreprocessor, DecoderClassifierPreprocessor,
-                                    Seq2SeqPreprocessor])
+@pytest.mark.parametrize("family", [CausalLMPreprocessor, ChatPreprocessor, Seq2SeqPreprocessor])
 def test_config_round_trip(family):
     tokenizer = ChatTokenizer(TOKENIZER) if family is ChatPreprocessor else TOKENIZER
     p = family(tokenizer, sequence_length=7, name="pre")
@@ -100,16 +98,16 @@ def test_config_round_trip(family):
         np.testing.assert_array_equal(again[key], out[key])
 
 
-def test_encoder_classifier_config_round_trip():
+def test_encoder_config_round_trip():
     tokenizer = train_wordpiece(["the cat sat", "a dog ran"], 30)
-    p = EncoderClassifierPreprocessor(tokenizer, sequence_length=5)
-    restored = EncoderClassifierPreprocessor.from_config({**p.get_config(), "tokenizer": tokenizer})
+    p = EncoderPreprocessor(tokenizer, sequence_length=5)
+    restored = EncoderPreprocessor.from_config({**p.get_config(), "tokenizer": tokenizer})
     assert restored.get_config() == p.get_config()
     np.testing.assert_array_equal(restored(tf.constant(["the cat"]))["token_ids"],
                                   p(tf.constant(["the cat"]))["token_ids"])
 
 
-@pytest.mark.parametrize("family", [CausalLMPreprocessor, ChatPreprocessor, EncoderClassifierPreprocessor,
+@pytest.mark.parametrize("family", [CausalLMPreprocessor, ChatPreprocessor, EncoderPreprocessor,
                                     Seq2SeqPreprocessor])
 def test_docstring_example_runs(family):
     examples = re.findall(r"Examples:\n\s*```python\n(.*?)```", family.__doc__, re.S)

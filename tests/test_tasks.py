@@ -148,7 +148,7 @@ def test_each_task_trains_in_mixed_bfloat16(name, task_configs, tmp_path):
 def test_the_registry_names_its_tasks_and_rejects_others(task_configs):
     assert get_task("classify").name == "classify"
     with pytest.raises(TfglmError, match=r"^task: unknown task 'chitchat' \(known: causal_lm, masked_lm, classify, "
-                                         r"seq2seq, chat\)$"):
+                                         r"seq2seq, chat, embed\)$"):
         get_task("chitchat")
     with pytest.raises(TfglmError, match="the seq2seq task trains 'translate' models, got 'gpt'"):
         get_task("seq2seq")(load_config(), "run")

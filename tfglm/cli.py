@@ -141,6 +141,20 @@ def _parser():
     predict.add_argument("texts", nargs="+", help="texts to classify")
     predict.add_argument("--json", action="store_true", help="print one JSON object per text")
 
+    embed = command("embed", "embed texts with an embed run (a sentence-transformers encoder from `tfglm import`): "
+                             "L2-normalized vectors, one per text")
+    embed.add_argument("--model", required=True, help="embed run directory")
+    embed.add_argument("texts", nargs="*", help="texts to embed")
+    embed.add_argument("--input", help="a file of texts to embed: one a line (.txt), or JSONL with a \"text\" field")
+    embed.add_argument("--output", help="write the vectors to a .npy file (float32 [texts, dim]) or a .jsonl file "
+                                        "(default: one JSON object a text on stdout)")
+
+    index = command("index", "build a knowledge base: the entries of a JSONL, CSV or TSV file (question or "
+                             "questions, answer, optional intent and id) embedded with an embed run")
+    index.add_argument("--model", required=True, help="embed run directory")
+    index.add_argument("--data", required=True, help="the entries (.jsonl, .csv or .tsv)")
+    index.add_argument("--out", required=True, help="index directory to write (an index there is replaced)")
+
     serve = command("serve", "serve exported models over TF Serving's REST and gRPC APIs")
     serve.add_argument("--port", type=int, default=8500, help="gRPC port")
     serve.add_argument("--rest_api_port", type=int, default=8501, help="REST port (0 disables REST)")
@@ -391,6 +405,62 @@ def cmd_predict(args):
             print(f"{row['label']}\t{probs}\t{row['text']}")
 
 
+def _read_texts(path):
+    """The texts of a .txt file (its non-empty lines) or a .jsonl file (each row's "text")."""
+    from tfglm.data import labelled
+
+    if path.endswith(".jsonl"):
+        texts = []
+        for line, row in labelled.rows(path):
+            if not isinstance(row.get("text"), str):
+                raise TfglmError(f"{path}:{line}: no \"text\" string")
+            texts.append(row["text"])
+        return texts
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise TfglmError(f"--input {path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+
+
+def cmd_embed(args):
+    import numpy as np
+
+    from tfglm.training import runs
+
+    texts = list(args.texts) + (_read_texts(args.input) if args.input else [])
+    if not texts:
+        raise TfglmError("nothing to embed: give texts or --input")
+    _check_utf8("text", texts)
+    if args.output and not args.output.endswith((".npy", ".jsonl")):
+        raise TfglmError(f"--output {args.output}: expected a .npy or .jsonl file")
+    run = registry.load_run(args.model)
+    vectors = run.task.embedder(run.model)(texts)
+    lines = [json.dumps({"text": text, "embedding": vector.tolist()}, ensure_ascii=False) + "\n"
+             for text, vector in zip(texts, vectors)]
+    if not args.output:
+        sys.stdout.writelines(lines)
+        return
+
+    def write(tmp):
+        if args.output.endswith(".npy"):
+            np.save(tmp, vectors)
+        else:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(lines)
+
+    runs.atomic_write(args.output, write)
+    log.info("wrote %d vectors of %d dimensions to %s", *vectors.shape, args.output)
+
+
+def cmd_index(args):
+    from tfglm.tasks.embed import build_index
+
+    knowledge = build_index(args.model, args.data, args.out)
+    log.info("indexed %d entries (%d questions) in %s", len(knowledge.entries), len(knowledge.vectors), args.out)
+    print(os.path.abspath(args.out))
+
+
 def cmd_serve(args):
     import time
 
@@ -450,7 +520,7 @@ def main(argv=None):
     commands = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "export": cmd_export,
                 "finetune": cmd_finetune, "import": cmd_import, "evaluate": cmd_evaluate,
                 "prepare": lambda args: cmd_prepare(args, extra), "predict": cmd_predict, "translate": cmd_translate,
-                "serve": cmd_serve, "client": cmd_client}
+                "serve": cmd_serve, "client": cmd_client, "embed": cmd_embed, "index": cmd_index}
     try:
         commands.get(args.command, cmd_train)(args)  # the rest are tasks' own training commands
     except TfglmError as e:

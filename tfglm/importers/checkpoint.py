@@ -12,6 +12,7 @@ from tfglm.errors import TfglmError
 
 log = logging.getLogger("tfglm")
 TASK_OF = {"bert": "masked_lm", "gpt2": "causal_lm"}  # the task of the run an architecture's checkpoint becomes
+EMBED_TASK = "embed"  # the task of a mean-pooling sentence-transformers encoder's run
 
 
 class Checkpoint:
@@ -22,6 +23,11 @@ class Checkpoint:
         self.architecture, self.hf_config, self.tokenizer, self.where = architecture, hf_config, tokenizer, where
         self.pooling = pooling
         self.tensors = {_canonical(name): value for name, value in tensors.items()}
+
+    @property
+    def task(self):
+        """The task of the run the checkpoint becomes: a sentence-transformers encoder that mean-pools embeds."""
+        return EMBED_TASK if self.pooling == "mean" else TASK_OF[self.architecture]
 
     def field(self, name, default=None):
         value = self.hf_config.get(name, default)
@@ -96,10 +102,11 @@ def _assign(ck, variable, names, shapes, fn=lambda a: a):
     variable.assign(value)
 
 
-def load_bert(ck, pretrainer, positions):
-    """Sets an `EncoderPretrainer`'s weights from a BERT checkpoint (its first `positions` position embeddings);
-    the pooler, MLM and next-sentence heads only when the checkpoint has them."""
-    e = pretrainer.encoder
+def load_bert(ck, encoder, positions, pretrainer=None):
+    """Sets an `Encoder`'s weights from a BERT checkpoint (its first `positions` position embeddings), and those of
+    the `EncoderPretrainer` around it, if any; the pooler, MLM and next-sentence heads only when the checkpoint has
+    them."""
+    e = encoder
     h, i, v = e.hidden_dim, e.intermediate_dim, e.vocab_size
     ln = lambda norm, name: [(norm.gamma, [f"{name}.weight"], [(h,)]), (norm.beta, [f"{name}.bias"], [(h,)])]  # noqa
     linear = lambda dense, name, n_in, n_out: [  # noqa: E731  PyTorch's Linear weight is [out, in]
@@ -122,12 +129,13 @@ def load_bert(ck, pretrainer, positions):
                   *ln(block.feed_forward_norm, f"{p}output.LayerNorm")]
     for spec in specs:
         _assign(ck, *spec)
-    head = pretrainer.mlm_head
-    optional = {"pooler": linear(e.pooler, "pooler.dense", h, h),
-                "MLM head": [*linear(head._intermediate_dense, "cls.predictions.transform.dense", h, h),
-                             *ln(head._intermediate_layer_norm, "cls.predictions.transform.LayerNorm"),
-                             (head._bias, ["cls.predictions.bias"], [(v,)])],
-                "next-sentence head": linear(pretrainer.nsp_head, "cls.seq_relationship", h, 2)}
+    optional = {"pooler": linear(e.pooler, "pooler.dense", h, h)}
+    if pretrainer is not None:
+        head = pretrainer.mlm_head
+        optional.update({"MLM head": [*linear(head._intermediate_dense, "cls.predictions.transform.dense", h, h),
+                                      *ln(head._intermediate_layer_norm, "cls.predictions.transform.LayerNorm"),
+                                      (head._bias, ["cls.predictions.bias"], [(v,)])],
+                         "next-sentence head": linear(pretrainer.nsp_head, "cls.seq_relationship", h, 2)})
     for part, part_specs in optional.items():
         if all(ck.has(name) for spec in part_specs for name in spec[1]):
             for spec in part_specs:

@@ -133,9 +133,7 @@ class EncoderClassifier(keras.Model):
     def call(self, inputs, training=None):
         out = self.encoder(inputs, training=training)
         if self.pooling == "mean":
-            hidden = out["sequence_output"]
-            mask = ops.cast(inputs["padding_mask"], hidden.dtype)[..., None]
-            pooled = ops.sum(hidden * mask, axis=1) / ops.maximum(ops.sum(mask, axis=1), 1)
+            pooled = mean_pool(out["sequence_output"], inputs["padding_mask"])
         else:
             pooled = out["pooled_output"]
         return ops.cast(self.head(self.head_dropout(pooled, training=training)), "float32")
@@ -147,6 +145,13 @@ class EncoderClassifier(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**{**config, "encoder": keras.saving.deserialize_keras_object(config["encoder"])})
+
+
+def mean_pool(hidden, padding_mask):
+    """The mean of `hidden` [batch, length, dim] over each row's unpadded tokens (a sentence-transformers model's
+    text vector)."""
+    mask = ops.cast(padding_mask, hidden.dtype)[..., None]
+    return ops.sum(hidden * mask, axis=1) / ops.maximum(ops.sum(mask, axis=1), 1)
 
 
 def build_pretrainer(model_config, vocab_size):

@@ -13,8 +13,9 @@ from tfglm.preprocessors.buckets import bucket
 
 class CausalLMPreprocessor(keras.layers.Layer):
     """Texts to a GPT's token ids: `<eot>` + tokens, truncated to `sequence_length` (from the left for a prompt,
-    which keeps its end, from the right for a document scored or classified whole). Holds the tokenizer; its config
-    holds the rest (the tokenizer is saved with the run, in tokenizer/).
+    which keeps its end, from the right for a document scored or classified whole: a GPT classifier reads the last
+    of each row's `lengths` tokens). Holds the tokenizer; its config holds the rest (the tokenizer is saved with the
+    run, in tokenizer/).
 
     Examples:
     ```python

@@ -4,6 +4,7 @@ talk to exported models:
     GET  /v1/models              the served models with streaming signatures (`id` is the model's name)
     POST /v1/chat/completions    a chat export's `chat_start` + `advance` (`"stream": true`: server-sent events)
     POST /v1/completions         `generate_start` + `advance` for one prompt
+    POST /v1/embeddings          an embedding export's `embed` for a string or a list of strings
 
 Both completions run the same decode as the export's `chat` and `generate` signatures (the `_start` signature, then
 `advance` to the end, or every STREAM_STEPS tokens when streaming), so a greedy reply equals theirs. The request's
@@ -14,10 +15,15 @@ refused rather than ignored, other fields ignored. Each request runs alone (no b
 server's queue bound like any other; a stream holds its place until it ends. Errors have OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`: 400, 404 for an unknown model, 408, 413 and 503.
 
+Embeddings come as OpenAI gives them: a list of floats (`"encoding_format": "float"`) or, as the `openai` client
+asks by default, "base64" (the float32 vector's little-endian bytes); `usage` counts the tokens the vectors read.
+An input list holds at most `--max_batch_size` texts, each non-empty and at most `--max_prompt_bytes`.
+
 `GET /v1/models/NAME` stays TF Serving's model status, not OpenAI's model object.
 """
 
 import asyncio
+import base64
 import json
 import logging
 import time
@@ -56,16 +62,16 @@ def routes(core, pool):
         data = []
         for name, model in core.models.items():
             servables = model.servables
-            if servables and "advance" in servables[max(servables)].signature_defs:
+            if servables and {"advance", "embed"} & set(servables[max(servables)].signature_defs):
                 data.append({"id": name, "object": "model", "created": servables[max(servables)].created,
                              "owned_by": "tfglm"})
         return json_response({"object": "list", "data": data})
 
-    def endpoint(kind):
+    def endpoint(respond):
         async def handle(request):
             try:
                 with core.metrics.request() as labels:
-                    return await complete(request, kind, labels)
+                    return await respond(request, labels)
             except RequestError as e:
                 return error_response(e.status, str(e), e.headers, error_body(e))
             except Exception as e:  # a server fault: report it, keep serving
@@ -93,6 +99,21 @@ def routes(core, pool):
             raise
         return EventStream(events(query, first, chunks, loop), lambda: admitted.__exit__(None, None, None))
 
+    async def embeddings(request, labels):
+        body = await read_body(request, core.max_request_bytes, core.read_timeout_s)
+        model, servable, texts, encoding = parse_embeddings(json_object(body), core, labels)
+        with core.admission():
+            try:
+                outputs = await asyncio.get_running_loop().run_in_executor(pool, servable.predict, "embed",
+                                                                           {"texts": texts})
+            except RequestError as e:
+                raise OpenAIError(str(e), "input", e.status) from None
+        tokens = int(outputs["num_tokens"].sum())
+        data = [{"object": "embedding", "index": i, "embedding": encode_embedding(vector, encoding)}
+                for i, vector in enumerate(outputs["embeddings"])]
+        return json_response({"object": "list", "data": data, "model": model,
+                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
     async def events(query, first, chunks, loop):
         yield sse(query.chunk(None, role=True))
         chunk = first
@@ -115,8 +136,11 @@ def routes(core, pool):
         yield b"data: [DONE]\n\n"
 
     return [Route("/v1/models", models, methods=["GET"]),
-            Route("/v1/chat/completions", endpoint("chat"), methods=["POST"]),
-            Route("/v1/completions", endpoint("generate"), methods=["POST"])]
+            Route("/v1/chat/completions", endpoint(lambda request, labels: complete(request, "chat", labels)),
+                  methods=["POST"]),
+            Route("/v1/completions", endpoint(lambda request, labels: complete(request, "generate", labels)),
+                  methods=["POST"]),
+            Route("/v1/embeddings", endpoint(embeddings), methods=["POST"])]
 
 
 class EventStream(StreamingResponse):
@@ -171,15 +195,20 @@ class Query:
         return {**self._head("text_completion"), "choices": [choice]}
 
 
-def parse(request, kind, core, labels):
-    """The Query of a chat (`kind` "chat") or completions ("generate") request body; OpenAIError if it is bad."""
+def served_model(request, core, labels):
+    """(the request's `model`, its servable); 404 for a model not served."""
     model = request.get("model")
     if not isinstance(model, str):
         raise OpenAIError("model: expected the name of a served model (GET /v1/models lists them)", "model")
     try:
-        servable = core.servable(model, labels=labels)
+        return model, core.servable(model, labels=labels)
     except RequestError as e:
         raise OpenAIError(f"The model '{model}' does not exist ({e})", "model", 404, "model_not_found") from None
+
+
+def parse(request, kind, core, labels):
+    """The Query of a chat (`kind` "chat") or completions ("generate") request body; OpenAIError if it is bad."""
+    model, servable = served_model(request, core, labels)
     if f"{kind}_start" not in servable.signature_defs or "advance" not in servable.signature_defs:
         what = "a chat model (an export of a chat run)" if kind == "chat" else "a model with a generate signature"
         raise OpenAIError(f"model {model!r} is not {what} with streaming signatures (re-export it with this tfglm)",
@@ -281,3 +310,35 @@ def error_body(error):
     return {"error": {"message": str(error), "type": kind, "param": getattr(error, "param", None),
                       "code": getattr(error, "code", None)}}
 
+
+def parse_embeddings(request, core, labels):
+    """(model name, servable, texts as a [batch] object array, encoding format) of an embeddings request body;
+    OpenAIError if it is bad."""
+    model, servable = served_model(request, core, labels)
+    if "embed" not in servable.signature_defs:
+        raise OpenAIError(f"model {model!r} does not embed texts (it has no embed signature: export an embed run)",
+                          "model")
+    labels["signature"] = "embed"
+    texts = request.get("input")
+    texts = [texts] if isinstance(texts, str) else texts
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise OpenAIError("input: expected a string or a non-empty list of strings (token arrays are not taken)",
+                          "input")
+    empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
+    if empty is not None:
+        raise OpenAIError(f"input[{empty}]: an empty string", "input")
+    encoding = request.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise OpenAIError(f"encoding_format: expected 'float' or 'base64', got {json.dumps(encoding)[:40]}",
+                          "encoding_format")
+    dim = servable.signature_defs["embed"].outputs["embeddings"].tensor_shape.dim[-1].size
+    if request.get("dimensions") not in (None, dim):
+        raise OpenAIError(f"dimensions: this model gives {dim}-dimensional embeddings only", "dimensions")
+    return model, servable, np.array([t.encode("utf-8") for t in texts], dtype=object), encoding
+
+
+def encode_embedding(vector, encoding):
+    """A vector as OpenAI sends it: floats, or "base64" of its little-endian float32 bytes."""
+    if encoding == "base64":
+        return base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode("ascii")
+    return vector.tolist()

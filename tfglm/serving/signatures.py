@@ -8,7 +8,8 @@ into one, `caches`). `generate` and `chat` take `prompts` (or `roles` and `conte
 options (`tfglm.config.GENERATE_OPTIONS`), each with the run's `generate` config as its default, recorded in the
 SignatureDef's `defaults`, which TF Serving fills in for inputs a request leaves out. The model's context is saved as
 the variable `context`, so `tfglm serve` can reject a `max_new_tokens` above `context - 1` by name. A translation
-model's export holds `translate`; a classifier's `predict` and `classify` (TF Serving's Classify API).
+model's export holds `translate`; a classifier's `predict` and `classify` (TF Serving's Classify API); a sentence
+embedding model's `embed`.
 
 Every exported object tracks the `tf.Variable`s inside the Keras variables rather than the Keras model: the saved
 functions read those, and a Keras model would be saved as copies that TF1-style loaders (TF Serving) restore instead.
@@ -23,6 +24,7 @@ from tfglm.generation.beam import Translator
 from tfglm.generation.decode import CHAT_SIGNATURE, OPTIONS, SIGNATURE, Generator
 from tfglm.preprocessors import ChatPreprocessor
 from tfglm.tasks.base import TextClassifier
+from tfglm.tasks.embed import TextEmbedder
 
 # The export's warm-up requests, which a server replays while loading a version (TF Serving's path).
 WARMUP = os.path.join("assets.extra", "tf_serving_warmup_requests")
@@ -46,6 +48,8 @@ def build(served, settings):
         return translation(served, settings.prompt)
     if isinstance(served, TextClassifier):
         return classifier(served, settings.prompt)
+    if isinstance(served, TextEmbedder):
+        return embedding(served, settings.prompt)
     raise TypeError(f"nothing to export for a {type(served).__name__}")
 
 
@@ -206,3 +210,19 @@ def classifier(served, prompt):
     module.predict, module.classify = predict, classify
     return Export(module, {"predict": predict, "classify": classify, "serving_default": predict},
                   ("predict", {"texts": [prompt or "a"]}))
+
+
+def embedding(embedder, prompt):
+    """A sentence embedding model's Export: `embed` takes `texts` and gives their `embeddings` (float32 [batch, dim]
+    unit vectors) and `num_tokens` (`TextEmbedder.embed`)."""
+
+    @tf.function(input_signature=[TEXTS])
+    def embed(texts):
+        """`TextEmbedder.embed`: {"embeddings", "num_tokens"}."""
+        return embedder.embed(texts)
+
+    module = tf.Module()
+    module.tokenizer = embedder.tokenizer
+    module.weights = [variable.value for variable in embedder.encoder.variables]
+    module.embed = embed
+    return Export(module, {"embed": embed, "serving_default": embed}, ("embed", {"texts": [prompt or "a"]}))

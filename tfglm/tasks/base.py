@@ -3,7 +3,7 @@ same strategies, precision, checkpoints, resume, metrics and TensorBoard; a task
 
 A task is one class, registered by name (`tfglm.tasks.registry.register`): besides training, it declares its config
 section, the checks of that section, the options `tfglm evaluate` takes for it, and which commands it answers
-(`finetune --task`, `predict`, `translate`, `chat`). The config, the command line and the registry read these; none of
+(`finetune --task`, `predict`, `translate`, `chat`, `embed`). The config, the command line and the registry read these; none of
 them names a task.
 """
 
@@ -124,6 +124,11 @@ class Task:
         raise TfglmError(f"{self.run_dir}: a {self.name} run does not classify texts (`tfglm predict` takes a "
                          f"fine-tuned classifier)")
 
+    def embedder(self, model):
+        """A `TextEmbedder` (`tfglm embed`, `tfglm index`), for tasks that embed texts."""
+        raise TfglmError(f"{self.run_dir}: a {self.name} run does not embed texts (`tfglm embed` takes an encoder "
+                         f"imported from sentence-transformers)")
+
     def translator(self, model, beam_width=None, jit_compile=True):
         """A `Translator` (`tfglm translate`), for tasks that translate."""
         raise TfglmError(f"{self.run_dir}: not a translation run (its task is {self.name})")
@@ -138,7 +143,8 @@ class Task:
 
     def exported(self, model, jit_compile):
         """What `tfglm export` serves (`tfglm.serving.signatures` builds the signatures): a `Generator` (a language
-        model), a `Translator` or a `TextClassifier`; `jit_compile` makes its decode loops XLA functions."""
+        model), a `Translator`, a `TextClassifier` or a `TextEmbedder`; `jit_compile` makes its decode loops XLA
+        functions."""
         raise TfglmError(f"{self.run_dir}: a {self.name} run has nothing to serve")
 
 

@@ -20,7 +20,7 @@ from tfglm.errors import TfglmError
 from tfglm.models.encoder import Encoder, dummy_inputs
 from tfglm.models.gpt import GPT
 from tfglm.models.heads import EncoderClassifier, GPTClassifier
-from tfglm.preprocessors import DecoderClassifierPreprocessor, EncoderClassifierPreprocessor
+from tfglm.preprocessors import CausalLMPreprocessor, EncoderPreprocessor
 from tfglm.preprocessors.buckets import trim_padding
 from tfglm.tasks.base import Evaluation, Task, TextClassifier, epoch_checks, epoch_schedule, held_out
 from tfglm.tasks.registry import load_run
@@ -66,8 +66,7 @@ def encoder_classifier(config, vocab_size, num_classes, backbone):
 
 
 # model.kind -> (its preprocessor, its classifier)
-FAMILIES = {"gpt": (DecoderClassifierPreprocessor, gpt_classifier),
-            "bert": (EncoderClassifierPreprocessor, encoder_classifier)}
+FAMILIES = {"gpt": (CausalLMPreprocessor, gpt_classifier), "bert": (EncoderPreprocessor, encoder_classifier)}
 
 
 def preprocessor(tokenizer, model_config):
@@ -145,7 +144,7 @@ class Classify(Task):
             raise TfglmError("classify.train_file: no training file (--train)")
         text_column, label_column = labelled.find_columns(c.train_file, c.text_column, c.label_column)
         c = dataclasses.replace(c, text_column=text_column, label_column=label_column)
-        self.config = config = dataclasses.replace(config, classify=c)  # config.json keeps the columns found
+        self.config = config = config.replace(classify=c)  # config.json keeps the columns found
         texts, targets = labelled.read_labelled(c.train_file, c.text_column, c.label_column)
         if resume:
             self.load_vocabulary()

@@ -20,7 +20,7 @@ from tfglm.training import runs
 log = logging.getLogger("tfglm")
 
 BUILT_IN = ("tfglm.tasks.causal_lm:CausalLM", "tfglm.tasks.masked_lm:MaskedLM", "tfglm.tasks.classify:Classify",
-            "tfglm.tasks.seq2seq:Seq2Seq", "tfglm.tasks.chat:Chat")
+            "tfglm.tasks.seq2seq:Seq2Seq", "tfglm.tasks.chat:Chat", "tfglm.tasks.embed:Embed")
 ENTRY_POINTS = "tfglm.tasks"
 TASKS = {}  # name -> Task class, in registration order
 _found = []  # [True] once the built-in and installed tasks are registered

@@ -3,7 +3,8 @@ config.json, tokenizer/, best and last weights) that `finetune --model`, `evalua
 take as they take a trained one.
 
 BERT-family encoders (BERT, MiniLM) become a `masked_lm` run (post-norm blocks, the config's GELU and epsilon; the
-MLM and next-sentence heads are imported when the checkpoint has them, else left random), GPT-2 a `causal_lm` run.
+MLM and next-sentence heads are imported when the checkpoint has them, else left random), or an `embed` run when
+sentence-transformers mean-pools them (`tfglm.tasks.embed`); GPT-2 a `causal_lm` run.
 `--set model.max_length=N` keeps the first N position embeddings.
 """
 
@@ -14,7 +15,7 @@ import tfglm
 from tfglm.config import GenerateConfig, load_config, parse_override
 from tfglm.errors import TfglmError
 from tfglm.importers import READERS
-from tfglm.importers.checkpoint import TASK_OF, load_bert, load_gpt2, model_config
+from tfglm.importers.checkpoint import load_bert, load_gpt2, model_config
 from tfglm.tasks.registry import get_task
 from tfglm.training import runs
 
@@ -60,11 +61,14 @@ def import_checkpoint(source, directory, run_dir, overrides=()):
     if vocab_size != ck.tokenizer.vocab_size:
         raise TfglmError(f"{directory}: config.json: vocab_size: {vocab_size}, but the tokenizer has "
                          f"{ck.tokenizer.vocab_size} tokens")
-    task = get_task(TASK_OF[ck.architecture])(config, run_dir)
+    task = get_task(ck.task)(config, run_dir)
     task.tokenizer = ck.tokenizer
     model = task.build_model()
-    loader = load_bert if ck.architecture == "bert" else load_gpt2
-    loader(ck, model if ck.architecture == "bert" else task.backbone(model), config.model.max_length)
+    backbone = task.backbone(model)
+    if ck.architecture == "bert":
+        load_bert(ck, backbone, config.model.max_length, pretrainer=None if backbone is model else model)
+    else:
+        load_gpt2(ck, backbone, config.model.max_length)
     runs.save_tokenizer(run_dir, ck.tokenizer)
     runs.atomic_write(runs.path(run_dir, runs.CONFIG), config.save)
     runs.write_json(runs.path(run_dir, runs.RUN), {
