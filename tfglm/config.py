@@ -95,12 +95,14 @@ class Option:
         return None
 
 
+INT32_MAX = 2 ** 31 - 1  # the integer options are int32 inputs of the exported signatures
+
 GENERATE_OPTIONS = (
-    Option("max_new_tokens", int, 32, 1, help="new tokens at most; below the model's context"),
+    Option("max_new_tokens", int, 32, 1, INT32_MAX, help="new tokens at most; below the model's context"),
     Option("temperature", float, 0.8, 0.0, help="0 is greedy"),
-    Option("top_k", int, 0, 0, help="sample from the k most likely tokens; 0 disables"),
+    Option("top_k", int, 0, 0, INT32_MAX, help="sample from the k most likely tokens; 0 disables"),
     Option("top_p", float, 1.0, 0.0, 1.0, low_open=True, help="sample from the smallest set holding this mass"),
-    Option("seed", int, 0, 0, 2 ** 31 - 1, help="the same seed gives the same text"),
+    Option("seed", int, 0, 0, INT32_MAX, help="the same seed gives the same text"),
 )
 
 GenerateConfig = dataclasses.make_dataclass(

@@ -84,7 +84,7 @@ class ServerCore:
     most `max_batch_size` prompts (also the batcher's largest batch) of `max_prompt_bytes` each and
     `max_request_bytes` in all (REST body, gRPC message); at most `max_enqueued_requests` requests wait or run (more get
     503 / UNAVAILABLE), `num_threads` of them at a time per protocol; REST takes at most `max_connections`
-    connections (more get uvicorn's 503) and gives each request `read_timeout_s` to send its headers and as long
+    connections (more get 503 as they open, however few requests run) and gives each request `read_timeout_s` to send its headers and as long
     again for its body (then 408 and the connection closed).
     """
 
