@@ -4,23 +4,28 @@ import json
 import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import tensorflow as tf
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from tfglm.config import load_config
+from tfglm.data import corpus as data
+from tfglm.data import labelled
+from tfglm.data.tokenizers import CharTokenizer
+from tfglm.generation.decode import Generator
+from tfglm.models.gpt import GPT
+from tfglm.training.trainer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 RESULTS = os.path.join(ROOT, "bench", "results")
-SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
+DATA = os.path.join(ROOT, "..", "shared", "data")
+SHAKESPEARE = os.path.join(DATA, "tinyshakespeare", "input.txt")
+SST2 = os.path.join(DATA, "sst2")
 
 
 def shakespeare_tokens():
     """(train tokens, validation tokens, vocab size) of Tiny Shakespeare with tfglm's char tokenizer (90/10 split),
     or None when ../shared/data is absent."""
-    from tfglm.data import corpus as data
-    from tfglm.data.tokenizers import CharTokenizer
-
     if not os.path.exists(SHAKESPEARE):
         return None
     stats = data.scan_files([SHAKESPEARE])
@@ -76,6 +81,25 @@ def read_bandwidth_gbs(gigabytes=1.0, repeats=5):
     return gigabytes / best_seconds(lambda: tf.reduce_sum(x).numpy(), repeats)
 
 
+def machine_reference():
+    """The machine's state for this run, to read its figures against: {"matmul_gflops", "read_gbs"}. Machines here
+    are shared, and absolute figures move by 2x with other people's load."""
+    reference = {"matmul_gflops": round(matmul_peak_gflops(), 1), "read_gbs": round(read_bandwidth_gbs(), 1)}
+    print(f"machine: fp32 matmul (2048^2, XLA) {reference['matmul_gflops']} GFLOP/s, read bandwidth "
+          f"{reference['read_gbs']} GB/s", flush=True)
+    return reference
+
+
+def subsample(path, text_column, label_column, rows, out_path, seed=0):
+    """The first `rows` of a seeded shuffle of a labelled file, as TSV (all of them for rows 0)."""
+    texts, labels = labelled.read_labelled(path, text_column, label_column)
+    order = np.random.RandomState(seed).permutation(len(texts))[:rows or None]
+    with open(out_path, "w", encoding="utf-8") as f:
+        f.write(f"{text_column}\t{label_column}\n")
+        f.writelines(f"{' '.join(texts[i].split())}\t{labels[i]}\n" for i in order)
+    return out_path, len(order)
+
+
 def write_json(name, result):
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, name)
@@ -115,8 +139,8 @@ class CodepointIds:
         return tf.strings.reduce_join(tf.strings.as_string(ids), axis=-1, separator=" ")
 
 
-# The decode benchmarks' model (generate_throughput.py, probe_decode_step.py, speed_levers.py): GPT-2's vocabulary,
-# 6 x 384, context 256, random weights (same shapes, same cost); greedy from a 16-token prompt.
+# The decode benchmark's model: GPT-2's vocabulary, 6 x 384, context 256, random weights (same shapes, same cost);
+# greedy from a 16-token prompt.
 DECODE_SHAPE = {"num_layers": 6, "num_heads": 6, "hidden_dim": 384, "max_length": 256}
 DECODE_PROMPT = "First Citizen: "  # 15 characters; with <eot>, 16 tokens
 DECODE_NEW_TOKENS = 128
@@ -124,9 +148,6 @@ DECODE_NEW_TOKENS = 128
 
 def decode_generator(jit_compile=True):
     """A `tfglm.generation.decode.Generator` of the decode benchmarks' model, with `CodepointIds`."""
-    from tfglm.generation.decode import Generator
-    from tfglm.models.gpt import GPT
-
     model = GPT(CodepointIds.vocab_size, **DECODE_SHAPE)
     model.build()
     return Generator(model, CodepointIds(), jit_compile=jit_compile)
@@ -143,9 +164,6 @@ def without_autotune(dataset):
 def tiny_run(root, config):
     """A run of `config` (a file in configs/) trained for 4 steps on a short play-like corpus, for serving
     benchmarks: the weights' values do not change the cost. Greedy, at most 32 new tokens by default."""
-    from tfglm.config import load_config
-    from tfglm.training.trainer import train
-
     corpus = os.path.join(root, "corpus.txt")
     with open(corpus, "w") as f:
         f.write("ROMEO: what light through yonder window breaks?\nJULIET: it is the east.\n" * 2000)

@@ -1,30 +1,33 @@
-"""Runs every benchmark in turn (each in its own process), passing --quick unless --full is given.
+"""Runs every benchmark that has a `--quick` form, in turn, each in its own process.
 
-    nice -n 10 .venv/bin/python bench/run_all.py [--full]
+The speed benchmarks and the Tiny Shakespeare quality run, with --quick unless --full is given. The other quality runs,
+`lora_cost` and `serve_soak` take tens of minutes to hours and run alone (bench/README.md gives their commands).
 
-Tables go to stdout, JSON to bench/results/. Training runs first: data_throughput.py reads its JSON.
+    nice -n 10 python -m bench.run_all [--full]
+
+Tables go to stdout, JSON to bench/results/. Training runs first: data_throughput reads its JSON.
 """
 
 import argparse
-import os
 import subprocess
 import sys
 
-SCRIPTS = ("train_throughput.py", "profile_train_step.py", "data_throughput.py", "quality_tiny_shakespeare.py",
-           "generate_throughput.py", "probe_decode_step.py", "probe_decode_precision.py")
+from bench import workers
+
+MODULES = ("bench.speed.train_throughput", "bench.speed.data_throughput", "bench.speed.generate_throughput",
+           "bench.speed.distribute_throughput", "bench.speed.serve_throughput", "bench.quality.tiny_shakespeare")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="the full step counts (tens of minutes on 2 cores)")
+    parser.add_argument("--full", action="store_true", help="the full step counts (about an hour on 2 cores)")
     args = parser.parse_args()
-    here = os.path.dirname(os.path.abspath(__file__))
     failed = []
-    for script in SCRIPTS:
-        print(f"\n== {script}", flush=True)
-        cmd = [sys.executable, os.path.join(here, script)] + ([] if args.full else ["--quick"])
-        if subprocess.run(cmd, check=False).returncode:
-            failed.append(script)
+    for module in MODULES:
+        print(f"\n== {module}", flush=True)
+        command = [sys.executable, "-m", module] + ([] if args.full else ["--quick"])
+        if subprocess.run(command, check=False, cwd=workers.ROOT).returncode:
+            failed.append(module)
     if failed:
         print(f"\nfailed: {', '.join(failed)}")
     return 1 if failed else 0

@@ -10,6 +10,7 @@ No TensorFlow or PyTorch here: both kinds of worker import it.
 """
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,12 +38,15 @@ def serve(run, ready):
               flush=True)
 
 
-def start(command, env=None):
-    """Starts a worker (a command line) and waits for its `ready` line; returns (process, ready dict). Raises
-    RuntimeError with the end of its stderr if it exits first (an XLA flag this build rejects, say)."""
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `python -m bench...` runs
+
+
+def start(module, args):
+    """Starts a worker, `python -m module args` at the repository root, and waits for its `ready` line; returns
+    (process, ready dict). Raises RuntimeError with the end of its stderr if it exits first."""
     errors = tempfile.TemporaryFile("w+")  # not a pipe: a worker's logs must never fill it and block the worker
-    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True,
-                               env=env)
+    process = subprocess.Popen([sys.executable, "-m", module, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=errors, text=True, cwd=ROOT)
     process.errors = errors
     return process, ask(process)
 

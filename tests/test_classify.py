@@ -2,6 +2,8 @@
 
 import json
 import logging
+import os
+import re
 import types
 
 import numpy as np
@@ -442,9 +444,45 @@ def test_empty_texts_are_skipped_and_counted_and_single_examples_warned(tmp_path
     assert "label '2' has only 1 example" in caplog.text
 
 
-def test_cli_prints_a_user_mistake_as_one_line(tmp_path, capsys):
-    train = _write_tsv(tmp_path / "t.csv", [("x", "1")], header="review,stars")
-    assert main(["finetune", "--from-scratch", "--config", "configs/bert-sst2.yaml", "--task", "classify",
-                 "--train", train, "--eval", train, "--out", str(tmp_path / "o")]) == 2
+def test_cli_prints_a_user_mistake_as_one_line_and_a_failed_start_leaves_no_run_directory(tmp_path, capsys):
+    (tmp_path / "t.csv").write_text("review,stars\nfine,1\nbad,2\n")
+    train = str(tmp_path / "t.csv")
+    args = ["finetune", "--from-scratch", "--config", str(tmp_path / "none.yaml"), "--task", "classify", "--train",
+            train, "--eval", train]
+    (tmp_path / "none.yaml").write_text("{}\n")
+    assert main(args + ["--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("tfglm: error: ") and "t.csv:2:" in err and "\n" not in err
+    assert err.startswith("tfglm: error: ") and "\n" not in err
+    assert "t.csv: none of the columns label, labels, category for classify.label_column (has: review, stars)" in err
+    assert not os.path.exists(tmp_path / "o")
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    assert main(args + ["--out", str(tmp_path / "kept"), "--set", "classify.label_column=rating"]) == 2
+    assert "t.csv:2: no column 'rating' (has: review, stars)" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "kept") == ["notes.txt"]  # a directory that was there stays
+
+
+def test_columns_found_by_name_progress_in_logs_and_no_perplexity_for_a_classifier(tmp_path, caplog):
+    """A CSV with `review` and `category` columns and no column settings; stdout (pytest's capture) is no terminal."""
+    rng = np.random.RandomState(0)
+    rows = _separable_rows(rng, 96)
+    (tmp_path / "t.csv").write_text("review,category\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    train = str(tmp_path / "t.csv")
+    (tmp_path / "tiny.yaml").write_text("{}\n")
+    tiny = ["model.kind=bert", "tokenizer.kind=wordpiece", "tokenizer.vocab_size=300", "model.num_layers=1",
+            "model.num_heads=2", "model.hidden_dim=32", "model.max_length=16", "train.jit_compile=false",
+            "train.steps_per_execution=1", "train.log_every_s=0", "classify.epochs=2", "classify.batch_size=16",
+            "classify.val_fraction=0.25", "generate.max_new_tokens=8"]
+    out = str(tmp_path / "cls")
+    caplog.set_level(logging.INFO, logger="tfglm")
+    assert main(["finetune", "--from-scratch", "--config", str(tmp_path / "tiny.yaml"), "--task", "classify",
+                 "--train", train, "--eval", train, "--out", out] + sum((["--set", s] for s in tiny), [])) == 0
+    assert "t.csv: reading classify.text_column=review, classify.label_column=category" in caplog.text
+    with open(f"{out}/config.json") as f:
+        assert json.load(f)["classify"]["text_column"] == "review"
+    progress = re.findall(r"step (\d+)/10 \(epoch (\d)/2\): loss [\d.]+, [\d.]+ rows/s, \S+ left", caplog.text)
+    assert len(progress) >= 4 and {epoch for _, epoch in progress} == {"1", "2"}  # 72 rows: 5 batches an epoch
+    assert re.search(r"step 10/10 \(epoch 2/2\): loss [\d.]+, val_\w+ [\d.]+, val_\w+ [\d.]+\n", caplog.text)
+    metrics = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [5, 10]
+    assert all("val_accuracy" in m and "val_perplexity" not in m for m in metrics)

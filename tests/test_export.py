@@ -1,6 +1,7 @@
 """SavedModel export for TF Serving: loaded without tfglm or Keras, its signatures match the in-process Generator."""
 
 import json
+import logging
 import os
 import random
 import subprocess
@@ -180,9 +181,12 @@ def _xla_functions(export_dir):
     return [f.signature.name for f in library.function if f.attr["_XlaMustCompile"].b]
 
 
-def test_cli_export_next_version_and_errors(run_dir, base_path, capsys):
+def test_cli_export_next_version_and_errors(run_dir, base_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="tfglm")
     assert main(["export", "--model", run_dir, "--out", base_path, "--no-jit-compile"]) == 0
     assert capsys.readouterr().out.strip() == os.path.join(base_path, "2")
+    assert (f"exported version 2 of {base_path}; in Python: import tensorflow_text, then "
+            f"tf.saved_model.load({os.path.join(base_path, '2')!r})") in caplog.text
     assert sorted(os.listdir(base_path)) == ["1", "2"]  # no temporary directory left behind
     assert len(_xla_functions(os.path.join(base_path, "1"))) == 2  # prefill and advance
     assert _xla_functions(os.path.join(base_path, "2")) == []

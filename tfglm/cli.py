@@ -45,6 +45,16 @@ def _parser():
     _add_training_options(train, "YAML config (default: configs/default.yaml values)")
     train.add_argument("--data", nargs="+", help="training text files, directories or globs (overrides data.files)")
 
+    prepare = command("prepare", "clean, deduplicate and tokenize a corpus of any size into token shards for `tfglm "
+                                 "train --data DIR`, with Apache Beam (pip install 'tfglm[beam]'); Beam's own "
+                                 "pipeline options (--runner, --project, ...) pass through")
+    prepare.add_argument("--config", help="YAML config whose tokenizer and data settings the shards are made with")
+    prepare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. "
+                                                                                          "data.format=jsonl")
+    prepare.add_argument("--data", nargs="+", required=True,
+                         help="text files, JSONL or Parquet files, directories or globs (local or gs://)")
+    prepare.add_argument("--out", required=True, help="directory for the shards, tokenizer and manifest")
+
     pretrain = command("pretrain", "pretrain a BERT-style encoder (masked LM + next sentence)")
     _add_training_options(pretrain, "YAML config with model.kind bert (configs/bert-*.yaml)")
     pretrain.add_argument("--data", nargs="+", help="text files, directories, globs, or labelled TSV/CSV/JSONL files")
@@ -191,6 +201,14 @@ def cmd_train(args, task=None):
         print(f"sample (prompt {settings.prompt!r}, temperature {settings.temperature}):\n{settings.prompt}{texts[0]}")
 
 
+def cmd_prepare(args, beam_args):
+    from tfglm.config import load_config
+    from tfglm.data.prepare import prepare
+
+    prepare(load_config(args.config, args.set), args.data, args.out, beam_args)
+    print(f"\nprepared: {args.out} (train with --data {args.out})")
+
+
 def cmd_pretrain(args):
     cmd_train(args, task="masked_lm")
 
@@ -333,7 +351,10 @@ def cmd_chat(args):
 def cmd_export(args):
     from tfglm.serving.export import export_run
 
-    print(export_run(args.model, args.out, args.version, jit_compile=not args.no_jit_compile))
+    path = export_run(args.model, args.out, args.version, jit_compile=not args.no_jit_compile)
+    print(path)
+    log.info("exported version %s of %s; in Python: import tensorflow_text, then tf.saved_model.load(%r); to serve "
+             "every version: tfglm serve --model_base_path %s", os.path.basename(path), args.out, path, args.out)
 
 
 def cmd_evaluate(args):
@@ -410,18 +431,26 @@ def _quiet(verbose):
 
         absl.logging.set_verbosity(absl.logging.ERROR)
         logging.getLogger("tensorflow").setLevel(logging.ERROR)
+        for handler in logging.getLogger().handlers:  # other libraries' records (Apache Beam's) through the root
+            handler.addFilter(lambda record: record.name.startswith("tfglm"))
 
 
 def main(argv=None):
     logging.basicConfig(format="tfglm: %(levelname)s: %(message)s", level=logging.INFO)
     logging.getLogger("tfglm").setLevel(logging.INFO)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "prepare":  # only Beam's pipeline options go unparsed
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet(args.verbose)
     commands = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "export": cmd_export,
                 "pretrain": cmd_pretrain, "finetune": cmd_finetune, "import": cmd_import, "evaluate": cmd_evaluate,
                 "predict": cmd_predict, "translate": cmd_translate, "serve": cmd_serve, "client": cmd_client}
     try:
-        commands[args.command](args)
+        if args.command == "prepare":
+            cmd_prepare(args, extra)
+        else:
+            commands[args.command](args)
     except TfglmError as e:
         print(f"tfglm: error: {e}", file=sys.stderr)
         return 2

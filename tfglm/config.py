@@ -44,6 +44,11 @@ class TokenizerConfig:
 class DataConfig:
     files: list = dataclasses.field(default_factory=list)  # globs; empty means the embedded corpus
     val_fraction: float = 0.1  # the last fraction of the token stream is validation
+    # `tfglm prepare` only (`tfglm.data.prepare`):
+    format: str = "auto"  # auto (by extension) | text (one file a document) | jsonl | parquet
+    text_field: str = "text"  # the document's field in JSONL objects and Parquet rows
+    min_chars: int = 1  # shorter documents (after Unicode NFC normalization) are dropped and counted
+    max_chars: int = 0  # longer documents are dropped and counted; 0: no limit
 
 
 @dataclasses.dataclass
@@ -68,6 +73,7 @@ class TrainConfig:
     connect_timeout_s: int = 60  # multi-worker: how long to wait for every peer in TF_CONFIG
     init_from: str = ""  # a run directory whose weights start this run's backbone (fine-tuning a pretrained model)
     lora_rank: int = 0  # > 0: LoRA of this rank on the backbone's projections, the rest of the backbone frozen
+    log_every_s: float = 30.0  # when stdout is not a terminal: a progress line this often (a terminal has Keras's bar)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +118,8 @@ GenerateConfig = dataclasses.make_dataclass(
 
 @dataclasses.dataclass
 class ClassifyConfig:
-    text_column: str = "sentence"  # column (TSV/CSV header) or field (JSONL) holding the text
-    label_column: str = "label"
+    text_column: str = ""  # column (TSV/CSV header) or field (JSONL) holding the text; "": text, sentence or review
+    label_column: str = ""  # "": label, labels or category
     val_fraction: float = 0.1  # of the training rows, held out for early stopping when no --val file is given
     epochs: int = 10
     patience: int = 2  # epochs without a better validation `monitor` before stopping
@@ -250,6 +256,10 @@ def validate(config):
          f"must be 'wordpiece' exactly when model.kind is 'bert' (model.kind {m.kind!r}, tokenizer.kind {tok.kind!r})"),
         (tok.vocab_size >= 300, "tokenizer.vocab_size", "must be >= 300 (256 byte pieces are reserved)"),
         (0.0 < config.data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)"),
+        (config.data.format in ("auto", "text", "jsonl", "parquet"), "data.format",
+         f"must be 'auto', 'text', 'jsonl' or 'parquet', got {config.data.format!r}"),
+        (config.data.min_chars >= 0 and config.data.max_chars >= 0, "data.min_chars",
+         "data.min_chars and data.max_chars must be >= 0"),
         (1 <= t.steps <= 10 ** 12, "train.steps", "must be in [1, 1e12]"),
         (t.batch_size >= 1, "train.batch_size", "must be >= 1"),
         (t.learning_rate > 0, "train.learning_rate", "must be > 0"),
@@ -269,6 +279,7 @@ def validate(config):
         (t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1"),
         (t.lora_rank >= 0, "train.lora_rank", "must be >= 0 (0 is full fine-tuning)"),
         (t.connect_timeout_s >= 1, "train.connect_timeout_s", "must be >= 1"),
+        (t.log_every_s >= 0, "train.log_every_s", "must be >= 0"),
         (0.0 <= c.val_fraction < 1.0, "classify.val_fraction", "must be in [0, 1)"),
         (c.epochs >= 1, "classify.epochs", "must be >= 1"),
         (c.patience >= 1, "classify.patience", "must be >= 1"),

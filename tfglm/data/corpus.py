@@ -114,30 +114,38 @@ def num_blocks(num_tokens, seq_len):
     return max(0, (num_tokens - seq_len) // seq_len)
 
 
-def train_dataset(tokens, seq_len, batch_size, seed, start_step, num_steps):
-    """Batches (inputs, targets) of shape [batch_size, seq_len] for global steps [start_step, start_step + num_steps).
-
-    Each batch is a pure function of (seed, step): epoch e packs the stream into blocks starting at a random offset
-    in [0, seq_len), in an order shuffled with seed (seed, e). Resuming at any step reproduces the same batches.
-    """
-    blocks = num_blocks(len(tokens), seq_len)
+def check_blocks(num_tokens, seq_len, batch_size):
+    """The training split's number of blocks (`num_blocks`), at least one batch of them."""
+    blocks = num_blocks(num_tokens, seq_len)
     if blocks < batch_size:
-        raise TfglmError(f"data: training split has {len(tokens)} tokens, {blocks} block(s) of {seq_len}: fewer than "
+        raise TfglmError(f"data: training split has {num_tokens} tokens, {blocks} block(s) of {seq_len}: fewer than "
                          f"train.batch_size ({batch_size}); add text or lower the batch size or context")
+    return blocks
+
+
+def block_starts(step, blocks, seq_len, batch_size, seed):
+    """Where the `batch_size` blocks of global step `step` start in the token stream, a pure function of (seed, step):
+    epoch e packs the stream into blocks starting at a random offset in [0, seq_len), in an order shuffled with seed
+    (seed, e), in O(batch) whatever the corpus size."""
     steps_per_epoch = blocks // batch_size
+    epoch = step // steps_per_epoch
+    position = step % steps_per_epoch
+    epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+    slots = tf.range(batch_size, dtype=tf.int64) + position * batch_size
+    order = tf.random.experimental.index_shuffle(slots, seed=epoch_seed, max_index=blocks - 1)
+    offset = tf.cast(tf.random.stateless_uniform([], epoch_seed + 1, 0, seq_len, tf.int32), tf.int64)
+    return offset + order * seq_len
+
+
+def train_dataset(tokens, seq_len, batch_size, seed, start_step, num_steps):
+    """Batches (inputs, targets) of shape [batch_size, seq_len] for global steps [start_step, start_step + num_steps),
+    each a pure function of (seed, step) (`block_starts`), so resuming at any step reproduces the same batches."""
+    blocks = check_blocks(len(tokens), seq_len, batch_size)
     stream = tf.constant(tokens, tf.int32)
-    window = tf.range(seq_len + 1)
+    window = tf.range(seq_len + 1, dtype=tf.int64)
 
     def batch_at(step):
-        epoch = step // steps_per_epoch
-        position = step % steps_per_epoch
-        epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
-        # This batch's slots of a permutation of the blocks, in O(batch) whatever the corpus size.
-        slots = tf.range(batch_size, dtype=tf.int64) + position * batch_size
-        order = tf.random.experimental.index_shuffle(slots, seed=epoch_seed, max_index=blocks - 1)
-        offset = tf.random.stateless_uniform([], epoch_seed + 1, 0, seq_len, tf.int32)
-        starts = offset + tf.cast(order, tf.int32) * seq_len
-        block = tf.gather(stream, starts[:, None] + window)
+        block = tf.gather(stream, block_starts(step, blocks, seq_len, batch_size, seed)[:, None] + window)
         return block[:, :-1], block[:, 1:]
 
     ds = tf.data.Dataset.range(start_step, start_step + num_steps)

@@ -17,6 +17,8 @@ from tfglm.errors import TfglmError
 
 log = logging.getLogger("tfglm")
 FORMATS = (".tsv", ".csv", ".jsonl")
+TEXT_COLUMNS = ("text", "sentence", "review")  # looked for, in this order, when classify.text_column is ""
+LABEL_COLUMNS = ("label", "labels", "category")  # and when classify.label_column is ""
 
 
 def is_labelled(path):
@@ -56,6 +58,36 @@ def rows(path):
             yield reader.line_num, dict(zip(header, fields))
 
 
+def header(path):
+    """The column names of a labelled file (of a JSONL file: its first row's fields)."""
+    for _, row in rows(path):
+        return list(row)
+    return []
+
+
+def find_columns(path, text_column, label_column=None):
+    """(text column, label column) of a labelled file: those given, and for each one left "" the first of
+    `TEXT_COLUMNS` / `LABEL_COLUMNS` the file has (one info line names the picks). With `label_column` None, only the
+    text column is looked for (and None returned for the label)."""
+    wanted = {"classify.text_column": (text_column, TEXT_COLUMNS)}
+    if label_column is not None:
+        wanted["classify.label_column"] = (label_column, LABEL_COLUMNS)
+    picked, names = {}, None
+    for key, (given, candidates) in wanted.items():
+        if given:
+            picked[key] = given
+            continue
+        names = header(path) if names is None else names
+        picked[key] = next((name for name in candidates if name in names), None)
+        if picked[key] is None:
+            raise TfglmError(f"{path}: none of the columns {', '.join(candidates)} for {key} (has: {', '.join(names)}); "
+                             f"set {key}")
+    found = [f"{key}={picked[key]}" for key, (given, _) in wanted.items() if not given]
+    if found:
+        log.info("%s: reading %s (found in its header)", path, ", ".join(found))
+    return picked["classify.text_column"], picked.get("classify.label_column")
+
+
 def _value(path, line, row, column):
     if column not in row:
         raise TfglmError(f"{path}:{line}: no column {column!r} (has: {', '.join(map(str, row))}); "
@@ -67,7 +99,8 @@ def _value(path, line, row, column):
 
 
 def read_texts(path, text_column):
-    """The non-empty texts of a labelled file's text column (for pretraining on it)."""
+    """The non-empty texts of a labelled file's text column (`find_columns`: "" looks for one; for pretraining)."""
+    text_column, _ = find_columns(path, text_column)
     texts = (_value(path, line, row, text_column).strip() for line, row in rows(path))
     return [text for text in texts if text]
 

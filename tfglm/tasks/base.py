@@ -3,6 +3,7 @@ same strategies, precision, checkpoints, resume, metrics and TensorBoard; a task
 
 import dataclasses
 
+from tfglm.data import epochs
 from tfglm.errors import TfglmError
 
 
@@ -20,6 +21,8 @@ class Task:
     monitor = ("val_loss", "min")  # the validation metric that picks best.weights.h5, and whether lower is better
     patience = None  # stop after this many validation points without a better `monitor`; None never stops early
     generates = False  # whether `generator` makes free text
+    perplexity = False  # whether val_loss is a plain next-token cross-entropy, so exp(val_loss) is a perplexity
+    counts_epochs = False  # whether `schedule` counts epochs (`epoch_schedule`: one validation point an epoch)
 
     def __init__(self, config, run_dir):
         if config.model.kind not in self.model_kinds:
@@ -52,7 +55,8 @@ class Task:
         return {}
 
     def datasets(self, step):
-        """(train, validation) `tf.data` datasets; train yields the batches of steps [step, schedule().steps)."""
+        """(train, validation) `tf.data` datasets; train yields the batches of steps [step, schedule().steps), or is
+        a function of a `tf.distribute.InputContext` that yields only that input pipeline's rows of each batch."""
         raise NotImplementedError
 
     def tokens_per_step(self):
@@ -100,14 +104,15 @@ class TextClassifier:
 
 def epoch_schedule(train, section, num_rows):
     """The `train` settings of a fine-tune counted in epochs of `num_rows` examples, from its task's config
-    `section` (batch_size, learning_rate, epochs): warm-up over the first 10%, decay to zero, validation each epoch."""
+    `section` (batch_size, learning_rate, epochs): warm-up over the first 10%, decay to zero, validation each epoch.
+    An epoch is every row once, its last batch filled up (`tfglm.data.epochs`); steps per execution is the largest
+    divisor of its steps up to `train.steps_per_execution`, so no step of an epoch is left out."""
     name = type(section).__name__.removesuffix("Config").lower()
-    steps_per_epoch = num_rows // section.batch_size
-    if steps_per_epoch < 1:
+    if section.batch_size > num_rows:
         raise TfglmError(f"{name}.batch_size: {section.batch_size} is more than the {num_rows} training examples")
-    per_execution = min(train.steps_per_execution, steps_per_epoch)
-    steps_per_epoch -= steps_per_epoch % per_execution
-    steps = section.epochs * steps_per_epoch
+    per_epoch = epochs.steps_per_epoch(num_rows, section.batch_size)
+    per_execution = max(d for d in range(1, min(train.steps_per_execution, per_epoch) + 1) if per_epoch % d == 0)
+    steps = section.epochs * per_epoch
     return dataclasses.replace(train, steps=steps, batch_size=section.batch_size,
                                learning_rate=section.learning_rate, min_learning_rate=0.0, warmup_steps=steps // 10,
-                               eval_interval=steps_per_epoch, steps_per_execution=per_execution)
+                               eval_interval=per_epoch, steps_per_execution=per_execution)

@@ -4,6 +4,7 @@ It exports its `Generator` (`tfglm.serving.signatures.language_model`: generate,
 streaming signatures).
 """
 
+import functools
 import logging
 import math
 import os
@@ -11,7 +12,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from tfglm.data import corpus
+from tfglm.data import corpus, shards
 from tfglm.data.tokenizers import CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 from tfglm.errors import TfglmError
 from tfglm.generation.decode import Generator
@@ -26,13 +27,18 @@ log = logging.getLogger("tfglm")
 class CausalLM(Task):
     name = "causal_lm"
     model_kinds = ("gpt",)
+    perplexity = True
     generates = True
+    prepared = None  # the `shards.Prepared` corpus when data.files names one
 
     def load_vocabulary(self):
         self.tokenizer = load_tokenizer(runs.path(self.run_dir, runs.TOKENIZER))
 
     def prepare(self, resume, chief):
-        """Reads and checks the corpus, trains (or reloads) the tokenizer and splits the token stream."""
+        """Reads and checks the corpus, trains (or reloads) the tokenizer and splits the token stream; or opens the
+        corpus `tfglm prepare` wrote, whose tokenizer the run takes."""
+        if shards.is_prepared(self.config.data.files):
+            return self.open_prepared(resume, chief)
         files = corpus.resolve_files(self.config.data.files) if self.config.data.files else \
             corpus.embedded_corpus_files()
         stats = corpus.scan_files(files)
@@ -63,6 +69,19 @@ class CausalLM(Task):
         log.info("tokens: %d train, %d validation, vocabulary %d", len(self.train_tokens), len(self.val_tokens),
                  self.tokenizer.vocab_size)
 
+    def open_prepared(self, resume, chief):
+        self.prepared = shards.Prepared(self.config.data.files[0])
+        source = self.prepared.tokenizer_dir  # a new run takes the shards' tokenizer; others must match it
+        if resume or self.config.train.init_from:
+            source = runs.path(self.run_dir if resume else self.config.train.init_from, runs.TOKENIZER)
+        self.prepared.check_tokenizer(source)
+        if chief and not resume:
+            shards.copy_files(source, runs.path(self.run_dir, runs.TOKENIZER))
+        self.tokenizer = shards.read_tokenizer(source)
+        streams = self.prepared.streams
+        log.info("prepared corpus %s: %d train, %d validation tokens, vocabulary %d", self.prepared.directory,
+                 streams["train"].num_tokens, streams["validation"].num_tokens, self.tokenizer.vocab_size)
+
     def build_model(self):
         return GPT.from_config_tree(self.config.model, self.tokenizer.vocab_size)
 
@@ -79,6 +98,10 @@ class CausalLM(Task):
 
     def datasets(self, step):
         t, length = self.config.train, self.config.model.max_length
+        if self.prepared:
+            train = functools.partial(self.prepared.train_dataset, length, t.batch_size, t.seed, step, t.steps - step)
+            val = self.prepared.validation_tokens(t.batch_size * t.eval_batches * length + 1)
+            return train, corpus.eval_dataset(val, length, t.batch_size, t.eval_batches)
         return (corpus.train_dataset(self.train_tokens, length, t.batch_size, t.seed, step, t.steps - step),
                 corpus.eval_dataset(self.val_tokens, length, t.batch_size, t.eval_batches))
 

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfglm.data.chat import ChatTokenizer, as_batch, read_conversations
+from tfglm.data import epochs
 from tfglm.data.corpus import per_token_weights
 from tfglm.data.tokenizers import load_tokenizer, new_tokenizer
 from tfglm.errors import TfglmError
@@ -32,6 +33,8 @@ class Chat(Task):
 
     name = "chat"
     model_kinds = ("gpt",)
+    perplexity = True
+    counts_epochs = True
     generates = True
 
     def __init__(self, config, run_dir):
@@ -108,11 +111,12 @@ class Chat(Task):
 
     def datasets(self, step):
         t = self.schedule()
-        train = examples(*self.train, t.batch_size, seed=t.seed)
+        batches = epochs.epoch_batches(len(self.train[0]), t.batch_size, self.config.chat.epochs, t.seed)
+        train = examples(*self.train, t.batch_size, batches=batches[step:])
         if len(self.val[0]) < t.batch_size:
             raise TfglmError(f"chat: {len(self.val[0])} validation conversations, fewer than one batch of "
                              f"{t.batch_size}; lower chat.batch_size or give more")
-        return train.skip(step), examples(*self.val, t.batch_size).cache()
+        return train, examples(*self.val, t.batch_size).cache()
 
     def tokens_per_step(self):
         return self.config.chat.batch_size * self.config.model.max_length
@@ -188,13 +192,14 @@ def encode(tokenizer, conversations, length, where, batch_size=256):
     return np.stack(ids).astype(np.int32), np.stack(weights).astype(np.float32)
 
 
-def examples(ids, weights, batch_size, seed=None):
-    """Batches (inputs, targets, per-token weights) of whole conversations; with `seed`, shuffled anew each pass and
-    endless."""
-    ds = tf.data.Dataset.from_tensor_slices((ids, weights))
-    if seed is not None:
-        ds = ds.shuffle(len(ids), seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.batch(batch_size, drop_remainder=True)
+def examples(ids, weights, batch_size, batches=None):
+    """Batches (inputs, targets, per-token weights) of whole conversations: in order (the last partial batch left
+    out), or the rows `batches` names (row indices [steps, batch_size], as `epochs.epoch_batches` gives them)."""
+    if batches is None:
+        ds = tf.data.Dataset.from_tensor_slices((ids, weights)).batch(batch_size, drop_remainder=True)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(batches).map(lambda rows: (tf.gather(ids, rows),
+                                                                           tf.gather(weights, rows)))
     return ds.map(lambda x, w: (x[:, :-1], x[:, 1:], per_token_weights(w[:, 1:]))).prefetch(tf.data.AUTOTUNE)
 
 

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfglm.data import corpus, labelled
+from tfglm.data import corpus, epochs, labelled
 from tfglm.data.tokenizers import load_tokenizer, new_tokenizer
 from tfglm.errors import TfglmError
 from tfglm.models.encoder import Encoder, dummy_inputs
@@ -52,27 +52,27 @@ def encode(tokenizer, model_config):
     return fn
 
 
-def text_dataset(texts, tokenizer, model_config, batch_size, targets=None, seed=None, class_weights=None):
-    """Batches of classifier inputs (and targets, and with `class_weights` each row's weight), in order, each cut to
-    its longest row (`corpus.trim_padding`); with `seed`, shuffled anew each epoch, repeated, and full batches of
-    texts of similar length (`corpus.bucket_by_length`)."""
-    ds = tf.data.Dataset.from_tensor_slices(texts if targets is None else (texts, np.asarray(targets, np.int32)))
-    if class_weights is not None:
-        weights = tf.constant(class_weights, tf.float32)
-        ds = ds.map(lambda x, y: (x, y, tf.gather(weights, y)))
+def text_dataset(texts, tokenizer, model_config, batch_size, targets=None, batches=None, class_weights=None):
+    """Batches of classifier inputs (and targets, and with `class_weights` each row's weight), each cut to its longest
+    row (`corpus.trim_padding`): in order, or the rows `batches` names (row indices [steps, batch_size], as
+    `epochs.epoch_batches` gives them)."""
+    columns = [texts]
+    if targets is not None:
+        columns.append(np.asarray(targets, np.int32))
+        if class_weights is not None:
+            columns.append(np.asarray(class_weights, np.float32)[columns[1]])
     encode_texts = encode(tokenizer, model_config)
 
-    def on_texts(fn):
-        return fn if targets is None else lambda x, *rest: (fn(x), *rest)
+    def encoded(texts, *rest):
+        inputs = corpus.trim_padding(encode_texts(texts), model_config.max_length)
+        return (inputs, *rest) if rest else inputs
 
-    if seed is None:
-        trimmed = lambda texts: corpus.trim_padding(encode_texts(texts), model_config.max_length)  # noqa: E731
-        ds = ds.batch(batch_size).map(on_texts(trimmed), num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.prefetch(tf.data.AUTOTUNE)
-    # Tokenized a thousand at a time, then regrouped by length.
-    ds = ds.shuffle(len(texts), seed=seed, reshuffle_each_iteration=True).repeat().batch(1024)
-    ds = ds.map(on_texts(encode_texts), num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-    return corpus.bucket_by_length(ds, batch_size, model_config.max_length).prefetch(tf.data.AUTOTUNE)
+    if batches is None:
+        ds = tf.data.Dataset.from_tensor_slices(tuple(columns)).batch(batch_size)
+    else:
+        table = [tf.constant(column) for column in columns]
+        ds = tf.data.Dataset.from_tensor_slices(batches).map(lambda ids: tuple(tf.gather(c, ids) for c in table))
+    return ds.map(encoded, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def build_classifier(config, vocab_size, num_classes, backbone=None):
@@ -112,6 +112,7 @@ class Classify(Task):
 
     name = "classify"
     model_kinds = ("bert", "gpt")
+    counts_epochs = True
 
     def __init__(self, config, run_dir):
         super().__init__(config, run_dir)
@@ -126,6 +127,9 @@ class Classify(Task):
         config, c = self.config, self.config.classify
         if not c.train_file:
             raise TfglmError("classify.train_file: no training file (--train)")
+        text_column, label_column = labelled.find_columns(c.train_file, c.text_column, c.label_column)
+        c = dataclasses.replace(c, text_column=text_column, label_column=label_column)
+        self.config = config = dataclasses.replace(config, classify=c)  # config.json keeps the columns found
         texts, targets = labelled.read_labelled(c.train_file, c.text_column, c.label_column)
         if resume:
             self.load_vocabulary()
@@ -171,10 +175,12 @@ class Classify(Task):
     def datasets(self, step):
         t, c = self.schedule(), self.config.classify
         weights = balanced_class_weights(self.ids, len(self.labels)) if c.class_weights == "balanced" else None
-        train = text_dataset(self.texts, self.tokenizer, self.config.model, t.batch_size, self.ids, seed=t.seed,
-                             class_weights=weights)
+        batches = epochs.epoch_batches(len(self.texts), t.batch_size, c.epochs, t.seed,
+                                       lengths=[len(text) for text in self.texts])  # characters: a proxy for tokens
+        train = text_dataset(self.texts, self.tokenizer, self.config.model, t.batch_size, self.ids,
+                             batches=batches[step:], class_weights=weights)
         val = text_dataset(self.val[0], self.tokenizer, self.config.model, t.batch_size, self.val[1])
-        return train.skip(step), val.cache()
+        return train, val.cache()
 
     def tokens_per_step(self):
         return self.config.classify.batch_size * self.config.model.max_length

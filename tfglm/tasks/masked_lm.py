@@ -21,7 +21,7 @@ import keras_hub
 import numpy as np
 import tensorflow as tf
 
-from tfglm.data import corpus, labelled
+from tfglm.data import corpus, labelled, shards
 from tfglm.data.corpus import per_token_weights
 from tfglm.data.tokenizers import load_tokenizer, train_wordpiece
 from tfglm.errors import TfglmError
@@ -152,6 +152,9 @@ class MaskedLM(Task):
 
     def prepare(self, resume, chief):
         config = self.config
+        if shards.is_prepared(config.data.files):
+            raise TfglmError(f"data.files: {config.data.files[0]} is a prepared corpus (token shards, for causal "
+                             f"language models); pretrain an encoder on its text files")
         files = corpus.resolve_files(config.data.files) if config.data.files else corpus.embedded_corpus_files()
         corpus.scan_files(files)
         docs = read_documents(files, config.classify.text_column)

@@ -128,11 +128,14 @@ def check_batch(strategy, global_batch_size):
 def per_worker(dataset, global_batch_size):
     """A `distribute_datasets_from_function` dataset_fn: each worker takes its slice of every global batch of
     `dataset` (any structure: inputs, targets, sample weights) and splits it into per-replica batches, so N workers
-    see exactly the batches one worker would. Batches of different widths (length buckets) stay whole."""
+    see exactly the batches one worker would. Batches of different widths (length buckets) stay whole. `dataset` may
+    also be a function of the `tf.distribute.InputContext` that returns only that worker's slices (a worker then
+    reads only its share of a prepared corpus)."""
 
     def dataset_fn(context):
         share = global_batch_size // context.num_input_pipelines
-        start = context.input_pipeline_id * share
+        source, start = (dataset(context), 0) if callable(dataset) else (dataset, context.input_pipeline_id * share)
+        rows = share if callable(dataset) else global_batch_size
         per_replica = context.get_per_replica_batch_size(global_batch_size)
 
         replicas = share // per_replica
@@ -143,13 +146,13 @@ def per_worker(dataset, global_batch_size):
             return part
 
         def split(*batch):
-            if all(t.shape[0] == global_batch_size for t in tf.nest.flatten(batch)):
+            if all(t.shape[0] == rows for t in tf.nest.flatten(batch)):
                 return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(stack, batch))
             # A batch of unknown size (validation's last, short one): each replica gets what there is of its share.
             return tf.data.Dataset.range(replicas).map(lambda i: tf.nest.map_structure(
                 lambda t: t[start + i * per_replica:start + (i + 1) * per_replica], batch))
 
-        return dataset.flat_map(split).prefetch(tf.data.AUTOTUNE)
+        return source.flat_map(split).prefetch(tf.data.AUTOTUNE)
 
     return dataset_fn
 

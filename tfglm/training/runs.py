@@ -6,8 +6,10 @@ run.json records the run's task and every start: {"task", "tfglm_version", "star
 "replicas", "mixed_precision"}], "resumed_from_step": [...]}.
 """
 
+import contextlib
 import json
 import os
+import shutil
 
 from tfglm.config import load_config
 from tfglm.errors import TfglmError
@@ -25,6 +27,20 @@ EVAL = "eval.json"
 
 def path(run_dir, name):
     return os.path.join(run_dir, name)
+
+
+@contextlib.contextmanager
+def removed_on_failure(run_dir):
+    """Makes `run_dir` if it is missing, and removes it again if the block fails: a failed start (bad data, a bad
+    column) leaves no empty run behind. A directory that was there before is left as it is."""
+    created = not os.path.exists(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def atomic_write(target, write):

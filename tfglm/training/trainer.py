@@ -90,10 +90,11 @@ class RunLogger(keras.callbacks.Callback):
         step = int(self.model.optimizer.iterations.numpy())
         val_loss = float(logs["val_loss"])
         row = {"step": step, "train_loss": round(float(logs["loss"]), 5), "val_loss": round(val_loss, 5),
-               "val_perplexity": round(math.exp(min(val_loss, 50.0)), 4),
                "learning_rate": float(self.model.optimizer.learning_rate.numpy()),
                "tokens_per_s": round(self.schedule.eval_interval * self.task.tokens_per_step() / self.train_seconds, 1),
                "wall_s": round(time.time() - self.start, 2)}
+        if self.task.perplexity:
+            row["val_perplexity"] = round(math.exp(min(val_loss, 50.0)), 4)
         row.update({k: round(float(v), 5) for k, v in logs.items() if k.startswith("val_") and k not in row})
         with open(runs.path(self.run_dir, runs.METRICS), "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -111,6 +112,56 @@ class RunLogger(keras.callbacks.Callback):
             for name, text in self.task.samples(self.model).items():
                 tf.summary.text(f"samples/{name}", text)
         self.writer.flush()
+
+
+class ProgressLog(keras.callbacks.Callback):
+    """Progress for logs, where Keras's bar is unreadable (stdout to a file, as under a job scheduler): a line at most
+    every `every_s` seconds with the step (and epoch), the training loss, rows/s (within this epoch, so without
+    validation and compilation) and the time left at that pace, and one at each validation point with its metrics."""
+
+    def __init__(self, schedule, counts_epochs, every_s):
+        super().__init__()
+        self.schedule, self.counts_epochs, self.every_s = schedule, counts_epochs, every_s
+
+    def on_train_begin(self, logs=None):
+        self.last_line = time.time()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.first = None  # (time, step) after the epoch's first batches, whose time includes compiling the step
+
+    def position(self, step):
+        """'step 120/540 (epoch 1/2)': the steps done, and the epoch the last of them belongs to."""
+        if not self.counts_epochs:
+            return f"step {step}/{self.schedule.steps}"
+        epoch = max(1, -(-step // self.schedule.eval_interval))
+        return f"step {step}/{self.schedule.steps} (epoch {epoch}/{self.schedule.steps // self.schedule.eval_interval})"
+
+    def on_train_batch_end(self, batch, logs=None):
+        now, step = time.time(), int(self.model.optimizer.iterations.numpy())
+        if self.first is None:
+            self.first = now, step
+            return
+        if now - self.last_line < self.every_s:
+            return
+        self.last_line = now
+        steps_per_s = (step - self.first[1]) / max(now - self.first[0], 1e-9)
+        left = (self.schedule.steps - step) / steps_per_s if steps_per_s else float("inf")
+        log.info("%s: loss %.4f, %.1f rows/s, %s left", self.position(step), float(logs["loss"]),
+                 steps_per_s * self.schedule.batch_size, duration(left))
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        metrics = ", ".join(f"{k} {float(v):.4f}" for k, v in logs.items() if k.startswith("val_"))
+        log.info("%s: loss %.4f, %s", self.position(step), float(logs["loss"]), metrics)
+
+
+def duration(seconds):
+    """'1h02m', '3m05s' or '12s'."""
+    if not math.isfinite(seconds):
+        return "unknown time"
+    minutes, s = divmod(int(seconds), 60)
+    h, m = divmod(minutes, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def run_callbacks(task, schedule, step):
@@ -182,7 +233,8 @@ def _check_run_dir(run_dir, resume):
 
 def train(config, run_dir, task=None, resume=False, tpu=None, verbose=None):
     """Trains `config` into `run_dir` (or continues the run there) as `task` (by default the one for its
-    model.kind) under `train.strategy`; returns the Run (config, tokenizer, model, task).
+    model.kind) under `train.strategy`; returns the Run (config, tokenizer, model, task). `verbose` is Keras's; by
+    default its progress bar in a terminal, and `ProgressLog`'s lines every `train.log_every_s` seconds elsewhere.
 
     Examples:
     ```python
@@ -205,22 +257,23 @@ def train(config, run_dir, task=None, resume=False, tpu=None, verbose=None):
     chief = distributed.is_chief(strategy)
     set_precision(t.mixed_precision)
     keras.utils.set_random_seed(t.seed)  # before any tokenizer: reseeding drops the eager kernels that hold one
-    os.makedirs(run_dir, exist_ok=True)
-    task.prepare(resume, chief)
-    if chief:
-        runs.atomic_write(runs.path(run_dir, runs.CONFIG), config.save)
-    schedule = task.schedule()
-    distributed.check_batch(strategy, schedule.batch_size)
-    with strategy.scope():
-        model = task.build_model()
-        if not resume:
-            task.initialize(model)
-        if t.lora_rank:
-            enable_lora(task.backbone(model), t.lora_rank)
-            for variable in task.trained_with_lora(model):
-                variable.trainable = True
-        compile_model(model, schedule, **task.compile_options())
-        step = resumed_step(model, run_dir) if resume else 0
+    with runs.removed_on_failure(run_dir):
+        task.prepare(resume, chief)
+        config = task.config  # with what the data decided (a classifier's columns)
+        if chief:
+            runs.atomic_write(runs.path(run_dir, runs.CONFIG), config.save)
+        schedule = task.schedule()
+        distributed.check_batch(strategy, schedule.batch_size)
+        with strategy.scope():
+            model = task.build_model()
+            if not resume:
+                task.initialize(model)
+            if t.lora_rank:
+                enable_lora(task.backbone(model), t.lora_rank)
+                for variable in task.trained_with_lora(model):
+                    variable.trainable = True
+            compile_model(model, schedule, **task.compile_options())
+            step = resumed_step(model, run_dir) if resume else 0
     result = Run(config, task.tokenizer, model, task)
     if chief:
         runs.record_start(run_dir, task.name, step, kind, strategy.num_replicas_in_sync, t.mixed_precision)
@@ -228,14 +281,18 @@ def train(config, run_dir, task=None, resume=False, tpu=None, verbose=None):
     if step >= schedule.steps:
         return result
     train_ds, val_ds = task.datasets(step)
+    if verbose is None:  # Keras's bar in a terminal; elsewhere (a log file) ProgressLog's lines
+        verbose = 1 if sys.stdout.isatty() else 0
+        if not verbose and chief:
+            callbacks.append(ProgressLog(schedule, task.counts_epochs, t.log_every_s))
     loop = dict(epochs=schedule.steps // schedule.eval_interval, initial_epoch=step // schedule.eval_interval,
-                steps_per_epoch=schedule.eval_interval, callbacks=callbacks,
-                verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose)
+                steps_per_epoch=schedule.eval_interval, callbacks=callbacks, verbose=verbose)
     if kind != "default":
         distributed.fit_distributed(model, strategy, distributed.per_worker(train_ds, schedule.batch_size),
                                    distributed.per_worker(val_ds, schedule.batch_size),
                                    steps_per_execution=schedule.steps_per_execution, jit_compile=schedule.jit_compile,
                                    **loop)
     else:
-        model.fit(train_ds, validation_data=val_ds, shuffle=False, **loop)
+        whole = train_ds(tf.distribute.InputContext()) if callable(train_ds) else train_ds
+        model.fit(whole, validation_data=val_ds, shuffle=False, **loop)
     return result

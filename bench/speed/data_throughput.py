@@ -1,12 +1,13 @@
-"""Input pipeline throughput: `tfglm.data.train_dataset` batches/s vs the training steps/s that consume them, and
-`tfglm.data.tokenize_files` speed on Tiny Shakespeare (char) and the embedded BBC corpus (SentencePiece 2,048),
-each beside a peer computing the same ids outside TensorFlow (a numpy lookup table; the sentencepiece library's own
-`encode`, 2 threads).
+"""Input pipeline throughput: `tfglm.data.corpus.train_dataset` batches/s vs the training steps/s that consume them.
+
+Also `tfglm.data.corpus.tokenize_files` speed on Tiny Shakespeare (char) and the embedded BBC corpus (SentencePiece
+2,048), each beside a peer computing the same ids outside TensorFlow (a numpy lookup table; the sentencepiece
+library's own `encode`, 2 threads).
 
 A third row draws the tiny config's batches from 100 M random tokens, to show how the rate scales with corpus size.
-Training steps/s come from bench/results/train_throughput.json (tfglm rows); run bench/train_throughput.py first.
+Training steps/s come from bench/results/train_throughput.json (tfglm rows): run train_throughput first.
 
-    python bench/data_throughput.py [--quick]
+    python -m bench.speed.data_throughput [--quick]
 """
 
 import argparse
@@ -14,12 +15,12 @@ import json
 import os
 import time
 
-import common
 import numpy as np
 import sentencepiece
 
-from tfglm.data import corpus as data
+from bench import common
 from tfglm.config import load_config
+from tfglm.data import corpus as data
 from tfglm.data.tokenizers import CharTokenizer, SentencePieceTokenizer, train_sentencepiece
 
 CONFIGS = {"tiny": "gpt-char-tiny.yaml", "shakespeare": "gpt-char-shakespeare.yaml"}
@@ -70,6 +71,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer batches and repeats")
     args = parser.parse_args()
+    reference = common.machine_reference()
     stream = common.shakespeare_tokens()
     tokens = stream[0] if stream else np.random.default_rng(0).integers(0, 67, 1_000_000, dtype=np.int32)
     consumed = training_steps_per_s()
@@ -95,7 +97,8 @@ def main():
     common.print_table(pipeline, ["config", "corpus_tokens", "batch", "batches", "pipeline_batches_per_s",
                                   "training_steps_per_s", "headroom"])
     if not consumed:
-        print("(no bench/results/train_throughput.json: run bench/train_throughput.py for the training rates)")
+        print("(no bench/results/train_throughput.json: run `python -m bench.speed.train_throughput` for the "
+              "training rates)")
 
     repeats = 1 if args.quick else 3
     tokenize = []
@@ -116,8 +119,8 @@ def main():
     common.print_table(tokenize, ["corpus", "files", "MB", "tokens", "peer_tokens", "seconds", "MB_per_s",
                                   "tokens_per_s", "peer_seconds", "tfglm_over_peer"])
     print(f"SentencePiece training on the BBC corpus (vocabulary 2048): {train_seconds:.1f} s")
-    common.write_json("data_throughput.json", {"quick": args.quick, "pipeline": pipeline, "tokenize": tokenize,
-                                               "sentencepiece_train_s": train_seconds})
+    common.write_json("data_throughput.json", {"quick": args.quick, "machine": reference, "pipeline": pipeline,
+                                               "tokenize": tokenize, "sentencepiece_train_s": train_seconds})
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""BBC News topics: the embedded corpus's articles split 80/20 (bench/bbc_jsonl.py, seeded), a classifier fine-tuned
-on the 80% with configs/bert-bbc.yaml (early stopping on 10% of it) and scored on the held-out 20%: accuracy, macro-F1,
-confusion matrix and wall time. From scratch (its own WordPiece vocabulary), or from a pretrained encoder run
-(`tfglm pretrain`, its context and vocabulary), e.g. the one bench/quality_sst2.py leaves in runs/bench-sst2/pretrained.
+"""BBC News topics: the embedded corpus's articles split 80/20 (bench/data/bbc_jsonl.py, seeded), a classifier
+fine-tuned on the 80% with configs/bert-bbc.yaml (early stopping on 10% of it) and scored on the held-out 20%:
+accuracy, macro-F1, confusion matrix and wall time. From scratch (its own WordPiece vocabulary), or from a pretrained
+encoder run (`tfglm pretrain`, its context and vocabulary), e.g. the one `bench.quality.sst2` leaves in
+runs/bench-sst2/encoder-pretrained.
 
-    nice -n 10 python bench/quality_bbc.py [--pretrained runs/bench-sst2/pretrained] [--epochs 5]
+    nice -n 10 python -m bench.quality.bbc [--pretrained runs/bench-sst2/encoder-pretrained] [--epochs 5]
 """
 
 import argparse
@@ -11,16 +12,15 @@ import os
 import shutil
 import time
 
-import bbc_jsonl
-import common
-
-from tfglm.training import runs
-from tfglm.tasks.classify import finetune
+from bench import common
+from bench.data import bbc_jsonl
 from tfglm.config import load_config
+from tfglm.tasks.classify import finetune
+from tfglm.training import runs
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pretrained", help="pretrained encoder run (default: from scratch)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--out", default=os.path.join(common.ROOT, "runs", "bench-bbc"))

@@ -11,7 +11,7 @@ Every call is greedy, at most 32 new tokens from a 6-character prompt.
    (columnar, greedy), with batching off and on; requests/s over the whole run (the server's warm-up has compiled
    every batch bucket). Also the mean batch size the batcher formed, from the server's metrics.
 
-    nice -n 10 .venv/bin/python bench/serve_throughput.py [--quick]
+    nice -n 10 python -m bench.speed.serve_throughput [--quick]
 """
 
 import argparse
@@ -22,13 +22,13 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-import common
 import tensorflow as tf
 
-from tfglm.tasks.registry import load_run
+from bench import common
+from tfglm.generation.decode import Generator
 from tfglm.serving import serve
 from tfglm.serving.export import export_run
-from tfglm.generation.decode import Generator
+from tfglm.tasks.registry import load_run
 
 PROMPT = "ROMEO:"
 OPTIONS = {"max_new_tokens": 32, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
@@ -86,6 +86,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer calls and requests")
     args = parser.parse_args()
     calls, requests = (5, 64) if args.quick else (15, 192)
+    reference = common.machine_reference()
     with tempfile.TemporaryDirectory() as root:
         run_dir = common.tiny_run(root, CONFIG)
         base_path = os.path.join(root, "models")
@@ -98,8 +99,9 @@ def main():
     common.print_table(serve_rows, ["batching", "requests", "seconds", "requests_per_s", "mean_batch"])
     speedup = serve_rows[1]["requests_per_s"] / serve_rows[0]["requests_per_s"]
     print(f"batching speed-up: {speedup:.2f}x")
-    common.write_json("serve_throughput.json", {"options": OPTIONS, "calls": calls, "latency": latency_rows,
-                                                "serve": serve_rows, "batching_speedup": speedup})
+    common.write_json("serve_throughput.json", {"machine": reference, "options": OPTIONS, "calls": calls,
+                                                "latency": latency_rows, "serve": serve_rows,
+                                                "batching_speedup": speedup})
 
 
 if __name__ == "__main__":

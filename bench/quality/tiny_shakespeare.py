@@ -1,11 +1,11 @@
-"""Quality: nanoGPT's CPU recipe on Tiny Shakespeare with `tfglm.train.train` and configs/gpt-char-tiny.yaml
+"""Quality: nanoGPT's CPU recipe on Tiny Shakespeare with `tfglm.training.trainer.train` and configs/gpt-char-tiny.yaml
 (4 x 128, context 64, batch 12, 2,000 steps, lr 1e-3, no dropout, 90/10 split, 200 validation batches).
 
 Reports the validation loss at each validation point with its wall time (metrics.jsonl; the first point includes XLA
 compilation) and the wall time at the first point at or below nanoGPT's 1.886 (its validation loss after 2,000
 iterations, about 2 min 16 s on this machine). Skips when ../shared/data is absent.
 
-    python bench/quality_tiny_shakespeare.py [--quick] [--set KEY=VALUE ...]
+    python -m bench.quality.tiny_shakespeare [--quick] [--set KEY=VALUE ...]
         # --quick: 500 steps (the target is not expected); --set: config overrides, e.g. train.learning_rate=3e-3
 """
 
@@ -15,10 +15,9 @@ import sys
 import tempfile
 import time
 
-import common
-
-from tfglm.training import runs
+from bench import common
 from tfglm.config import load_config
+from tfglm.training import runs
 from tfglm.training.trainer import train
 
 NANOGPT_VAL_LOSS = 1.886

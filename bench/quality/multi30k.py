@@ -2,27 +2,25 @@
 val.*), then corpus BLEU (sacrebleu, 13a) on test_2016_flickr (1,000 sentences), greedy and with the config's beam.
 Reports BLEU, the sacrebleu signature, training and translation wall time.
 
-    nice -n 10 python bench/quality_multi30k.py [--steps 6000] [--set model.hidden_dim=128] [--out DIR]
+    nice -n 10 python -m bench.quality.multi30k [--steps 6000] [--set model.hidden_dim=128] [--out DIR]
 """
 
 import argparse
-import json
 import os
 import shutil
 import time
 
-import common
-
-from tfglm.training import runs
+from bench import common
 from tfglm.config import load_config
 from tfglm.tasks.seq2seq import evaluate
+from tfglm.training import runs
 from tfglm.training.trainer import train
 
-MULTI30K = os.path.join(common.ROOT, "..", "shared", "data", "multi30k")
+MULTI30K = os.path.join(common.DATA, "multi30k")
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, help="training steps (default: the config's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--out", default=os.path.join(common.ROOT, "runs", "bench-multi30k"))
@@ -44,9 +42,7 @@ def main():
     test = [os.path.join(MULTI30K, f"test_2016_flickr.{lang}.gz") for lang in ("en", "de")]
     for beam in sorted({1, config.translate.beam_width}):
         result[f"test_beam_{beam}"] = evaluate(args.out, *test, beam_width=beam)
-    os.makedirs(common.RESULTS, exist_ok=True)
-    with open(os.path.join(common.RESULTS, "quality_multi30k.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    common.write_json("quality_multi30k.json", result)
     print(f"trained {config.train.steps} steps in {result['train_s']} s")
     for beam in sorted({1, config.translate.beam_width}):
         r = result[f"test_beam_{beam}"]

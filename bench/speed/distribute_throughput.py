@@ -7,14 +7,13 @@ Three ways to train configs/gpt-char-tiny.yaml (4x128, context 64, global batch 
   mirrored x2  `fit_distributed` under MirroredStrategy over 2 logical CPU devices (6 sequences each)
 Two logical CPU devices share the same two cores, so x2 measures the loop's cross-replica overhead, not a speed-up.
 
-    python bench/distribute_throughput.py [--quick]
+    python -m bench.speed.distribute_throughput [--quick]
 """
 
 import argparse
 import os
 import time
 
-import common
 import tensorflow as tf
 
 cpu = tf.config.list_physical_devices("CPU")[0]
@@ -23,10 +22,11 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tfglm.data import corpus as data  # noqa: E402
-from tfglm.training import distributed  # noqa: E402
+from bench import common  # noqa: E402
 from tfglm.config import load_config  # noqa: E402
+from tfglm.data import corpus as data  # noqa: E402
 from tfglm.models.gpt import GPT  # noqa: E402
+from tfglm.training import distributed  # noqa: E402
 from tfglm.training.trainer import compile_model  # noqa: E402
 
 
@@ -61,8 +61,8 @@ def trainer(name, config, tokens):
             model.fit(train, validation_data=val, shuffle=False, **kwargs)
         else:
             distributed.fit_distributed(model, strategy, distributed.per_worker(train, t.batch_size),
-                                       distributed.per_worker(val, t.batch_size),
-                                       steps_per_execution=t.steps_per_execution, **kwargs)
+                                        distributed.per_worker(val, t.batch_size),
+                                        steps_per_execution=t.steps_per_execution, **kwargs)
         epoch[0] += 1
         return timer.seconds
 
@@ -74,6 +74,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
     args = parser.parse_args()
     steps, rounds = (100, 2) if args.quick else (200, 4)
+    reference = common.machine_reference()
     config = load_config(os.path.join(common.CONFIGS, "gpt-char-tiny.yaml"),
                          [f"train.eval_interval={steps}", f"train.steps={steps * (rounds + 1)}"])
     stream = common.shakespeare_tokens()
@@ -91,7 +92,8 @@ def main():
     for row in rows:
         row["vs_fit"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
     common.print_table(rows, ["mode", "tokens_per_s", "vs_fit", "first_epoch_s"])
-    common.write_json("distribute_throughput.json", {"config": "gpt-char-tiny", "steps_per_round": steps,
+    common.write_json("distribute_throughput.json", {"config": "gpt-char-tiny", "machine": reference,
+                                                     "steps_per_round": steps,
                                                      "rounds": rounds, "rows": rows})
 
 

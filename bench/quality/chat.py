@@ -1,7 +1,7 @@
 """Chat fine-tuning on the Chit Chat Challenge conversations: does the chat format lower a pretrained GPT's perplexity
 on the assistant's replies beyond what the same amount of further training on the same conversations does?
 
-In one process, each phase timed: the `chitchat-dataset` package converted (bench/chitchat_jsonl.py: a seeded
+In one process, each phase timed: the `chitchat-dataset` package converted (bench/data/chitchat_jsonl.py: a seeded
 90/5/5 split by conversation); a base GPT pretrained with `tfglm train --config configs/chat-chitchat.yaml` on the
 training conversations as plain text (one message a line, a blank line between conversations) and scored on the test
 conversations; then, from that base, on the same subset of the training conversations (the first
@@ -33,7 +33,7 @@ conversation's own reply: the fine-tuned model's through the chat template, the 
 continuation of "\\n\\n" + message + "\\n" up to its first line end.
 `--quick`: 40 pretraining steps, 60 conversations for the fine-tune and the control, the first 20 val and test ones.
 
-    nice -n 10 python bench/quality_chat.py [--quick] [--finetune-conversations N]
+    nice -n 10 python -m bench.quality.chat [--quick] [--finetune-conversations N]
 """
 
 import argparse
@@ -45,16 +45,20 @@ import subprocess
 import sys
 import time
 
-import chitchat_jsonl
-import common
-import numpy as np
-import tensorflow as tf
+from bench import extra
 
-import tfglm
-from tfglm.data.chat import ChatTokenizer, read_conversations
-from tfglm.data.tokenizers import load_tokenizer
-from tfglm.training import runs
-from tfglm.tasks.chat import assistant_loss, encode
+extra.require("chitchat_dataset")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import tfglm  # noqa: E402
+from bench import common  # noqa: E402
+from bench.data import chitchat_jsonl  # noqa: E402
+from tfglm.data.chat import ChatTokenizer, read_conversations  # noqa: E402
+from tfglm.data.tokenizers import load_tokenizer  # noqa: E402
+from tfglm.tasks.chat import assistant_loss, encode  # noqa: E402
+from tfglm.training import runs  # noqa: E402
 
 CONFIG = os.path.join(common.CONFIGS, "chat-chitchat.yaml")
 GREEDY, SAMPLED = (0.0, 0, 1.0, 0), (0.8, 40, 1.0, 0)  # temperature, top_k, top_p, seed
@@ -119,7 +123,7 @@ def samples(chat_dir, control_dir, test_path, count=3, new_tokens=100):
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--finetune-conversations", type=int, default=None,
                         help="training conversations the fine-tune and the control train on (560; --quick 60)")

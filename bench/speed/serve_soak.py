@@ -9,7 +9,7 @@ requests are greedy or seeded-sampled completions of short prompts with the expo
 against the answer each got alone at the start; a new version is a copy of version 1, so every version must answer
 the same.
 
-    nice -n 10 .venv/bin/python bench/serve_soak.py [--seconds 120] [--swap-every 30]
+    nice -n 10 python -m bench.speed.serve_soak [--seconds 120] [--swap-every 30] [--no-jit-compile]
 """
 
 import argparse
@@ -27,12 +27,12 @@ import time
 import urllib.error
 import urllib.request
 
-import common
 import grpc
 import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from bench import common
 from tfglm.serving.export import export_run
 
 CLIENTS = 16
@@ -218,6 +218,7 @@ def main():
     parser.add_argument("--swap-every", type=float, default=30, help="seconds between new versions")
     parser.add_argument("--no-jit-compile", action="store_true", help="export without XLA")
     args = parser.parse_args()
+    reference = common.machine_reference()
     with tempfile.TemporaryDirectory() as root, tempfile.TemporaryFile("w+") as server_log:
         results, rss, served, seconds = soak(make_export(root, not args.no_jit_compile), args.seconds,
                                              args.swap_every, server_log)
@@ -229,7 +230,7 @@ def main():
         outcomes[name][str(outcome)] += 1
     good = sorted(s for name, outcome, s, _, _ in results if name.startswith("good") and outcome in (200, "OK"))
     summary = {
-        "seconds": seconds, "clients": CLIENTS, "requests": len(results),
+        "seconds": seconds, "machine": reference, "clients": CLIENTS, "requests": len(results),
         "5xx": sum(isinstance(o, int) and o >= 500 for _, o, *_ in results),
         "dropped": sum(o == "dropped" for _, o, *_ in results),
         "wrong_answers": sum(not right for *_, right, _ in results),

@@ -12,15 +12,19 @@ task nothing), and conversations without an assistant message (one speaker only)
 A seeded 90/5/5 split by conversation: OUT/chitchat-train.jsonl, chitchat-val.jsonl, chitchat-test.jsonl, and
 OUT/chitchat-train.txt, the training conversations one message a line with a blank line between conversations.
 
-    python bench/chitchat_jsonl.py [--out runs/chitchat-data]
+    python -m bench.data.chitchat_jsonl [--out runs/chitchat-data]
 """
 
 import argparse
 import json
 import os
 
-import chitchat_dataset
-import numpy as np
+from bench import extra
+
+extra.require("chitchat_dataset")
+
+import chitchat_dataset  # noqa: E402
+import numpy as np  # noqa: E402
 
 SPLITS = (("train", 0.9), ("val", 0.05), ("test", 0.05))
 
@@ -84,7 +88,7 @@ def write_split(out_dir, seed=0):
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/chitchat-data")
     write_split(parser.parse_args().out)
 

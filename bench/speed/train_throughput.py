@@ -1,36 +1,33 @@
 """Training throughput: tfglm's GPT vs KerasHub's GPT2CausalLM and two PyTorch GPTs of the identical config.
 
-For configs/gpt-char-tiny.yaml and configs/gpt-char-shakespeare.yaml (dropout forced to 0): tfglm and KerasHub
-compiled with XLA and the same AdamW + loss (`tfglm.train.compile_model`; KerasHub's default accuracy metric
-removed); Hugging Face transformers' `GPT2LMHeadModel` and nanoGPT's model (`torch_gpt.py`) in eager PyTorch on the
-CPU with the same AdamW settings, schedule, clipping and loss (`torch_train.py`). All four are fed the same batches
-(Tiny Shakespeare via `tfglm.data.train_dataset`, or random tokens without ../shared/data). Warm-up first (the first
-call's time, minus its steps at the steady rate, is reported as compile time), then timed rounds alternating tfglm /
-KerasHub / HF-torch / nanoGPT-torch; the ratios are tfglm's tokens/s over each peer's, medians of the per-round
-pairs. Each model trains in its own worker process (`workers.py`; the PyTorch ones, `torch_train.py`, without
-TensorFlow), so no two frameworks share a process's threads, and each reports its own peak RSS.
+For configs/gpt-char-tiny.yaml and configs/gpt-char-shakespeare.yaml (dropout forced to 0): tfglm and KerasHub compiled
+with XLA and the same AdamW + loss (`tfglm.training.trainer.compile_model`; KerasHub's default accuracy metric removed);
+Hugging Face transformers' `GPT2LMHeadModel` and nanoGPT's model (`torch_gpt.py`) in eager PyTorch on the CPU with the
+same AdamW settings, schedule, clipping and loss (`torch_train.py`). All four are fed the same batches (Tiny Shakespeare
+via `tfglm.data.corpus.train_dataset`, or random tokens without ../shared/data). Warm-up first (the first call's time,
+minus its steps at the steady rate, is reported as compile time), then timed rounds alternating tfglm / KerasHub /
+HF-torch / nanoGPT-torch; the ratios are tfglm's tokens/s over each peer's, medians of the per-round pairs. Each model
+trains in its own worker process (`bench/workers.py`; the PyTorch ones, `torch_train.py`, without TensorFlow), so no two
+frameworks share a process's threads, and each reports its own peak RSS.
 
-    python bench/train_throughput.py [--quick] [--only tiny|shakespeare]
+    python -m bench.speed.train_throughput [--quick] [--only tiny|shakespeare]
 """
 
 import argparse
 import os
-import sys
 import tempfile
 
-import common  # noqa: F401  (sets TF_CPP_MIN_LOG_LEVEL before TensorFlow loads)
 import keras
 import keras_hub
 import numpy as np
 import tensorflow as tf
-import workers
 
-from tfglm.data import corpus as data
+from bench import common, extra, workers
 from tfglm.config import load_config
+from tfglm.data import corpus as data
 from tfglm.models.gpt import GPT
 from tfglm.training.trainer import compile_model
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TF_MODELS = ("tfglm", "keras_hub")
 MODELS = TF_MODELS + ("hf_torch", "nanogpt_torch")  # the PyTorch ones: torch_train.KINDS
 NAMES = {"tfglm": "tfglm", "keras_hub": "KerasHub", "hf_torch": "HF-torch", "nanogpt_torch": "nanoGPT-torch"}
@@ -61,7 +58,7 @@ def batches(config, count):
         return x[..., :-1], x[..., 1:], 67, "random tokens (../shared/data absent)"
     ds = data.train_dataset(stream[0], m.max_length, t.batch_size, t.seed, 0, count)
     xs, ys = zip(*ds.as_numpy_iterator())
-    return np.stack(xs), np.stack(ys), stream[2], "Tiny Shakespeare (tfglm.data.train_dataset)"
+    return np.stack(xs), np.stack(ys), stream[2], "Tiny Shakespeare (tfglm.data.corpus.train_dataset)"
 
 
 def build(kind, config, vocab_size):
@@ -101,12 +98,13 @@ def worker(kind, name, batches_path, quick):
 
 
 def command(kind, name, batches_path, quick):
+    """The worker of `kind` as (module, arguments) for `workers.start`."""
     if kind in TF_MODELS:
-        return [sys.executable, os.path.abspath(__file__), "--worker", kind, "--only", name, "--batches",
-                batches_path] + (["--quick"] if quick else [])
+        return "bench.speed.train_throughput", ["--worker", kind, "--only", name, "--batches", batches_path] + (
+            ["--quick"] if quick else [])
     spe = SETUPS[name][2 if quick else 1][0]
-    return [sys.executable, os.path.join(HERE, "torch_train.py"), kind, batches_path,
-            os.path.join(common.CONFIGS, SETUPS[name][0]), *overrides(spe)]
+    return "bench.speed.torch_train", [kind, batches_path, os.path.join(common.CONFIGS, SETUPS[name][0]),
+                                       *overrides(spe)]
 
 
 def run_config(name, quick):
@@ -121,7 +119,7 @@ def run_config(name, quick):
         batches_path = os.path.join(tmp, "batches.npz")
         np.savez(batches_path, x=x, y=y, vocab=vocab)
         for kind in MODELS:  # one at a time: a model compiling must not share the cores with another
-            process, ready = workers.start(command(kind, name, batches_path, quick))
+            process, ready = workers.start(*command(kind, name, batches_path, quick))
             first = workers.ask(process, spe)["seconds"]  # compiles (TensorFlow), first-call set-up (PyTorch)
             if warmup > spe:
                 workers.ask(process, warmup - spe)
@@ -163,8 +161,10 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.only, args.batches, args.quick)
+    extra.require("torch", "transformers")  # the PyTorch peers' workers
 
-    peak_before = common.matmul_peak_gflops()
+    reference = common.machine_reference()
+    peak_before = reference["matmul_gflops"]
     results = [run_config(name, args.quick) for name in ([args.only] if args.only else SETUPS)]
     peak_after = common.matmul_peak_gflops()
     peak = max(peak_before, peak_after)
@@ -181,7 +181,7 @@ def main():
               f"steps_per_execution {r['steps_per_execution']} for the Keras models)")
     print(f"fp32 matmul peak (2048^2, XLA): {peak_before:.1f} GFLOP/s before, {peak_after:.1f} after")
     common.write_json("train_throughput.json", {
-        "quick": args.quick, "matmul_peak_gflops": {"before": peak_before, "after": peak_after},
+        "quick": args.quick, "machine": reference, "matmul_peak_gflops": {"before": peak_before, "after": peak_after},
         "flops_note": "FLOPs/token = 6*N + 12*L*d*T (nanoGPT); N excludes position embeddings", "results": results})
 
 

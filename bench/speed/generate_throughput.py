@@ -14,7 +14,7 @@ points) as a `token_ids` / `padding_mask` batch of length 144, with no stop toke
 `input_ids` with an all-ones `attention_mask`: `do_sample=False`, the KV cache, `min_new_tokens` = `max_new_tokens` =
 128 (so `<eot>` cannot end it early), under `torch.inference_mode()`, on the CPU with torch's default thread count.
 
-    python bench/generate_throughput.py [--quick]
+    python -m bench.speed.generate_throughput [--quick]
 """
 
 import argparse
@@ -22,22 +22,26 @@ import shutil
 import tempfile
 import time
 
-import torch
+from bench import extra
+
+extra.require("torch", "transformers")
+
+import torch  # noqa: E402
 # Before TensorFlow: transformers' generate loads torch._dynamo, which loads triton, whose LLVM segfaults when it is
 # loaded into a process that already holds XLA's (torch 2.14, TensorFlow 2.20: `import triton` after an XLA
 # compilation crashes in triton/knobs.py).
-import torch._dynamo  # noqa: F401
-from transformers import GPT2Config, GPT2LMHeadModel
+import torch._dynamo  # noqa: F401, E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-import common
-import keras
-import keras_hub
-import numpy as np
-import tensorflow as tf
+import keras  # noqa: E402
+import keras_hub  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
-from tfglm.config import GenerateConfig
-from tfglm.serving.openai_api import STREAM_STEPS
-from tfglm.serving.signatures import language_model
+from bench import common  # noqa: E402
+from tfglm.config import GenerateConfig  # noqa: E402
+from tfglm.serving.openai_api import STREAM_STEPS  # noqa: E402
+from tfglm.serving.signatures import language_model  # noqa: E402
 
 VOCAB, PROMPT, NEW_TOKENS = common.CodepointIds.vocab_size, common.DECODE_PROMPT, common.DECODE_NEW_TOKENS
 LAYERS, HEADS, WIDTH, CONTEXT = (common.DECODE_SHAPE[k] for k in ("num_layers", "num_heads", "hidden_dim",
@@ -131,7 +135,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="one timed round instead of three")
     args = parser.parse_args()
     rounds = 1 if args.quick else 3
-    bandwidth = common.read_bandwidth_gbs()
+    reference = common.machine_reference()
+    bandwidth = reference["read_gbs"]
     rows = []
     for batch in BATCHES:
         built = {}
@@ -178,8 +183,9 @@ def main():
     print(f"read bandwidth (tf.reduce_sum over 1 GB): {bandwidth:.1f} GB/s; weights {weight_bytes / 1e6:.1f} MB "
           f"fp32 -> batch-1 bound {bound:.0f} tokens/s ({1e3 / bound:.1f} ms a token)")
     common.write_json("generate_throughput.json", {
-        "quick": args.quick, "rounds": rounds, "read_bandwidth_gbs": bandwidth, "weight_bytes": weight_bytes,
-        "batch1_bound_tokens_per_s": bound, "torch_threads": torch.get_num_threads(), "rows": rows})
+        "quick": args.quick, "rounds": rounds, "machine": reference, "read_bandwidth_gbs": bandwidth,
+        "weight_bytes": weight_bytes, "batch1_bound_tokens_per_s": bound, "torch_threads": torch.get_num_threads(),
+        "rows": rows})
 
 
 if __name__ == "__main__":

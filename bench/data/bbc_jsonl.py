@@ -1,7 +1,7 @@
 """Writes the embedded BBC News corpus as labelled JSONL for `tfglm finetune` with configs/bert-bbc.yaml: one
 {"text": article, "topic": folder} a line, a seeded 80/20 split into OUT/bbc-train.jsonl and OUT/bbc-test.jsonl.
 
-    python bench/bbc_jsonl.py [--out runs/bbc-data]
+    python -m bench.data.bbc_jsonl [--out runs/bbc-data]
 """
 
 import argparse
@@ -33,7 +33,7 @@ def write_split(out_dir):
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/bbc-data")
     write_split(parser.parse_args().out)
 

@@ -1,10 +1,10 @@
 """What LoRA costs against full fine-tuning: all-MiniLM-L6-v2 (imported with `tfglm import`) fine-tuned as an SST-2
 classifier (context 64, batch 32, steps_per_execution 10, XLA) fully and with LoRA rank 8, each in its own process:
-trainable parameters, the steady training step (a 2,000-row, one-epoch `tfglm.train` run first, which compiles every
-length bucket, then 100 more steps timed), and the process's peak resident memory.
+trainable parameters, the steady training step (a 2,000-row, one-epoch `tfglm.training.trainer.train` run first, which
+compiles every length bucket, then 100 more steps timed), and the process's peak resident memory.
 
     pip install -e ".[bench]"
-    python bench/lora_cost.py [--rank 8]
+    python -m bench.speed.lora_cost [--rank 8]
 """
 
 import argparse
@@ -15,9 +15,17 @@ import sys
 import tempfile
 import time
 
-import common
-import workers
-from quality_pretrained import SST2, subsample
+from bench import extra
+
+extra.require("all_minilm_l6_v2")
+
+import all_minilm_l6_v2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench import common, workers  # noqa: E402
+from tfglm.training import runs  # noqa: E402
+from tfglm.training.pretrained import import_checkpoint  # noqa: E402
+from tfglm.training.trainer import train  # noqa: E402
 
 MODES = ("full", "lora")
 TIMED_STEPS = 100
@@ -25,11 +33,6 @@ TIMED_STEPS = 100
 
 def child(mode, rank, root):
     """One mode in this process: prints {"trainable_params", "step_ms", "peak_rss_mb"} as JSON."""
-    import numpy as np
-
-    from tfglm.training import runs
-    from tfglm.training.trainer import train
-
     config = runs.read_config(os.path.join(root, "minilm"), [
         "classify.text_column=sentence", "classify.label_column=label", "classify.epochs=1",
         "classify.batch_size=32", "classify.learning_rate=1e-4", "train.steps_per_execution=10",
@@ -54,19 +57,17 @@ def main():
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.rank, args.root)
-    import all_minilm_l6_v2
-
-    from tfglm.training.pretrained import import_checkpoint
-
-    result = {"rank": args.rank, "timed_steps": TIMED_STEPS}
+    result = {"rank": args.rank, "timed_steps": TIMED_STEPS, "machine": common.machine_reference()}
     with tempfile.TemporaryDirectory() as root:
         checkpoint = all_minilm_l6_v2.extract_model(os.path.join(root, "checkpoint"))
         import_checkpoint("huggingface", checkpoint, os.path.join(root, "minilm"), ["model.max_length=64"])
-        subsample(os.path.join(SST2, "train.tsv"), "sentence", "label", 2000, os.path.join(root, "train.tsv"))
-        subsample(os.path.join(SST2, "dev.tsv"), "sentence", "label", 200, os.path.join(root, "val.tsv"))
+        common.subsample(os.path.join(common.SST2, "train.tsv"), "sentence", "label", 2000,
+                         os.path.join(root, "train.tsv"))
+        common.subsample(os.path.join(common.SST2, "dev.tsv"), "sentence", "label", 200, os.path.join(root, "val.tsv"))
         for mode in MODES:
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", mode, "--rank",
-                                  str(args.rank), "--root", root], check=True, capture_output=True, text=True).stdout
+            out = subprocess.run([sys.executable, "-m", "bench.speed.lora_cost", "--child", mode, "--rank",
+                                  str(args.rank), "--root", root], check=True, capture_output=True, text=True,
+                                 cwd=common.ROOT).stdout
             result[mode] = json.loads(out.strip().splitlines()[-1])
             print(mode, result[mode], flush=True)
     full, lora = result["full"], result["lora"]

