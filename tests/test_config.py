@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from tfglm.config import load_config
+from tfglm import load_config
 from tfglm.errors import TfglmError
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))

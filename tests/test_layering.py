@@ -112,6 +112,16 @@ def test_imports_point_down():
     assert not upward, "imports from a lower layer into a higher one:\n" + "\n".join(upward)
 
 
+def test_tasks_do_not_import_each_other():
+    """A task module imports the Task interface and the registry, never another task: what two tasks share lives in
+    a lower layer."""
+    shared = {"tfglm.tasks", "tfglm.tasks.base", "tfglm.tasks.registry"}
+    crossing = [f"{name} -> {target}" for name, targets in sorted(graph().items()) if name.startswith("tfglm.tasks.")
+                and name not in shared for target in sorted(targets)
+                if target.startswith("tfglm.tasks.") and target not in shared]
+    assert not crossing, "tasks importing other tasks:\n" + "\n".join(crossing)
+
+
 @pytest.mark.parametrize("source, expected", [
     ("from tfglm.config import load_config\n", {"tfglm.config"}),
     ("from tfglm.training import runs\n", {"tfglm.training.runs"}),

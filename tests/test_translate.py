@@ -18,9 +18,9 @@ from tfglm.tasks.registry import load_run
 from tfglm.cli import main
 from tfglm.errors import TfglmError
 from tfglm.serving.export import export_run
-from tfglm.generation.beam import beam_search, greedy_search
+from tfglm.generation.beam import beam_search, greedy_search, translate_texts
 from tfglm.models.encoder_decoder import EncoderDecoder
-from tfglm.tasks.seq2seq import load_translator, translate_texts
+from tfglm.tasks.seq2seq import load_translator
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
 CONFIG = """

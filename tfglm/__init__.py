@@ -45,4 +45,5 @@ def __getattr__(name):
     if name not in _API:
         raise AttributeError(f"module 'tfglm' has no attribute {name!r}")
     importlib.import_module("tfglm.models")  # registers every model and layer with Keras
+    importlib.import_module("tfglm.tasks.registry")  # finds every task, and its config section, on first use
     return getattr(importlib.import_module(_API[name]), name)

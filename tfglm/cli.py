@@ -2,6 +2,7 @@
 run looks its task up in the registry. A user's mistake is one line on stderr, never a traceback."""
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import warnings
 
 from tfglm.config import GENERATE_OPTIONS, generate_options, generate_settings
 from tfglm.errors import TfglmError
+from tfglm.tasks import registry
 
 log = logging.getLogger("tfglm")
 
@@ -18,6 +20,17 @@ log = logging.getLogger("tfglm")
 def _add_generate_options(parser):
     for option in GENERATE_OPTIONS:
         parser.add_argument("--" + option.name.replace("_", "-"), type=option.type, help=option.help)
+
+
+def _add_evaluation_options(parser):
+    """The fields of every task's `Evaluation`, as options (a field several tasks share is one option)."""
+    fields = {}
+    for task in registry.tasks():
+        for field in dataclasses.fields(task.Evaluation):
+            fields.setdefault(field.name, field)
+    for field in fields.values():
+        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=field.type,
+                            help=field.metadata.get("help"))
 
 
 def _add_training_options(parser, config_help):
@@ -28,6 +41,7 @@ def _add_training_options(parser, config_help):
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete a run already in --out and start afresh")
     parser.add_argument("--tpu", help="TPU name or address (implies train.strategy tpu under auto)")
+    parser.set_defaults(trains=True)
 
 
 def _parser():
@@ -55,18 +69,22 @@ def _parser():
                          help="text files, JSONL or Parquet files, directories or globs (local or gs://)")
     prepare.add_argument("--out", required=True, help="directory for the shards, tokenizer and manifest")
 
-    pretrain = command("pretrain", "pretrain a BERT-style encoder (masked LM + next sentence)")
-    _add_training_options(pretrain, "YAML config with model.kind bert (configs/bert-*.yaml)")
-    pretrain.add_argument("--data", nargs="+", help="text files, directories, globs, or labelled TSV/CSV/JSONL files")
+    for task in registry.tasks():  # the tasks with a training command of their own (`tfglm pretrain`)
+        if task.command:
+            own = command(task.command["name"], task.command["help"])
+            _add_training_options(own, task.command["config"])
+            own.add_argument("--data", nargs="+", help=task.command["data"])
+            own.set_defaults(task=task.name)
 
     finetune = command("finetune", "fine-tune a pretrained encoder or GPT (or one from scratch) on a task")
     _add_training_options(finetune, "YAML config, for --from-scratch without --model")
     finetune.add_argument("--model", help="pretrained run directory, from `tfglm pretrain` (an encoder) or `tfglm "
                                           "train` (a GPT); its config and tokenizer are used")
-    finetune.add_argument("--task", default="classify", choices=["classify", "chat"],
-                          help="classify: labelled texts; chat: conversations (the assistant's turns are learnt)")
-    finetune.add_argument("--train", help="classify: a labelled TSV, CSV or JSONL file; chat: conversations (JSONL "
-                                          "messages, or a question/answer TSV/CSV)")
+    finetuned = [task for task in registry.tasks() if task.finetune]
+    finetune.add_argument("--task", default=finetuned[0].name, choices=[task.name for task in finetuned],
+                          help="; ".join(f"{task.name}: {task.finetune}" for task in finetuned))
+    finetune.add_argument("--train", help="the training file: " + "; ".join(f"{task.name}: {task.finetune}"
+                                                                             for task in finetuned))
     finetune.add_argument("--eval", help="a file like --train, scored into eval.json with the best model")
     finetune.add_argument("--val", help="a file like --train for validation and early stopping (default: the "
                                         "task's val_fraction of --train)")
@@ -110,10 +128,7 @@ def _parser():
                                    "a classifier on labelled data (--data), a translation model's BLEU (--source, "
                                    "--reference)")
     evaluate.add_argument("--model", required=True, help="run directory")
-    evaluate.add_argument("--data", help="text files (language model) or a labelled TSV, CSV or JSONL file")
-    evaluate.add_argument("--source", help="translation: source sentences, one a line (.gz read as gzip)")
-    evaluate.add_argument("--reference", help="translation: reference translations, aligned with --source")
-    evaluate.add_argument("--beam", type=int, help="translation: beam width (default translate.beam_width; 1 greedy)")
+    _add_evaluation_options(evaluate)
 
     translate = command("translate", "translate texts with a translation run")
     translate.add_argument("--model", required=True, help="translation run directory")
@@ -186,16 +201,17 @@ def _data_overrides(args):
     return list(args.set) + (["data.files=" + json.dumps(args.data)] if getattr(args, "data", None) else [])
 
 
-def cmd_train(args, task=None):
+def cmd_train(args):
+    """`tfglm train` (the task for the config's model.kind), or a task's own training command (`args.task`)."""
     from tfglm.training.trainer import train
 
-    run = train(_training_config(args, _data_overrides(args)), args.out, task=task, resume=args.resume, tpu=args.tpu)
+    run = train(_training_config(args, _data_overrides(args)), args.out, task=getattr(args, "task", None),
+                resume=args.resume, tpu=args.tpu)
     print(f"\nmodel: {os.path.abspath(args.out)}")
     if run.task.generates:
         from tfglm.generation.decode import generate_texts
-        from tfglm.tasks.registry import load_run
 
-        best = load_run(args.out)
+        best = registry.load_run(args.out)
         settings = best.config.generate
         texts, _ = generate_texts(best.task.generator(best.model), [settings.prompt], settings)
         print(f"sample (prompt {settings.prompt!r}, temperature {settings.temperature}):\n{settings.prompt}{texts[0]}")
@@ -209,13 +225,8 @@ def cmd_prepare(args, beam_args):
     print(f"\nprepared: {args.out} (train with --data {args.out})")
 
 
-def cmd_pretrain(args):
-    cmd_train(args, task="masked_lm")
-
-
 def cmd_finetune(args):
     from tfglm.training import runs
-    from tfglm.tasks.registry import load_run
     from tfglm.training.trainer import train
 
     overrides = list(args.set)
@@ -226,15 +237,15 @@ def cmd_finetune(args):
             raise TfglmError("--model: give a pretrained run, or --from-scratch with --config")
         if not (args.train and args.eval):
             raise TfglmError("--train and --eval: a fine-tune needs a training file and one to score")
-        section = args.task
+        section = registry.get_task(args.task).key()
         overrides += [f"{section}.train_file={json.dumps(args.train)}", f"{section}.eval_file={json.dumps(args.eval)}",
                       f"{section}.val_file={json.dumps(args.val or '')}",
                       f"train.init_from={json.dumps('' if args.from_scratch else args.model)}"]
     config = _training_config(args, overrides, default_config=None if args.resume else args.model)
     task = (runs.task_name(args.out) or args.task) if args.resume else args.task
     train(config, args.out, task=task, resume=args.resume, tpu=args.tpu)
-    run = load_run(args.out)
-    result = run.task.evaluate(run.model, argparse.Namespace(data=getattr(config, run.task.name).eval_file))
+    run = registry.load_run(args.out)
+    result = run.task.evaluate(run.model, run.task.Evaluation(data=getattr(config, run.task.key()).eval_file))
     runs.write_json(runs.path(args.out, runs.EVAL), result)
     print(json.dumps(result))
     print(f"model: {os.path.abspath(args.out)}")
@@ -260,9 +271,8 @@ def _check_utf8(option, texts):
 
 def cmd_generate(args):
     from tfglm.generation.decode import generate_texts, warn_truncated
-    from tfglm.tasks.registry import load_run
 
-    run = load_run(args.model)
+    run = registry.load_run(args.model)
     generator = run.task.generator(run.model)
     settings = generate_settings(run.config, vars(args))
     prompts = args.prompt or [settings.prompt]
@@ -324,19 +334,11 @@ def _chat_terminal(session):
 
 
 def cmd_chat(args):
-    from tfglm.data.chat import ChatTokenizer
-    from tfglm.generation.chat import ChatSession
-    from tfglm.tasks.registry import load_run
-
     if args.json and not args.message:
         raise TfglmError("--json: prints the replies to --message turns; give --message")
     _check_utf8("message", args.message or [])
-    run = load_run(args.model)
-    if not isinstance(run.tokenizer, ChatTokenizer):
-        raise TfglmError(f"{args.model}: a {run.task.name} run, without the chat template; `tfglm chat` talks with a "
-                         f"chat run (`tfglm finetune --task chat`)")
-    system = run.config.chat.system if args.system is None else args.system
-    session = ChatSession(run.task.generator(run.model), system, generate_settings(run.config, vars(args)))
+    run = registry.load_run(args.model)
+    session = run.task.chat_session(run.model, generate_settings(run.config, vars(args)), args.system)
     if not args.message:
         _chat_terminal(session)
         return
@@ -359,10 +361,11 @@ def cmd_export(args):
 
 def cmd_evaluate(args):
     from tfglm.training import runs
-    from tfglm.tasks.registry import load_run
 
-    run = load_run(args.model)
-    result = run.task.evaluate(run.model, args)
+    run = registry.load_run(args.model)
+    inputs = run.task.Evaluation(**{field.name: getattr(args, field.name)
+                                    for field in dataclasses.fields(run.task.Evaluation)})
+    result = run.task.evaluate(run.model, inputs)
     runs.write_json(runs.path(args.model, runs.EVAL), result)
     if "bleu" in result:
         print(f"BLEU = {result['bleu']}  ({result['signature']})")
@@ -370,16 +373,17 @@ def cmd_evaluate(args):
 
 
 def cmd_translate(args):
-    from tfglm.tasks.seq2seq import load_translator, translate_texts
+    from tfglm.generation.beam import translate_texts
 
-    for text, translation in zip(args.texts, translate_texts(load_translator(args.model, args.beam), args.texts)):
+    run = registry.load_run(args.model)
+    translator = run.task.translator(run.model, args.beam)
+    for text, translation in zip(args.texts, translate_texts(translator, args.texts)):
         print(json.dumps({"text": text, "translation": translation}, ensure_ascii=False) if args.json else translation)
 
 
 def cmd_predict(args):
-    from tfglm.tasks.classify import predict
-
-    for row in predict(args.model, args.texts):
+    run = registry.load_run(args.model)
+    for row in run.task.predict(run.model, args.texts):
         if args.json:
             print(json.dumps(row, ensure_ascii=False))
         else:
@@ -444,18 +448,16 @@ def main(argv=None):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet(args.verbose)
     commands = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "export": cmd_export,
-                "pretrain": cmd_pretrain, "finetune": cmd_finetune, "import": cmd_import, "evaluate": cmd_evaluate,
-                "predict": cmd_predict, "translate": cmd_translate, "serve": cmd_serve, "client": cmd_client}
+                "finetune": cmd_finetune, "import": cmd_import, "evaluate": cmd_evaluate,
+                "prepare": lambda args: cmd_prepare(args, extra), "predict": cmd_predict, "translate": cmd_translate,
+                "serve": cmd_serve, "client": cmd_client}
     try:
-        if args.command == "prepare":
-            cmd_prepare(args, extra)
-        else:
-            commands[args.command](args)
+        commands.get(args.command, cmd_train)(args)  # the rest are tasks' own training commands
     except TfglmError as e:
         print(f"tfglm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        training = args.command in ("train", "pretrain", "finetune")
+        training = getattr(args, "trains", False)
         print("tfglm: interrupted" + ("; the last checkpoint is intact (continue with --resume)" if training else ""),
               file=sys.stderr)
         return 130

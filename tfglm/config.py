@@ -1,4 +1,5 @@
-"""One typed config tree (model, data, tokenizer, train, generate), read from YAML with dotted overrides."""
+"""One typed config tree (model, data, tokenizer, train, generate, and each task's section), read from YAML with dotted
+overrides. The tasks add their sections (`add_section`); this module knows none of them."""
 
 import dataclasses
 import json
@@ -116,52 +117,31 @@ GenerateConfig = dataclasses.make_dataclass(
     + [(o.name, o.type, dataclasses.field(default=o.default)) for o in GENERATE_OPTIONS])
 
 
-@dataclasses.dataclass
-class ClassifyConfig:
-    text_column: str = ""  # column (TSV/CSV header) or field (JSONL) holding the text; "": text, sentence or review
-    label_column: str = ""  # "": label, labels or category
-    val_fraction: float = 0.1  # of the training rows, held out for early stopping when no --val file is given
-    epochs: int = 10
-    patience: int = 2  # epochs without a better validation `monitor` before stopping
-    monitor: str = "accuracy"  # what picks best.weights.h5 and stops early: validation "accuracy" or "loss" (finer
-    # on a small validation set, where accuracy moves by whole rows)
-    batch_size: int = 32
-    learning_rate: float = 1e-4
-    dropout: float = 0.1  # before the classification head
-    class_weights: str = "none"  # "balanced": weight each class's loss by total / (classes * its count)
-    train_file: str = ""  # labelled files: training rows, validation rows (default: val_fraction of the training
-    val_file: str = ""  # rows) and rows scored into eval.json after training
-    eval_file: str = ""
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """What a `model.kind` reads: the tokenizer kinds it takes, whether it takes imported checkpoints' blocks (post-norm,
+    exact GELU, another epsilon), and whether its context bounds generation (a decoder's prompt and new tokens)."""
+    tokenizers: tuple
+    imported_blocks: bool = False
+    decoder: bool = True
 
 
-@dataclasses.dataclass
-class ChatConfig:
-    train_file: str = ""  # conversations (JSONL messages, or a question/answer TSV/CSV; `tfglm.data.chat`): training,
-    val_file: str = ""  # validation (default: val_fraction of the training conversations) and those scored into
-    eval_file: str = ""  # eval.json after training
-    question_column: str = "question"  # TSV/CSV columns of a single-turn conversation
-    answer_column: str = "answer"
-    val_fraction: float = 0.1
-    epochs: int = 3
-    patience: int = 2  # epochs without a lower validation loss before stopping
-    batch_size: int = 16
-    learning_rate: float = 3e-4
-    system: str = ""  # the system message `tfglm chat` starts a conversation with ("" none)
+MODEL_KINDS = {
+    "gpt": ModelFamily(("char", "sentencepiece", "bytepair")),
+    "bert": ModelFamily(("wordpiece",), imported_blocks=True, decoder=False),
+    "translate": ModelFamily(("sentencepiece",), decoder=False),
+}
+TOKENIZER_KINDS = ("char", "sentencepiece", "wordpiece", "bytepair")
+
+SECTIONS = {}  # a task's section: key -> (dataclass, checks(section, config) -> [(ok, key, message)])
+SECTION_SOURCES = []  # callables run before a config is read, that add the sections (the task registry's discovery)
 
 
-@dataclasses.dataclass
-class TranslateConfig:
-    # Parallel data: aligned `source` and `target` files (one sentence a line; .gz read as gzip), or a TSV of
-    # source<TAB>target lines in `pairs`; likewise for validation.
-    source: str = ""
-    target: str = ""
-    pairs: str = ""
-    val_source: str = ""
-    val_target: str = ""
-    val_pairs: str = ""
-    label_smoothing: float = 0.1
-    beam_width: int = 4  # 1 is greedy
-    length_penalty: float = 0.6  # GNMT's alpha: hypotheses ranked by log-probability / ((5 + length) / 6) ** alpha
+def add_section(key, cls, checks):
+    """Adds the section `key` (dataclass `cls`, checked by `checks`) to every config read from now on."""
+    if key in {f.name for f in dataclasses.fields(Config)} or SECTIONS.get(key, (cls,))[0] is not cls:
+        raise TfglmError(f"config: section {key!r} is declared twice")
+    SECTIONS[key] = (cls, checks)
 
 
 @dataclasses.dataclass
@@ -171,16 +151,40 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
-    classify: ClassifyConfig = dataclasses.field(default_factory=ClassifyConfig)
-    chat: ChatConfig = dataclasses.field(default_factory=ChatConfig)
-    translate: TranslateConfig = dataclasses.field(default_factory=TranslateConfig)
+    sections: dict = dataclasses.field(default_factory=dict)  # the tasks' sections, read as attributes (config.chat)
+
+    def __getattr__(self, name):
+        sections = self.__dict__.get("sections", {})
+        if name not in sections:
+            raise AttributeError(f"config has no section {name!r}")
+        return sections[name]
+
+    def replace(self, **changes):
+        """A copy with the sections in `changes` (built-in or a task's) replaced."""
+        own = {key: changes.pop(key) for key in list(changes) if key in self.sections}
+        return dataclasses.replace(self, **changes, sections={**self.sections, **own})
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        values = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)
+                  if f.name != "sections"}
+        return {**values, **{key: dataclasses.asdict(section) for key, section in self.sections.items()}}
 
     def save(self, path):
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
+
+
+def _build_config(values, where):
+    """The Config of a dict: its built-in sections and the tasks', each checked (`_build`)."""
+    if not isinstance(values, dict):
+        raise TfglmError(f"{where}: config: expected a mapping, got {type(values).__name__}")
+    builtin = [f.name for f in dataclasses.fields(Config) if f.name != "sections"]
+    for key in values:
+        if key not in builtin and key not in SECTIONS:
+            raise TfglmError(f"{where}: {key}: unknown key (known: {', '.join([*builtin, *SECTIONS])})")
+    hints = typing.get_type_hints(Config)
+    return Config(**{key: _build(hints[key], values[key], where, key) for key in builtin if key in values},
+                  sections={key: _build(cls, values.get(key, {}), where, key) for key, (cls, _) in SECTIONS.items()})
 
 
 def _build(cls, values, where, prefix):
@@ -228,14 +232,20 @@ def generate_options(settings):
     return tuple(getattr(settings, o.name) for o in GENERATE_OPTIONS)
 
 
+def _either(names):
+    """'a', 'b' or 'c'."""
+    quoted = [repr(n) for n in names]
+    return " or ".join(filter(None, [", ".join(quoted[:-1]), quoted[-1] if quoted else ""]))
+
+
 def validate(config):
     """Rejects impossible values, naming every key that has one."""
-    m, t, g, tok, c = config.model, config.train, config.generate, config.tokenizer, config.classify
+    m, t, g, tok = config.model, config.train, config.generate, config.tokenizer
+    family = MODEL_KINDS.get(m.kind)
     checks = [
-        (m.kind in ("gpt", "bert", "translate"), "model.kind",
-         f"must be 'gpt', 'bert' or 'translate', got {m.kind!r}"),
-        (m.kind != "translate" or tok.kind == "sentencepiece", "tokenizer.kind",
-         f"must be 'sentencepiece' for model.kind 'translate', got {tok.kind!r}"),
+        (family is not None, "model.kind", f"must be {_either(MODEL_KINDS)}, got {m.kind!r}"),
+        (family is None or tok.kind not in TOKENIZER_KINDS or tok.kind in family.tokenizers, "tokenizer.kind",
+         f"must be {_either(family.tokenizers if family else ())} for model.kind {m.kind!r}, got {tok.kind!r}"),
         (m.num_layers >= 1, "model.num_layers", "must be >= 1"),
         (m.num_heads >= 1, "model.num_heads", "must be >= 1"),
         (m.hidden_dim >= 1 and m.num_heads >= 1 and m.hidden_dim % m.num_heads == 0, "model.hidden_dim",
@@ -248,12 +258,11 @@ def validate(config):
         (m.layer_norm_epsilon > 0, "model.layer_norm_epsilon", "must be > 0"),
         (m.num_segments >= 1, "model.num_segments", "must be >= 1"),
         (m.pooling in ("cls", "mean"), "model.pooling", f"must be 'cls' or 'mean', got {m.pooling!r}"),
-        (m.kind == "bert" or (m.norm_first and m.activation == "gelu_tanh" and m.layer_norm_epsilon == 1e-5),
-         "model.norm_first", "post-norm, exact GELU and another epsilon are for model.kind 'bert' only"),
-        (tok.kind in ("char", "sentencepiece", "wordpiece", "bytepair"), "tokenizer.kind",
-         f"must be 'char', 'sentencepiece', 'wordpiece' or 'bytepair', got {tok.kind!r}"),
-        ((m.kind == "bert") == (tok.kind == "wordpiece"), "tokenizer.kind",
-         f"must be 'wordpiece' exactly when model.kind is 'bert' (model.kind {m.kind!r}, tokenizer.kind {tok.kind!r})"),
+        (family is None or family.imported_blocks
+         or (m.norm_first and m.activation == "gelu_tanh" and m.layer_norm_epsilon == 1e-5), "model.norm_first",
+         f"post-norm, exact GELU and another epsilon are for model.kind "
+         f"{_either([k for k, f in MODEL_KINDS.items() if f.imported_blocks])} only"),
+        (tok.kind in TOKENIZER_KINDS, "tokenizer.kind", f"must be {_either(TOKENIZER_KINDS)}, got {tok.kind!r}"),
         (tok.vocab_size >= 300, "tokenizer.vocab_size", "must be >= 300 (256 byte pieces are reserved)"),
         (0.0 < config.data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)"),
         (config.data.format in ("auto", "text", "jsonl", "parquet"), "data.format",
@@ -280,24 +289,10 @@ def validate(config):
         (t.lora_rank >= 0, "train.lora_rank", "must be >= 0 (0 is full fine-tuning)"),
         (t.connect_timeout_s >= 1, "train.connect_timeout_s", "must be >= 1"),
         (t.log_every_s >= 0, "train.log_every_s", "must be >= 0"),
-        (0.0 <= c.val_fraction < 1.0, "classify.val_fraction", "must be in [0, 1)"),
-        (c.epochs >= 1, "classify.epochs", "must be >= 1"),
-        (c.patience >= 1, "classify.patience", "must be >= 1"),
-        (c.monitor in ("accuracy", "loss"), "classify.monitor", f"must be 'accuracy' or 'loss', got {c.monitor!r}"),
-        (c.batch_size >= 1, "classify.batch_size", "must be >= 1"),
-        (c.learning_rate > 0, "classify.learning_rate", "must be > 0"),
-        (0.0 <= c.dropout < 1.0, "classify.dropout", "must be in [0, 1)"),
-        (c.class_weights in ("none", "balanced"), "classify.class_weights", "must be 'none' or 'balanced'"),
-        (0.0 <= config.chat.val_fraction < 1.0, "chat.val_fraction", "must be in [0, 1)"),
-        (config.chat.epochs >= 1, "chat.epochs", "must be >= 1"),
-        (config.chat.patience >= 1, "chat.patience", "must be >= 1"),
-        (config.chat.batch_size >= 1, "chat.batch_size", "must be >= 1"),
-        (config.chat.learning_rate > 0, "chat.learning_rate", "must be > 0"),
-        (0.0 <= config.translate.label_smoothing < 1.0, "translate.label_smoothing", "must be in [0, 1)"),
-        (config.translate.beam_width >= 1, "translate.beam_width", "must be >= 1 (1 is greedy)"),
-        (config.translate.length_penalty >= 0, "translate.length_penalty", "must be >= 0"),
     ]
-    context = m.max_length if m.kind != "translate" else None
+    for key, (_, section_checks) in SECTIONS.items():
+        checks += section_checks(getattr(config, key), config)
+    context = m.max_length if family is None or family.decoder else None
     checks += [(message is None, f"generate.{o.name}", message)
                for o in GENERATE_OPTIONS for message in [o.check(getattr(g, o.name), context)]]
     errors = [f"{key}: {message}" for ok, key, message in checks if not ok]
@@ -365,7 +360,9 @@ def load_config(path=None, overrides=(), base=None, where="config"):
             mark = getattr(e, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""
             raise TfglmError(f"{path}:{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    config = _build(Config, values, where, "")
+    for source in SECTION_SOURCES:
+        source()
+    config = _build_config(values, where)
     values = config.to_dict()
     fixed = set()
     for text in overrides:
@@ -377,7 +374,7 @@ def load_config(path=None, overrides=(), base=None, where="config"):
             node = node[key]
         node[keys[-1]] = value
         fixed.add(".".join(keys))
-        config = _build(Config, values, "--set", "")
+        config = _build_config(values, "--set")
     if "train.steps" in fixed:
         config = fit_intervals(config, fixed)
     return validate(config)

@@ -276,10 +276,14 @@ def _load_base(directory, spec):
 
 
 def new_tokenizer(config, texts):
-    """The vocabulary of a fine-tune from scratch (`config.model.kind`, `config.tokenizer`), learnt from its
-    training texts."""
-    if config.model.kind == "bert":
-        return train_wordpiece(texts, config.tokenizer.vocab_size)
-    if config.tokenizer.kind == "char":
-        return CharTokenizer("".join(texts))
-    return SentencePieceTokenizer(train_sentencepiece(texts, config.tokenizer.vocab_size))
+    """The vocabulary of a fine-tune from scratch (`config.tokenizer`), learnt from its training texts: WordPiece,
+    characters, or else SentencePiece."""
+    size = config.tokenizer.vocab_size
+    learn = {"wordpiece": lambda: train_wordpiece(texts, size), "char": lambda: CharTokenizer("".join(texts))}
+    return learn.get(config.tokenizer.kind, lambda: SentencePieceTokenizer(train_sentencepiece(texts, size)))()
+
+
+def packer(tokenizer, length):
+    """Packs one or two segments as [CLS] A [SEP] (B [SEP]), padded with [PAD] to `length`."""
+    return keras_hub.layers.MultiSegmentPacker(length, start_value=tokenizer.cls_id, end_value=tokenizer.sep_id,
+                                               pad_value=tokenizer.pad_id)

@@ -5,11 +5,15 @@ While decoding, each decoder layer keeps its self-attention keys/values in a cac
 cross-attention keys/values of the encoded source from a second cache computed once per source batch.
 """
 
+import logging
+
+import numpy as np
 import tensorflow as tf
 
 from tfglm.data.parallel import PAD
 from tfglm.generation.decode import bucket, decode
 
+log = logging.getLogger("tfglm")
 NEG = -1e9
 
 
@@ -118,3 +122,20 @@ class Translator(tf.Module):
         tokens, generated = self._decode(source_ids)
         generated = generated[:batch] & (lengths > 0)[:, None]
         return {"translations": self.tokenizer.detokenize(tf.ragged.boolean_mask(tokens[:batch], generated))}
+
+
+def translate_texts(translator, texts, batch_size=64):
+    """Translations of `texts`, in batches of similar length; warns about sources truncated to the context."""
+    context = translator.model.max_length
+    lengths = translator.tokenizer.tokenize(tf.constant(texts)).row_lengths().numpy()
+    if (lengths > context).any():
+        log.warning("%d source(s) over the model's context (%d tokens) truncated", int((lengths > context).sum()),
+                    context)
+    order = np.argsort(lengths, kind="stable")
+    out = [None] * len(texts)
+    for start in range(0, len(texts), batch_size):
+        chunk = order[start:start + batch_size]
+        result = translator.translate(tf.constant([texts[i] for i in chunk]))["translations"].numpy()
+        for i, text in zip(chunk, result):
+            out[i] = text.decode("utf-8", errors="replace")
+    return out

@@ -1,10 +1,27 @@
 """The Task interface: what one kind of run owns. The one trainer (`tfglm.training.trainer.train`) gives every task the
-same strategies, precision, checkpoints, resume, metrics and TensorBoard; a task supplies what is specific to it."""
+same strategies, precision, checkpoints, resume, metrics and TensorBoard; a task supplies what is specific to it.
+
+A task is one class, registered by name (`tfglm.tasks.registry.register`): besides training, it declares its config
+section, the checks of that section, the options `tfglm evaluate` takes for it, and which commands it answers
+(`finetune --task`, `predict`, `translate`, `chat`). The config, the command line and the registry read these; none of
+them names a task.
+"""
 
 import dataclasses
 
 from tfglm.data import epochs
+from tfglm.data.chat import ChatTokenizer
 from tfglm.errors import TfglmError
+from tfglm.generation.chat import ChatSession
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """What `Task.evaluate` scores: a file of the task's data. A task whose evaluation takes other inputs declares its
+    own dataclass; each field becomes a `tfglm evaluate` option (`help` in its metadata)."""
+    data: str = dataclasses.field(default="", metadata={
+        "help": "the data to score, as the run's task trains on it: text files (a language model), labelled texts "
+                "(a classifier), conversations (a chat model)"})
 
 
 class Task:
@@ -18,6 +35,13 @@ class Task:
 
     name = None
     model_kinds = ()
+    default_for = ()  # the `model.kind` values `tfglm train` runs this task for
+    section = None  # the dataclass of the task's config section (e.g. `classify:`), if it has one
+    section_name = None  # the section's key in the config (default: `name`)
+    finetune = None  # what its training files hold, for a task `tfglm finetune --task NAME` runs: --train, --val and
+    # --eval set its section's train_file, val_file and eval_file, and `evaluate` scores eval_file as Evaluation(data)
+    Evaluation = Evaluation  # the inputs of `evaluate`
+    command = None  # a training command of its own: {"name", "help", "config": --config's help, "data": --data's}
     monitor = ("val_loss", "min")  # the validation metric that picks best.weights.h5, and whether lower is better
     patience = None  # stop after this many validation points without a better `monitor`; None never stops early
     generates = False  # whether `generator` makes free text
@@ -79,9 +103,36 @@ class Task:
         """A strings-in, strings-out generator (`tfglm generate`), for tasks that generate free text."""
         raise TfglmError(f"{self.run_dir}: a {self.name} run does not generate free text")
 
-    def evaluate(self, model, args):
-        """Scores the run on the files `args` names (the `tfglm evaluate` options); returns what eval.json holds."""
+    @classmethod
+    def key(cls):
+        """The task's section in the config tree."""
+        return cls.section_name or cls.name
+
+    @classmethod
+    def checks(cls, section, config):
+        """(ok, key, message) for every check of the task's config `section` (in the whole `config`)."""
+        return []
+
+    def evaluate(self, model, inputs):
+        """Scores the run on `inputs` (an `Evaluation`: the `tfglm evaluate` options); returns what eval.json holds."""
         raise TfglmError(f"{self.run_dir}: a {self.name} run has no evaluation")
+
+    def predict(self, model, texts):
+        """[{"text", "label", "probabilities": {label: p}}] for each text (`tfglm predict`), for tasks that classify."""
+        raise TfglmError(f"{self.run_dir}: a {self.name} run does not classify texts (`tfglm predict` takes a "
+                         f"fine-tuned classifier)")
+
+    def translator(self, model, beam_width=None, jit_compile=True):
+        """A `Translator` (`tfglm translate`), for tasks that translate."""
+        raise TfglmError(f"{self.run_dir}: not a translation run (its task is {self.name})")
+
+    def chat_session(self, model, settings, system=None):
+        """A `ChatSession` (`tfglm chat`) with `settings` (a GenerateConfig) and the `system` message ("" none), for
+        runs whose tokenizer has the chat template."""
+        if not isinstance(self.tokenizer, ChatTokenizer):
+            raise TfglmError(f"{self.run_dir}: a {self.name} run, without the chat template; `tfglm chat` talks with "
+                             f"a chat run (`tfglm finetune --task chat`)")
+        return ChatSession(self.generator(model), system or "", settings)
 
     def exported(self, model, jit_compile):
         """What `tfglm export` serves (`tfglm.serving.signatures` builds the signatures): a `Generator` (a language
@@ -100,6 +151,18 @@ class TextClassifier:
     encode: object
     labels: list
     text_feature: str
+
+
+def epoch_checks(key, section):
+    """The checks of a fine-tune's config `section` (at `key`) counted in epochs (`epoch_schedule`): its held-out
+    validation share, epochs, patience, batch size and learning rate."""
+    return [
+        (0.0 <= section.val_fraction < 1.0, f"{key}.val_fraction", "must be in [0, 1)"),
+        (section.epochs >= 1, f"{key}.epochs", "must be >= 1"),
+        (section.patience >= 1, f"{key}.patience", "must be >= 1"),
+        (section.batch_size >= 1, f"{key}.batch_size", "must be >= 1"),
+        (section.learning_rate > 0, f"{key}.learning_rate", "must be > 0"),
+    ]
 
 
 def epoch_schedule(train, section, num_rows):

@@ -17,9 +17,9 @@ from tfglm.data.tokenizers import CharTokenizer, SentencePieceTokenizer, load_to
 from tfglm.errors import TfglmError
 from tfglm.generation.decode import Generator
 from tfglm.models.gpt import GPT
-from tfglm.training import runs
 from tfglm.tasks.base import Task
 from tfglm.tasks.registry import load_run
+from tfglm.training import runs
 
 log = logging.getLogger("tfglm")
 
@@ -28,6 +28,7 @@ class CausalLM(Task):
     name = "causal_lm"
     model_kinds = ("gpt",)
     perplexity = True
+    default_for = ("gpt",)
     generates = True
     prepared = None  # the `shards.Prepared` corpus when data.files names one
 
@@ -52,15 +53,7 @@ class CausalLM(Task):
                 os.makedirs(runs.path(self.run_dir, runs.TOKENIZER), exist_ok=True)
                 self.tokenizer.save(runs.path(self.run_dir, runs.TOKENIZER))
         else:
-            if self.config.tokenizer.kind == "bytepair":
-                raise TfglmError("tokenizer.kind: 'bytepair' vocabularies come from `tfglm import`; tfglm trains "
-                                 "'char' or 'sentencepiece'")
-            if self.config.tokenizer.kind == "char":
-                self.tokenizer = CharTokenizer(stats.chars)
-            else:
-                log.info("training a %d-token SentencePiece vocabulary", self.config.tokenizer.vocab_size)
-                self.tokenizer = SentencePieceTokenizer(
-                    train_sentencepiece(corpus.iter_lines(files), self.config.tokenizer.vocab_size))
+            self.tokenizer = self.learn_vocabulary(files, stats)
             if chief:
                 os.makedirs(runs.path(self.run_dir, runs.TOKENIZER), exist_ok=True)
                 self.tokenizer.save(runs.path(self.run_dir, runs.TOKENIZER))
@@ -81,6 +74,20 @@ class CausalLM(Task):
         streams = self.prepared.streams
         log.info("prepared corpus %s: %d train, %d validation tokens, vocabulary %d", self.prepared.directory,
                  streams["train"].num_tokens, streams["validation"].num_tokens, self.tokenizer.vocab_size)
+
+    def learn_vocabulary(self, files, stats):
+        """A new run's tokenizer, of `tokenizer.kind`: the corpus's characters, or a SentencePiece vocabulary."""
+        size = self.config.tokenizer.vocab_size
+
+        def sentencepiece():
+            log.info("training a %d-token SentencePiece vocabulary", size)
+            return SentencePieceTokenizer(train_sentencepiece(corpus.iter_lines(files), size))
+
+        learn = {"char": lambda: CharTokenizer(stats.chars), "sentencepiece": sentencepiece}
+        if self.config.tokenizer.kind not in learn:
+            raise TfglmError(f"tokenizer.kind: {self.config.tokenizer.kind!r} vocabularies come from `tfglm import`; "
+                             f"tfglm trains 'char' or 'sentencepiece'")
+        return learn[self.config.tokenizer.kind]()
 
     def build_model(self):
         return GPT.from_config_tree(self.config.model, self.tokenizer.vocab_size)
@@ -120,18 +127,18 @@ class CausalLM(Task):
     def generator(self, model):
         return Generator(model, self.tokenizer)
 
-    def evaluate(self, model, args):
+    def evaluate(self, model, inputs):
         """Perplexity of the model on the text files `--data` names, over consecutive blocks of its context."""
-        if not args.data:
+        if not inputs.data:
             raise TfglmError("--data: a language model is scored on text files (perplexity)")
-        files = corpus.resolve_files([args.data])
+        files = corpus.resolve_files([inputs.data])
         corpus.scan_files(files)
         tokens = corpus.tokenize_files(files, self.tokenizer)
         length, batch = self.config.model.max_length, self.config.train.batch_size
         blocks = (len(tokens) - 1) // length
         if blocks < 1:
-            raise TfglmError(f"{args.data}: {len(tokens)} tokens, fewer than one block of {length} + 1")
-        log.info("scoring %s: %d blocks of %d tokens", args.data, blocks, length)
+            raise TfglmError(f"{inputs.data}: {len(tokens)} tokens, fewer than one block of {length} + 1")
+        log.info("scoring %s: %d blocks of %d tokens", inputs.data, blocks, length)
         starts = np.arange(blocks) * length
         block = tokens[starts[:, None] + np.arange(length + 1)]
         total = 0.0
@@ -140,7 +147,7 @@ class CausalLM(Task):
             total += float(tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(block[i:i + batch, 1:],
                                                                                         logits)))
         loss = total / (blocks * length)
-        return {"data": args.data, "tokens": int(blocks * length), "loss": round(loss, 5),
+        return {"data": inputs.data, "tokens": int(blocks * length), "loss": round(loss, 5),
                 "perplexity": round(math.exp(min(loss, 50.0)), 4)}
 
     def exported(self, model, jit_compile):

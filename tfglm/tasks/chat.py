@@ -6,6 +6,7 @@ program); one longer than the context is split at turn boundaries into several. 
 best checkpoint and stops early) and eval.json's loss are per assistant token.
 """
 
+import dataclasses
 import logging
 import math
 import os
@@ -20,11 +21,26 @@ from tfglm.data.tokenizers import load_tokenizer, new_tokenizer
 from tfglm.errors import TfglmError
 from tfglm.generation.decode import Generator
 from tfglm.models.gpt import GPT
-from tfglm.training import runs
-from tfglm.tasks.base import Task, epoch_schedule
+from tfglm.tasks.base import Task, epoch_checks, epoch_schedule
 from tfglm.tasks.registry import load_run
+from tfglm.training import runs
 
 log = logging.getLogger("tfglm")
+
+
+@dataclasses.dataclass
+class ChatConfig:
+    train_file: str = ""  # conversations (JSONL messages, or a question/answer TSV/CSV; `tfglm.data.chat`): training,
+    val_file: str = ""  # validation (default: val_fraction of the training conversations) and those scored into
+    eval_file: str = ""  # eval.json after training
+    question_column: str = "question"  # TSV/CSV columns of a single-turn conversation
+    answer_column: str = "answer"
+    val_fraction: float = 0.1
+    epochs: int = 3
+    patience: int = 2  # epochs without a lower validation loss before stopping
+    batch_size: int = 16
+    learning_rate: float = 3e-4
+    system: str = ""  # the system message `tfglm chat` starts a conversation with ("" none)
 
 
 class Chat(Task):
@@ -36,6 +52,12 @@ class Chat(Task):
     perplexity = True
     counts_epochs = True
     generates = True
+    section = ChatConfig
+    finetune = "conversations (JSONL messages, or a question/answer TSV/CSV)"
+
+    @classmethod
+    def checks(cls, c, config):
+        return epoch_checks("chat", c)
 
     def __init__(self, config, run_dir):
         super().__init__(config, run_dir)
@@ -132,16 +154,20 @@ class Chat(Task):
     def generator(self, model):
         return Generator(model, self.tokenizer)
 
-    def evaluate(self, model, args):
+    def chat_session(self, model, settings, system=None):
+        """As `Task.chat_session`, the system message `chat.system` unless given."""
+        return super().chat_session(model, settings, self.config.chat.system if system is None else system)
+
+    def evaluate(self, model, inputs):
         """Assistant-token loss and perplexity on the conversations file `--data`."""
-        if not args.data:
+        if not inputs.data:
             raise TfglmError("--data: a chat model is scored on a conversations file (JSONL, or question/answer "
                              "TSV/CSV)")
         c = self.config.chat
-        conversations = read_conversations(args.data, c.question_column, c.answer_column)
-        ids, weights = encode(self.tokenizer, conversations, self.config.model.max_length + 1, args.data)
+        conversations = read_conversations(inputs.data, c.question_column, c.answer_column)
+        ids, weights = encode(self.tokenizer, conversations, self.config.model.max_length + 1, inputs.data)
         loss, tokens = assistant_loss(model, ids, weights, c.batch_size)
-        return {"data": args.data, "conversations": len(conversations), "examples": len(ids),
+        return {"data": inputs.data, "conversations": len(conversations), "examples": len(ids),
                 "assistant_tokens": tokens, "loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50.0)), 4)}
 
     def exported(self, model, jit_compile):

@@ -7,7 +7,6 @@ accuracy so far, metrics.jsonl one line an epoch), plus labels.json (the label s
 eval.json.
 """
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -17,32 +16,52 @@ import numpy as np
 import tensorflow as tf
 
 from tfglm.data import corpus, epochs, labelled
-from tfglm.data.tokenizers import load_tokenizer, new_tokenizer
+from tfglm.data.tokenizers import load_tokenizer, new_tokenizer, packer
 from tfglm.errors import TfglmError
 from tfglm.models.encoder import Encoder, dummy_inputs
 from tfglm.models.gpt import GPT
 from tfglm.models.heads import EncoderClassifier, GPTClassifier
-from tfglm.training import runs
-from tfglm.tasks.base import Task, TextClassifier, epoch_schedule
-from tfglm.tasks.masked_lm import packer
+from tfglm.tasks.base import Evaluation, Task, TextClassifier, epoch_checks, epoch_schedule
 from tfglm.tasks.registry import load_run
+from tfglm.training import runs
 from tfglm.training.trainer import train
 
 log = logging.getLogger("tfglm")
 LABELS = "labels.json"
 
 
-def encode(tokenizer, model_config):
-    """strings [batch] -> classifier inputs, tokenized in the graph: for an encoder packed as [CLS] text [SEP]; for a
-    GPT `<eot>` + text (its training context), truncated to the context and right-padded, with each row's length."""
-    length = model_config.max_length
-    if model_config.kind == "gpt":
-        def fn(texts):
-            ids = tokenizer.tokenize(texts)
-            ids = tf.concat([tf.fill([tf.shape(texts)[0], 1], tokenizer.eot_id), ids], axis=1)[:, :length]
-            return {"token_ids": ids.to_tensor(default_value=tokenizer.eot_id, shape=[None, length]),
-                    "lengths": tf.cast(ids.row_lengths(), tf.int32)}
-        return fn
+@dataclasses.dataclass
+class ClassifyConfig:
+    text_column: str = ""  # column (TSV/CSV header) or field (JSONL) holding the text; "": text, sentence or review
+    label_column: str = ""  # "": label, labels or category
+    val_fraction: float = 0.1  # of the training rows, held out for early stopping when no --val file is given
+    epochs: int = 10
+    patience: int = 2  # epochs without a better validation `monitor` before stopping
+    monitor: str = "accuracy"  # what picks best.weights.h5 and stops early: validation "accuracy" or "loss" (finer
+    # on a small validation set, where accuracy moves by whole rows)
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    dropout: float = 0.1  # before the classification head
+    class_weights: str = "none"  # "balanced": weight each class's loss by total / (classes * its count)
+    train_file: str = ""  # labelled files: training rows, validation rows (default: val_fraction of the training
+    val_file: str = ""  # rows) and rows scored into eval.json after training
+    eval_file: str = ""
+
+
+def decoder_inputs(tokenizer, length):
+    """strings [batch] -> a GPT classifier's inputs, tokenized in the graph: `<eot>` + text (its training context),
+    truncated to `length` and right-padded, with each row's length."""
+    def fn(texts):
+        ids = tokenizer.tokenize(texts)
+        ids = tf.concat([tf.fill([tf.shape(texts)[0], 1], tokenizer.eot_id), ids], axis=1)[:, :length]
+        return {"token_ids": ids.to_tensor(default_value=tokenizer.eot_id, shape=[None, length]),
+                "lengths": tf.cast(ids.row_lengths(), tf.int32)}
+
+    return fn
+
+
+def encoder_inputs(tokenizer, length):
+    """strings [batch] -> an encoder classifier's inputs, tokenized in the graph and packed as [CLS] text [SEP]."""
     pack = packer(tokenizer, length)
 
     def fn(texts):
@@ -50,6 +69,31 @@ def encode(tokenizer, model_config):
         return {"token_ids": token_ids, "segment_ids": segment_ids, "padding_mask": token_ids != tokenizer.pad_id}
 
     return fn
+
+
+def gpt_classifier(config, vocab_size, num_classes, backbone):
+    """A head on a GPT's last token."""
+    model = GPTClassifier(backbone or GPT.from_config_tree(config.model, vocab_size), num_classes,
+                          config.classify.dropout)
+    model({"token_ids": np.zeros((1, config.model.max_length), "int32"), "lengths": np.ones((1,), "int32")})
+    return model
+
+
+def encoder_classifier(config, vocab_size, num_classes, backbone):
+    """A head on an encoder's pooled [CLS] or mean token (`model.pooling`)."""
+    model = EncoderClassifier(backbone or Encoder.from_config_tree(config.model, vocab_size), num_classes,
+                              config.classify.dropout, config.model.pooling)
+    model(dummy_inputs(config.model.max_length))
+    return model
+
+
+# model.kind -> (its inputs for texts, its classifier)
+FAMILIES = {"gpt": (decoder_inputs, gpt_classifier), "bert": (encoder_inputs, encoder_classifier)}
+
+
+def encode(tokenizer, model_config):
+    """strings [batch] -> the classifier inputs of `model_config.kind`, tokenized in the graph."""
+    return FAMILIES[model_config.kind][0](tokenizer, model_config.max_length)
 
 
 def text_dataset(texts, tokenizer, model_config, batch_size, targets=None, batches=None, class_weights=None):
@@ -77,16 +121,7 @@ def text_dataset(texts, tokenizer, model_config, batch_size, targets=None, batch
 
 def build_classifier(config, vocab_size, num_classes, backbone=None):
     """A classifier on `backbone` (a pretrained encoder or GPT), or on a new one with random weights."""
-    length = config.model.max_length
-    if config.model.kind == "gpt":
-        model = GPTClassifier(backbone or GPT.from_config_tree(config.model, vocab_size), num_classes,
-                              config.classify.dropout)
-        model({"token_ids": np.zeros((1, length), "int32"), "lengths": np.ones((1,), "int32")})
-        return model
-    model = EncoderClassifier(backbone or Encoder.from_config_tree(config.model, vocab_size), num_classes,
-                              config.classify.dropout, config.model.pooling)
-    model(dummy_inputs(length))
-    return model
+    return FAMILIES[config.model.kind][1](config, vocab_size, num_classes, backbone)
 
 
 def balanced_class_weights(ids, num_classes):
@@ -113,6 +148,17 @@ class Classify(Task):
     name = "classify"
     model_kinds = ("bert", "gpt")
     counts_epochs = True
+    section = ClassifyConfig
+    finetune = "labelled texts (a TSV, CSV or JSONL file)"
+
+    @classmethod
+    def checks(cls, c, config):
+        return epoch_checks("classify", c) + [
+            (c.monitor in ("accuracy", "loss"), "classify.monitor",
+             f"must be 'accuracy' or 'loss', got {c.monitor!r}"),
+            (0.0 <= c.dropout < 1.0, "classify.dropout", "must be in [0, 1)"),
+            (c.class_weights in ("none", "balanced"), "classify.class_weights", "must be 'none' or 'balanced'"),
+        ]
 
     def __init__(self, config, run_dir):
         super().__init__(config, run_dir)
@@ -185,14 +231,14 @@ class Classify(Task):
     def tokens_per_step(self):
         return self.config.classify.batch_size * self.config.model.max_length
 
-    def evaluate(self, model, args):
+    def evaluate(self, model, inputs):
         """Accuracy, macro-F1 and the confusion matrix on the labelled file `--data`."""
-        if not args.data:
+        if not inputs.data:
             raise TfglmError("--data: a classifier is scored on a labelled TSV, CSV or JSONL file")
         c = self.config.classify
-        texts, targets = labelled.read_labelled(args.data, c.text_column, c.label_column, self.labels)
-        log.info("scoring %d rows of %s", len(texts), args.data)
-        return {"file": args.data, **score(model, self.tokenizer, self.config, self.labels, texts, targets)}
+        texts, targets = labelled.read_labelled(inputs.data, c.text_column, c.label_column, self.labels)
+        log.info("scoring %d rows of %s", len(texts), inputs.data)
+        return {"file": inputs.data, **score(model, self.tokenizer, self.config, self.labels, texts, targets)}
 
     def predict(self, model, texts):
         """[{"text", "label", "probabilities": {label: p}}] for each text."""
@@ -211,9 +257,9 @@ class Classify(Task):
 def finetune(config, run_dir, train_file, eval_file, pretrained=None, val_file=None, verbose=None):
     """Fine-tunes a classifier into `run_dir` (from the `pretrained` run, or from scratch) and scores its best
     weights on `eval_file` into eval.json; returns the scores."""
-    config = dataclasses.replace(
-        config, classify=dataclasses.replace(config.classify, train_file=train_file, val_file=val_file or "",
-                                             eval_file=eval_file),
+    config = config.replace(
+        classify=dataclasses.replace(config.classify, train_file=train_file, val_file=val_file or "",
+                                     eval_file=eval_file),
         train=dataclasses.replace(config.train, init_from=pretrained or ""))
     train(config, run_dir, task="classify", verbose=verbose)
     return evaluate_run(run_dir, eval_file)
@@ -222,7 +268,7 @@ def finetune(config, run_dir, train_file, eval_file, pretrained=None, val_file=N
 def evaluate_run(run_dir, path):
     """The run's scores on the labelled file `path`, written to its eval.json."""
     run = load_run(run_dir)
-    result = run.task.evaluate(run.model, argparse.Namespace(data=path))
+    result = run.task.evaluate(run.model, Evaluation(data=path))
     runs.write_json(runs.path(run_dir, runs.EVAL), result)
     return result
 

@@ -17,17 +17,16 @@ import logging
 import os
 
 import keras
-import keras_hub
 import numpy as np
 import tensorflow as tf
 
 from tfglm.data import corpus, labelled, shards
 from tfglm.data.corpus import per_token_weights
-from tfglm.data.tokenizers import load_tokenizer, train_wordpiece
+from tfglm.data.tokenizers import load_tokenizer, packer, train_wordpiece
 from tfglm.errors import TfglmError
 from tfglm.models.heads import build_pretrainer
-from tfglm.training import runs
 from tfglm.tasks.base import Task
+from tfglm.training import runs
 
 log = logging.getLogger("tfglm")
 MASK_RATE = 0.15
@@ -82,12 +81,6 @@ def pair_dataset(segments, seed, start):
         return tokens[a_start:a_end], tokens[b_start:b_end], tf.cast(is_next, tf.int32)
 
     return tf.data.Dataset.counter(start).map(example, num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def packer(tokenizer, length):
-    """Packs one or two segments as [CLS] A [SEP] (B [SEP]), padded with [PAD] to `length`."""
-    return keras_hub.layers.MultiSegmentPacker(length, start_value=tokenizer.cls_id, end_value=tokenizer.sep_id,
-                                               pad_value=tokenizer.pad_id)
 
 
 def mask_batch(inputs, is_next, tokenizer, seed, index):
@@ -146,6 +139,10 @@ class MaskedLM(Task):
 
     name = "masked_lm"
     model_kinds = ("bert",)
+    default_for = ("bert",)
+    command = {"name": "pretrain", "help": "pretrain a BERT-style encoder (masked LM + next sentence)",
+               "config": "YAML config with model.kind bert (configs/bert-*.yaml)",
+               "data": "text files, directories, globs, or labelled TSV/CSV/JSONL files"}
 
     def load_vocabulary(self):
         self.tokenizer = load_tokenizer(runs.path(self.run_dir, runs.TOKENIZER))

@@ -1,36 +1,97 @@
 """The task registry: a run's task name -> its `Task` class, and loading a trained run through it.
 
-A new task is one module in `tfglm/tasks/` and one line here.
+The built-in tasks are the modules in BUILT_IN; an installed package adds its own under the `tfglm.tasks`
+entry-point group, and a program with `register`. They are found on first use (of the registry, or of a config), so
+that importing a task module never waits on the others. Registering a task adds its config section to the config
+tree; the command line reads its options from here.
 """
 
 import collections
 import importlib
+import importlib.metadata
 import logging
 import os
 
+from tfglm import config as config_tree
 from tfglm.errors import TfglmError
+from tfglm.tasks.base import Task
 from tfglm.training import runs
 
 log = logging.getLogger("tfglm")
 
-TASKS = {
-    "causal_lm": "tfglm.tasks.causal_lm:CausalLM",
-    "masked_lm": "tfglm.tasks.masked_lm:MaskedLM",
-    "classify": "tfglm.tasks.classify:Classify",
-    "seq2seq": "tfglm.tasks.seq2seq:Seq2Seq",
-    "chat": "tfglm.tasks.chat:Chat",
-}
-DEFAULT_FOR_KIND = {"gpt": "causal_lm", "bert": "masked_lm", "translate": "seq2seq"}  # what `tfglm train` runs
+BUILT_IN = ("tfglm.tasks.causal_lm:CausalLM", "tfglm.tasks.masked_lm:MaskedLM", "tfglm.tasks.classify:Classify",
+            "tfglm.tasks.seq2seq:Seq2Seq", "tfglm.tasks.chat:Chat")
+ENTRY_POINTS = "tfglm.tasks"
+TASKS = {}  # name -> Task class, in registration order
+_found = []  # [True] once the built-in and installed tasks are registered
 
 Run = collections.namedtuple("Run", "config tokenizer model task")
 
 
+def register(task):
+    """Adds `task` (a `Task` subclass) under its `name`, and its config section (`section`, at `key()`) to the config
+    tree; returns it, so it can decorate the class.
+
+    Examples:
+    ```python
+    import dataclasses
+    import tfglm
+    from tfglm.tasks import Task, register
+
+    @dataclasses.dataclass
+    class EchoConfig:
+        repeats: int = 2
+
+    @register
+    class Echo(Task):
+        name, model_kinds, section = "echo", ("gpt",), EchoConfig
+
+    tfglm.load_config(overrides=["echo.repeats=3"]).echo.repeats  # 3
+    ```
+    """
+    discover()
+    if not (isinstance(task, type) and issubclass(task, Task) and task.name):
+        raise TfglmError(f"task: {task!r} is not a Task subclass with a name")
+    if task.name in TASKS and TASKS[task.name] is not task:
+        raise TfglmError(f"task: {task.name!r} is registered already ({TASKS[task.name].__module__})")
+    if task.section is not None:
+        config_tree.add_section(task.key(), task.section, task.checks)
+    TASKS[task.name] = task
+    return task
+
+
+def discover():
+    """Registers the built-in tasks and those installed packages declare (once)."""
+    if _found:
+        return
+    _found.append(True)
+    for reference in BUILT_IN:
+        module, _, attribute = reference.partition(":")
+        register(getattr(importlib.import_module(module), attribute))
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINTS):
+        register(entry.load())
+
+
+def tasks():
+    """Every registered Task class, in registration order."""
+    discover()
+    return list(TASKS.values())
+
+
 def get_task(name):
     """The `Task` class registered as `name`."""
+    discover()
     if name not in TASKS:
         raise TfglmError(f"task: unknown task {name!r} (known: {', '.join(TASKS)})")
-    module, _, attribute = TASKS[name].partition(":")
-    return getattr(importlib.import_module(module), attribute)
+    return TASKS[name]
+
+
+def default_task(kind):
+    """The name of the task `tfglm train` runs for `model.kind` `kind`."""
+    for task in tasks():
+        if kind in task.default_for:
+            return task.name
+    raise TfglmError(f"model.kind: no task trains {kind!r} models by default; name one")
 
 
 def task_for_run(run_dir, overrides=()):
@@ -38,7 +99,7 @@ def task_for_run(run_dir, overrides=()):
     config = runs.read_config(run_dir, overrides)
     name = runs.task_name(run_dir)
     if name is None:  # written before run.json: a classifier has labels.json, the rest follow their model.kind
-        name = "classify" if os.path.exists(runs.path(run_dir, "labels.json")) else DEFAULT_FOR_KIND[config.model.kind]
+        name = "classify" if os.path.exists(runs.path(run_dir, "labels.json")) else default_task(config.model.kind)
     return get_task(name)(config, run_dir)
 
 
@@ -68,3 +129,6 @@ def load_run(run_dir, weights=runs.BEST):
             if candidate != last:
                 log.warning("%s: unreadable checkpoint; trying %s", candidate, last)
     raise TfglmError(error)
+
+
+config_tree.SECTION_SOURCES.append(discover)

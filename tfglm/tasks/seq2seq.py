@@ -5,26 +5,50 @@ A translation run directory holds what a GPT run does (config.json, tokenizer/, 
 whose losses are label-smoothed, logs/), plus eval.json after `tfglm evaluate`.
 """
 
-import argparse
+import dataclasses
 import logging
 import os
 import time
 
 import keras
-import numpy as np
-import tensorflow as tf
 from keras import ops
 
 from tfglm.data import parallel
 from tfglm.data.tokenizers import SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 from tfglm.errors import TfglmError
-from tfglm.generation.beam import Translator
+from tfglm.generation.beam import Translator, translate_texts
 from tfglm.models.encoder_decoder import EncoderDecoder
-from tfglm.training import runs
 from tfglm.tasks.base import Task
 from tfglm.tasks.registry import load_run
+from tfglm.training import runs
 
 log = logging.getLogger("tfglm")
+
+
+@dataclasses.dataclass
+class TranslateConfig:
+    # Parallel data: aligned `source` and `target` files (one sentence a line; .gz read as gzip), or a TSV of
+    # source<TAB>target lines in `pairs`; likewise for validation.
+    source: str = ""
+    target: str = ""
+    pairs: str = ""
+    val_source: str = ""
+    val_target: str = ""
+    val_pairs: str = ""
+    label_smoothing: float = 0.1
+    beam_width: int = 4  # 1 is greedy
+    length_penalty: float = 0.6  # GNMT's alpha: hypotheses ranked by log-probability / ((5 + length) / 6) ** alpha
+
+
+@dataclasses.dataclass
+class TranslationEvaluation:
+    """A translation run is scored on source sentences and their reference translations."""
+    source: str = dataclasses.field(default="", metadata={
+        "help": "translation: source sentences, one a line (.gz read as gzip)"})
+    reference: str = dataclasses.field(default="", metadata={
+        "help": "translation: reference translations, aligned with --source"})
+    beam: int = dataclasses.field(default=None, metadata={
+        "help": "translation: beam width (default translate.beam_width; 1 greedy)"})
 
 
 class SmoothedCrossEntropy(keras.losses.Loss):
@@ -48,6 +72,17 @@ class Seq2Seq(Task):
 
     name = "seq2seq"
     model_kinds = ("translate",)
+    default_for = ("translate",)
+    section, section_name = TranslateConfig, "translate"
+    Evaluation = TranslationEvaluation
+
+    @classmethod
+    def checks(cls, tr, config):
+        return [
+            (0.0 <= tr.label_smoothing < 1.0, "translate.label_smoothing", "must be in [0, 1)"),
+            (tr.beam_width >= 1, "translate.beam_width", "must be >= 1 (1 is greedy)"),
+            (tr.length_penalty >= 0, "translate.length_penalty", "must be >= 0"),
+        ]
 
     def load_vocabulary(self):
         self.tokenizer = load_tokenizer(runs.path(self.run_dir, runs.TOKENIZER))
@@ -106,22 +141,22 @@ class Seq2Seq(Task):
         return Translator(model, self.tokenizer, beam_width or tr.beam_width, tr.length_penalty,
                           jit_compile=jit_compile)
 
-    def evaluate(self, model, args):
+    def evaluate(self, model, inputs):
         """Corpus BLEU (sacrebleu, default 13a tokenization) of the translations of `--source` against
         `--reference`."""
         import sacrebleu
 
-        if not (args.source and args.reference):
+        if not (inputs.source and inputs.reference):
             raise TfglmError("--source and --reference: a translation run is scored on source sentences and their "
                              "reference translations")
-        translator = self.translator(model, getattr(args, "beam", None))
-        sources, references = parallel.read_pairs(args.source, args.reference)
+        translator = self.translator(model, inputs.beam)
+        sources, references = parallel.read_pairs(inputs.source, inputs.reference)
         start = time.time()
         log.info("translating %d sentences (beam %d)", len(sources), translator.beam_width)
         hypotheses = translate_texts(translator, sources)
         bleu = sacrebleu.metrics.BLEU()
         score = bleu.corpus_score(hypotheses, [references])
-        return {"source": args.source, "reference": args.reference, "sentences": len(sources),
+        return {"source": inputs.source, "reference": inputs.reference, "sentences": len(sources),
                 "bleu": round(score.score, 2), "signature": str(bleu.get_signature()),
                 "beam_width": translator.beam_width, "length_penalty": translator.length_penalty,
                 "translate_s": round(time.time() - start, 1)}
@@ -131,33 +166,14 @@ class Seq2Seq(Task):
 
 
 def load_translator(run_dir, beam_width=None, jit_compile=True):
-    """A `Translator` for the translation run's best weights."""
+    """A `Translator` for the translation run's best weights (`Task.translator`: an error for another task's run)."""
     run = load_run(run_dir)
-    if not isinstance(run.task, Seq2Seq):
-        raise TfglmError(f"{run_dir}: not a translation run (its task is {run.task.name})")
     return run.task.translator(run.model, beam_width, jit_compile)
 
 
 def evaluate(run_dir, source, reference, beam_width=None):
     """`Seq2Seq.evaluate` of the run's best weights, written to its eval.json."""
     run = load_run(run_dir)
-    result = run.task.evaluate(run.model, argparse.Namespace(source=source, reference=reference, beam=beam_width))
+    result = run.task.evaluate(run.model, TranslationEvaluation(source, reference, beam_width))
     runs.write_json(runs.path(run_dir, runs.EVAL), result)
     return result
-
-
-def translate_texts(translator, texts, batch_size=64):
-    """Translations of `texts`, in batches of similar length; warns about sources truncated to the context."""
-    context = translator.model.max_length
-    lengths = translator.tokenizer.tokenize(tf.constant(texts)).row_lengths().numpy()
-    if (lengths > context).any():
-        log.warning("%d source(s) over the model's context (%d tokens) truncated", int((lengths > context).sum()),
-                    context)
-    order = np.argsort(lengths, kind="stable")
-    out = [None] * len(texts)
-    for start in range(0, len(texts), batch_size):
-        chunk = order[start:start + batch_size]
-        result = translator.translate(tf.constant([texts[i] for i in chunk]))["translations"].numpy()
-        for i, text in zip(chunk, result):
-            out[i] = text.decode("utf-8", errors="replace")
-    return out

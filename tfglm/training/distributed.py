@@ -37,37 +37,37 @@ def is_chief(strategy):
                                     and "chief" not in resolver.cluster_spec().as_dict())
 
 
-def make_strategy(kind, tpu=None, connect_timeout_s=60):
+def make_strategy(name, tpu=None, connect_timeout_s=60):
     """The strategy for `train.strategy`; `auto` picks TPU, then multi-worker (TF_CONFIG), then GPUs, then default."""
     tf_config = _tf_config()
-    if kind == "auto":
+    if name == "auto":
         if tpu or os.environ.get("TPU_NAME") or os.path.exists("/dev/accel0"):
-            kind = "tpu"
+            name = "tpu"
         elif sum(len(tf_config.get("cluster", {}).get(job, [])) for job in ("chief", "worker")) > 1:
-            kind = "multiworker"
+            name = "multiworker"
         elif len(tf.config.list_logical_devices("GPU")) > 1:
-            kind = "mirrored"
+            name = "mirrored"
         else:
-            kind = "default"
-    if kind == "default":
-        return tf.distribute.get_strategy(), kind
-    if kind == "mirrored":
-        return tf.distribute.MirroredStrategy(), kind
-    if kind == "multiworker":
+            name = "default"
+    if name == "default":
+        return tf.distribute.get_strategy(), name
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy(), name
+    if name == "multiworker":
         if not tf_config.get("cluster"):
             raise TfglmError("train.strategy=multiworker needs TF_CONFIG with a cluster and this task "
                              "(see README, 'Several machines')")
         options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=connect_timeout_s)
         with _join_deadline(tf_config, connect_timeout_s):
             strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
-        return strategy, kind
+        return strategy, name
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
     except (ValueError, tf.errors.OpError) as e:
         raise TfglmError(f"train.strategy=tpu: no TPU found ({str(e).splitlines()[0]})") from None
-    return tf.distribute.TPUStrategy(resolver), kind
+    return tf.distribute.TPUStrategy(resolver), name
 
 
 # The watchdog of `_join_deadline`, run as `python -c WATCHDOG PID SECONDS MESSAGE PEER...`: if its stdin is still open

@@ -22,7 +22,7 @@ import tensorflow as tf
 from tfglm.errors import TfglmError
 from tfglm.layers import enable_lora, lora_variables
 from tfglm.training import distributed, runs
-from tfglm.tasks.registry import DEFAULT_FOR_KIND, Run, get_task
+from tfglm.tasks.registry import Run, default_task, get_task
 
 log = logging.getLogger("tfglm")
 
@@ -250,10 +250,10 @@ def train(config, run_dir, task=None, resume=False, tpu=None, verbose=None):
     """
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise TfglmError(f"{run_dir}: --out names a file, not a directory")
-    task = get_task(task or DEFAULT_FOR_KIND[config.model.kind])(config, run_dir)
+    task = get_task(task or default_task(config.model.kind))(config, run_dir)
     resume = _check_run_dir(run_dir, resume)
     t = config.train
-    strategy, kind = distributed.make_strategy(t.strategy, tpu, t.connect_timeout_s)
+    strategy, strategy_name = distributed.make_strategy(t.strategy, tpu, t.connect_timeout_s)
     chief = distributed.is_chief(strategy)
     set_precision(t.mixed_precision)
     keras.utils.set_random_seed(t.seed)  # before any tokenizer: reseeding drops the eager kernels that hold one
@@ -276,7 +276,7 @@ def train(config, run_dir, task=None, resume=False, tpu=None, verbose=None):
             step = resumed_step(model, run_dir) if resume else 0
     result = Run(config, task.tokenizer, model, task)
     if chief:
-        runs.record_start(run_dir, task.name, step, kind, strategy.num_replicas_in_sync, t.mixed_precision)
+        runs.record_start(run_dir, task.name, step, strategy_name, strategy.num_replicas_in_sync, t.mixed_precision)
     callbacks = run_callbacks(task, schedule, step) if chief else []
     if step >= schedule.steps:
         return result
@@ -287,7 +287,7 @@ def train(config, run_dir, task=None, resume=False, tpu=None, verbose=None):
             callbacks.append(ProgressLog(schedule, task.counts_epochs, t.log_every_s))
     loop = dict(epochs=schedule.steps // schedule.eval_interval, initial_epoch=step // schedule.eval_interval,
                 steps_per_epoch=schedule.eval_interval, callbacks=callbacks, verbose=verbose)
-    if kind != "default":
+    if strategy_name != "default":
         distributed.fit_distributed(model, strategy, distributed.per_worker(train_ds, schedule.batch_size),
                                    distributed.per_worker(val_ds, schedule.batch_size),
                                    steps_per_execution=schedule.steps_per_execution, jit_compile=schedule.jit_compile,
