@@ -209,9 +209,11 @@ def _build(cls, values, where, prefix):
 def _coerce(value, kind, where, name):
     if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:  # ints, and strings such as 2e-3 (YAML 1.1 reads a float without a dot as a string)
-            return float(value)
-        except ValueError:
+            value = float(value)
+        except (ValueError, OverflowError):
             pass
+    if kind is float and isinstance(value, float) and not math.isfinite(value):  # inf, nan, or beyond a double
+        raise TfglmError(f"{where}: {name}: must be a finite number, got {value!r}")
     if kind is list and isinstance(value, str):
         return [value]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -356,6 +358,8 @@ def load_config(path=None, overrides=(), base=None, where="config"):
         try:
             with open(path) as f:
                 values = yaml.safe_load(f) or {}
+        except UnicodeDecodeError as e:
+            raise TfglmError(f"{path}: not a YAML text file (byte {e.start} is not UTF-8)") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""
