@@ -84,8 +84,8 @@ class ServerCore:
     most `max_batch_size` prompts (also the batcher's largest batch) of `max_prompt_bytes` each and
     `max_request_bytes` in all (REST body, gRPC message); at most `max_enqueued_requests` requests wait or run (more get
     503 / UNAVAILABLE), `num_threads` of them at a time per protocol; REST takes at most `max_connections`
-    connections (more get 503 as they open, however few requests run) and gives each request `read_timeout_s` to send its headers and as long
-    again for its body (then 408 and the connection closed).
+    connections, idle or busy (more get 503 as they open), and gives each request `read_timeout_s` to send its
+    headers and as long again for its body (then 408 and the connection closed). Every limit must be positive.
     """
 
     def __init__(self, models, enable_batching=False, max_prompt_bytes=64 * 1024, poll_s=1.0, max_batch_size=32,

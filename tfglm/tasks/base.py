@@ -24,7 +24,7 @@ class Evaluation:
                 "(a classifier), conversations (a chat model)"})
 
 
-# The train settings `epoch_schedule` sets, and the task section's key that sets each instead (None: the schedule's own).
+# The train settings `epoch_schedule` sets, and the task section's key that sets each instead (None: the schedule's).
 EPOCH_SCHEDULED = {"train.steps": "epochs", "train.batch_size": "batch_size", "train.learning_rate": "learning_rate",
                    "train.min_learning_rate": None, "train.warmup_steps": None, "train.eval_interval": None}
 
