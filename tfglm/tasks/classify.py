@@ -175,7 +175,7 @@ class Classify(Task):
             raise TfglmError("classify.train_file: no training file (--train)")
         text_column, label_column = labelled.find_columns(c.train_file, c.text_column, c.label_column)
         c = dataclasses.replace(c, text_column=text_column, label_column=label_column)
-        self.config = config = dataclasses.replace(config, classify=c)  # config.json keeps the columns found
+        self.config = config = config.replace(classify=c)  # config.json keeps the columns found
         texts, targets = labelled.read_labelled(c.train_file, c.text_column, c.label_column)
         if resume:
             self.load_vocabulary()
