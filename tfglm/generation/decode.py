@@ -16,6 +16,7 @@ from tfglm.config import GENERATE_OPTIONS, generate_options
 from tfglm.generation.sampling import sample
 
 log = logging.getLogger("tfglm")
+CHAT_TOO_LONG = "messages: the conversation does not fit the context"
 DTYPES = {int: tf.int32, float: tf.float32}
 OPTIONS = [tf.TensorSpec([], DTYPES[o.type], name=o.name) for o in GENERATE_OPTIONS]
 SIGNATURE = [tf.TensorSpec([None], tf.string, name="prompts")] + OPTIONS
@@ -141,12 +142,23 @@ class Generator(tf.Module):
         ids = tf.concat([eot, ids], axis=1)
         return ids[:, -(self.context - max_new_tokens):]
 
-    def chat_ids(self, roles, contents, max_new_tokens):
+    def chat_ids(self, roles, contents, max_new_tokens, whole=False):
         """Ragged ids of conversations (`tfglm.data.chat`) with the assistant's turn opened, older turns dropped
-        and then tokens cut from the left to fit `context - max_new_tokens`."""
-        ids, _, _ = self.tokenizer.encode_chat(roles, contents, self.context - max_new_tokens,
-                                               generation_prompt=True)
-        return ids[:, -(self.context - max_new_tokens):]
+        and then tokens cut from the left to fit `context - max_new_tokens`; with `whole`, a conversation whose last
+        message (and system message) does not fit is an InvalidArgumentError starting CHAT_TOO_LONG rather than cut,
+        as OpenAI's API answers it (`context_length_exceeded`) rather than reply to a fragment."""
+        budget = self.context - max_new_tokens
+        ids, _, _ = self.tokenizer.encode_chat(roles, contents, budget, generation_prompt=True)
+        if whole:
+            sizes = tf.cast(ids.row_lengths(), tf.int32)
+            row = tf.argmax(sizes, output_type=tf.int32)
+            message = tf.strings.format(
+                CHAT_TOO_LONG + ": conversation {} needs {} tokens for its last message (with the system message "
+                f"and the template's markers); the model's context of {self.context} less {{}} new tokens leaves "
+                "{}: ask for fewer new tokens or send a shorter message", (row, sizes[row], max_new_tokens, budget))
+            with tf.control_dependencies([tf.debugging.Assert(tf.reduce_all(sizes <= budget), [message])]):
+                ids = tf.identity(ids)
+        return ids[:, -budget:]
 
     def start(self, ids, max_new_tokens):
         """The decode state of ragged prompt `ids`: rows padded to a power of two, right-padded into a buffer of a
