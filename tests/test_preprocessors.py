@@ -60,6 +60,8 @@ def test_chat_preprocessor_opens_the_assistant_turn_and_cuts_from_the_left():
     assert p.dropped_turns(roles, contents, 2).numpy().tolist() == [2]
     assert p.chat_ids(tf.constant([["user"]]), tf.constant([["abcdefgh"]]), 4).to_list() == [
         [*ids("efgh"), 0, assistant]]  # a last message longer than the room: cut from the left
+    with pytest.raises(tf.errors.InvalidArgumentError, match="conversation does not fit the context"):
+        p.chat_ids(tf.constant([["user"]]), tf.constant([["abcdefgh"]]), 4, whole=True)  # or refused whole
 
 
 def test_classifier_preprocessors_pack_for_their_backbone():

@@ -10,6 +10,8 @@ import tensorflow as tf
 
 from tfglm.preprocessors.buckets import bucket
 
+CHAT_TOO_LONG = "messages: the conversation does not fit the context"
+
 
 class CausalLMPreprocessor(keras.layers.Layer):
     """Texts to a GPT's token ids: `<eot>` + tokens, truncated to `sequence_length` (from the left for a prompt,
@@ -94,12 +96,24 @@ class ChatPreprocessor(CausalLMPreprocessor):
     ```
     """
 
-    def chat_ids(self, roles, contents, max_new_tokens):
+    def chat_ids(self, roles, contents, max_new_tokens, whole=False):
         """Ragged ids of conversations `roles`, `contents` (strings [batch, messages]; role "" pads) with the
         assistant's turn opened, older turns dropped and then tokens cut from the left to fit
-        `sequence_length - max_new_tokens`."""
+        `sequence_length - max_new_tokens`; with `whole`, a conversation whose last message (and system message) does
+        not fit is an InvalidArgumentError starting CHAT_TOO_LONG rather than cut, as OpenAI's API answers it
+        (`context_length_exceeded`) rather than reply to a fragment."""
         budget = self.sequence_length - max_new_tokens
         ids, _, _ = self.tokenizer.encode_chat(roles, contents, budget, generation_prompt=True)
+        if whole:
+            sizes = tf.cast(ids.row_lengths(), tf.int32)
+            row = tf.argmax(sizes, output_type=tf.int32)
+            message = tf.strings.format(
+                CHAT_TOO_LONG + ": conversation {} needs {} tokens for its last message (with the system message "
+                f"and the template's markers); the model's context of {self.sequence_length} less {{}} new tokens "
+                "leaves {}: ask for fewer new tokens or send a shorter message", (row, sizes[row], max_new_tokens,
+                                                                                  budget))
+            with tf.control_dependencies([tf.debugging.Assert(tf.reduce_all(sizes <= budget), [message])]):
+                ids = tf.identity(ids)
         return ids[:, -budget:]
 
     def dropped_turns(self, roles, contents, max_new_tokens):

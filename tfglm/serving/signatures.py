@@ -7,9 +7,9 @@ chat model's (a chat tokenizer) also `chat` (then serving_default); for streamin
 into one, `caches`). `generate` and `chat` take `prompts` (or `roles` and `contents`) plus the optional generation
 options (`tfglm.config.GENERATE_OPTIONS`), each with the run's `generate` config as its default, recorded in the
 SignatureDef's `defaults`, which TF Serving fills in for inputs a request leaves out. The model's context is saved as
-the variable `context`, so `tfglm serve` can reject a `max_new_tokens` above `context - 1` by name. A translation
-model's export holds `translate`; a classifier's `predict` and `classify` (TF Serving's Classify API); a sentence
-embedding model's `embed`.
+the variable `context`, so `tfglm serve` can reject a `max_new_tokens` above `context - 1` by name, and the
+vocabulary's size as `vocab_size`, so it can name a `detokenize` id outside it. A translation model's export holds
+`translate`; a classifier's `predict` and `classify` (TF Serving's Classify API); a sentence embedding model's `embed`.
 
 Every exported object tracks the `tf.Variable`s inside the Keras variables rather than the Keras model: the saved
 functions read those, and a Keras model would be saved as copies that TF1-style loaders (TF Serving) restore instead.
@@ -84,8 +84,11 @@ def language_module(generator, settings):
              temperature=tf.constant(settings.temperature), top_k=tf.constant(settings.top_k),
              top_p=tf.constant(settings.top_p), seed=tf.constant(settings.seed)):
         """`Generator.chat` (a chat model only): the assistant's `replies` to conversations given as `roles` and
-        `contents` [batch, messages] (role "" pads), and their `num_tokens`."""
-        out = generator.chat(roles, contents, max_new_tokens, temperature, top_k, top_p, seed)
+        `contents` [batch, messages] (role "" pads), and their `num_tokens`; a conversation whose last message does
+        not fit beside `max_new_tokens` is an error, not a reply to a fragment of it."""
+        ids = preprocessor.chat_ids(roles, contents, tf.clip_by_value(max_new_tokens, 1, generator.context - 1),
+                                    whole=True)
+        out = generator.complete(ids, max_new_tokens, temperature, top_k, top_p, seed)
         return {"replies": out["completions"], "num_tokens": out["num_tokens"]}
 
     max_new = tf.TensorSpec([], tf.int32, name="max_new_tokens")
@@ -99,7 +102,8 @@ def language_module(generator, settings):
     @tf.function(input_signature=CHAT_SIGNATURE[:2] + [max_new])
     def chat_start(roles, contents, max_new_tokens=tf.constant(default_max_new)):
         """The decode state of conversations (`advance`'s input): `chat`, streamed."""
-        ids = preprocessor.chat_ids(roles, contents, tf.clip_by_value(max_new_tokens, 1, generator.context - 1))
+        ids = preprocessor.chat_ids(roles, contents, tf.clip_by_value(max_new_tokens, 1, generator.context - 1),
+                                    whole=True)
         return as_tensors(generator.start(ids, max_new_tokens))
 
     layer = model.init_cache(1, 1)[0].shape  # [batch, 2, heads, length, head_dim]
@@ -152,6 +156,7 @@ def language_module(generator, settings):
 
     module = tf.Module()
     module.context = tf.Variable(generator.context, trainable=False, name="context")  # read by `tfglm serve`
+    module.vocab_size = tf.Variable(tokenizer.vocab_size, trainable=False, name="vocab_size")  # likewise
     module.tokenizer = tokenizer
     module.weights = [variable.value for variable in model.variables]
     module.generate, module.score, module.tokenize, module.detokenize = generate, score, tokenize, detokenize

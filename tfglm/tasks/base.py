@@ -26,6 +26,11 @@ class Evaluation:
                 "(a classifier), conversations (a chat model)"})
 
 
+# The train settings `epoch_schedule` sets, and the task section's key that sets each instead (None: the schedule's).
+EPOCH_SCHEDULED = {"train.steps": "epochs", "train.batch_size": "batch_size", "train.learning_rate": "learning_rate",
+                   "train.min_learning_rate": None, "train.warmup_steps": None, "train.eval_interval": None}
+
+
 class Task:
     """One kind of run: causal LM, masked LM + next sentence, classification, sequence-to-sequence.
 
@@ -109,6 +114,19 @@ class Task:
     def key(cls):
         """The task's section in the config tree."""
         return cls.section_name or cls.name
+
+    @classmethod
+    def check_overrides(cls, overrides):
+        """Refuses a `--set` of a train setting that `epoch_schedule` sets, for a task counting epochs: it would be
+        read, logged as applied, and then replaced by the schedule's."""
+        for text in overrides if cls.counts_epochs else ():
+            key = text.split("=", 1)[0].strip()
+            if key in EPOCH_SCHEDULED:
+                own = EPOCH_SCHEDULED[key]
+                instead = (f"set {cls.key()}.{own} instead" if own else
+                           "it follows the epochs: warm-up over the first 10%, decay to 0, validation each epoch")
+                raise TfglmError(f"--set {key}: a {cls.name} fine-tune counts epochs ({cls.key()}.epochs) and sets "
+                                 f"{key} itself; {instead}")
 
     @classmethod
     def checks(cls, section, config):
