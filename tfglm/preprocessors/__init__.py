@@ -3,7 +3,6 @@ tensorflow-text ops only, so an exported SavedModel runs them without tfglm). Ea
 tokenizer; training, generation, the export and the server share it."""
 
 from tfglm.data.chat import ChatTokenizer
-from tfglm.preprocessors import buckets
 from tfglm.preprocessors.causal_lm import CausalLMPreprocessor, ChatPreprocessor
 from tfglm.preprocessors.encoder import EncoderPreprocessor
 from tfglm.preprocessors.seq2seq import Seq2SeqPreprocessor
