@@ -33,7 +33,7 @@ import numpy as np
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-from tfglm.generation.decode import CHAT_TOO_LONG
+from tfglm.preprocessors.causal_lm import CHAT_TOO_LONG
 from tfglm.serving.checks import RequestError, option_array
 from tfglm.serving.codec import json_object, utf8
 from tfglm.serving.http import error_response, json_response, read_body

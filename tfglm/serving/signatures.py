@@ -20,9 +20,9 @@ import os
 
 import tensorflow as tf
 
-from tfglm.data.chat import ChatTokenizer
 from tfglm.generation.beam import Translator
 from tfglm.generation.decode import CHAT_SIGNATURE, OPTIONS, SIGNATURE, Generator
+from tfglm.preprocessors import ChatPreprocessor
 from tfglm.tasks.base import TextClassifier
 from tfglm.tasks.embed import TextEmbedder
 
@@ -68,7 +68,7 @@ def language_model(generator, settings):
 
 def language_module(generator, settings):
     """The exported object of a language model: the signature functions, the tokenizer and the weights they read."""
-    tokenizer, model = generator.tokenizer, generator.model
+    tokenizer, model, preprocessor = generator.tokenizer, generator.model, generator.preprocessor
     default_max_new = min(settings.max_new_tokens, generator.context - 1)
 
     @tf.function(input_signature=SIGNATURE)
@@ -86,8 +86,8 @@ def language_module(generator, settings):
         """`Generator.chat` (a chat model only): the assistant's `replies` to conversations given as `roles` and
         `contents` [batch, messages] (role "" pads), and their `num_tokens`; a conversation whose last message does
         not fit beside `max_new_tokens` is an error, not a reply to a fragment of it."""
-        ids = generator.chat_ids(roles, contents, tf.clip_by_value(max_new_tokens, 1, generator.context - 1),
-                                 whole=True)
+        ids = preprocessor.chat_ids(roles, contents, tf.clip_by_value(max_new_tokens, 1, generator.context - 1),
+                                    whole=True)
         out = generator.complete(ids, max_new_tokens, temperature, top_k, top_p, seed)
         return {"replies": out["completions"], "num_tokens": out["num_tokens"]}
 
@@ -96,14 +96,14 @@ def language_module(generator, settings):
     @tf.function(input_signature=[SIGNATURE[0], max_new])
     def generate_start(prompts, max_new_tokens=tf.constant(default_max_new)):
         """The decode state of `prompts` (`advance`'s input): `generate`, streamed."""
-        ids = generator.prompt_ids(prompts, tf.clip_by_value(max_new_tokens, 1, generator.context - 1))
+        ids = preprocessor.prompt_ids(prompts, tf.clip_by_value(max_new_tokens, 1, generator.context - 1))
         return as_tensors(generator.start(ids, max_new_tokens))
 
     @tf.function(input_signature=CHAT_SIGNATURE[:2] + [max_new])
     def chat_start(roles, contents, max_new_tokens=tf.constant(default_max_new)):
         """The decode state of conversations (`advance`'s input): `chat`, streamed."""
-        ids = generator.chat_ids(roles, contents, tf.clip_by_value(max_new_tokens, 1, generator.context - 1),
-                                 whole=True)
+        ids = preprocessor.chat_ids(roles, contents, tf.clip_by_value(max_new_tokens, 1, generator.context - 1),
+                                    whole=True)
         return as_tensors(generator.start(ids, max_new_tokens))
 
     layer = model.init_cache(1, 1)[0].shape  # [batch, 2, heads, length, head_dim]
@@ -131,8 +131,7 @@ def language_module(generator, settings):
     def score(texts):
         """Total log-likelihood of each text's tokens after the leading `<eot>`, their count and perplexity.
         Texts longer than the context are scored on their first `context - 1` tokens (`num_tokens` says how many)."""
-        ids = tokenizer.tokenize(texts)
-        ids = tf.concat([tf.fill([tf.shape(texts)[0], 1], tokenizer.eot_id), ids], axis=1)[:, :generator.context]
+        ids = preprocessor.document_ids(texts)
         num_tokens = tf.cast(ids.row_lengths(), tf.int32) - 1
         tokens = ids.to_tensor(default_value=tokenizer.eot_id)
         log_probs = tf.nn.log_softmax(model(tokens, training=False)[:, :-1], axis=-1)
@@ -162,7 +161,7 @@ def language_module(generator, settings):
     module.weights = [variable.value for variable in model.variables]
     module.generate, module.score, module.tokenize, module.detokenize = generate, score, tokenize, detokenize
     module.generate_start, module.advance = generate_start, advance
-    if isinstance(tokenizer, ChatTokenizer):
+    if isinstance(preprocessor, ChatPreprocessor):
         module.chat, module.chat_start = chat, chat_start
     return module
 

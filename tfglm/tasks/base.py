@@ -9,6 +9,8 @@ them names a task.
 
 import dataclasses
 
+import numpy as np
+
 from tfglm.data import epochs
 from tfglm.data.chat import ChatTokenizer
 from tfglm.errors import TfglmError
@@ -187,6 +189,18 @@ def epoch_checks(key, section):
         (section.batch_size >= 1, f"{key}.batch_size", "must be >= 1"),
         (section.learning_rate > 0, f"{key}.learning_rate", "must be > 0"),
     ]
+
+
+def held_out(num_rows, fraction, seed, key, noun):
+    """(training rows, validation rows), as row indices: `fraction` of `num_rows` held out in an order shuffled with
+    `seed`, for a fine-tune given no validation file. `key` (the section's config key) and `noun` (what a row is)
+    name the mistake when none is left for validation."""
+    order = np.random.RandomState(seed).permutation(num_rows)
+    n_val = int(num_rows * fraction)
+    if n_val < 1:
+        raise TfglmError(f"{key}.val_fraction: {fraction} of {num_rows} {noun} leaves none for validation; raise it "
+                         f"or pass --val")
+    return order[n_val:], order[:n_val]
 
 
 def epoch_schedule(train, section, num_rows):
