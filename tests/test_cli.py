@@ -88,7 +88,7 @@ def test_wrong_acceptances_and_tracebacks_are_one_line(tmp_path, tiny_run, capsy
               "config.yaml: not a YAML text file")
     for value in ("inf", ".nan", "1e400"):
         _one_line(capsys, main(_train_args(tmp_path, "--set", f"train.learning_rate={value}")),
-                  "train.learning_rate: must be a finite number")
+                  "train.learning_rate: must be finite")
     _one_line(capsys, main(["predict", "--model", str(tiny_run), "some text"]), "does not classify texts")
     _one_line(capsys, main(["train", "--out", str(tiny_run), "--resume", "--overwrite"]), "give one of them")
     assert (tiny_run / "config.json").exists()

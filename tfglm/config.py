@@ -213,7 +213,7 @@ def _coerce(value, kind, where, name):
         except (ValueError, OverflowError):
             pass
     if kind is float and isinstance(value, float) and not math.isfinite(value):  # inf, nan, or beyond a double
-        raise TfglmError(f"{where}: {name}: must be a finite number, got {value!r}")
+        raise TfglmError(f"{where}: {name}: must be finite, got {value!r}")
     if kind is list and isinstance(value, str):
         return [value]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
