@@ -18,7 +18,7 @@ from tfglm.training.pretrained import import_checkpoint
 from tfglm.cli import main
 from tfglm.errors import TfglmError
 from tfglm.training import runs
-from tfglm.tasks.classify import build_classifier, encode, predict
+from tfglm.tasks.classify import build_classifier, predict, preprocessor
 from test_classify import LOADER as CLASSIFY_LOADER
 
 BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "dog", "a", "good",
@@ -389,7 +389,7 @@ def test_lora_trains_only_lora_weights_and_the_export_merges_them(tmp_path):
     assert any(np.abs(v.numpy()).max() > 0 for v in run.model.encoder.weights if "lora_kernel_b" in v.path)
 
     texts = ["a good film", "the film was very bad", "very very good"]
-    inputs = encode(run.tokenizer, config.model)(tf.constant(texts))
+    inputs = preprocessor(run.tokenizer, config.model)(tf.constant(texts))
     unmerged = tf.nn.softmax(run.model(inputs, training=False)).numpy()
     merged = tfglm.load_run(str(tmp_path / "cls"))  # a plain model: the checkpoint holds merged kernels
     assert not any("lora" in v.path for v in merged.model.weights)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, write_conversations
 from tfglm.cli import main
 
 
@@ -69,6 +69,37 @@ def test_former_tracebacks_are_one_line(tmp_path, pattern_run, capsys):
     shutil.copytree(pattern_run, broken)
     (broken / "config.json").write_text('{"model": ')
     _one_line(capsys, main(["generate", "--model", str(broken)]), "config.json:1: invalid JSON")
+
+
+def test_wrong_acceptances_and_tracebacks_are_one_line(tmp_path, pattern_run, capsys):
+    binary = tmp_path / "config.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    _one_line(capsys, main(["train", "--config", str(binary), "--out", str(tmp_path / "run")]),
+              "config.yaml: not a YAML text file")
+    for value in ("inf", ".nan", "1e400"):
+        _one_line(capsys, main(_train_args(tmp_path, "--set", f"train.learning_rate={value}")),
+                  "train.learning_rate: must be finite")
+    _one_line(capsys, main(["predict", "--model", str(pattern_run), "some text"]), "does not classify texts")
+    _one_line(capsys, main(["train", "--out", str(pattern_run), "--resume", "--overwrite"]), "give one of them")
+    assert (pattern_run / "config.json").exists()
+    _one_line(capsys, main(["serve", "--model_base_path", str(tmp_path), "--max_batch_size", "0"]),
+              "--max_batch_size: must be a positive number, got 0")
+    _one_line(capsys, main(["generate", "--model", str(pattern_run), "--top-k", "3000000000"]),
+              "generate.top_k: must be in [0, 2147483647], got 3000000000")  # the server's range too
+
+
+@pytest.mark.slow
+def test_a_chat_fine_tune_refuses_steps_it_would_not_honour_and_needs_no_eval(tmp_path, capsys):
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "gpt-char-tiny.yaml")
+    args = ["finetune", "--task", "chat", "--from-scratch", "--config", config, "--out", str(tmp_path / "run"),
+            "--train", write_conversations(tmp_path / "conv.jsonl", 48)]
+    _one_line(capsys, main(args + ["--set", "train.steps=200"]),
+              "--set train.steps: a chat fine-tune counts epochs (chat.epochs) and sets train.steps itself; set "
+              "chat.epochs instead")
+    sets = ["model.max_length=32", "model.num_layers=1", "model.hidden_dim=32", "chat.epochs=1",
+            "chat.batch_size=4", "generate.max_new_tokens=8", "train.jit_compile=false"]
+    assert main(args + [a for s in sets for a in ("--set", s)]) == 0
+    assert (tmp_path / "run" / "best.weights.h5").exists() and not (tmp_path / "run" / "eval.json").exists()
 
 
 def test_an_unreadable_best_checkpoint_falls_back_to_last_and_unreadable_last_is_one_line(tmp_path, pattern_run, capsys,

@@ -4,6 +4,7 @@ import tensorflow as tf
 
 from tfglm.data import corpus as data
 from tfglm.errors import TfglmError
+from tfglm.preprocessors import buckets
 from tfglm.data.tokenizers import CharTokenizer
 
 
@@ -100,17 +101,17 @@ def test_too_small_corpus_names_the_fix():
 
 
 def test_bucketed_batches_are_full_cut_to_their_longest_row_and_lose_no_token():
-    assert data.bucket_widths(100) == [16, 32, 64, 100] and data.bucket_widths(16) == [16]
+    assert buckets.bucket_widths(100) == [16, 32, 64, 100] and buckets.bucket_widths(16) == [16]
     rng = np.random.RandomState(0)
     lengths = rng.randint(1, 101, size=500)
     ids = (np.arange(100)[None] < lengths[:, None]) * (1 + np.arange(500)[:, None])  # row i: i + 1 then padding
     examples = tf.data.Dataset.from_tensor_slices(({"token_ids": ids, "padding_mask": ids > 0}, lengths))
     seen = []
-    for inputs, row_lengths in data.bucket_by_length(examples, 8, 100).as_numpy_iterator():
+    for inputs, row_lengths in buckets.bucket_by_length(examples, 8, 100).as_numpy_iterator():
         width = inputs["token_ids"].shape[1]
         assert inputs["token_ids"].shape == inputs["padding_mask"].shape == (8, width)
-        assert width == min(w for w in data.bucket_widths(100) if w >= row_lengths.max())
-        assert row_lengths.min() > [0, 16, 32, 64][data.bucket_widths(100).index(width)]  # one bucket a batch
+        assert width == min(w for w in buckets.bucket_widths(100) if w >= row_lengths.max())
+        assert row_lengths.min() > [0, 16, 32, 64][buckets.bucket_widths(100).index(width)]  # one bucket a batch
         np.testing.assert_array_equal(inputs["padding_mask"].sum(1), row_lengths)
         seen += list(inputs["token_ids"][:, 0])
     assert len(seen) == len(set(seen)) > 500 - 4 * 8  # each example once; only unfilled buckets' rests are left
@@ -118,6 +119,6 @@ def test_bucketed_batches_are_full_cut_to_their_longest_row_and_lose_no_token():
 
 def test_trim_padding_cuts_an_in_order_batch_to_its_longest_row():
     inputs = {"token_ids": np.array([[5, 6, 0] + [0] * 37, [7] * 20 + [0] * 20]), "lengths": np.array([2, 20])}
-    trimmed = data.trim_padding({k: tf.constant(v) for k, v in inputs.items()}, 40)
+    trimmed = buckets.trim_padding({k: tf.constant(v) for k, v in inputs.items()}, 40)
     np.testing.assert_array_equal(trimmed["token_ids"], inputs["token_ids"][:, :32])
     np.testing.assert_array_equal(trimmed["lengths"], [2, 20])

@@ -340,8 +340,8 @@ def test_limits_body_size_batch_size_and_queue_bound(strict, monkeypatch):
 
 
 def test_slow_clients_are_cut_off_while_others_are_served(strict):
-    """Clients that trickle their headers or body, or send nothing, get 408 after the 1 s read timeout; a
-    connection beyond the cap of 8 gets uvicorn's 503 meanwhile, and others are served."""
+    """Clients that trickle their headers or body, or send nothing, get 408 after the 1 s read timeout; the
+    8th connection is served meanwhile, one beyond the cap of 8 gets a JSON 503, and others are served after."""
     port, slow = strict.rest_port, []
 
     def slow_client(data, pause_s):
@@ -355,8 +355,12 @@ def test_slow_clients_are_cut_off_while_others_are_served(strict):
     for client in clients:
         client.start()
     time.sleep(0.3)
-    status, headers, body = raw(port, PREDICT + b"Content-Length: 2\r\n\r\n{}")  # the 8th connection
-    assert (status, body) == (503, "Service Unavailable")  # uvicorn's limit_concurrency, in plain text
+    status, headers, body = raw(port, PREDICT + b"Content-Length: 2\r\n\r\n{}")  # the 8th connection: served
+    assert status == 400 and "inputs" in body["error"]
+    with socket.create_connection(("127.0.0.1", port)):  # the 8th, held
+        time.sleep(0.1)
+        status, headers, body = raw(port, PREDICT + b"Content-Length: 2\r\n\r\n{}")  # the 9th
+    assert status == 503 and headers["retry-after"] == "1" and "--max_connections" in body["error"]
     for client in clients:
         client.join(timeout=30)
     served = [rest(strict, "/v1/models/tiny:predict", {"inputs": {"prompts": ["the"]}})[0] for _ in range(3)]

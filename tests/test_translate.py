@@ -20,6 +20,7 @@ from tfglm.errors import TfglmError
 from tfglm.serving.export import export_run
 from tfglm.generation.beam import beam_search, greedy_search, translate_texts
 from tfglm.models.encoder_decoder import EncoderDecoder
+from tfglm.preprocessors import Seq2SeqPreprocessor
 from tfglm.tasks.seq2seq import load_translator
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
@@ -194,11 +195,12 @@ def test_long_sources_truncated_long_targets_dropped_buckets_static(run_dir, cap
     _, tokenizer, _, _ = load_run(run_dir)
     sources = ["red " * 20 + "cat", "blue dog", "sun"]
     targets = ["cat red", "dog blue", "moon " * 30]
+    preprocessor = Seq2SeqPreprocessor(tokenizer, 16)
     with caplog.at_level(logging.WARNING, logger="tfglm"):
-        parallel.report_lengths(sources, targets, tokenizer, 16, "pairs.tsv")
+        preprocessor.report_lengths(sources, targets, "pairs.tsv")
     assert "pairs.tsv: 1 source(s) over model.max_length (16 tokens) truncated" in caplog.text
     assert "pairs.tsv: 1 pair(s) dropped: target over model.max_length - 1 (15 tokens)" in caplog.text
-    batches = list(parallel.dataset(sources, targets, tokenizer, 16, batch_size=2).take(4).as_numpy_iterator())
+    batches = list(preprocessor.dataset(sources, targets, batch_size=2).take(4).as_numpy_iterator())
     assert {x["source_ids"].shape for x, _, _ in batches} == {(2, 8), (2, 16)}  # the long source's bucket is 16
     for x, labels, weights in batches:
         assert x["source_ids"].shape == x["target_ids"].shape == labels.shape

@@ -85,7 +85,7 @@ def _parser():
                           help="; ".join(f"{task.name}: {task.finetune}" for task in finetuned))
     finetune.add_argument("--train", help="the training file: " + "; ".join(f"{task.name}: {task.finetune}"
                                                                              for task in finetuned))
-    finetune.add_argument("--eval", help="a file like --train, scored into eval.json with the best model")
+    finetune.add_argument("--eval", help="a file like --train, scored into eval.json with the best model (optional)")
     finetune.add_argument("--val", help="a file like --train for validation and early stopping (default: the "
                                         "task's val_fraction of --train)")
     finetune.add_argument("--from-scratch", action="store_true", help="random initial weights (no pretraining)")
@@ -199,6 +199,8 @@ def _training_config(args, overrides, default_config=None):
     from tfglm.config import load_config
     from tfglm.training import runs
 
+    if args.resume and args.overwrite:
+        raise TfglmError("--resume continues the run in --out and --overwrite deletes it: give one of them")
     if args.resume:
         if args.config:
             raise TfglmError("--resume continues the run's own config.json; drop --config (use --set to change it)")
@@ -244,24 +246,28 @@ def cmd_finetune(args):
     from tfglm.training.trainer import train
 
     overrides = list(args.set)
+    task = (runs.task_name(args.out) or args.task) if args.resume else args.task
+    registry.get_task(task).check_overrides(overrides)
     if not args.resume:
         if args.model and args.config:
             raise TfglmError("--config: fine-tuning uses the --model run's config; change it with --set")
         if not args.model and not (args.from_scratch and args.config):
             raise TfglmError("--model: give a pretrained run, or --from-scratch with --config")
-        if not (args.train and args.eval):
-            raise TfglmError("--train and --eval: a fine-tune needs a training file and one to score")
+        if not args.train:
+            raise TfglmError("--train: a fine-tune needs a training file")
         section = registry.get_task(args.task).key()
-        overrides += [f"{section}.train_file={json.dumps(args.train)}", f"{section}.eval_file={json.dumps(args.eval)}",
+        overrides += [f"{section}.train_file={json.dumps(args.train)}",
+                      f"{section}.eval_file={json.dumps(args.eval or '')}",
                       f"{section}.val_file={json.dumps(args.val or '')}",
                       f"train.init_from={json.dumps('' if args.from_scratch else args.model)}"]
     config = _training_config(args, overrides, default_config=None if args.resume else args.model)
-    task = (runs.task_name(args.out) or args.task) if args.resume else args.task
     train(config, args.out, task=task, resume=args.resume, tpu=args.tpu)
-    run = registry.load_run(args.out)
-    result = run.task.evaluate(run.model, run.task.Evaluation(data=getattr(config, run.task.key()).eval_file))
-    runs.write_json(runs.path(args.out, runs.EVAL), result)
-    print(json.dumps(result))
+    eval_file = getattr(config, registry.get_task(task).key()).eval_file
+    if eval_file:
+        run = registry.load_run(args.out)
+        result = run.task.evaluate(run.model, run.task.Evaluation(data=eval_file))
+        runs.write_json(runs.path(args.out, runs.EVAL), result)
+        print(json.dumps(result))
     print(f"model: {os.path.abspath(args.out)}")
 
 

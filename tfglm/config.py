@@ -102,12 +102,14 @@ class Option:
         return None
 
 
+INT32_MAX = 2 ** 31 - 1  # the integer options are int32 inputs of the exported signatures
+
 GENERATE_OPTIONS = (
-    Option("max_new_tokens", int, 32, 1, help="new tokens at most; below the model's context"),
+    Option("max_new_tokens", int, 32, 1, INT32_MAX, help="new tokens at most; below the model's context"),
     Option("temperature", float, 0.8, 0.0, help="0 is greedy"),
-    Option("top_k", int, 0, 0, help="sample from the k most likely tokens; 0 disables"),
+    Option("top_k", int, 0, 0, INT32_MAX, help="sample from the k most likely tokens; 0 disables"),
     Option("top_p", float, 1.0, 0.0, 1.0, low_open=True, help="sample from the smallest set holding this mass"),
-    Option("seed", int, 0, 0, 2 ** 31 - 1, help="the same seed gives the same text"),
+    Option("seed", int, 0, 0, INT32_MAX, help="the same seed gives the same text"),
 )
 
 GenerateConfig = dataclasses.make_dataclass(
@@ -207,9 +209,11 @@ def _build(cls, values, where, prefix):
 def _coerce(value, kind, where, name):
     if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:  # ints, and strings such as 2e-3 (YAML 1.1 reads a float without a dot as a string)
-            return float(value)
-        except ValueError:
+            value = float(value)
+        except (ValueError, OverflowError):
             pass
+    if kind is float and isinstance(value, float) and not math.isfinite(value):  # inf, nan, or beyond a double
+        raise TfglmError(f"{where}: {name}: must be finite, got {value!r}")
     if kind is list and isinstance(value, str):
         return [value]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -354,6 +358,8 @@ def load_config(path=None, overrides=(), base=None, where="config"):
         try:
             with open(path) as f:
                 values = yaml.safe_load(f) or {}
+        except UnicodeDecodeError as e:
+            raise TfglmError(f"{path}: not a YAML text file (byte {e.start} is not UTF-8)") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""

@@ -165,41 +165,6 @@ def eval_dataset(tokens, seq_len, batch_size, max_batches):
     return ds.batch(batch_size, drop_remainder=True).cache().prefetch(tf.data.AUTOTUNE)
 
 
-def bucket_widths(max_length):
-    """The widths batches of padded examples are cut to: powers of two from 16 below `max_length`, then it."""
-    widths = [16]
-    while widths[-1] < max_length:
-        widths.append(widths[-1] * 2)
-    return widths[:-1] + [max_length]
-
-
-def real_lengths(inputs):
-    """Each row's count of non-pad tokens: `lengths`, or the sum of `padding_mask`."""
-    if "lengths" in inputs:
-        return inputs["lengths"]
-    return tf.reduce_sum(tf.cast(inputs["padding_mask"], tf.int32), axis=-1)
-
-
-def trim_padding(inputs, max_length):
-    """Cuts the [batch, max_length] tensors of `inputs` to the smallest bucket width that holds the batch's longest
-    row. Short texts padded to the full length spend most of the model's compute on [PAD] (on SST-2, 4 tokens in 5);
-    with a few widths XLA compiles one program each."""
-    widths = tf.constant(bucket_widths(max_length))
-    longest = tf.cast(tf.reduce_max(real_lengths(inputs)), tf.int32)
-    width = widths[tf.argmax(tf.cast(widths >= longest, tf.int32))]
-    return {name: value[:, :width] if value.shape.rank == 2 and value.shape[1] == max_length else value
-            for name, value in inputs.items()}
-
-
-def bucket_by_length(ds, batch_size, max_length):
-    """Full batches of (inputs, ...) examples of similar length (by `bucket_widths`), each trimmed."""
-    widths = bucket_widths(max_length)
-    ds = ds.bucket_by_sequence_length(lambda inputs, *rest: real_lengths(inputs), [w + 1 for w in widths[:-1]],
-                                      [batch_size] * len(widths), drop_remainder=True)
-    return ds.map(lambda inputs, *rest: (trim_padding(inputs, max_length), *rest),
-                  num_parallel_calls=tf.data.AUTOTUNE)
-
-
 def per_token_weights(mask):
     """Sample weights for a loss averaged over the tokens `mask` selects in a whole batch: the mask scaled by
     size / selected, so a sum-over-batch-size reduction gives that mean. Unlike a mean over the weights, it splits

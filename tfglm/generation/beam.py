@@ -11,7 +11,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfglm.data.parallel import PAD
-from tfglm.generation.decode import bucket, decode
+from tfglm.generation.decode import decode
+from tfglm.preprocessors import Seq2SeqPreprocessor
 
 log = logging.getLogger("tfglm")
 NEG = -1e9
@@ -81,8 +82,8 @@ def beam_search(model, source_ids, total, eot_id, beam_width, length_penalty):
 
 
 class Translator(tf.Module):
-    """Strings in, strings out: sources are tokenized in the graph, truncated to the model's context, padded into a
-    buffer whose batch and length are rounded up to powers of two, and decoded greedily (`beam_width` 1) or by beam
+    """Strings in, strings out: sources are encoded in the graph (`Seq2SeqPreprocessor`: truncated to the model's
+    context, padded into a buffer whose batch and length are bucketed) and decoded greedily (`beam_width` 1) or by beam
     search in one XLA function per such shape.
 
     Examples:
@@ -102,6 +103,7 @@ class Translator(tf.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        self.preprocessor = Seq2SeqPreprocessor(tokenizer, model.max_length)
         self.beam_width = beam_width
         self.length_penalty = length_penalty
         self._decode = tf.function(self._decode_tokens, jit_compile=jit_compile)
@@ -115,11 +117,9 @@ class Translator(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="sources")])
     def translate(self, sources):
         """{"translations": strings [batch]}; an empty source translates to an empty string."""
-        ids = self.tokenizer.tokenize(sources)[:, :self.model.max_length]
-        batch, lengths = tf.shape(sources)[0], tf.cast(ids.row_lengths(), tf.int32)
-        length = tf.minimum(bucket(tf.reduce_max(lengths), minimum=8), self.model.max_length)
-        source_ids = ids.to_tensor(default_value=PAD, shape=[bucket(batch, minimum=1), length])
-        tokens, generated = self._decode(source_ids)
+        inputs = self.preprocessor(sources)
+        batch, lengths = tf.shape(sources)[0], inputs["lengths"]
+        tokens, generated = self._decode(inputs["source_ids"])
         generated = generated[:batch] & (lengths > 0)[:, None]
         return {"translations": self.tokenizer.detokenize(tf.ragged.boolean_mask(tokens[:batch], generated))}
 

@@ -24,10 +24,8 @@ class ChatSession:
     def ask(self, message):
         """(roles, contents), strings [1, messages]: the conversation to answer once `message` joins it."""
         self.turns.append(("user", message))
-        budget = self.generator.context - self.settings.max_new_tokens
-        _, _, dropped = self.generator.tokenizer.encode_chat(*map(tf.constant, self.conversation()), budget,
-                                                             generation_prompt=True)
-        dropped = int(dropped[0])
+        dropped = int(self.generator.preprocessor.dropped_turns(*map(tf.constant, self.conversation()),
+                                                                self.settings.max_new_tokens)[0])
         if dropped:
             if not self.warned:
                 log.warning("the conversation outgrew the context (%d tokens minus %d new): its oldest turns are "

@@ -2,9 +2,9 @@
 
 `Generator` is the single entry point used by `tfglm generate` and `tfglm chat`, the exported SavedModel and the server,
 whole (`generate`, `chat`) or streamed in chunks of a few tokens (`stream`, the export's `*_start` and `advance`
-signatures). Prompts are tokenized in the graph, prefixed with `<eot>` (the start-of-document context seen in training),
-truncated from the left to fit the context, right-padded into a buffer whose batch, prompt and total lengths are rounded
-up to powers of two, and decoded. XLA compiles once per such shape bucket, never per call or prompt length.
+signatures). Prompts are encoded in the graph by the causal LM (or chat) preprocessor (`tfglm.preprocessors`): `<eot>`
+first, truncated from the left to fit the context, right-padded into a buffer whose batch, prompt and total lengths
+are bucketed, and decoded. XLA compiles once per such shape bucket, never per call or prompt length.
 """
 
 import codecs
@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from tfglm.config import GENERATE_OPTIONS, generate_options
 from tfglm.generation.sampling import sample
+from tfglm.preprocessors import language_model_preprocessor
 
 log = logging.getLogger("tfglm")
 DTYPES = {int: tf.int32, float: tf.float32}
@@ -86,12 +87,6 @@ def generated_mask(state, eot_id):
     return generated & before_eot
 
 
-def bucket(n, minimum=16):
-    """The next power of two >= n (at least `minimum`)."""
-    n = tf.maximum(n, minimum)
-    return tf.cast(2 ** tf.math.ceil(tf.math.log(tf.cast(n, tf.float32)) / tf.math.log(2.0) - 1e-6), tf.int32)
-
-
 class Generator(tf.Module):
     """Strings in, strings out, for a GPT and its tokenizer; `generate` (and, for a chat run's tokenizer, `chat`) is
     a `tf.function` with a fixed signature.
@@ -121,6 +116,7 @@ class Generator(tf.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.context = model.max_length
+        self.preprocessor = language_model_preprocessor(tokenizer, self.context)
         self._prefill = tf.function(self._prefill_tokens, jit_compile=jit_compile)
         self._advance = tf.function(self._advance_tokens, jit_compile=jit_compile)
         # `stream`'s chunks as one graph call each: run eagerly, the string and mask ops around the decode loop cost
@@ -134,31 +130,13 @@ class Generator(tf.Module):
     def _advance_tokens(self, state, projection, steps, temperature, top_k, top_p, seed):
         return advance(self.model, state, steps, temperature, top_k, top_p, seed, self.tokenizer.eot_id, projection)
 
-    def prompt_ids(self, prompts, max_new_tokens):
-        """Ragged prompt ids: `<eot>` + tokens, truncated from the left to `context - max_new_tokens`."""
-        ids = self.tokenizer.tokenize(prompts)
-        eot = tf.fill([tf.shape(prompts)[0], 1], self.tokenizer.eot_id)
-        ids = tf.concat([eot, ids], axis=1)
-        return ids[:, -(self.context - max_new_tokens):]
-
-    def chat_ids(self, roles, contents, max_new_tokens):
-        """Ragged ids of conversations (`tfglm.data.chat`) with the assistant's turn opened, older turns dropped
-        and then tokens cut from the left to fit `context - max_new_tokens`."""
-        ids, _, _ = self.tokenizer.encode_chat(roles, contents, self.context - max_new_tokens,
-                                               generation_prompt=True)
-        return ids[:, -(self.context - max_new_tokens):]
-
     def start(self, ids, max_new_tokens):
-        """The decode state of ragged prompt `ids`: rows padded to a power of two, right-padded into a buffer of a
-        power-of-two length (at most the context), the prompts' first power-of-two tokens prefilled."""
+        """The decode state of ragged prompt `ids` (the preprocessor's `prompt_ids` or `chat_ids`): its decode
+        buffer (`decode_buffer`), the prompts' bucketed first tokens prefilled."""
         max_new_tokens = tf.clip_by_value(max_new_tokens, 1, self.context - 1)
-        batch = ids.nrows(out_type=tf.int32)
-        padded_batch = bucket(batch, minimum=1)
-        lengths = tf.pad(tf.cast(ids.row_lengths(), tf.int32), [[0, padded_batch - batch]], constant_values=1)
-        longest = tf.reduce_max(lengths)
-        total = tf.minimum(bucket(longest + max_new_tokens), self.context)
-        tokens = ids.to_tensor(default_value=self.tokenizer.eot_id, shape=[padded_batch, total])
-        return {**self._prefill(tokens, lengths, tf.minimum(bucket(longest), total), max_new_tokens), "rows": batch}
+        buffer = self.preprocessor.decode_buffer(ids, max_new_tokens)
+        return {**self._prefill(buffer["tokens"], buffer["lengths"], buffer["prefill_length"], max_new_tokens),
+                "rows": buffer["rows"]}
 
     def advance(self, state, steps, temperature, top_k, top_p, seed, projection=None):
         """`state` after up to `steps` more tokens, with `completions` (the text so far, strings [rows]),
@@ -187,22 +165,25 @@ class Generator(tf.Module):
     @tf.function(input_signature=SIGNATURE)
     def generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed):
         """Completions (strings [batch]) and their token counts (int32 [batch]) for `prompts`."""
-        return self.complete(self.prompt_ids(prompts, tf.clip_by_value(max_new_tokens, 1, self.context - 1)),
-                             max_new_tokens, temperature, top_k, top_p, seed)
+        room = tf.clip_by_value(max_new_tokens, 1, self.context - 1)
+        return self.complete(self.preprocessor.prompt_ids(prompts, room), max_new_tokens, temperature, top_k, top_p,
+                             seed)
 
     @tf.function(input_signature=CHAT_SIGNATURE)
     def chat(self, roles, contents, max_new_tokens, temperature, top_k, top_p, seed):
         """The assistant's next reply (strings [batch]) to conversations given as `roles` and `contents` (strings
         [batch, messages]; role "" pads a shorter conversation), and its token counts (int32 [batch])."""
-        return self.complete(self.chat_ids(roles, contents, tf.clip_by_value(max_new_tokens, 1, self.context - 1)),
-                             max_new_tokens, temperature, top_k, top_p, seed)
+        room = tf.clip_by_value(max_new_tokens, 1, self.context - 1)
+        return self.complete(self.preprocessor.chat_ids(roles, contents, room), max_new_tokens, temperature, top_k,
+                             top_p, seed)
 
     def stream(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, steps=8, conversations=None):
         """Yields, every `steps` tokens, the text each prompt (or each (roles, contents) conversation) gained."""
+        room = min(max(max_new_tokens, 1), self.context - 1)
         if conversations is None:
-            ids = self.prompt_ids(tf.constant(prompts), min(max(max_new_tokens, 1), self.context - 1))
+            ids = self.preprocessor.prompt_ids(tf.constant(prompts), room)
         else:
-            ids = self.chat_ids(*map(tf.constant, conversations), min(max(max_new_tokens, 1), self.context - 1))
+            ids = self.preprocessor.chat_ids(*map(tf.constant, conversations), room)
         options = [tf.constant(value, DTYPES[o.type]) for o, value in
                    zip(GENERATE_OPTIONS[1:], (temperature, top_k, top_p, seed))]  # tensors: no retrace per value
         state = self.start(ids, tf.constant(max_new_tokens))
@@ -213,8 +194,7 @@ class Generator(tf.Module):
 
 def warn_truncated(generator, prompts, settings, first=1):
     """Warns about prompts (numbered from `first`) truncated from the left to fit the context."""
-    lengths = generator.prompt_ids(tf.constant(prompts), settings.max_new_tokens).row_lengths()
-    full = generator.tokenizer.tokenize(tf.constant(prompts)).row_lengths() + 1
+    lengths, full = generator.preprocessor.truncations(tf.constant(prompts), settings.max_new_tokens)
     for i, (kept, had) in enumerate(zip(lengths.numpy(), full.numpy()), first):
         if kept < had:
             log.warning("prompt %d: %d tokens, truncated from the left to the last %d (context %d minus %d new)",

@@ -2,6 +2,11 @@
 and, through CODES, its gRPC status) and the checks of generation options and conversations, so the same bad value
 gets the same answer over REST, gRPC and the OpenAI endpoints."""
 
+import json
+import math
+
+import numpy as np
+
 from tfglm.config import GENERATE_OPTIONS
 from tfglm.data.chat import ROLES
 
@@ -19,13 +24,35 @@ class RequestError(Exception):
         self.status, self.headers = status, headers
 
 
+OPTIONS = {o.name: o for o in GENERATE_OPTIONS}
+DTYPES = {int: np.int32, float: np.float32}
+
+
 def check_generate_options(arrays, context):
     """Rejects the generation options in `arrays` a model cannot honour, naming the option and its range
     (`GENERATE_OPTIONS`)."""
-    for option in GENERATE_OPTIONS:
-        problem = option.check(arrays[option.name].item(), context) if option.name in arrays else None
-        if problem:
-            raise RequestError(f"{option.name}: {problem}")
+    for name, array in arrays.items():
+        if name in OPTIONS:
+            _check_option(OPTIONS[name], array.item(), context, name)
+
+
+def option_array(name, value, context, where=None):
+    """The array a signature takes for generation option `name` given as a JSON `value`, once its type and range
+    are checked (the same ranges as `check_generate_options`); errors name `where` (default `name`)."""
+    option, where = OPTIONS[name], where or name
+    if isinstance(value, bool) or not isinstance(value, (int, float) if option.type is float else int):
+        raise RequestError(f"{where}: expected {'a number' if option.type is float else 'an integer'}, got "
+                           f"{json.dumps(value)[:40]}")
+    if option.type is float and abs(value) > float(np.finfo(np.float32).max):
+        value = math.inf  # beyond float32 (a JSON integer can be beyond float64 too)
+    _check_option(option, value, context, where)
+    return np.array(value, dtype=DTYPES[option.type])
+
+
+def _check_option(option, value, context, where):
+    problem = option.check(value, context)
+    if problem:
+        raise RequestError(f"{where}: {problem}")
 
 
 def check_conversations(roles, contents):
@@ -41,3 +68,19 @@ def check_conversations(roles, contents):
     empty = [i for i, row in enumerate(roles.reshape(len(roles), -1)) if not any(row)]
     if empty:
         raise RequestError(f"roles: conversation {empty[0]} has no message (every role is '')")
+
+
+def check_token_ids(token_ids, lengths, vocab_size):
+    """Rejects `detokenize` inputs that do not give one length in [0, its row's length] to each row of `token_ids`,
+    or whose ids (those within the lengths) are not in the vocabulary of `vocab_size` ids (None: not checked)."""
+    if lengths.shape[0] != token_ids.shape[0]:
+        raise RequestError(f"lengths: one a row of token_ids, got {lengths.shape[0]} for {token_ids.shape[0]} rows")
+    bad = np.flatnonzero((lengths < 0) | (lengths > token_ids.shape[1]))
+    if bad.size:
+        raise RequestError(f"lengths[{bad[0]}]: must be in [0, {token_ids.shape[1]}] (the length of the rows of "
+                           f"token_ids), got {lengths[bad[0]]}")
+    used = token_ids[np.arange(token_ids.shape[1]) < lengths[:, None]]
+    bad = used[(used < 0) | (used >= vocab_size)] if vocab_size is not None else used[:0]
+    if bad.size:
+        raise RequestError(f"token_ids: {bad[0]} is not a token id (the vocabulary has {vocab_size}: 0 to "
+                           f"{vocab_size - 1})")

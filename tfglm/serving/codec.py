@@ -128,9 +128,18 @@ def to_array(name, value, info):
     return array
 
 
+def utf8(name, text):
+    """A JSON string as UTF-8 bytes; one holding a lone surrogate (`"\\ud800"`, valid JSON) has none."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{name}: not valid Unicode: a lone surrogate \\u{ord(text[e.start]):04x} at character "
+                           f"{e.start}") from None
+
+
 def _bytes(name, value):
     if isinstance(value, str):
-        return value.encode("utf-8")
+        return utf8(name, value)
     if isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str):
         try:
             return base64.b64decode(value["b64"], validate=True)

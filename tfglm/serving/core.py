@@ -84,13 +84,20 @@ class ServerCore:
     most `max_batch_size` prompts (also the batcher's largest batch) of `max_prompt_bytes` each and
     `max_request_bytes` in all (REST body, gRPC message); at most `max_enqueued_requests` requests wait or run (more get
     503 / UNAVAILABLE), `num_threads` of them at a time per protocol; REST takes at most `max_connections`
-    connections (more get uvicorn's 503) and gives each request `read_timeout_s` to send its headers and as long
-    again for its body (then 408 and the connection closed).
+    connections, idle or busy (more get 503 as they open), and gives each request `read_timeout_s` to send its
+    headers and as long again for its body (then 408 and the connection closed). Every limit must be positive.
     """
 
     def __init__(self, models, enable_batching=False, max_prompt_bytes=64 * 1024, poll_s=1.0, max_batch_size=32,
                  max_enqueued_requests=64, max_connections=256, max_request_bytes=4 << 20, read_timeout_s=10.0,
                  num_threads=16):
+        limits = {"--max_prompt_bytes": max_prompt_bytes, "--file_system_poll_wait_seconds": poll_s,
+                  "--max_batch_size": max_batch_size, "--max_enqueued_requests": max_enqueued_requests,
+                  "--max_connections": max_connections, "--max_request_bytes": max_request_bytes,
+                  "--read_timeout_seconds": read_timeout_s, "num_threads": num_threads}
+        for flag, value in limits.items():
+            if not 0 < value < float("inf"):  # NaN too
+                raise TfglmError(f"{flag}: must be a positive number, got {value}")
         configs = {name: model_server_config_pb2.ModelConfig(name=name, base_path=c) if isinstance(c, str) else c
                    for name, c in models.items()}
         for name, config in configs.items():

@@ -3,14 +3,15 @@ and response helpers both fronts use.
 
 Why uvicorn + Starlette: uvicorn is the most used and most actively kept Python HTTP server, Starlette's ASGI
 responses stream (a `StreamingResponse` of server-sent events is all the OpenAI-compatible `"stream": true` needs),
-and more of the limits are theirs than aiohttp's (which has a body limit but no connection cap): uvicorn answers 503
-beyond `max_connections` connections or requests in flight (`limit_concurrency`), h11 rejects oversized or malformed
-request lines and headers (a Content-Length of `abc` or `-1`) and closes idle keep-alive connections, Starlette
-routes and answers 405 with `Allow`. What they lack is added here, once each: a deadline for a request's headers
-(neither has one; encode/uvicorn#157), answered 408 (`HttpProtocol`); a body size and read-time limit, 413 and 408
-(`read_body`); and a lingering close (`LingeringTransport`). Every error, theirs included, is TF Serving's
-`{"error": message}`, except uvicorn's plain-text 503. Model work runs on a pool of `num_threads` threads, admitted
-through the core's queue bound (503 with `Retry-After` when full).
+and more of the limits are theirs than aiohttp's (which has a body limit but no connection cap): h11 rejects
+oversized or malformed request lines and headers (a Content-Length of `abc` or `-1`) and closes idle keep-alive
+connections, Starlette routes and answers 405 with `Allow`. What they lack is added here, once each (`HttpProtocol`):
+a deadline for a request's headers (neither has one; encode/uvicorn#157), answered 408; a connection limit of its own,
+answered 503 with `Retry-After` (uvicorn's `limit_concurrency` counts requests in flight against the same bound and
+answers plain text); an answer to a client that half-closes its side after its request (uvicorn closes the
+connection unanswered); a body size and read-time limit, 413 and 408 (`read_body`); and a lingering close
+(`LingeringTransport`). Every error, theirs included, is TF Serving's `{"error": message}`. Model work runs on a pool
+of `num_threads` threads, admitted through the core's queue bound (503 with `Retry-After` when full).
 """
 
 import asyncio
@@ -50,7 +51,7 @@ class LingeringTransport:
     makes the kernel reset the connection and drop the unsent response, say a 413 answered before the body."""
 
     def __init__(self, transport, loop):
-        self._transport, self._loop, self.lingering = transport, loop, False
+        self._transport, self._loop, self.lingering, self.eof = transport, loop, False, False
 
     def __getattr__(self, name):
         return getattr(self._transport, name)
@@ -66,6 +67,8 @@ class LingeringTransport:
         if self.is_closing():
             return
         self.lingering = True
+        if self.eof:  # the client has sent all it will: nothing to drain
+            return self._transport.close()
         try:
             self._transport.write_eof()
         except (OSError, NotImplementedError):  # the client is gone, or the transport cannot half-close
@@ -76,16 +79,42 @@ class LingeringTransport:
 
 class HttpProtocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol plus a deadline for each request's headers (`header_timeout_s`, from the
-    connection's first byte or the request's), answered 408, h11's rejections of malformed requests answered as
-    TF Serving's JSON rather than uvicorn's plain text, and connections closed lingering."""
+    connection's first byte or the request's), answered 408; at most `max_connections` connections, more answered
+    503 as they open; a request answered though its client half-closed after sending it; h11's rejections of
+    malformed requests answered as TF Serving's JSON rather than uvicorn's plain text; connections closed lingering."""
 
-    def __init__(self, *args, header_timeout_s, **kwargs):
+    def __init__(self, *args, header_timeout_s, max_connections, **kwargs):
         super().__init__(*args, **kwargs)
-        self.header_timeout_s, self._timer = header_timeout_s, None
+        self.header_timeout_s, self.max_connections, self._timer = header_timeout_s, max_connections, None
 
     def connection_made(self, transport):
         super().connection_made(LingeringTransport(transport, self.loop))
+        if len(self.connections) > self.max_connections:
+            self.connections.discard(self)  # a refused connection, lingering, takes no place
+            return self._reject(503, f"too many connections (this server takes {self.max_connections}: "
+                                     "--max_connections); retry later", ["retry-after: 1"])
         self._arm()
+
+    def eof_received(self):
+        """The client half-closed (SHUT_WR, as `nc -N` and some proxies do): a whole request is still answered (then
+        the connection closed), one cut short gets 400; True keeps the connection open to write the answer."""
+        self.transport.eof = True
+        self._disarm()
+        cycle = self.cycle if self.cycle and not self.cycle.response_complete else None
+        if self.transport.lingering or (cycle is None and not self.conn.trailing_data[0]):
+            return None  # nothing to answer: close
+        if cycle and self.conn.their_state is h11.DONE:
+            cycle.keep_alive = False
+            return True
+        if cycle and cycle.response_started:
+            return True  # the answer is under way; it closes the connection
+        declared = dict(self.headers or []).get(b"content-length", b"?").decode() if cycle else None
+        self._reject(400, "the client half-closed the connection before its request was whole"
+                     + (f" (a body of fewer than the declared {declared} bytes)" if cycle else ""))
+        if cycle:  # the app stops waiting for the body
+            cycle.disconnected = True
+            cycle.message_event.set()
+        return True
 
     def data_received(self, data):
         if self.transport.lingering:
@@ -116,8 +145,8 @@ class HttpProtocol(H11Protocol):
         if not self.transport.is_closing():
             self._reject(408, f"the request headers did not arrive within {self.header_timeout_s:g} s")
 
-    def _reject(self, status, message):
-        self.transport.write(error_bytes(status, message))
+    def _reject(self, status, message, headers=()):
+        self.transport.write(error_bytes(status, message, headers))
         self.transport.close()
 
 
@@ -127,9 +156,10 @@ class HttpFront:
     def __init__(self, core, sock, fronts):
         self.pool = ThreadPoolExecutor(core.num_threads, thread_name_prefix="tfglm-rest")
         config = uvicorn.Config(
-            app(core, self.pool, fronts), http=functools.partial(HttpProtocol, header_timeout_s=core.read_timeout_s),
+            app(core, self.pool, fronts), http=functools.partial(HttpProtocol, header_timeout_s=core.read_timeout_s,
+                                                                 max_connections=core.max_connections),
             loop="asyncio", ws="none", lifespan="off", log_config=None, access_log=False, server_header=False,
-            limit_concurrency=core.max_connections, timeout_keep_alive=5, timeout_graceful_shutdown=5)
+            timeout_keep_alive=5, timeout_graceful_shutdown=5)
         self.uvicorn = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [sock]}, daemon=True,
                                        name="tfglm-rest")

@@ -33,14 +33,13 @@ import numpy as np
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-from tfglm.config import GENERATE_OPTIONS
-from tfglm.serving.checks import RequestError
-from tfglm.serving.codec import json_object
+from tfglm.preprocessors.causal_lm import CHAT_TOO_LONG
+from tfglm.serving.checks import RequestError, option_array
+from tfglm.serving.codec import json_object, utf8
 from tfglm.serving.http import error_response, json_response, read_body
 
 log = logging.getLogger("tfglm")
 STREAM_STEPS = 4  # tokens decoded per streamed chunk
-OPTIONS = {o.name: o for o in GENERATE_OPTIONS}
 PARAMS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed"}  # OpenAI -> export
 UNSUPPORTED = ("stop", "logprobs", "top_logprobs", "echo", "suffix", "tools", "functions")
 ROLE_NAMES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -253,7 +252,7 @@ def conversation(messages):
         if not isinstance(content, str):
             raise OpenAIError(f"{where}.content: expected a string or a list of text parts", f"{where}.content")
         roles.append(ROLE_NAMES[role].encode())  # bytes, as the REST and gRPC fronts give
-        contents.append(content.encode("utf-8"))
+        contents.append(utf8(f"{where}.content", content))
     if roles[-1] == b"assistant":
         raise OpenAIError("messages: the last message must be the user's or the system's (the reply follows it)",
                           "messages")
@@ -266,7 +265,7 @@ def prompt(value):
         value = value[0]
     if not isinstance(value, str):
         raise OpenAIError("prompt: expected a string (or a list of one string)", "prompt")
-    return {"prompts": np.array([value.encode("utf-8")], dtype=object)}
+    return {"prompts": np.array([utf8("prompt", value)], dtype=object)}
 
 
 def options(request, context):
@@ -277,16 +276,11 @@ def options(request, context):
         given["max_new_tokens"] = ("max_tokens", request.get("max_tokens"))
     arrays = {}
     for name, (param, value) in given.items():
-        if value is None:
-            continue
-        option = OPTIONS[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float) if option.type is float else int):
-            raise OpenAIError(f"{param}: expected {'a number' if option.type is float else 'an integer'}, got "
-                              f"{json.dumps(value)[:40]}", param)
-        problem = option.check(option.type(value), context)
-        if problem:
-            raise OpenAIError(f"{param}: {problem}", param)
-        arrays[name] = np.array(value, dtype=np.float32 if option.type is float else np.int32)
+        if value is not None:
+            try:
+                arrays[name] = option_array(name, value, context, where=param)
+            except RequestError as e:
+                raise OpenAIError(str(e), param) from None
     return arrays
 
 
@@ -305,10 +299,13 @@ def sse(payload):
 
 
 def error_body(error):
-    """OpenAI's error object of a RequestError."""
+    """OpenAI's error object of a RequestError; a conversation too long for the context (the export's error) gets
+    OpenAI's `context_length_exceeded`."""
     kind = "server_error" if error.status >= 500 else "invalid_request_error"
-    return {"error": {"message": str(error), "type": kind, "param": getattr(error, "param", None),
-                      "code": getattr(error, "code", None)}}
+    param, code = getattr(error, "param", None), getattr(error, "code", None)
+    if str(error).startswith(CHAT_TOO_LONG):
+        param, code = "messages", "context_length_exceeded"
+    return {"error": {"message": str(error), "type": kind, "param": param, "code": code}}
 
 
 def parse_embeddings(request, core, labels):

@@ -2,6 +2,7 @@
 SignatureDef's `defaults` filled in (as TF Serving does), warmed up before it takes traffic."""
 
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -12,8 +13,19 @@ from tensorflow_serving.apis import prediction_log_pb2
 from tfglm.config import GENERATE_OPTIONS
 from tfglm.generation.decode import stream_text
 from tfglm.serving.batching import Batcher
-from tfglm.serving.checks import RequestError, check_conversations, check_generate_options
+from tfglm.serving.checks import RequestError, check_conversations, check_generate_options, check_token_ids
 from tfglm.serving.signatures import STREAMING, WARMUP
+
+
+def graph_message(error):
+    """The line of a signature's error message that says what was wrong: an in-graph assertion's own message (its
+    first data item), or else the first line that is not TensorFlow's preamble."""
+    asserted = re.search(r"assertion failed: \[(.*?)\]\s*$", error, re.MULTILINE)
+    if asserted:
+        return asserted.group(1)
+    preamble = ("Graph execution error", "Detected at node", "<stack traces unavailable>")
+    lines = [line.strip() for line in error.strip().splitlines()]
+    return next((line for line in lines if line and not line.startswith(preamble)), lines[0])
 
 
 class Servable:
@@ -32,8 +44,9 @@ class Servable:
         self.created = int(os.path.getmtime(path))  # the export's time, for OpenAI's model list
         with open(os.path.join(path, "saved_model.pb"), "rb") as f:
             self.signature_defs = saved_model_pb2.SavedModel.FromString(f.read()).meta_graphs[0].signature_def
-        context = getattr(self.loaded, "context", None)  # absent from exports older than `tfglm serve`
-        self.context = int(context.numpy()) if context is not None else None
+        # The model's context and vocabulary size (`tfglm.serving.signatures`), absent from older exports.
+        self.context, self.vocab_size = (int(v.numpy()) if v is not None else None
+                                         for v in (getattr(self.loaded, k, None) for k in ("context", "vocab_size")))
         self.batcher = Batcher(self._generate, max_batch_size, on_batch=on_batch) if enable_batching else None
         self._warm_up(os.path.join(path, WARMUP))
 
@@ -78,6 +91,8 @@ class Servable:
             arrays[name] = self._check(name, array, signature.inputs[name])
         if "roles" in arrays:
             check_conversations(arrays["roles"], arrays["contents"])
+        if "token_ids" in arrays:
+            check_token_ids(arrays["token_ids"], arrays["lengths"], self.vocab_size)
         check_generate_options(arrays, self.context)
         return arrays
 
@@ -165,7 +180,7 @@ class Servable:
         try:
             return self.loaded.signatures[signature_name](**{k: tf.convert_to_tensor(v) for k, v in inputs.items()})
         except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
-            raise RequestError(str(e).strip().splitlines()[0]) from None
+            raise RequestError(graph_message(str(e))) from None
 
     def close(self):
         if self.batcher:

@@ -7,9 +7,9 @@ chat model's (a chat tokenizer) also `chat` (then serving_default); for streamin
 into one, `caches`). `generate` and `chat` take `prompts` (or `roles` and `contents`) plus the optional generation
 options (`tfglm.config.GENERATE_OPTIONS`), each with the run's `generate` config as its default, recorded in the
 SignatureDef's `defaults`, which TF Serving fills in for inputs a request leaves out. The model's context is saved as
-the variable `context`, so `tfglm serve` can reject a `max_new_tokens` above `context - 1` by name. A translation
-model's export holds `translate`; a classifier's `predict` and `classify` (TF Serving's Classify API); a sentence
-embedding model's `embed`.
+the variable `context`, so `tfglm serve` can reject a `max_new_tokens` above `context - 1` by name, and the
+vocabulary's size as `vocab_size`, so it can name a `detokenize` id outside it. A translation model's export holds
+`translate`; a classifier's `predict` and `classify` (TF Serving's Classify API); a sentence embedding model's `embed`.
 
 Every exported object tracks the `tf.Variable`s inside the Keras variables rather than the Keras model: the saved
 functions read those, and a Keras model would be saved as copies that TF1-style loaders (TF Serving) restore instead.
@@ -20,9 +20,9 @@ import os
 
 import tensorflow as tf
 
-from tfglm.data.chat import ChatTokenizer
 from tfglm.generation.beam import Translator
 from tfglm.generation.decode import CHAT_SIGNATURE, OPTIONS, SIGNATURE, Generator
+from tfglm.preprocessors import ChatPreprocessor
 from tfglm.tasks.base import TextClassifier
 from tfglm.tasks.embed import TextEmbedder
 
@@ -68,7 +68,7 @@ def language_model(generator, settings):
 
 def language_module(generator, settings):
     """The exported object of a language model: the signature functions, the tokenizer and the weights they read."""
-    tokenizer, model = generator.tokenizer, generator.model
+    tokenizer, model, preprocessor = generator.tokenizer, generator.model, generator.preprocessor
     default_max_new = min(settings.max_new_tokens, generator.context - 1)
 
     @tf.function(input_signature=SIGNATURE)
@@ -84,8 +84,11 @@ def language_module(generator, settings):
              temperature=tf.constant(settings.temperature), top_k=tf.constant(settings.top_k),
              top_p=tf.constant(settings.top_p), seed=tf.constant(settings.seed)):
         """`Generator.chat` (a chat model only): the assistant's `replies` to conversations given as `roles` and
-        `contents` [batch, messages] (role "" pads), and their `num_tokens`."""
-        out = generator.chat(roles, contents, max_new_tokens, temperature, top_k, top_p, seed)
+        `contents` [batch, messages] (role "" pads), and their `num_tokens`; a conversation whose last message does
+        not fit beside `max_new_tokens` is an error, not a reply to a fragment of it."""
+        ids = preprocessor.chat_ids(roles, contents, tf.clip_by_value(max_new_tokens, 1, generator.context - 1),
+                                    whole=True)
+        out = generator.complete(ids, max_new_tokens, temperature, top_k, top_p, seed)
         return {"replies": out["completions"], "num_tokens": out["num_tokens"]}
 
     max_new = tf.TensorSpec([], tf.int32, name="max_new_tokens")
@@ -93,13 +96,14 @@ def language_module(generator, settings):
     @tf.function(input_signature=[SIGNATURE[0], max_new])
     def generate_start(prompts, max_new_tokens=tf.constant(default_max_new)):
         """The decode state of `prompts` (`advance`'s input): `generate`, streamed."""
-        ids = generator.prompt_ids(prompts, tf.clip_by_value(max_new_tokens, 1, generator.context - 1))
+        ids = preprocessor.prompt_ids(prompts, tf.clip_by_value(max_new_tokens, 1, generator.context - 1))
         return as_tensors(generator.start(ids, max_new_tokens))
 
     @tf.function(input_signature=CHAT_SIGNATURE[:2] + [max_new])
     def chat_start(roles, contents, max_new_tokens=tf.constant(default_max_new)):
         """The decode state of conversations (`advance`'s input): `chat`, streamed."""
-        ids = generator.chat_ids(roles, contents, tf.clip_by_value(max_new_tokens, 1, generator.context - 1))
+        ids = preprocessor.chat_ids(roles, contents, tf.clip_by_value(max_new_tokens, 1, generator.context - 1),
+                                    whole=True)
         return as_tensors(generator.start(ids, max_new_tokens))
 
     layer = model.init_cache(1, 1)[0].shape  # [batch, 2, heads, length, head_dim]
@@ -127,8 +131,7 @@ def language_module(generator, settings):
     def score(texts):
         """Total log-likelihood of each text's tokens after the leading `<eot>`, their count and perplexity.
         Texts longer than the context are scored on their first `context - 1` tokens (`num_tokens` says how many)."""
-        ids = tokenizer.tokenize(texts)
-        ids = tf.concat([tf.fill([tf.shape(texts)[0], 1], tokenizer.eot_id), ids], axis=1)[:, :generator.context]
+        ids = preprocessor.document_ids(texts)
         num_tokens = tf.cast(ids.row_lengths(), tf.int32) - 1
         tokens = ids.to_tensor(default_value=tokenizer.eot_id)
         log_probs = tf.nn.log_softmax(model(tokens, training=False)[:, :-1], axis=-1)
@@ -153,11 +156,12 @@ def language_module(generator, settings):
 
     module = tf.Module()
     module.context = tf.Variable(generator.context, trainable=False, name="context")  # read by `tfglm serve`
+    module.vocab_size = tf.Variable(tokenizer.vocab_size, trainable=False, name="vocab_size")  # likewise
     module.tokenizer = tokenizer
     module.weights = [variable.value for variable in model.variables]
     module.generate, module.score, module.tokenize, module.detokenize = generate, score, tokenize, detokenize
     module.generate_start, module.advance = generate_start, advance
-    if isinstance(tokenizer, ChatTokenizer):
+    if isinstance(preprocessor, ChatPreprocessor):
         module.chat, module.chat_start = chat, chat_start
     return module
 

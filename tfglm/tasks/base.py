@@ -9,6 +9,8 @@ them names a task.
 
 import dataclasses
 
+import numpy as np
+
 from tfglm.data import epochs
 from tfglm.data.chat import ChatTokenizer
 from tfglm.errors import TfglmError
@@ -22,6 +24,11 @@ class Evaluation:
     data: str = dataclasses.field(default="", metadata={
         "help": "the data to score, as the run's task trains on it: text files (a language model), labelled texts "
                 "(a classifier), conversations (a chat model)"})
+
+
+# The train settings `epoch_schedule` sets, and the task section's key that sets each instead (None: the schedule's).
+EPOCH_SCHEDULED = {"train.steps": "epochs", "train.batch_size": "batch_size", "train.learning_rate": "learning_rate",
+                   "train.min_learning_rate": None, "train.warmup_steps": None, "train.eval_interval": None}
 
 
 class Task:
@@ -109,6 +116,19 @@ class Task:
         return cls.section_name or cls.name
 
     @classmethod
+    def check_overrides(cls, overrides):
+        """Refuses a `--set` of a train setting that `epoch_schedule` sets, for a task counting epochs: it would be
+        read, logged as applied, and then replaced by the schedule's."""
+        for text in overrides if cls.counts_epochs else ():
+            key = text.split("=", 1)[0].strip()
+            if key in EPOCH_SCHEDULED:
+                own = EPOCH_SCHEDULED[key]
+                instead = (f"set {cls.key()}.{own} instead" if own else
+                           "it follows the epochs: warm-up over the first 10%, decay to 0, validation each epoch")
+                raise TfglmError(f"--set {key}: a {cls.name} fine-tune counts epochs ({cls.key()}.epochs) and sets "
+                                 f"{key} itself; {instead}")
+
+    @classmethod
     def checks(cls, section, config):
         """(ok, key, message) for every check of the task's config `section` (in the whole `config`)."""
         return []
@@ -169,6 +189,18 @@ def epoch_checks(key, section):
         (section.batch_size >= 1, f"{key}.batch_size", "must be >= 1"),
         (section.learning_rate > 0, f"{key}.learning_rate", "must be > 0"),
     ]
+
+
+def held_out(num_rows, fraction, seed, key, noun):
+    """(training rows, validation rows), as row indices: `fraction` of `num_rows` held out in an order shuffled with
+    `seed`, for a fine-tune given no validation file. `key` (the section's config key) and `noun` (what a row is)
+    name the mistake when none is left for validation."""
+    order = np.random.RandomState(seed).permutation(num_rows)
+    n_val = int(num_rows * fraction)
+    if n_val < 1:
+        raise TfglmError(f"{key}.val_fraction: {fraction} of {num_rows} {noun} leaves none for validation; raise it "
+                         f"or pass --val")
+    return order[n_val:], order[:n_val]
 
 
 def epoch_schedule(train, section, num_rows):

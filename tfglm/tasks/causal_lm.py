@@ -7,7 +7,6 @@ streaming signatures).
 import functools
 import logging
 import math
-import os
 
 import numpy as np
 import tensorflow as tf
@@ -50,13 +49,11 @@ class CausalLM(Task):
         elif init_from:
             self.tokenizer = load_tokenizer(runs.path(init_from, runs.TOKENIZER))
             if chief:
-                os.makedirs(runs.path(self.run_dir, runs.TOKENIZER), exist_ok=True)
-                self.tokenizer.save(runs.path(self.run_dir, runs.TOKENIZER))
+                runs.save_tokenizer(self.run_dir, self.tokenizer)
         else:
             self.tokenizer = self.learn_vocabulary(files, stats)
             if chief:
-                os.makedirs(runs.path(self.run_dir, runs.TOKENIZER), exist_ok=True)
-                self.tokenizer.save(runs.path(self.run_dir, runs.TOKENIZER))
+                runs.save_tokenizer(self.run_dir, self.tokenizer)
         self.train_tokens, self.val_tokens = corpus.split_tokens(corpus.tokenize_files(files, self.tokenizer),
                                                                  self.config.data.val_fraction)
         log.info("tokens: %d train, %d validation, vocabulary %d", len(self.train_tokens), len(self.val_tokens),

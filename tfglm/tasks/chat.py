@@ -9,7 +9,6 @@ best checkpoint and stops early) and eval.json's loss are per assistant token.
 import dataclasses
 import logging
 import math
-import os
 
 import numpy as np
 import tensorflow as tf
@@ -21,7 +20,7 @@ from tfglm.data.tokenizers import load_tokenizer, new_tokenizer
 from tfglm.errors import TfglmError
 from tfglm.generation.decode import Generator
 from tfglm.models.gpt import GPT
-from tfglm.tasks.base import Task, epoch_checks, epoch_schedule
+from tfglm.tasks.base import Task, epoch_checks, epoch_schedule, held_out
 from tfglm.tasks.registry import load_run
 from tfglm.training import runs
 
@@ -76,12 +75,8 @@ class Chat(Task):
         if c.val_file:
             val = read_conversations(c.val_file, c.question_column, c.answer_column)
         else:
-            order = np.random.RandomState(self.config.train.seed).permutation(len(train))
-            n_val = int(len(train) * c.val_fraction)
-            if n_val < 1:
-                raise TfglmError(f"chat.val_fraction: {c.val_fraction} of {len(train)} conversations leaves none for "
-                                 f"validation; raise it or pass --val")
-            train, val = [train[i] for i in order[n_val:]], [train[i] for i in order[:n_val]]
+            rows = held_out(len(train), c.val_fraction, self.config.train.seed, "chat", "conversations")
+            train, val = ([train[i] for i in part] for part in rows)
         if resume:
             self.load_vocabulary()
         else:
@@ -91,8 +86,7 @@ class Chat(Task):
                 base = new_tokenizer(self.config, [text for _, contents in train for text in contents])
             self.tokenizer = base if isinstance(base, ChatTokenizer) else ChatTokenizer(base)
             if chief:
-                os.makedirs(runs.path(self.run_dir, runs.TOKENIZER), exist_ok=True)
-                self.tokenizer.save(runs.path(self.run_dir, runs.TOKENIZER))
+                runs.save_tokenizer(self.run_dir, self.tokenizer)
         length = self.config.model.max_length + 1
         self.train = encode(self.tokenizer, train, length, c.train_file)
         self.val = encode(self.tokenizer, val, length, c.val_file or f"{c.train_file} (validation share)")

@@ -9,19 +9,20 @@ eval.json.
 
 import dataclasses
 import logging
-import os
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfglm.data import corpus, epochs, labelled
-from tfglm.data.tokenizers import load_tokenizer, new_tokenizer, packer
+from tfglm.data import epochs, labelled
+from tfglm.data.tokenizers import load_tokenizer, new_tokenizer
 from tfglm.errors import TfglmError
 from tfglm.models.encoder import Encoder, dummy_inputs
 from tfglm.models.gpt import GPT
 from tfglm.models.heads import EncoderClassifier, GPTClassifier
-from tfglm.tasks.base import Evaluation, Task, TextClassifier, epoch_checks, epoch_schedule
+from tfglm.preprocessors import CausalLMPreprocessor, EncoderPreprocessor
+from tfglm.preprocessors.buckets import trim_padding
+from tfglm.tasks.base import Evaluation, Task, TextClassifier, epoch_checks, epoch_schedule, held_out
 from tfglm.tasks.registry import load_run
 from tfglm.training import runs
 from tfglm.training.trainer import train
@@ -48,29 +49,6 @@ class ClassifyConfig:
     eval_file: str = ""
 
 
-def decoder_inputs(tokenizer, length):
-    """strings [batch] -> a GPT classifier's inputs, tokenized in the graph: `<eot>` + text (its training context),
-    truncated to `length` and right-padded, with each row's length."""
-    def fn(texts):
-        ids = tokenizer.tokenize(texts)
-        ids = tf.concat([tf.fill([tf.shape(texts)[0], 1], tokenizer.eot_id), ids], axis=1)[:, :length]
-        return {"token_ids": ids.to_tensor(default_value=tokenizer.eot_id, shape=[None, length]),
-                "lengths": tf.cast(ids.row_lengths(), tf.int32)}
-
-    return fn
-
-
-def encoder_inputs(tokenizer, length):
-    """strings [batch] -> an encoder classifier's inputs, tokenized in the graph and packed as [CLS] text [SEP]."""
-    pack = packer(tokenizer, length)
-
-    def fn(texts):
-        token_ids, segment_ids = pack(tokenizer.tokenize(texts))
-        return {"token_ids": token_ids, "segment_ids": segment_ids, "padding_mask": token_ids != tokenizer.pad_id}
-
-    return fn
-
-
 def gpt_classifier(config, vocab_size, num_classes, backbone):
     """A head on a GPT's last token."""
     model = GPTClassifier(backbone or GPT.from_config_tree(config.model, vocab_size), num_classes,
@@ -87,28 +65,28 @@ def encoder_classifier(config, vocab_size, num_classes, backbone):
     return model
 
 
-# model.kind -> (its inputs for texts, its classifier)
-FAMILIES = {"gpt": (decoder_inputs, gpt_classifier), "bert": (encoder_inputs, encoder_classifier)}
+# model.kind -> (its preprocessor, its classifier)
+FAMILIES = {"gpt": (CausalLMPreprocessor, gpt_classifier), "bert": (EncoderPreprocessor, encoder_classifier)}
 
 
-def encode(tokenizer, model_config):
-    """strings [batch] -> the classifier inputs of `model_config.kind`, tokenized in the graph."""
+def preprocessor(tokenizer, model_config):
+    """The preprocessor of `model_config.kind`: strings [batch] -> its classifier's inputs, in the graph."""
     return FAMILIES[model_config.kind][0](tokenizer, model_config.max_length)
 
 
 def text_dataset(texts, tokenizer, model_config, batch_size, targets=None, batches=None, class_weights=None):
     """Batches of classifier inputs (and targets, and with `class_weights` each row's weight), each cut to its longest
-    row (`corpus.trim_padding`): in order, or the rows `batches` names (row indices [steps, batch_size], as
+    row (`buckets.trim_padding`): in order, or the rows `batches` names (row indices [steps, batch_size], as
     `epochs.epoch_batches` gives them)."""
     columns = [texts]
     if targets is not None:
         columns.append(np.asarray(targets, np.int32))
         if class_weights is not None:
             columns.append(np.asarray(class_weights, np.float32)[columns[1]])
-    encode_texts = encode(tokenizer, model_config)
+    encode = preprocessor(tokenizer, model_config)
 
     def encoded(texts, *rest):
-        inputs = corpus.trim_padding(encode_texts(texts), model_config.max_length)
+        inputs = trim_padding(encode(texts), model_config.max_length)
         return (inputs, *rest) if rest else inputs
 
     if batches is None:
@@ -128,15 +106,6 @@ def balanced_class_weights(ids, num_classes):
     """Each class's weight, total / (classes * count), as scikit-learn's "balanced"."""
     counts = np.bincount(ids, minlength=num_classes)
     return [len(ids) / (num_classes * count) if count else 0.0 for count in counts]
-
-
-def split_validation(texts, targets, fraction, seed):
-    order = np.random.RandomState(seed).permutation(len(texts))
-    n_val = int(len(texts) * fraction)
-    if n_val < 1:
-        raise TfglmError(f"classify.val_fraction: {fraction} of {len(texts)} rows leaves no validation rows; "
-                         f"raise it or pass --val")
-    return [([texts[i] for i in part], [targets[i] for i in part]) for part in (order[n_val:], order[:n_val])]
 
 
 class Classify(Task):
@@ -187,7 +156,8 @@ class Classify(Task):
             val_texts, val_targets = labelled.read_labelled(c.val_file, c.text_column, c.label_column, self.labels)
             self.val = val_texts, [index[t] for t in val_targets]
         else:
-            (texts, ids), self.val = split_validation(texts, ids, c.val_fraction, config.train.seed)
+            train, val = held_out(len(texts), c.val_fraction, config.train.seed, "classify", "rows")
+            (texts, ids), self.val = ([[column[i] for i in part] for column in (texts, ids)] for part in (train, val))
         self.texts, self.ids = texts, ids
         if not resume:
             if config.train.init_from:
@@ -195,8 +165,7 @@ class Classify(Task):
             else:
                 self.tokenizer = new_tokenizer(config, texts)
             if chief:
-                os.makedirs(runs.path(self.run_dir, runs.TOKENIZER), exist_ok=True)
-                self.tokenizer.save(runs.path(self.run_dir, runs.TOKENIZER))
+                runs.save_tokenizer(self.run_dir, self.tokenizer)
                 labelled.save_labels(runs.path(self.run_dir, LABELS), self.labels)
         log.info("fine-tuning on %d rows (%d for validation), %d labels", len(texts), len(self.val[0]),
                  len(self.labels))
@@ -250,7 +219,7 @@ class Classify(Task):
                 for text, p in zip(texts, probs)]
 
     def exported(self, model, jit_compile):
-        return TextClassifier(model, self.tokenizer, encode(self.tokenizer, self.config.model), self.labels,
+        return TextClassifier(model, self.tokenizer, preprocessor(self.tokenizer, self.config.model), self.labels,
                               self.config.classify.text_column)
 
 

@@ -14,12 +14,13 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from tfglm.data.corpus import trim_padding
 from tfglm.data.knowledge import KnowledgeBase, read_entries
-from tfglm.data.tokenizers import load_tokenizer, packer
+from tfglm.data.tokenizers import load_tokenizer
 from tfglm.errors import TfglmError
 from tfglm.models.encoder import Encoder, dummy_inputs
 from tfglm.models.heads import mean_pool
+from tfglm.preprocessors import EncoderPreprocessor
+from tfglm.preprocessors.buckets import trim_padding
 from tfglm.tasks.base import Task
 from tfglm.tasks.registry import load_run
 from tfglm.training import runs
@@ -52,15 +53,13 @@ class TextEmbedder:
     def __init__(self, encoder, tokenizer, max_length, batch_size=64):
         self.encoder, self.tokenizer, self.max_length, self.batch_size = encoder, tokenizer, max_length, batch_size
         self.dim = encoder.hidden_dim
-        self.pack = packer(tokenizer, max_length)
+        self.preprocessor = EncoderPreprocessor(tokenizer, max_length)
 
     @tf.function(input_signature=[TEXTS])
     def embed(self, texts):
         """{"embeddings": float32 [batch, dim] unit vectors, "num_tokens": int32 [batch], each text's tokens read
         (after the cut, without [CLS] and [SEP])}."""
-        token_ids, segment_ids = self.pack(self.tokenizer.tokenize(texts))
-        inputs = trim_padding({"token_ids": token_ids, "segment_ids": segment_ids,
-                               "padding_mask": token_ids != self.tokenizer.pad_id}, self.max_length)
+        inputs = trim_padding(self.preprocessor(texts), self.max_length)
         hidden = self.encoder(inputs, training=False)["sequence_output"]
         pooled = tf.cast(mean_pool(hidden, inputs["padding_mask"]), tf.float32)
         num_tokens = tf.reduce_sum(tf.cast(inputs["padding_mask"], tf.int32), axis=1) - 2

@@ -14,7 +14,6 @@ documents (in a seeded order) is validation, masked once and cached; metrics.jso
 
 import dataclasses
 import logging
-import os
 
 import keras
 import numpy as np
@@ -25,6 +24,7 @@ from tfglm.data.corpus import per_token_weights
 from tfglm.data.tokenizers import load_tokenizer, packer, train_wordpiece
 from tfglm.errors import TfglmError
 from tfglm.models.heads import build_pretrainer
+from tfglm.preprocessors.buckets import bucket_by_length
 from tfglm.tasks.base import Task
 from tfglm.training import runs
 
@@ -112,7 +112,7 @@ def mask_batch(inputs, is_next, tokenizer, seed, index):
 
 def pretraining_dataset(segments, tokenizer, length, batch_size, seed, num_batches, start=0):
     """Batches [start, num_batches) (inputs, targets, sample weights) for `EncoderPretrainer`, of examples of similar
-    length, each cut to its longest row (`corpus.bucket_by_length`), each masked by `mask_batch`."""
+    length, each cut to its longest row (`buckets.bucket_by_length`), each masked by `mask_batch`."""
     pack = packer(tokenizer, length)
 
     def example(a, b, is_next):
@@ -121,7 +121,7 @@ def pretraining_dataset(segments, tokenizer, length, batch_size, seed, num_batch
         return inputs, is_next
 
     examples = pair_dataset(segments, seed, 0).map(example, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = corpus.bucket_by_length(examples, batch_size, length).take(num_batches).enumerate().skip(start)
+    ds = bucket_by_length(examples, batch_size, length).take(num_batches).enumerate().skip(start)
     return ds.map(lambda i, batch: mask_batch(*batch, tokenizer, seed, i), num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -161,8 +161,7 @@ class MaskedLM(Task):
             log.info("training a %d-token WordPiece vocabulary", config.tokenizer.vocab_size)
             self.tokenizer = train_wordpiece([s for doc in docs for s in doc], config.tokenizer.vocab_size)
             if chief:
-                os.makedirs(runs.path(self.run_dir, runs.TOKENIZER), exist_ok=True)
-                self.tokenizer.save(runs.path(self.run_dir, runs.TOKENIZER))
+                runs.save_tokenizer(self.run_dir, self.tokenizer)
         train_docs, val_docs = split_documents(docs, config.data.val_fraction, config.train.seed)
         self.train_segments = tokenize_documents(train_docs, self.tokenizer)
         self.val_segments = tokenize_documents(val_docs, self.tokenizer)

@@ -7,7 +7,6 @@ whose losses are label-smoothed, logs/), plus eval.json after `tfglm evaluate`.
 
 import dataclasses
 import logging
-import os
 import time
 
 import keras
@@ -18,6 +17,7 @@ from tfglm.data.tokenizers import SentencePieceTokenizer, load_tokenizer, train_
 from tfglm.errors import TfglmError
 from tfglm.generation.beam import Translator, translate_texts
 from tfglm.models.encoder_decoder import EncoderDecoder
+from tfglm.preprocessors import Seq2SeqPreprocessor
 from tfglm.tasks.base import Task
 from tfglm.tasks.registry import load_run
 from tfglm.training import runs
@@ -101,12 +101,10 @@ class Seq2Seq(Task):
             self.tokenizer = SentencePieceTokenizer(train_sentencepiece(self.sources + self.targets,
                                                                         self.config.tokenizer.vocab_size))
             if chief:
-                os.makedirs(runs.path(self.run_dir, runs.TOKENIZER), exist_ok=True)
-                self.tokenizer.save(runs.path(self.run_dir, runs.TOKENIZER))
-        self.target_tokens = parallel.report_lengths(self.sources, self.targets, self.tokenizer, length,
-                                                     tr.pairs or tr.source)
-        parallel.report_lengths(self.val_sources, self.val_targets, self.tokenizer, length,
-                                tr.val_pairs or tr.val_source)
+                runs.save_tokenizer(self.run_dir, self.tokenizer)
+        self.preprocessor = Seq2SeqPreprocessor(self.tokenizer, length)
+        self.target_tokens = self.preprocessor.report_lengths(self.sources, self.targets, tr.pairs or tr.source)
+        self.preprocessor.report_lengths(self.val_sources, self.val_targets, tr.val_pairs or tr.val_source)
         log.info("%d training and %d validation pairs, vocabulary %d", len(self.sources), len(self.val_sources),
                  self.tokenizer.vocab_size)
 
@@ -118,9 +116,9 @@ class Seq2Seq(Task):
                 "weighted_metrics": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]}
 
     def datasets(self, step):
-        t, length = self.config.train, self.config.model.max_length
-        train = parallel.dataset(self.sources, self.targets, self.tokenizer, length, t.batch_size, seed=t.seed)
-        val = parallel.dataset(self.val_sources, self.val_targets, self.tokenizer, length, t.batch_size)
+        t = self.config.train
+        train = self.preprocessor.dataset(self.sources, self.targets, t.batch_size, seed=t.seed)
+        val = self.preprocessor.dataset(self.val_sources, self.val_targets, t.batch_size)
         return train.skip(step), val.take(t.eval_batches).cache()
 
     def tokens_per_step(self):

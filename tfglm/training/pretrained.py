@@ -69,8 +69,7 @@ def import_checkpoint(source, directory, run_dir, overrides=()):
         load_bert(ck, backbone, config.model.max_length, pretrainer=None if backbone is model else model)
     else:
         load_gpt2(ck, backbone, config.model.max_length)
-    os.makedirs(runs.path(run_dir, runs.TOKENIZER), exist_ok=True)
-    ck.tokenizer.save(runs.path(run_dir, runs.TOKENIZER))
+    runs.save_tokenizer(run_dir, ck.tokenizer)
     runs.atomic_write(runs.path(run_dir, runs.CONFIG), config.save)
     runs.write_json(runs.path(run_dir, runs.RUN), {
         "task": task.name, "tfglm_version": tfglm.__version__, "starts": [], "resumed_from_step": [],

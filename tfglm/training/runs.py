@@ -29,6 +29,12 @@ def path(run_dir, name):
     return os.path.join(run_dir, name)
 
 
+def save_tokenizer(run_dir, tokenizer):
+    """Writes the run's tokenizer/, which `load_tokenizer` reads back."""
+    os.makedirs(path(run_dir, TOKENIZER), exist_ok=True)
+    tokenizer.save(path(run_dir, TOKENIZER))
+
+
 @contextlib.contextmanager
 def removed_on_failure(run_dir):
     """Makes `run_dir` if it is missing, and removes it again if the block fails: a failed start (bad data, a bad
