@@ -1,4 +1,5 @@
-"""Shared helpers: small configs and synthetic corpora, so the suite runs in minutes on 2 cores."""
+"""Shared helpers: small configs and synthetic corpora, and the runs several modules share, each trained once a
+session, so the suite runs in minutes on 2 cores."""
 
 import os
 
@@ -22,6 +23,58 @@ def tiny_config(*overrides):
     return load_config(overrides=TINY + list(overrides))
 
 
+# The fixtures that train a model (here and in test modules): a test that uses one, directly or through another
+# fixture, is `slow` as a test that trains in its body is.
+TRAINED = {"chat_run", "sentence_run", "pattern_run", "documents_run", "classifier", "references",
+           "single_device", "run_dir"}
+# The modules that use each session fixture: under `--dist loadfile` they run on one worker, so that the fixture trains
+# once.
+SHARED = {"chat_run": ["test_chat.py", "test_chat_cli.py", "test_openai_api.py"],
+          "sentence_run": ["test_export.py", "test_serve.py"], "pattern_run": ["test_cli.py", "test_train.py"]}
+
+
+def pytest_collection_modifyitems(items):
+    """Marks `slow` the tests that use a trained fixture."""
+    for item in items:
+        if TRAINED & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the modules of each SHARED group sent to the same worker as one unit."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling  # pytest-xdist is there: it calls this hook
+
+    group = {os.path.join("tests", module): name for name, modules in SHARED.items() for module in modules}
+
+    class SharedFixtureScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            path = nodeid.split("::", 1)[0]
+            return group.get(path, path)
+
+    return SharedFixtureScheduling(config, log)
+
+
+def stop_at_step(step):
+    """A Keras callback that interrupts training, as Ctrl-C would, once the optimizer has taken `step` steps."""
+    import keras
+
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if int(self.model.optimizer.iterations.numpy()) >= step:
+                raise KeyboardInterrupt
+    return Stop()
+
+
+def fit_with(fit, extra_callback):
+    """`keras.Model.fit` with `extra_callback` added to the caller's callbacks (to monkeypatch onto keras.Model)."""
+    def fit_and_stop(self, *args, callbacks=(), **kwargs):
+        return fit(self, *args, callbacks=[*callbacks, extra_callback], **kwargs)
+    return fit_and_stop
+
+
 @pytest.fixture
 def pattern_file(tmp_path):
     """A perfectly learnable corpus: one short cycle of characters repeated."""
@@ -33,6 +86,40 @@ def pattern_file(tmp_path):
 def requires_shared(*parts):
     path = os.path.join(SHARED_DATA, *parts)
     return pytest.mark.skipif(not os.path.exists(path), reason=f"needs ../shared/data/{'/'.join(parts)}, absent here")
+
+
+@pytest.fixture(scope="session")
+def pattern_run(tmp_path_factory):
+    """The run directory of a tiny GPT trained 60 steps without XLA on lines of `abcdefgh`, validated at steps 20, 40
+    and 60: what test_cli's commands read and test_train's interrupted runs are compared with."""
+    from tfglm.training.trainer import train
+
+    root = tmp_path_factory.mktemp("pattern")
+    (root / "pattern.txt").write_text("abcdefgh\n" * 400, encoding="utf-8")
+    train(tiny_config(f"data.files=[{root / 'pattern.txt'}]", "train.steps=60", "train.jit_compile=false"),
+          str(root / "run"), verbose=0)
+    return root / "run"
+
+
+DOCUMENT = "the cat sat on the mat. "
+
+
+@pytest.fixture(scope="session")
+def sentence_run(tmp_path_factory):
+    """A 2-layer, 32-wide, context-32 GPT with a SentencePiece tokenizer (so the graph holds tensorflow-text ops),
+    trained briefly on copies of one sentence: what test_export exports and test_serve serves."""
+    from tfglm.training.trainer import train
+
+    root = tmp_path_factory.mktemp("sentence")
+    for i in range(100):
+        (root / f"{i:03d}.txt").write_text(DOCUMENT * 4)
+    run_dir = str(root / "run")
+    config = tiny_config(f"data.files=[{root}/*.txt]", "model.max_length=32", "train.jit_compile=false",
+                         "train.steps=20", "train.learning_rate=0.003", "train.min_learning_rate=0.0003",
+                         "data.val_fraction=0.2", "tokenizer.kind=sentencepiece", "tokenizer.vocab_size=300",
+                         "generate.prompt=the", "generate.temperature=0", "generate.max_new_tokens=12")
+    train(config, run_dir, verbose=0)
+    return run_dir
 
 
 QA = [("hi", "hello there"), ("what is your name?", "i am tfglm"), ("how are you?", "fine, thanks"),

@@ -19,6 +19,7 @@ def _example(obj):
     return re.search(r"Examples:\n\s*```python\n(.*?)```", obj.__doc__, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_every_public_name_has_a_docstring_example_that_runs(tmp_path, monkeypatch):
     assert sorted(API) == tfglm.__all__
     monkeypatch.chdir(tmp_path)
@@ -30,6 +31,7 @@ def test_every_public_name_has_a_docstring_example_that_runs(tmp_path, monkeypat
         tfglm.Nothing  # noqa: B018
 
 
+@pytest.mark.slow
 def test_python_api_example_trains_with_keras_fit_and_generates(tmp_path, monkeypatch, capsys):
     with open(README, encoding="utf-8") as f:
         section = f.read().split("## Python API", 1)[1]

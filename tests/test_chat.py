@@ -3,6 +3,8 @@ tiny model that learns to answer through the graph and the export, and one-line 
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,9 +12,10 @@ import tensorflow as tf
 
 from conftest import QA, write_conversations
 from tfglm.cli import main
-from tfglm.data.chat import MARKERS, ChatTokenizer, read_conversations
+from tfglm.data.chat import MARKERS, ChatTokenizer, as_batch, read_conversations
 from tfglm.data.tokenizers import CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 from tfglm.errors import TfglmError
+from tfglm.generation.decode import Generator
 from tfglm.training import runs
 from tfglm.tasks.registry import load_run
 
@@ -112,6 +115,42 @@ def test_a_tiny_model_learns_to_answer_in_the_graph_and_through_the_export(chat_
                                     **dict(zip(names, greedy)))
     assert [r.decode() for r in out["replies"].numpy()] == [a for _, a in QA]
     assert out["num_tokens"].numpy().tolist() == [len(a) for _, a in QA]
+
+
+# A chat export's `chat` signature in a fresh interpreter with TensorFlow and tensorflow-text's ops only.
+CHAT_LOADER = r"""
+import glob, importlib.util, json, os, sys
+sys.modules.update(dict.fromkeys(["tfglm", "keras", "keras_hub", "tf_keras"]))
+import tensorflow as tf
+
+for library in glob.glob(os.path.join(importlib.util.find_spec("tensorflow_text").submodule_search_locations[0],
+                                      "python", "ops", "*.so")):
+    tf.load_op_library(library)
+path, roles, contents, greedy = sys.argv[1], *map(json.loads, sys.argv[2:])
+out = tf.saved_model.load(path).signatures["chat"](
+    roles=tf.constant(roles), contents=tf.constant(contents), **{k: tf.constant(v) for k, v in greedy.items()})
+print(json.dumps({"replies": [r.decode() for r in out["replies"].numpy()],
+                  "num_tokens": out["num_tokens"].numpy().tolist(),
+                  "modules": sorted(m for m, module in sys.modules.items()
+                                   if module and m.split(".")[0] in ("tfglm", "keras", "keras_hub"))}))
+"""
+
+
+def test_chat_signature_loaded_without_tfglm_equals_generator_chat(chat_run, chat_base_path):
+    roles, contents = as_batch([(["user"], ["what is your name?"]),
+                                (["system", "user", "assistant", "user"], ["be brief", "hi", "hello there", "bye"])])
+    greedy = {"max_new_tokens": 20, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
+    out = subprocess.run([sys.executable, "-c", CHAT_LOADER, os.path.join(chat_base_path, "1"), json.dumps(roles),
+                          json.dumps(contents), json.dumps(greedy)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    served = json.loads(out.stdout.strip().splitlines()[-1])
+    run = load_run(chat_run)
+    generator = Generator(run.model, run.tokenizer, jit_compile=False)  # held: the tf.function keeps a weak reference
+    expected = generator.chat(tf.constant(roles), tf.constant(contents), *greedy.values())
+    assert served["modules"] == []
+    assert served["replies"] == [r.decode() for r in expected["completions"].numpy()]
+    assert served["replies"][0] == "i am tfglm"
+    assert served["num_tokens"] == expected["num_tokens"].numpy().tolist()
 
 
 def test_evaluate_scores_assistant_tokens_of_a_conversations_file(chat_run, tmp_path, capsys):

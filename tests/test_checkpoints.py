@@ -367,6 +367,7 @@ def test_keras_hub_presets_match_keras_hub(tmp_path):
     assert run.tokenizer.tokenize(tf.constant(list(GPT2_IDS))).to_list() == list(GPT2_IDS.values())
 
 
+@pytest.mark.slow
 def test_lora_trains_only_lora_weights_and_the_export_merges_them(tmp_path):
     """A sentence-transformers checkpoint (mean pooling) imported, LoRA-fine-tuned and exported: the merged export,
     loaded in a clean interpreter with only tensorflow + tensorflow-text, gives `tfglm predict`'s labels."""
@@ -446,6 +447,7 @@ def test_imported_gpt2_exports_with_core_and_text_ops_only(tmp_path):
     assert served["completions"] == [t.hex() for t in expected.numpy()]
 
 
+@pytest.mark.slow
 def test_imported_gpt2_fine_tunes_as_a_chat_model_with_its_bytepair_vocabulary(tmp_path):
     from conftest import write_conversations
     from tfglm.data.chat import ChatTokenizer
@@ -467,6 +469,7 @@ def test_imported_gpt2_fine_tunes_as_a_chat_model_with_its_bytepair_vocabulary(t
     assert 0 <= out["num_tokens"].numpy()[0] <= 4
 
 
+@pytest.mark.slow
 def test_a_causal_lm_run_continues_training_an_imported_gpt2(tmp_path, capsys):
     gpt2 = str(tmp_path / "gpt2")
     import_checkpoint("huggingface", write_hf_gpt2(tmp_path / "hf-gpt2"), gpt2)

@@ -165,6 +165,7 @@ def test_mlm_loss_is_the_mean_over_selected_tokens_only():
     np.testing.assert_allclose(logs["mlm_loss"], float(np.mean(expected)), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_pretraining_learns_masked_words_and_next_segments(tmp_path, capsys):
     """Rows of consecutive words from a cycle: a masked word follows from its neighbours, and a row's second half
     follows from its first."""
@@ -242,6 +243,7 @@ def test_classifier_learns_a_separable_task_and_round_trips_its_labels(classifie
     assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0
 
 
+@pytest.mark.slow
 def test_monitor_loss_picks_and_stops_on_validation_loss(tmp_path):
     """On a separable task validation accuracy reaches 1.0 and cannot improve again, while the validation loss keeps
     falling: with classify.monitor=loss the run is not stopped (patience 1) and best.weights.h5 is the checkpoint with
@@ -274,6 +276,7 @@ def test_monitor_loss_picks_and_stops_on_validation_loss(tmp_path):
     assert loss == pytest.approx(losses[-1], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_a_pretrained_gpt_learns_to_classify_on_its_last_token_with_balanced_class_weights(tmp_path):
     import tensorflow as tf
 
@@ -359,6 +362,7 @@ def test_exported_classify_and_predict_in_a_clean_interpreter_equal_in_process(e
     assert served["classes"] == [["neg", "pos"]] * len(TEXTS)
 
 
+@pytest.mark.serve
 def test_served_classifier_answers_classify_over_rest_and_grpc_and_predict_through_the_client(exported):
     import urllib.error
     import urllib.request
@@ -462,6 +466,7 @@ def test_cli_prints_a_user_mistake_as_one_line_and_a_failed_start_leaves_no_run_
     assert os.listdir(tmp_path / "kept") == ["notes.txt"]  # a directory that was there stays
 
 
+@pytest.mark.slow
 def test_columns_found_by_name_progress_in_logs_and_no_perplexity_for_a_classifier(tmp_path, caplog):
     """A CSV with `review` and `category` columns and no column settings; stdout (pytest's capture) is no terminal."""
     rng = np.random.RandomState(0)

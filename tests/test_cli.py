@@ -50,38 +50,28 @@ def test_process_prints_no_traceback(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"tfglm: error: {tmp_path / 'nope.yaml'}: config file not found"
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    corpus = root / "corpus.txt"
-    corpus.write_text("abcdefgh\n" * 300)
-    sets = [a for s in TINY + ["train.jit_compile=false"] for a in ("--set", s)]
-    assert main(["train", *sets, "--data", str(corpus), "--out", str(root / "run")]) == 0
-    return root / "run"
-
-
 def _one_line(capsys, code, message):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("tfglm: error: ") and message in err, err
 
 
-def test_former_tracebacks_are_one_line(tmp_path, tiny_run, capsys):
+def test_former_tracebacks_are_one_line(tmp_path, pattern_run, capsys):
     _one_line(capsys, main(_train_args(tmp_path, "--set", "model.num_heads=0")), "model.num_heads: must be >= 1")
     _one_line(capsys, main(_train_args(tmp_path, "--set", "train.steps=99999999999999999750")),
               "train.steps: must be in [1, 1e12]")
     (tmp_path / "afile").write_text("x")
     _one_line(capsys, main(["train", "--out", str(tmp_path / "afile")]), "--out names a file")
-    _one_line(capsys, main(["export", "--model", str(tiny_run), "--out", str(tmp_path / "afile")]),
+    _one_line(capsys, main(["export", "--model", str(pattern_run), "--out", str(tmp_path / "afile")]),
               "--out names a file")
-    _one_line(capsys, main(["generate", "--model", str(tiny_run), "--prompt", "ab\udcffc"]),
+    _one_line(capsys, main(["generate", "--model", str(pattern_run), "--prompt", "ab\udcffc"]),
               "--prompt 1: not valid UTF-8")
     broken = tmp_path / "broken"
-    shutil.copytree(tiny_run, broken)
+    shutil.copytree(pattern_run, broken)
     (broken / "config.json").write_text('{"model": ')
     _one_line(capsys, main(["generate", "--model", str(broken)]), "config.json:1: invalid JSON")
 
 
-def test_wrong_acceptances_and_tracebacks_are_one_line(tmp_path, tiny_run, capsys):
+def test_wrong_acceptances_and_tracebacks_are_one_line(tmp_path, pattern_run, capsys):
     binary = tmp_path / "config.yaml"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
     _one_line(capsys, main(["train", "--config", str(binary), "--out", str(tmp_path / "run")]),
@@ -89,15 +79,16 @@ def test_wrong_acceptances_and_tracebacks_are_one_line(tmp_path, tiny_run, capsy
     for value in ("inf", ".nan", "1e400"):
         _one_line(capsys, main(_train_args(tmp_path, "--set", f"train.learning_rate={value}")),
                   "train.learning_rate: must be finite")
-    _one_line(capsys, main(["predict", "--model", str(tiny_run), "some text"]), "does not classify texts")
-    _one_line(capsys, main(["train", "--out", str(tiny_run), "--resume", "--overwrite"]), "give one of them")
-    assert (tiny_run / "config.json").exists()
+    _one_line(capsys, main(["predict", "--model", str(pattern_run), "some text"]), "does not classify texts")
+    _one_line(capsys, main(["train", "--out", str(pattern_run), "--resume", "--overwrite"]), "give one of them")
+    assert (pattern_run / "config.json").exists()
     _one_line(capsys, main(["serve", "--model_base_path", str(tmp_path), "--max_batch_size", "0"]),
               "--max_batch_size: must be a positive number, got 0")
-    _one_line(capsys, main(["generate", "--model", str(tiny_run), "--top-k", "3000000000"]),
+    _one_line(capsys, main(["generate", "--model", str(pattern_run), "--top-k", "3000000000"]),
               "generate.top_k: must be in [0, 2147483647], got 3000000000")  # the server's range too
 
 
+@pytest.mark.slow
 def test_a_chat_fine_tune_refuses_steps_it_would_not_honour_and_needs_no_eval(tmp_path, capsys):
     config = os.path.join(os.path.dirname(__file__), "..", "configs", "gpt-char-tiny.yaml")
     args = ["finetune", "--task", "chat", "--from-scratch", "--config", config, "--out", str(tmp_path / "run"),
@@ -111,10 +102,10 @@ def test_a_chat_fine_tune_refuses_steps_it_would_not_honour_and_needs_no_eval(tm
     assert (tmp_path / "run" / "best.weights.h5").exists() and not (tmp_path / "run" / "eval.json").exists()
 
 
-def test_an_unreadable_best_checkpoint_falls_back_to_last_and_unreadable_last_is_one_line(tmp_path, tiny_run, capsys,
+def test_an_unreadable_best_checkpoint_falls_back_to_last_and_unreadable_last_is_one_line(tmp_path, pattern_run, capsys,
                                                                                            caplog):
     run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
+    shutil.copytree(pattern_run, run)
     (run / "best.weights.h5").write_bytes(b"half a file")
     assert main(["generate", "--model", str(run), "--prompt", "abc", "--temperature", "0"]) == 0
     assert "best.weights.h5: unreadable checkpoint; trying" in caplog.text
@@ -124,27 +115,28 @@ def test_an_unreadable_best_checkpoint_falls_back_to_last_and_unreadable_last_is
     _one_line(capsys, main(["train", "--out", str(run), "--resume"]), "last.weights.h5: unreadable checkpoint")
 
 
-def test_evaluate_gives_a_language_models_perplexity_on_text(tmp_path, tiny_run, capsys):
+def test_evaluate_gives_a_language_models_perplexity_on_text(tmp_path, pattern_run, capsys):
     import json
 
     held_out = tmp_path / "held-out.txt"
     held_out.write_text("abcdefgh\n" * 40)
-    assert main(["evaluate", "--model", str(tiny_run), "--data", str(held_out)]) == 0
+    assert main(["evaluate", "--model", str(pattern_run), "--data", str(held_out)]) == 0
     printed = json.loads(capsys.readouterr().out)
-    with open(tiny_run / "eval.json") as f:
+    with open(pattern_run / "eval.json") as f:
         assert json.load(f) == printed
     assert printed["tokens"] == 352 and 1 <= printed["perplexity"] < 6  # below the 9 symbols of a unigram guess
-    _one_line(capsys, main(["evaluate", "--model", str(tiny_run)]), "--data: a language model is scored on text")
+    _one_line(capsys, main(["evaluate", "--model", str(pattern_run)]), "--data: a language model is scored on text")
 
 
-def test_a_run_written_before_run_json_is_recognised_by_its_files(tmp_path, tiny_run, capsys):
+def test_a_run_written_before_run_json_is_recognised_by_its_files(tmp_path, pattern_run, capsys):
     old = tmp_path / "old"
-    shutil.copytree(tiny_run, old)
+    shutil.copytree(pattern_run, old)
     os.remove(old / "run.json")
     assert main(["generate", "--model", str(old), "--prompt", "abc", "--temperature", "0", "--json"]) == 0
     assert '"completion": "defgh' in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_console_shows_tfglm_lines_and_none_of_tensorflows(tmp_path):
     corpus = _corpus(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
@@ -171,6 +163,7 @@ def test_every_config_error_at_once_and_steps_alone_fits_the_intervals(tmp_path,
         assert t.warmup_steps < steps and steps % t.eval_interval == 0 and t.eval_interval % t.steps_per_execution == 0
 
 
+@pytest.mark.slow
 def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path, caplog):
     run = tmp_path / "run"
     run.mkdir()

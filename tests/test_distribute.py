@@ -79,6 +79,7 @@ def _assert_close(weights_a, weights_b, atol=2e-3):
         np.testing.assert_allclose(a, b, atol=atol)
 
 
+@pytest.mark.distributed
 def test_mirrored_two_cpu_replicas_match_one_device(single_device, tmp_path):
     overrides, single_run, single_weights = single_device
     mirrored = [o.replace("train.strategy=default", "train.strategy=mirrored") for o in overrides]
@@ -88,6 +89,7 @@ def test_mirrored_two_cpu_replicas_match_one_device(single_device, tmp_path):
     _assert_close(_weights(tmp_path / "w.npz"), single_weights)
 
 
+@pytest.mark.distributed
 def test_global_batch_must_divide_over_replicas(single_device, tmp_path):
     overrides = [o.replace("train.strategy=default", "train.strategy=mirrored") for o in single_device[0]]
     code, err = _finish(_start(tmp_path / "run", tmp_path / "w.npz", overrides + ["train.batch_size=7"],
@@ -96,6 +98,7 @@ def test_global_batch_must_divide_over_replicas(single_device, tmp_path):
     assert err.strip().endswith("train.batch_size: the global batch (7) must divide evenly over 2 replicas")
 
 
+@pytest.mark.distributed
 def test_two_workers_match_one_worker(single_device, tmp_path):
     overrides, single_run, single_weights = single_device
     overrides = [o.replace("train.strategy=default", "train.strategy=multiworker") for o in overrides]
@@ -117,6 +120,7 @@ def test_two_workers_match_one_worker(single_device, tmp_path):
     assert (record["task"], record["strategy"], record["replicas"]) == ("causal_lm", "multiworker", 2)
 
 
+@pytest.mark.distributed
 def test_killed_worker_then_restarted_job_resumes_from_last_checkpoint(single_device, tmp_path):
     overrides = [o.replace("train.strategy=default", "train.strategy=multiworker") for o in single_device[0]]
     overrides += ["train.steps=200", "train.steps_per_execution=10"]
@@ -145,17 +149,21 @@ def test_killed_worker_then_restarted_job_resumes_from_last_checkpoint(single_de
     assert steps == list(range(20, 201, 20))
 
 
+@pytest.mark.distributed
 def test_unreachable_worker_ends_with_one_line_error_within_the_timeout(single_device, tmp_path):
     overrides = [o.replace("train.strategy=default", "train.strategy=multiworker") for o in single_device[0]]
     cluster = _cluster(2)  # worker 1 is never started
-    started = time.time()
-    code, err = _finish(_start(tmp_path / "run", tmp_path / "w.npz", overrides + ["train.connect_timeout_s=5"],
-                               tf_config={"cluster": cluster, "task": {"type": "worker", "index": 0}}), timeout=120)
+    worker = _start(tmp_path / "run", tmp_path / "w.npz", overrides + ["train.connect_timeout_s=5"],
+                    tf_config={"cluster": cluster, "task": {"type": "worker", "index": 0}})
+    try:
+        code, err = _finish(worker, timeout=240)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        pytest.fail("worker 0 still waits for worker 1 after 240 s: the start-up watchdog never ended it")
     assert code in (-signal.SIGTERM, -signal.SIGKILL)  # ended by the start-up watchdog
     assert err.strip().splitlines()[-1] == (f"tfglm: error: TF_CONFIG: worker 1 at {cluster['worker'][1]} did not join "
                                             "within 5 s (train.connect_timeout_s); start every task in the cluster, "
                                             "or fix its address")
-    assert time.time() - started < 60
     assert not (tmp_path / "run" / "last.weights.h5").exists()
 
 
@@ -181,6 +189,7 @@ def test_every_training_input_has_a_static_shape():
     np.testing.assert_array_equal(first_share[0], first_global[0][4:])
 
 
+@pytest.mark.slow
 def test_mixed_bfloat16_trains_on_cpu(tmp_path, pattern_file):
     from tfglm.training import runs
     from tfglm.training.trainer import train

@@ -115,6 +115,7 @@ def client(base_path, tmp_path_factory):
     server.stop()
 
 
+@pytest.mark.serve
 def test_v1_embeddings_with_the_openai_client(client, expected):
     one = client.embeddings.create(model="embed", input=TEXTS[0])  # base64, as the client asks by default
     assert one.model == "embed" and len(one.data) == 1 and one.data[0].index == 0
@@ -127,6 +128,7 @@ def test_v1_embeddings_with_the_openai_client(client, expected):
     assert "embed" in [m.id for m in client.models.list().data]
 
 
+@pytest.mark.serve
 @pytest.mark.parametrize("request_body, status, param", [
     ({"input": []}, 400, "input"),
     ({"input": ["a", 3]}, 400, "input"),

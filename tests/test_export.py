@@ -10,15 +10,13 @@ import sys
 import pytest
 import tensorflow as tf
 
-from conftest import tiny_config
+from conftest import DOCUMENT
 from tfglm.tasks.registry import load_run
 from tfglm.cli import main
 from tfglm.serving.export import export_run
 from tfglm.serving.signatures import WARMUP
 from tfglm.generation.decode import Generator
-from tfglm.training.trainer import train
 
-DOCUMENT = "the cat sat on the mat. "
 PROMPTS = ["the cat", "", "mat. the", "t"]
 GREEDY = {"max_new_tokens": 12, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
 
@@ -72,25 +70,9 @@ print(json.dumps({
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A 2-layer, 32-wide, context-32 GPT with a SentencePiece tokenizer (so the graph holds tensorflow-text ops),
-    trained briefly on copies of one sentence."""
-    root = tmp_path_factory.mktemp("export")
-    for i in range(100):
-        (root / f"{i:03d}.txt").write_text(DOCUMENT * 4)
-    run_dir = str(root / "run")
-    config = tiny_config(f"data.files=[{root}/*.txt]", "model.max_length=32", "train.jit_compile=false",
-                         "train.steps=20", "train.learning_rate=0.003", "train.min_learning_rate=0.0003",
-                         "data.val_fraction=0.2", "tokenizer.kind=sentencepiece", "tokenizer.vocab_size=300",
-                         "generate.prompt=the", "generate.temperature=0", "generate.max_new_tokens=12")
-    train(config, run_dir, verbose=0)
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def base_path(run_dir, tmp_path_factory):
+def base_path(sentence_run, tmp_path_factory):
     base = str(tmp_path_factory.mktemp("models") / "tiny")
-    assert export_run(run_dir, base) == os.path.join(base, "1")
+    assert export_run(sentence_run, base) == os.path.join(base, "1")
     return base
 
 
@@ -110,16 +92,16 @@ def served(base_path, random_text):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _in_process(run_dir, prompts):
-    _, tokenizer, model, _ = load_run(run_dir)
+def _in_process(sentence_run, prompts):
+    _, tokenizer, model, _ = load_run(sentence_run)
     generator = Generator(model, tokenizer)  # held: a tf.function method keeps only a weak reference to it
     out = generator.generate(tf.constant(prompts), *GREEDY.values())
     return [t.decode() for t in out["completions"].numpy()], out["num_tokens"].numpy().tolist()
 
 
-def test_loaded_without_tfglm_or_keras_greedy_equals_generator(served, run_dir):
+def test_loaded_without_tfglm_or_keras_greedy_equals_generator(served, sentence_run):
     assert served["modules"] == []
-    assert served["batched"] == list(_in_process(run_dir, PROMPTS))
+    assert served["batched"] == list(_in_process(sentence_run, PROMPTS))
     assert any(served["batched"][1])  # the model does generate something
 
 
@@ -181,54 +163,16 @@ def _xla_functions(export_dir):
     return [f.signature.name for f in library.function if f.attr["_XlaMustCompile"].b]
 
 
-def test_cli_export_next_version_and_errors(run_dir, base_path, capsys, caplog):
+def test_cli_export_next_version_and_errors(sentence_run, base_path, capsys, caplog):
     caplog.set_level(logging.INFO, logger="tfglm")
-    assert main(["export", "--model", run_dir, "--out", base_path, "--no-jit-compile"]) == 0
+    assert main(["export", "--model", sentence_run, "--out", base_path, "--no-jit-compile"]) == 0
     assert capsys.readouterr().out.strip() == os.path.join(base_path, "2")
     assert (f"exported version 2 of {base_path}; in Python: import tensorflow_text, then "
             f"tf.saved_model.load({os.path.join(base_path, '2')!r})") in caplog.text
     assert sorted(os.listdir(base_path)) == ["1", "2"]  # no temporary directory left behind
     assert len(_xla_functions(os.path.join(base_path, "1"))) == 2  # prefill and advance
     assert _xla_functions(os.path.join(base_path, "2")) == []
-    assert main(["export", "--model", run_dir, "--out", base_path, "--version", "2"]) == 2
+    assert main(["export", "--model", sentence_run, "--out", base_path, "--version", "2"]) == 2
     assert "version 2 already exists" in capsys.readouterr().err
-    assert main(["export", "--model", run_dir + "-missing", "--out", base_path]) == 2
+    assert main(["export", "--model", sentence_run + "-missing", "--out", base_path]) == 2
     assert "no such run directory" in capsys.readouterr().err
-
-
-# A chat export's `chat` signature in a fresh interpreter with TensorFlow and tensorflow-text's ops only.
-CHAT_LOADER = r"""
-import glob, importlib.util, json, os, sys
-sys.modules.update(dict.fromkeys(["tfglm", "keras", "keras_hub", "tf_keras"]))
-import tensorflow as tf
-
-for library in glob.glob(os.path.join(importlib.util.find_spec("tensorflow_text").submodule_search_locations[0],
-                                      "python", "ops", "*.so")):
-    tf.load_op_library(library)
-path, roles, contents, greedy = sys.argv[1], *map(json.loads, sys.argv[2:])
-out = tf.saved_model.load(path).signatures["chat"](
-    roles=tf.constant(roles), contents=tf.constant(contents), **{k: tf.constant(v) for k, v in greedy.items()})
-print(json.dumps({"replies": [r.decode() for r in out["replies"].numpy()],
-                  "num_tokens": out["num_tokens"].numpy().tolist(),
-                  "modules": sorted(m for m, module in sys.modules.items()
-                                   if module and m.split(".")[0] in ("tfglm", "keras", "keras_hub"))}))
-"""
-
-
-def test_chat_signature_loaded_without_tfglm_equals_generator_chat(chat_run, chat_base_path):
-    from tfglm.data.chat import as_batch
-
-    roles, contents = as_batch([(["user"], ["what is your name?"]),
-                                (["system", "user", "assistant", "user"], ["be brief", "hi", "hello there", "bye"])])
-    greedy = {**GREEDY, "max_new_tokens": 20}
-    out = subprocess.run([sys.executable, "-c", CHAT_LOADER, os.path.join(chat_base_path, "1"), json.dumps(roles),
-                          json.dumps(contents), json.dumps(greedy)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    served = json.loads(out.stdout.strip().splitlines()[-1])
-    run = load_run(chat_run)
-    generator = Generator(run.model, run.tokenizer, jit_compile=False)  # held: the tf.function keeps a weak reference
-    expected = generator.chat(tf.constant(roles), tf.constant(contents), *greedy.values())
-    assert served["modules"] == []
-    assert served["replies"] == [r.decode() for r in expected["completions"].numpy()]
-    assert served["replies"][0] == "i am tfglm"
-    assert served["num_tokens"] == expected["num_tokens"].numpy().tolist()

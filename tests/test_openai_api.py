@@ -17,6 +17,8 @@ from tfglm.serving.openai_api import STREAM_STEPS
 from tfglm.serving.client import Client
 from tfglm.tasks.registry import load_run
 
+pytestmark = pytest.mark.serve
+
 GREEDY = {"max_new_tokens": 20, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
 CONVERSATIONS = [[("user", q)] for q, _ in QA] + [
     [("system", "be brief"), ("user", "hi"), ("assistant", "hello there"), ("user", "what is your name?")]]

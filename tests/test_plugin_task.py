@@ -109,6 +109,7 @@ def write_texts(path, n, seed):
     return str(path)
 
 
+@pytest.mark.slow
 def test_a_plugin_task_trains_evaluates_and_exports(majority, tmp_path, capsys):
     assert registry.get_task("majority") is Majority and Majority in registry.tasks()
     assert config_tree.load_config(overrides=["majority.letters=ca"]).majority.letters == "ca"

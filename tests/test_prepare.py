@@ -16,8 +16,7 @@ import tensorflow as tf
 
 pytest.importorskip("apache_beam", reason="tfglm prepare needs Apache Beam (pip install 'tfglm[beam]')")
 
-from conftest import TINY, tiny_config  # noqa: E402
-from test_train import _fit_with, _stop_at_step  # noqa: E402
+from conftest import TINY, fit_with, stop_at_step, tiny_config  # noqa: E402
 from tfglm.cli import main  # noqa: E402
 from tfglm.data import corpus, shards  # noqa: E402
 from tfglm.data.prepare import prepare  # noqa: E402
@@ -130,11 +129,12 @@ def test_two_workers_read_disjoint_shares_of_each_batch(prepared_dir):
     assert sorted(read) == [(0, 4)] * 4 + [(1, 4)] * 4  # each worker read its 4 rows of each batch, no more
 
 
+@pytest.mark.slow
 def test_prepare_train_resume_gives_the_uninterrupted_run(tmp_path, prepared_dir, monkeypatch):
     config = tiny_config(f"data.files=[{prepared_dir}]", "model.dropout=0.0")
     reference_dir, run_dir = str(tmp_path / "reference"), str(tmp_path / "run")
     train(config, reference_dir, verbose=0)
-    monkeypatch.setattr(keras.Model, "fit", _fit_with(keras.Model.fit, _stop_at_step(30)))
+    monkeypatch.setattr(keras.Model, "fit", fit_with(keras.Model.fit, stop_at_step(30)))
     with pytest.raises(KeyboardInterrupt):
         train(config, run_dir, verbose=0)
     monkeypatch.undo()

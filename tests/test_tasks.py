@@ -11,8 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import write_conversations
-from test_train import _stop_at_step
+from conftest import stop_at_step, write_conversations
 from tfglm.config import load_config
 from tfglm.errors import TfglmError
 from tfglm.training import runs
@@ -81,7 +80,9 @@ def references(task_configs, tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["causal_lm", "masked_lm", "classify", "classify+lora", "seq2seq", "chat"])
 def test_each_task_trains_records_its_run_and_resumes_exactly(name, task_configs, references, tmp_path, monkeypatch):
-    """classify+lora: LoRA factors (and their optimizer moments) resume unmerged, as every other weight."""
+    """Stopped mid-way through its second interval, a run refuses to start again without --resume, and with it ends
+    with the uninterrupted run's weights and validation loss. classify+lora: LoRA factors (and their optimizer
+    moments) resume unmerged, as every other weight."""
     reference_dir, reference_weights = references[name]
     name, lora = name.split("+")[0], name.endswith("+lora")
     rows = runs.read_metrics(reference_dir)
@@ -99,20 +100,26 @@ def test_each_task_trains_records_its_run_and_resumes_exactly(name, task_configs
     config = load_config(overrides=task_configs[name + "+lora" * lora])
     fit = keras.Model.fit
     monkeypatch.setattr(keras.Model, "fit", lambda self, *a, callbacks=(), **k: fit(
-        self, *a, callbacks=[*callbacks, _stop_at_step(rows[0]["step"] + 2)], **k))
+        self, *a, callbacks=[*callbacks, stop_at_step(rows[0]["step"] + 2)], **k))
     with pytest.raises(KeyboardInterrupt):
         train(config, run_dir, task=name, verbose=0)
     monkeypatch.undo()
     assert os.path.exists(os.path.join(run_dir, runs.LAST_LORA)) == lora
+    assert [r["step"] for r in runs.read_metrics(run_dir)] == [rows[0]["step"]]
+    with pytest.raises(TfglmError, match="already holds a run"):
+        train(config, run_dir, task=name, verbose=0)
     resumed = train(config, run_dir, task=name, resume=True, verbose=0).model
     assert len(_weights(resumed)) == len(reference_weights)
     for a, b in zip(_weights(resumed), reference_weights):
         np.testing.assert_allclose(a, b, atol=1e-5)
-    assert [r["step"] for r in runs.read_metrics(run_dir)] == [r["step"] for r in rows]
+    resumed_rows = runs.read_metrics(run_dir)
+    assert [r["step"] for r in resumed_rows] == [r["step"] for r in rows]
+    assert resumed_rows[-1]["val_loss"] == pytest.approx(rows[-1]["val_loss"], abs=1e-4)
     with open(os.path.join(run_dir, runs.RUN)) as f:
         assert json.load(f)["resumed_from_step"] == [rows[0]["step"]]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", ["masked_lm", "classify", "seq2seq", "chat"])
 def test_each_task_under_mirrored_strategy_matches_one_device(name, task_configs, references, tmp_path):
     """Two logical CPUs (a process of its own: devices are set before TensorFlow starts), against the one-device run
@@ -134,6 +141,7 @@ def test_each_task_under_mirrored_strategy_matches_one_device(name, task_configs
         np.testing.assert_allclose(a, b, atol=2e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["masked_lm", "classify", "seq2seq", "chat"])
 def test_each_task_trains_in_mixed_bfloat16(name, task_configs, tmp_path):
     config = load_config(overrides=task_configs[name] + ["train.mixed_precision=mixed_bfloat16"])

@@ -20,6 +20,7 @@ def _metrics(run_dir):
     return runs.read_metrics(run_dir)
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_a_pattern_and_generates_it(tmp_path, pattern_file):
     config = tiny_config(f"data.files=[{pattern_file}]", "train.steps=240", "train.eval_interval=80",
                          "train.steps_per_execution=40", "train.learning_rate=0.003", "train.min_learning_rate=0.0003")
@@ -51,6 +52,7 @@ def _tensorboard(run_dir):
     return tags
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_checkpoint(tmp_path, pattern_file,
                                                                                      monkeypatch):
     config = tiny_config(f"data.files=[{pattern_file}]", "train.jit_compile=false")
@@ -75,45 +77,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_checkpoi
     assert [r["step"] for r in _metrics(run_dir)] == [20, 40]
 
 
-def _stop_at_step(step):
-    class Stop(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if int(self.model.optimizer.iterations.numpy()) >= step:
-                raise KeyboardInterrupt
-    return Stop()
-
-
-def test_resume_after_a_stopped_run_continues_from_the_saved_step(tmp_path, pattern_file, monkeypatch):
-    config = tiny_config(f"data.files=[{pattern_file}]", "model.dropout=0.0")
-    reference_dir, run_dir = str(tmp_path / "reference"), str(tmp_path / "run")
-    train(config, reference_dir, verbose=0)
-
-    # Kill the run mid-way through its second interval (step 30 of 40; checkpoints at 20 and 40).
-    monkeypatch.setattr(keras.Model, "fit", _fit_with(keras.Model.fit, _stop_at_step(30)))
-    with pytest.raises(KeyboardInterrupt):
-        train(config, run_dir, verbose=0)
-    monkeypatch.undo()
-    assert [r["step"] for r in _metrics(run_dir)] == [20]
-
-    with pytest.raises(TfglmError, match="already holds a run"):
-        train(config, run_dir, verbose=0)
-    train(config, run_dir, resume=True, verbose=0)
-    rows, reference = _metrics(run_dir), _metrics(reference_dir)
-    assert [r["step"] for r in rows] == [20, 40]
-    # Same data order, same optimizer state: the resumed run ends where the uninterrupted one does.
-    assert rows[-1]["val_loss"] == pytest.approx(reference[-1]["val_loss"], abs=1e-4)
-    _, _, resumed, _ = load_run(run_dir, runs.LAST)
-    _, _, uninterrupted, _ = load_run(reference_dir, runs.LAST)
-    for a, b in zip(resumed.weights, uninterrupted.weights):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
-
-
-def _fit_with(fit, extra_callback):
-    def fit_and_stop(self, *args, callbacks=(), **kwargs):
-        return fit(self, *args, callbacks=[*callbacks, extra_callback], **kwargs)
-    return fit_and_stop
-
-
+@pytest.mark.slow
 def test_a_crash_while_saving_never_corrupts_the_last_checkpoint(tmp_path, pattern_file, monkeypatch):
     config = tiny_config(f"data.files=[{pattern_file}]")
     run_dir = str(tmp_path / "run")
@@ -138,32 +102,20 @@ def test_a_crash_while_saving_never_corrupts_the_last_checkpoint(tmp_path, patte
     assert [r["step"] for r in _metrics(run_dir)] == [20, 40]
 
 
-def test_metrics_log_is_json_lines(tmp_path, pattern_file):
-    run_dir = str(tmp_path / "run")
-    train(tiny_config(f"data.files=[{pattern_file}]"), run_dir, verbose=0)
-    with open(os.path.join(run_dir, runs.METRICS)) as f:
+def test_metrics_log_is_json_lines(pattern_run):
+    with open(os.path.join(pattern_run, runs.METRICS)) as f:
         rows = [json.loads(line) for line in f]
-    assert [r["step"] for r in rows] == [20, 40]
+    assert [r["step"] for r in rows] == [20, 40, 60]
     assert all(r["tokens_per_s"] > 0 and r["val_perplexity"] > 1 for r in rows)
 
 
 
-@pytest.fixture(scope="module")
-def sixty_steps(tmp_path_factory):
-    """(config, run directory) of an uninterrupted 60-step run."""
-    root = tmp_path_factory.mktemp("sixty")
-    (root / "pattern.txt").write_text("abcdefgh\n" * 400, encoding="utf-8")
-    config = tiny_config(f"data.files=[{root / 'pattern.txt'}]", "train.steps=60", "train.jit_compile=false")
-    train(config, str(root / "run"), verbose=0)
-    return config, str(root / "run")
-
-
 @pytest.mark.parametrize("kill_at", ["before best", "writing best", "after best", "writing last", "after last"])
-def test_a_kill_at_any_point_of_the_checkpoint_sequence_loses_nothing(tmp_path, sixty_steps, monkeypatch, kill_at):
+def test_a_kill_at_any_point_of_the_checkpoint_sequence_loses_nothing(tmp_path, pattern_run, monkeypatch, kill_at):
     """Each validation point appends its metrics row, then writes best (when better), then last. Killed at each
     point of step 40's sequence, a run continued with --resume ends with the uninterrupted run's weights (last and
     best) and its metrics rows."""
-    config, reference_dir = sixty_steps
+    config, reference_dir = runs.read_config(str(pattern_run)), str(pattern_run)
     run_dir = str(tmp_path / "run")
     when, target = kill_at.split()
     original = runs.atomic_write

@@ -147,6 +147,7 @@ def test_cli_translate_and_evaluate_bleu(run_dir, tmp_path, capsys, caplog):
     assert "--source and --reference" in capsys.readouterr().err
 
 
+@pytest.mark.serve
 def test_exported_translate_in_a_clean_interpreter_and_served_equals_in_process(run_dir, translators, held_out, tmp_path):
     """The export decodes with the run's beam width (3), one batch of the held-out sources."""
     path = export_run(run_dir, str(tmp_path / "models"))
@@ -166,33 +167,6 @@ def test_exported_translate_in_a_clean_interpreter_and_served_equals_in_process(
         assert Client(f"127.0.0.1:{server.grpc_port}", "en-de", "grpc").translate(sources[:2]) == expected[:2]
     finally:
         server.stop()
-
-
-def test_resumed_translation_run_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatch):
-    import keras
-
-    from test_train import _fit_with, _stop_at_step
-    from tfglm.config import load_config
-    from tfglm.training.trainer import train
-
-    config = tmp_path / "reverse.yaml"
-    config.write_text(CONFIG % (_write_tsv(tmp_path / "train.tsv", _reversal_pairs(400, 0)),
-                                _write_tsv(tmp_path / "val.tsv", _reversal_pairs(40, 1))))
-    config = load_config(str(config), ["train.steps=40", "train.eval_interval=20", "train.steps_per_execution=10",
-                                       "model.num_layers=1", "model.hidden_dim=32"])
-    reference, run = str(tmp_path / "reference"), str(tmp_path / "run")
-    train(config, reference, verbose=0)
-    monkeypatch.setattr(keras.Model, "fit", _fit_with(keras.Model.fit, _stop_at_step(30)))
-    with pytest.raises(KeyboardInterrupt):
-        train(config, run, verbose=0)
-    monkeypatch.undo()
-    assert [r["step"] for r in runs.read_metrics(run)] == [20]
-    train(config, run, resume=True, verbose=0)
-    rows, expected = runs.read_metrics(run), runs.read_metrics(reference)
-    assert [r["step"] for r in rows] == [20, 40]
-    assert rows[-1]["val_loss"] == pytest.approx(expected[-1]["val_loss"], abs=1e-4)
-    for a, b in zip(load_run(run, runs.LAST).model.weights, load_run(reference, runs.LAST).model.weights):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
 
 
 def test_misaligned_files_are_rejected_naming_both_counts(tmp_path):

@@ -20,7 +20,7 @@ NEG = -1e9
 
 class SourceDecoder:
     """The decoder bound to a batch of encoded sources, each repeated `repeats` times (once per beam): the
-    `init_cache` / `forward` / `logits` / `output_projection` interface that `tfglm.generate.decode` and
+    `init_cache` / `forward` / `logits` / `output_projection` interface that `tfglm.generation.decode` and
     `beam_search` drive."""
 
     def __init__(self, model, source_ids, repeats=1):
