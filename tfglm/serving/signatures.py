@@ -154,13 +154,10 @@ def language_module(generator, settings):
         """Texts from the first `lengths` ids of each row of `token_ids`."""
         return {"texts": tokenizer.detokenize(tf.RaggedTensor.from_tensor(token_ids, lengths=lengths))}
 
-    module = tf.Module()
+    module = saved_module(tokenizer, model, generate=generate, score=score, tokenize=tokenize, detokenize=detokenize,
+                          generate_start=generate_start, advance=advance)
     module.context = tf.Variable(generator.context, trainable=False, name="context")  # read by `tfglm serve`
     module.vocab_size = tf.Variable(tokenizer.vocab_size, trainable=False, name="vocab_size")  # likewise
-    module.tokenizer = tokenizer
-    module.weights = [variable.value for variable in model.variables]
-    module.generate, module.score, module.tokenize, module.detokenize = generate, score, tokenize, detokenize
-    module.generate_start, module.advance = generate_start, advance
     if isinstance(preprocessor, ChatPreprocessor):
         module.chat, module.chat_start = chat, chat_start
     return module
@@ -171,6 +168,17 @@ def as_tensors(state):
     return {**state, "caches": tf.stack(state["caches"])}
 
 
+def saved_module(tokenizer, model, **functions):
+    """The object `tfglm export` saves: the tokenizer, the `tf.Variable`s of `model`'s weights and the signature
+    `functions`, as attributes."""
+    module = tf.Module()
+    module.tokenizer = tokenizer
+    module.weights = [variable.value for variable in model.variables]
+    for name, function in functions.items():
+        setattr(module, name, function)
+    return module
+
+
 def translation(translator, prompt):
     """A translation model's Export: `translate` (sources in, translations out)."""
 
@@ -179,10 +187,7 @@ def translation(translator, prompt):
         """`Translator.translate`: {"translations": strings}."""
         return translator.translate(sources)
 
-    module = tf.Module()
-    module.tokenizer = translator.tokenizer
-    module.weights = [variable.value for variable in translator.model.variables]
-    module.translate = translate
+    module = saved_module(translator.tokenizer, translator.model, translate=translate)
     return Export(module, {"translate": translate, "serving_default": translate}, ("translate", {"sources": [prompt]}))
 
 
@@ -209,10 +214,7 @@ def classifier(served, prompt):
         probs = scores(texts[served.text_feature])
         return {"classes": tf.tile(names[None], [tf.shape(probs)[0], 1]), "scores": probs}
 
-    module = tf.Module()
-    module.tokenizer = served.tokenizer
-    module.weights = [variable.value for variable in served.model.variables]
-    module.predict, module.classify = predict, classify
+    module = saved_module(served.tokenizer, served.model, predict=predict, classify=classify)
     return Export(module, {"predict": predict, "classify": classify, "serving_default": predict},
                   ("predict", {"texts": [prompt or "a"]}))
 
@@ -226,8 +228,5 @@ def embedding(embedder, prompt):
         """`TextEmbedder.embed`: {"embeddings", "num_tokens"}."""
         return embedder.embed(texts)
 
-    module = tf.Module()
-    module.tokenizer = embedder.tokenizer
-    module.weights = [variable.value for variable in embedder.encoder.variables]
-    module.embed = embed
+    module = saved_module(embedder.tokenizer, embedder.encoder, embed=embed)
     return Export(module, {"embed": embed, "serving_default": embed}, ("embed", {"texts": [prompt or "a"]}))
