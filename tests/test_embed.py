@@ -15,6 +15,7 @@ import tensorflow as tf
 import tfglm
 from test_checkpoints import bert_reference, bert_tensors, write_hf_bert, write_sentence_transformers
 from tfglm.cli import main
+from tfglm.tasks.embed import load_index
 from tfglm.training import runs
 
 TEXTS = ["the cat sat on the mat", "a good film", "the dog was very bad .", "cats , dogs and a mat"]
@@ -164,7 +165,7 @@ def test_tfglm_index_and_search_find_an_entrys_own_answer(embed_run, tmp_path, c
     data, rows = write_entries(tmp_path / "entries.jsonl")
     out = str(tmp_path / "kb")
     assert main(["index", "--model", embed_run, "--data", data, "--out", out]) == 0
-    knowledge = tfglm.load_index(out)
+    knowledge = load_index(out)
     for row in rows:
         for question in row.get("questions", [row.get("question")]):
             hits = knowledge.search(question, k=2)
@@ -176,7 +177,7 @@ def test_tfglm_index_and_search_find_an_entrys_own_answer(embed_run, tmp_path, c
 
     (tmp_path / "more.csv").write_text("instruction,response,intent\nwhat is a film,A moving picture.,films\n")
     assert main(["index", "--model", embed_run, "--data", str(tmp_path / "more.csv"), "--out", out]) == 0
-    replaced = tfglm.load_index(out)  # the index is replaced whole
+    replaced = load_index(out)  # the index is replaced whole
     assert [entry["answer"] for entry in replaced.entries] == ["A moving picture."]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("tmp")) == []
 

@@ -11,7 +11,6 @@ The Python API (imported on first use, so `import tfglm` stays light):
     tfglm.load_run(run_dir)                             Run(config, tokenizer, model, task) of a trained run
     tfglm.import_checkpoint(source, directory, run_dir) a pretrained checkpoint as a run directory
     tfglm.export_run(run_dir, base_path)                a TF Serving SavedModel version
-    tfglm.load_index(directory)                         a knowledge base from `tfglm index`: .search(query, k)
 
 Example (see README, "Python API"):
 
@@ -37,7 +36,7 @@ _API = {
     "Generator": "tfglm.generation.decode",
     "Translator": "tfglm.generation.beam", "load_config": "tfglm.config", "train": "tfglm.training.trainer",
     "load_run": "tfglm.tasks.registry", "export_run": "tfglm.serving.export",
-    "import_checkpoint": "tfglm.training.pretrained", "load_index": "tfglm.tasks.embed",
+    "import_checkpoint": "tfglm.training.pretrained",
 }
 __all__ = sorted(_API)
 

@@ -118,9 +118,9 @@ def load_index(directory):
 
     Examples:
     ```python
-    import tfglm
+    from tfglm.tasks.embed import load_index
 
-    knowledge = tfglm.load_index("kb")  # from `tfglm index --model runs/minilm --data faq.jsonl --out kb`
+    knowledge = load_index("kb")  # from `tfglm index --model runs/minilm --data faq.jsonl --out kb`
     for hit in knowledge.search("how do I cancel my order?", k=3):
         print(round(hit["score"], 3), hit["intent"], hit["answer"][:60])
     ```
