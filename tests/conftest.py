@@ -83,6 +83,18 @@ def pattern_file(tmp_path):
     return str(path)
 
 
+# The start of a script for a fresh interpreter as a model server has it: TensorFlow and tensorflow-text's op
+# libraries, no tfglm, Keras or keras-hub (blocked; tensorflow_text's Python package would import Keras).
+SERVER_PREAMBLE = r"""
+import glob, importlib.util, json, os, sys
+sys.modules.update(dict.fromkeys(["tfglm", "keras", "keras_hub", "tf_keras"]))
+import tensorflow as tf
+text_dir = importlib.util.find_spec("tensorflow_text").submodule_search_locations[0]
+for library in glob.glob(os.path.join(text_dir, "python", "ops", "*.so")):
+    tf.load_op_library(library)
+"""
+
+
 def requires_shared(*parts):
     path = os.path.join(SHARED_DATA, *parts)
     return pytest.mark.skipif(not os.path.exists(path), reason=f"needs ../shared/data/{'/'.join(parts)}, absent here")

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from tfglm.data import labelled
+from conftest import SERVER_PREAMBLE
 from tfglm.cli import main
 from tfglm.errors import TfglmError
 from tfglm.data.corpus import per_token_weights
@@ -309,13 +310,7 @@ def test_a_pretrained_gpt_learns_to_classify_on_its_last_token_with_balanced_cla
 
 # A fresh interpreter as a model server would have it: TensorFlow and tensorflow-text's ops, no tfglm, Keras or
 # keras-hub. Runs `predict` and, in a TF1 session as TF Serving does, `classify` on serialized tf.Examples.
-LOADER = r"""
-import glob, importlib.util, json, os, sys
-sys.modules.update(dict.fromkeys(["tfglm", "keras", "keras_hub", "tf_keras"]))
-import tensorflow as tf
-text_dir = importlib.util.find_spec("tensorflow_text").submodule_search_locations[0]
-for library in glob.glob(os.path.join(text_dir, "python", "ops", "*.so")):
-    tf.load_op_library(library)
+LOADER = SERVER_PREAMBLE + r"""
 path, texts = sys.argv[1], json.loads(sys.argv[2])
 predict = tf.saved_model.load(path).signatures["serving_default"](texts=tf.constant(texts))
 examples = [tf.train.Example(features=tf.train.Features(feature={"sentence": tf.train.Feature(

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import tfglm
+from conftest import SERVER_PREAMBLE
 from test_checkpoints import bert_reference, bert_tensors, write_hf_bert, write_sentence_transformers
 from tfglm.cli import main
 from tfglm.tasks.embed import load_index
@@ -21,13 +22,7 @@ from tfglm.training import runs
 TEXTS = ["the cat sat on the mat", "a good film", "the dog was very bad .", "cats , dogs and a mat"]
 
 # A fresh interpreter with only tensorflow + tensorflow-text, as a model server: the export's `embed`.
-LOADER = r"""
-import glob, importlib.util, json, os, sys
-sys.modules.update(dict.fromkeys(["tfglm", "keras", "keras_hub", "tf_keras"]))
-import tensorflow as tf
-text_dir = importlib.util.find_spec("tensorflow_text").submodule_search_locations[0]
-for library in glob.glob(os.path.join(text_dir, "python", "ops", "*.so")):
-    tf.load_op_library(library)
+LOADER = SERVER_PREAMBLE + r"""
 path, texts = sys.argv[1], json.loads(sys.argv[2])
 out = tf.saved_model.load(path).signatures["embed"](texts=tf.constant(texts))
 print(json.dumps({"embeddings": out["embeddings"].numpy().tolist(), "num_tokens": out["num_tokens"].numpy().tolist()}))

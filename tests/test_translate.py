@@ -18,6 +18,7 @@ from tfglm.tasks.registry import load_run
 from tfglm.cli import main
 from tfglm.errors import TfglmError
 from tfglm.serving.export import export_run
+from conftest import SERVER_PREAMBLE
 from tfglm.generation.beam import beam_search, greedy_search, translate_texts
 from tfglm.models.encoder_decoder import EncoderDecoder
 from tfglm.preprocessors import Seq2SeqPreprocessor
@@ -33,13 +34,7 @@ train: {steps: 300, batch_size: 32, learning_rate: 0.003, min_learning_rate: 0.0
 """
 
 # A fresh interpreter with TensorFlow and tensorflow-text's op libraries only, as in tests/test_export.py.
-LOADER = r"""
-import glob, importlib.util, json, os, sys
-sys.modules.update(dict.fromkeys(["tfglm", "keras", "keras_hub", "tf_keras"]))
-import tensorflow as tf
-text_dir = importlib.util.find_spec("tensorflow_text").submodule_search_locations[0]
-for library in glob.glob(os.path.join(text_dir, "python", "ops", "*.so")):
-    tf.load_op_library(library)
+LOADER = SERVER_PREAMBLE + r"""
 translate = tf.saved_model.load(sys.argv[1]).signatures["translate"]
 print(json.dumps([t.decode() for t in translate(sources=tf.constant(json.loads(sys.argv[2])))["translations"].numpy()]))
 """
