@@ -202,6 +202,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="one request a client (4 at 1 client), 64 new tokens")
     parser.add_argument("--new_tokens", type=int, default=common.DECODE_NEW_TOKENS, help="the 6 x 384 model's")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--clients", nargs="+", type=int, default=list(CLIENTS), help="concurrent clients (1 and 16 "
+                                                                                      "give the targets)")
     args = parser.parse_args()
     new_tokens = 64 if args.quick else args.new_tokens
     per_client = (lambda n: max(1, 4 // n)) if args.quick else (lambda n: max(1, 16 // n))
@@ -209,7 +211,7 @@ def main():
     rows, baselines = [], []
     for name in args.models:
         make, tokens = MODELS[name]
-        model_rows, baseline = bench_model(name, make, tokens or new_tokens, per_client, CLIENTS)
+        model_rows, baseline = bench_model(name, make, tokens or new_tokens, per_client, args.clients)
         rows += model_rows
         baselines.append(baseline)
     common.print_table(rows, ["model", "clients", "stream", "sampled", "requests", "tokens", "tokens_per_s",

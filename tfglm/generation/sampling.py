@@ -11,20 +11,24 @@ def sample(logits, temperature, top_k, top_p, seed, position):
     """Next token ids [batch] from logits [batch, vocab]: greedy for a row whose temperature is 0, else sampled from
     its temperature-scaled distribution restricted to the top-k tokens (0 = all) and then to the top-p nucleus. The
     options, `seed` and `position` are scalars or vectors [batch]; a row's draw is keyed on (its seed, its position)
-    alone (`uniform`). The sort that sampling needs is skipped when every row is greedy."""
+    alone (`uniform`). The sort that top-k and top-p need is skipped when no row filters, and sampling when every row
+    is greedy."""
     batch, vocab = tf.shape(logits)[0], tf.shape(logits)[1]
     temperature, top_k, top_p, seed, position = (tf.broadcast_to(v, [batch])
                                                  for v in (temperature, top_k, top_p, seed, position))
     greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
 
-    def stochastic():
-        scaled = logits / tf.where(temperature > 0, temperature, 1.0)[:, None]
+    def filtered(scaled):
         ranked = tf.sort(scaled, axis=-1, direction="DESCENDING")
         k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)
         ranked = tf.where(tf.range(vocab)[None, :] < k[:, None], ranked, -INF)
         mass_before = tf.math.cumsum(tf.nn.softmax(ranked, axis=-1), axis=-1, exclusive=True)
         threshold = tf.reduce_min(tf.where(mass_before < top_p[:, None], ranked, INF), axis=-1, keepdims=True)
-        kept = tf.where(scaled >= threshold, scaled, -INF)
+        return tf.where(scaled >= threshold, scaled, -INF)
+
+    def stochastic():
+        scaled = logits / tf.where(temperature > 0, temperature, 1.0)[:, None]
+        kept = tf.cond(tf.reduce_any((top_k > 0) | (top_p < 1.0)), lambda: filtered(scaled), lambda: scaled)
         gumbel = -tf.math.log(-tf.math.log(uniform(seed, position, vocab)))  # Gumbel-max: a categorical draw
         return tf.where(temperature > 0, tf.argmax(kept + gumbel, axis=-1, output_type=tf.int32), greedy)
 

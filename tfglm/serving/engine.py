@@ -13,8 +13,9 @@ One engine thread owns the slots. At each step boundary it
 
 Options are per slot (temperature, top_k, top_p, seed, max_new_tokens) and sampling is keyed on each slot's (seed,
 position), so a request's text is the same whatever else shares the pool, and the same as alone. Shapes are static:
-the pool is `max_slots` x context, the step one shape and the prefill `len(widths)` x (powers of two up to
-`max_slots` rows) shapes, all run by `warm_up` before the engine takes traffic, so no request compiles.
+the pool is `max_slots` x context, the step one shape and the prefill a few (each width at each power-of-two row count
+within `prefill_tokens`: 14 for a context of 128 or more and 16 slots), all run by `warm_up` before the engine takes
+traffic, so no request compiles.
 
 The engine knows only those two functions (`Generator.slot_prefill` / `slot_step`, in a `tfglm export` its
 `slot_prefill` and `slot_step` signatures) and the token ids: prompts become ids, and ids text, outside it.
@@ -123,9 +124,8 @@ class Engine:
         """Runs every shape the engine uses (each prefill width at each row count, and the step) once, then starts
         the engine thread; returns the seconds it took."""
         start = time.perf_counter()
-        rows = sorted({min(1 << i, self.max_slots) for i in range(self.max_slots.bit_length() + 1)})
         for width in self.widths:
-            for k in rows:
+            for k in self.prefill_rows(width):
                 self._prefill(self.caches, self.tokens, np.zeros([k], np.int32), np.zeros([k, width], np.int32),
                               np.int32(0))
         idle = np.zeros([self.max_slots], np.int32)
@@ -134,6 +134,11 @@ class Engine:
         self._started = True
         self._thread.start()
         return time.perf_counter() - start
+
+    def prefill_rows(self, width):
+        """The row counts a prefill of `width` can take: powers of two, within `prefill_tokens` and the slots."""
+        most = max(1, min(self.prefill_tokens // width, self.max_slots))
+        return [1 << i for i in range(most.bit_length()) if 1 << i <= most] + ([most] if most & (most - 1) else [])
 
     def submit(self, request):
         """Queues `request` (FCFS) and returns it; iterate it for its tokens."""
@@ -209,9 +214,9 @@ class Engine:
         group = [s for s in pending if s.filled == pending[0].filled]
         width = next((w for w in self.widths if w >= max(len(s.request.ids) - s.filled for s in group)),
                      self.widths[-1])
-        group = group[:max(1, min(self.prefill_tokens // width, self.max_slots))]
+        group = group[:max(self.prefill_rows(width))]
         start = min(group[0].filled, self.context - width)  # the last chunk may overlap the one before it
-        rows = 1 << (len(group) - 1).bit_length()
+        rows = min(r for r in self.prefill_rows(width) if r >= len(group))
         ids = np.zeros([rows, width], np.int32)
         for i, slot in enumerate(group):
             chunk = slot.request.ids[start:start + width]
