@@ -62,11 +62,12 @@ def _read(reference):
             if [ast.unparse(base) for base in node.bases] != ["Task"]:
                 return None
             values = {"finetune": None, "command": None}
-            for statement in node.body:
-                if (isinstance(statement, ast.Assign) and len(statement.targets) == 1
-                        and isinstance(statement.targets[0], ast.Name) and statement.targets[0].id in Declaration._fields):
+            assigned = [(s.targets[0].id, s.value) for s in node.body
+                        if isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name)]
+            for key, value in assigned:
+                if key in Declaration._fields:
                     try:
-                        values[statement.targets[0].id] = ast.literal_eval(statement.value)
+                        values[key] = ast.literal_eval(value)
                     except ValueError:
                         return None
             return Declaration(**values) if isinstance(values.get("name"), str) else None
