@@ -44,7 +44,7 @@ def write_jsonl(path, texts, field="text"):
 
 
 def corpus_texts():
-    """UNIQUE documents, the first COPIES of them again, a line that is not JSON and an empty document."""
+    """UNIQUE documents and the first COPIES of them again."""
     docs = documents(UNIQUE)
     return docs + docs[:COPIES]
 
@@ -57,22 +57,23 @@ def split_documents(ids, tokenizer):
 
 @pytest.fixture(scope="module")
 def prepared_dir(tmp_path_factory):
-    """The corpus of `corpus_texts` prepared through the command line, Beam's options passed through."""
+    """The corpus of `corpus_texts`, a null text and an empty document, prepared through the command line, Beam's
+    options passed through."""
     root = tmp_path_factory.mktemp("prepare")
     source = write_jsonl(root / "corpus.jsonl", corpus_texts())
     with open(source, "a", encoding="utf-8") as f:
-        f.write("not json\n" + json.dumps({"text": "  "}) + "\n")
+        f.write(json.dumps({"text": None}) + "\n" + json.dumps({"text": "  "}) + "\n")
     out = str(root / "shards")
     sets = [arg for setting in TINY for arg in ("--set", setting)]
     assert main(["prepare", *sets, "--data", source, "--out", out, *IN_PROCESS]) == 0
     return out
 
 
-def test_duplicates_short_and_malformed_documents_are_dropped_and_counted(prepared_dir):
+def test_duplicates_short_and_null_documents_are_dropped_and_counted(prepared_dir):
     with open(os.path.join(prepared_dir, shards.MANIFEST)) as f:
         manifest = json.load(f)
     assert manifest["documents"] == {"read": UNIQUE + COPIES + 1, "kept": UNIQUE, "duplicates": COPIES,
-                                     "too_short": 1, "too_long": 0, "malformed": 1, "binary_files": 0}
+                                     "too_short": 1, "too_long": 0, "no_text": 1, "binary_files": 0}
     # A character tokenizer: each kept document is its characters and one <eot>, every one once.
     assert manifest["train_tokens"] + manifest["validation_tokens"] == sum(len(d) + 1 for d in documents(UNIQUE))
     assert 0 < manifest["validation_tokens"] < manifest["train_tokens"]
@@ -194,3 +195,83 @@ def test_a_sentencepiece_vocabulary_is_trained_on_a_sample_and_round_trips_the_d
         ids = stream.window(0, stream.num_tokens)
         texts += split_documents(ids, tokenizer)
     assert sorted(texts) == sorted(docs)
+
+
+def test_a_causal_corpus_indexes_its_documents(prepared_dir):
+    prepared = shards.Prepared(prepared_dir, reader="causal_lm")
+    stream, segments = prepared.streams["train"], prepared.segments["train"]
+    ends = np.flatnonzero(stream.window(0, stream.num_tokens) == prepared.manifest["eot_id"]) + 1
+    bounds = [segments.bounds(s) for s in range(segments.num_segments)]
+    assert [(start, end) for start, end, _ in bounds] == list(zip([0, *ends[:-1]], ends))
+    assert not any(has_next for _, _, has_next in bounds)  # a segment is a whole document
+
+
+LINES = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+
+
+def line_documents(n, seed=0):
+    """`n` documents of 1 to 4 lines of words, an empty line among them."""
+    rng = random.Random(seed)
+    return ["\n\n".join(" ".join(rng.choice(LINES) for _ in range(rng.randint(3, 9))) for _ in range(rng.randint(1, 4)))
+            + f" {i}" for i in range(n)]
+
+
+def bert_config(*overrides):
+    return tiny_config("model.kind=bert", "tokenizer.kind=wordpiece", "tokenizer.vocab_size=300",
+                       "model.dropout=0.0", "data.val_fraction=0.2", *overrides)
+
+
+@pytest.fixture(scope="module")
+def lines_dir(tmp_path_factory):
+    """`line_documents` prepared with a BERT config: a WordPiece vocabulary, a segment a line."""
+    root = tmp_path_factory.mktemp("lines")
+    source = write_jsonl(root / "docs.jsonl", line_documents(200))
+    prepare(bert_config(), [source], str(root / "shards"), IN_PROCESS)
+    return str(root / "shards")
+
+
+def test_a_masked_lm_corpus_keeps_each_line_as_a_segment_and_where_documents_end(lines_dir):
+    prepared = shards.Prepared(lines_dir, reader="masked_lm")
+    assert prepared.manifest["segments"] == "lines" and prepared.manifest["tokenizer_kind"] == "wordpiece"
+    tokenizer = shards.read_tokenizer(prepared.tokenizer_dir)
+    found = []
+    for segments in prepared.segments.values():
+        document = []
+        for s in range(segments.num_segments):
+            start, end, has_next = segments.bounds(s)
+            document.append(tuple(segments.window(start, end)))
+            if not has_next:
+                found.append(tuple(document))
+                document = []
+        assert not document
+    expected = [tuple(tuple(ids) for ids in tokenizer.tokenize(tf.constant(doc.split("\n\n"))).to_list())
+                for doc in line_documents(200)]
+    assert sorted(found) == sorted(expected)
+
+
+def test_a_corpus_prepared_for_another_kind_of_model_is_one_line(lines_dir, prepared_dir):
+    with pytest.raises(TfglmError, match=r"^\S+manifest.json: its segments are lines, prepared for a masked_lm run, "
+                                         r"not this causal_lm run; prepare the corpus with this run's config$"):
+        shards.Prepared(lines_dir, reader="causal_lm")
+    with pytest.raises(TfglmError, match="its segments are documents, prepared for a causal_lm run, not this "
+                                         "masked_lm run"):
+        shards.Prepared(prepared_dir, reader="masked_lm")
+
+
+@pytest.mark.slow
+def test_prepare_pretrain_resume_gives_the_uninterrupted_run(tmp_path, lines_dir, monkeypatch):
+    config = bert_config(f"data.files=[{lines_dir}]")
+    reference_dir, run_dir = str(tmp_path / "reference"), str(tmp_path / "run")
+    train(config, reference_dir, task="masked_lm", verbose=0)
+    monkeypatch.setattr(keras.Model, "fit", fit_with(keras.Model.fit, stop_at_step(30)))
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run_dir, task="masked_lm", verbose=0)
+    monkeypatch.undo()
+    train(config, run_dir, task="masked_lm", resume=True, verbose=0)
+    metrics, reference = runs.read_metrics(run_dir), runs.read_metrics(reference_dir)
+    assert [r["step"] for r in metrics] == [20, 40]
+    np.testing.assert_allclose([r["val_loss"] for r in metrics], [r["val_loss"] for r in reference], rtol=1e-4)
+    resumed, uninterrupted = load_run(run_dir, runs.LAST).model, load_run(reference_dir, runs.LAST).model
+    for a, b in zip(resumed.weights, uninterrupted.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
+    assert shards.tokenizer_hash(runs.path(run_dir, runs.TOKENIZER)) == shards.Prepared(lines_dir).tokenizer_sha256
