@@ -1,5 +1,6 @@
 """`tfglm prepare` (Apache Beam) and training that streams its shards."""
 
+import collections
 import json
 import os
 import random
@@ -14,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
-pytest.importorskip("apache_beam", reason="tfglm prepare needs Apache Beam (pip install 'tfglm[beam]')")
+beam = pytest.importorskip("apache_beam", reason="tfglm prepare needs Apache Beam (pip install 'tfglm[beam]')")
 
 from conftest import TINY, fit_with, stop_at_step, tiny_config  # noqa: E402
 from tfglm.cli import main  # noqa: E402
-from tfglm.data import corpus, shards  # noqa: E402
+from tfglm.data import corpus, prepare as preparing, shards  # noqa: E402
 from tfglm.data.prepare import prepare  # noqa: E402
 from tfglm.data.tokenizers import CharTokenizer  # noqa: E402
 from tfglm.errors import TfglmError  # noqa: E402
@@ -181,12 +182,15 @@ def test_a_corpus_with_no_document_left_is_one_line(tmp_path):
         prepare(tiny_config("data.min_chars=10"), [source], str(tmp_path / "out"), IN_PROCESS)
 
 
-def test_a_sentencepiece_vocabulary_is_trained_on_a_sample_and_round_trips_the_documents(tmp_path):
+def test_a_sentencepiece_vocabulary_is_trained_on_a_sample_and_round_trips_the_documents(tmp_path, monkeypatch):
     docs = documents(120, seed=1)
     source = write_jsonl(tmp_path / "corpus.jsonl", docs)
     out = str(tmp_path / "shards")
+    pipelines, run = [], beam.Pipeline.run
+    monkeypatch.setattr(beam.Pipeline, "run", lambda self, *args: (pipelines.append(self), run(self, *args))[1])
     manifest = prepare(tiny_config("tokenizer.kind=sentencepiece", "tokenizer.vocab_size=300"), [source], out,
                        IN_PROCESS)
+    assert len(pipelines) == 1  # scan, tokenizer and shards in one pipeline: the runner starts once
     assert manifest["tokenizer_kind"] == "sentencepiece" and manifest["dtype"] == "uint16"
     prepared = shards.Prepared(out)
     tokenizer = shards.read_tokenizer(prepared.tokenizer_dir)
@@ -275,3 +279,65 @@ def test_prepare_pretrain_resume_gives_the_uninterrupted_run(tmp_path, lines_dir
     for a, b in zip(resumed.weights, uninterrupted.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
     assert shards.tokenizer_hash(runs.path(run_dir, runs.TOKENIZER)) == shards.Prepared(lines_dir).tokenizer_sha256
+
+
+def test_a_bad_line_in_a_workers_unit_is_one_error_line_naming_file_and_line(tmp_path, monkeypatch, capsys):
+    """The bad line is in a later unit of work than the first, read by a Beam worker: the error is re-raised out of
+    the runner."""
+    texts = [json.dumps({"text": t}) for t in documents(60)]
+    texts[47] = '{"text": "unfinished'
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    monkeypatch.setattr(preparing, "UNIT_BYTES", 2000)  # about 10 lines a unit
+    sets = [arg for setting in TINY for arg in ("--set", setting)]
+    assert main(["prepare", *sets, "--data", str(source), "--out", str(tmp_path / "out"), *IN_PROCESS]) == 2
+    error = capsys.readouterr().err.splitlines()
+    assert error == [f"tfglm: error: {source}:48: not JSON (Unterminated string starting at: line 1 column 10 "
+                     f"(char 9))"]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"body": "a text"}, "{path}:2: no field 'text' (data.text_field)"),
+    ("[1, 2]", "{path}:2: no field 'text' (data.text_field)"),
+    ("{'text': 'single quotes'}", "{path}:2: not JSON (Expecting property name enclosed in double quotes: line 1 "
+                                  "column 2 (char 1))"),
+])
+def test_a_wrong_first_line_stops_before_the_pipeline(tmp_path, monkeypatch, row, message):
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("\n" + (row if isinstance(row, str) else json.dumps(row)) + "\n", encoding="utf-8")
+    monkeypatch.setattr(beam, "Pipeline", None)  # never reached
+    with pytest.raises(TfglmError) as error:
+        prepare(tiny_config(), [str(source)], str(tmp_path / "out"), IN_PROCESS)
+    assert str(error.value) == message.format(path=source)
+
+
+def test_a_parquet_column_that_is_not_text_is_one_line(tmp_path):
+    path = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"text": [1, 2, 3]}), path)
+    with pytest.raises(TfglmError, match=rf"^{path}: column 'text' \(data.text_field\) holds int64, not text$"):
+        prepare(tiny_config(), [str(path)], str(tmp_path / "out"), IN_PROCESS)
+
+
+def test_a_file_that_cannot_be_read_in_a_worker_is_one_line_naming_it(tmp_path):
+    missing = str(tmp_path / "gone.txt")  # listed when the units were planned, removed before a worker reads it
+    with pytest.raises(TfglmError, match=rf"^{missing}: cannot read \("):
+        list(preparing.read_unit(("text", [missing]), "text", collections.Counter()))
+
+
+@pytest.mark.slow
+def test_evaluate_on_a_prepared_corpus_scores_its_validation_split_as_the_same_text_would_be(
+        tmp_path, prepared_dir, capsys):
+    run_dir = str(tmp_path / "run")
+    train(tiny_config(f"data.files=[{prepared_dir}]", "train.steps=20"), run_dir, verbose=0)
+    prepared = shards.Prepared(prepared_dir)
+    stream = prepared.streams["validation"]
+    texts = split_documents(stream.window(0, stream.num_tokens), shards.read_tokenizer(prepared.tokenizer_dir))
+    for i, text in enumerate(texts):  # one document a file, in the stream's order: the same tokens
+        (tmp_path / "text").mkdir(exist_ok=True)
+        (tmp_path / "text" / f"{i:04d}.txt").write_text(text, encoding="utf-8")
+    results = []
+    for data in (prepared_dir, str(tmp_path / "text")):
+        assert main(["evaluate", "--model", run_dir, "--data", data]) == 0
+        results.append(json.loads(capsys.readouterr().out.splitlines()[-1]))
+    assert results[0]["split"] == "validation" and results[0]["tokens"] == results[1]["tokens"] > 0
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)

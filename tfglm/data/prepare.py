@@ -120,7 +120,7 @@ def jsonl_text(line, text_field):
     """The text of one JSONL line (None for a null or non-string value); ValueError, saying why, for a line that is
     not a JSON object with the field."""
     try:
-        row = json.loads(line)
+        row = json.loads(line.strip())  # a string cut short by the newline is unterminated, not a control character
     except ValueError as e:
         raise ValueError(f"not JSON ({first_line(e)})") from None
     if not isinstance(row, dict) or text_field not in row:
@@ -156,14 +156,15 @@ def plan_units(files, data):
             check_first_line(path, data.text_field)
             units += [("jsonl", path, start, min(start + UNIT_BYTES, size)) for start in range(0, size, UNIT_BYTES)]
         else:
-            schema = parquet_file(path).schema_arrow
+            parquet = parquet_file(path)
+            schema = parquet.schema_arrow
             if data.text_field not in schema.names:
                 raise TfglmError(f"{path}: no column {data.text_field!r} (data.text_field); it has "
                                  f"{', '.join(schema.names)}")
             column = schema.field(data.text_field).type
             if not (pa.types.is_string(column) or pa.types.is_large_string(column)):
                 raise TfglmError(f"{path}: column {data.text_field!r} (data.text_field) holds {column}, not text")
-            units += [("parquet", path, group) for group in range(parquet_file(path).num_row_groups)]
+            units += [("parquet", path, group) for group in range(parquet.num_row_groups)]
     if batch:
         units.append(("text", batch))
     return units

@@ -12,16 +12,18 @@ reads the token stream alone, as nanoGPT does, and no separator costs a token. A
 line, tokenized on its own (WordPiece has no `<eot>`): its sentence pairs need each line's extent and whether the
 next line is of the same document, which the index gives by one seek, so an example is read in O(1) whatever the
 corpus size. A separator token instead would cost the causal stream a token a line, and finding a masked LM's
-segment would need a scan or an index anyway. Raw files rather than
-TFRecord or ArrayRecord: a training block is any window of the token stream at a random offset, so the reader needs
-random access at token granularity, one seek and one read of `seq_len + 1` ids. TFRecord is sequential, and
-ArrayRecord reads whole records (a block would span several); a raw file serves any window, takes 2 bytes a token,
-reads with NumPy as nanoGPT's `train.bin` does, and goes through `tf.io.gfile`, so shards on `gs://` train as local
-ones do.
+segment would need a scan or an index anyway.
 
-Training treats the training shards, in manifest order, as one token stream and draws each batch exactly as the
-in-memory path does (`corpus.block_starts`), so a batch is a pure function of (seed, step) and a resumed run reads
-the batches an uninterrupted one would, with no re-tokenization. Memory holds one batch, whatever the corpus size.
+Raw files rather than TFRecord or ArrayRecord: a training block is any window of the token stream at a random offset,
+so the reader needs random access at token granularity, one seek and one read of `seq_len + 1` ids. TFRecord is
+sequential, and ArrayRecord reads whole records (a block would span several); a raw file serves any window, takes 2
+bytes a token, reads with NumPy as nanoGPT's `train.bin` does, and goes through `tf.io.gfile`, so shards on `gs://`
+train as local ones do.
+
+Causal LM training treats the training shards, in manifest order, as one token stream and draws each batch exactly
+as the in-memory path does (`corpus.block_starts`), so a batch is a pure function of (seed, step) and a resumed run
+reads the batches an uninterrupted one would, with no re-tokenization. Masked LM training draws its segments by
+number (`tfglm.tasks.masked_lm`). Memory holds one batch, whatever the corpus size.
 """
 
 import hashlib
@@ -178,12 +180,14 @@ def check_size(path, size, what):
 
 
 class Prepared:
-    """A directory `tfglm prepare` wrote: its manifest, checked against the shards' sizes, and its two streams.
+    """A directory `tfglm prepare` wrote: its manifest, checked against the shards' sizes, and each split's token
+    stream (`streams`) and segments (`segments`).
 
     Examples:
     ```python
-    prepared = Prepared("shards/")  # manifest.json, tokenizer/, train-*.bin, validation-*.bin
+    prepared = Prepared("shards/", reader="causal_lm")  # manifest.json, tokenizer/, {train,validation}-*.{bin,idx}
     ds = prepared.train_dataset(seq_len=256, batch_size=12, seed=1337, start_step=0, num_steps=100)
+    start, end, has_next = prepared.segments["train"].bounds(0)  # the first document's tokens, and <eot>
     ```
     """
 
