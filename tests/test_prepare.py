@@ -341,3 +341,12 @@ def test_evaluate_on_a_prepared_corpus_scores_its_validation_split_as_the_same_t
         results.append(json.loads(capsys.readouterr().out.splitlines()[-1]))
     assert results[0]["split"] == "validation" and results[0]["tokens"] == results[1]["tokens"] > 0
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
+
+
+def test_one_unit_of_work_runs_in_process_and_beams_own_options_win():
+    def mode(args, units):
+        return preparing.pipeline_options(args, units).get_all_options()["direct_running_mode"]
+
+    assert mode([], 1) == "in_memory"  # a small corpus: no worker process to start
+    assert mode([], 2) == "multi_processing"
+    assert mode(["--direct_running_mode=multi_threading"], 1) == "multi_threading"

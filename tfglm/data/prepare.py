@@ -21,7 +21,8 @@ object with a string `data.text_field`, a Parquet file without that column, a fi
 cheap is checked before the pipeline starts (every file's size, each JSONL file's first line, each Parquet file's
 schema); the rest is raised in the worker as a `TfglmError` and re-raised here, out of the runner's traceback.
 
-Runner: the DirectRunner in multi-processing mode on every core, unless Beam options say otherwise; Beam's own
+Runner: the DirectRunner in multi-processing mode on every core (in this process when there is one unit of work,
+which no other core could share, so a small corpus starts no worker), unless Beam options say otherwise; Beam's own
 pipeline options (`--runner DataflowRunner --project P --region R --temp_location gs://...`, `--runner FlinkRunner`,
 `--runner SparkRunner`) pass through unchanged. Paths go through `tf.io.gfile`, so `gs://` works for input and output.
 """
@@ -52,6 +53,7 @@ SAMPLE_DOCS = 4000  # documents a new SentencePiece or WordPiece vocabulary lear
 SAMPLE_CHARS = 8000
 TOKENIZE_BATCH = 256
 DIRECT_DEFAULTS = ["--direct_running_mode=multi_processing", "--direct_num_workers=0"]  # 0: every core
+DIRECT_ONE_UNIT = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]  # no worker processes to start
 
 
 def list_files(patterns):
@@ -364,10 +366,12 @@ class WriteShards(beam.DoFn):
         yield written | {"unit": number}
 
 
-def pipeline_options(beam_args):
-    """Beam's options from the command line, with the DirectRunner on every core unless they choose otherwise."""
+def pipeline_options(beam_args, num_units):
+    """Beam's options from the command line, with the DirectRunner on every core unless they choose otherwise; in
+    this process when there is one unit of work (a small corpus), which other cores could not share."""
     chosen = {arg.split("=")[0] for arg in beam_args}
-    return PipelineOptions([d for d in DIRECT_DEFAULTS if d.split("=")[0] not in chosen] + list(beam_args))
+    defaults = DIRECT_DEFAULTS if num_units > 1 else DIRECT_ONE_UNIT
+    return PipelineOptions([d for d in defaults if d.split("=")[0] not in chosen] + list(beam_args))
 
 
 def make_tokenizer(_, config, out, chars, sample):
@@ -422,7 +426,7 @@ def prepare(config, patterns, out, beam_args=()):
         return f"write {name}" >> beam.Map(write_json, shards.join(scan_dir, f"{name}.json"))
 
     try:
-        with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+        with beam.Pipeline(options=pipeline_options(beam_args, len(units))) as p:
             spread = p | "units" >> beam.Create(units) | "spread units" >> beam.Reshuffle()
             scans = spread | "scan" >> beam.Map(scan_unit, data, learn)
             scans | beam.Map(lambda s: s["counts"]) | "add counts" >> beam.CombineGlobally(add_counts) | \

@@ -173,7 +173,8 @@ class MaskedLM(Task):
     default_for = ("bert",)
     command = {"name": "pretrain", "help": "pretrain a BERT-style encoder (masked LM + next sentence)",
                "config": "YAML config with model.kind bert (configs/bert-*.yaml)",
-               "data": "text files, directories, globs, or labelled TSV/CSV/JSONL files"}
+               "data": "text files, directories, globs, labelled TSV/CSV/JSONL files, or the directory `tfglm "
+                       "prepare` wrote with a BERT config"}
 
     def load_vocabulary(self):
         self.tokenizer = load_tokenizer(runs.path(self.run_dir, runs.TOKENIZER))
