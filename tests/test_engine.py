@@ -202,3 +202,28 @@ def test_a_failing_step_fails_the_sequences_in_slots_not_the_engine(generator):
         assert len(tokens_of(engine.submit(Request(prompt_ids(generator, "a"), 5, 0.0, 0, 1.0, 0)))) <= 5
     finally:
         engine.close()
+
+
+def test_an_export_without_the_engine_signatures_is_served_as_before(generator, tmp_path):
+    """An export written before the engine (no slot signatures) runs each request through its own `generate` and
+    streams through `generate_start` and `advance`, with the same text."""
+    built = signatures.build(generator, GenerateConfig(prompt="abc", **GREEDY))
+    for name in signatures.ENGINE:
+        built.signatures.pop(name, None)
+        if hasattr(built.module, name):
+            delattr(built.module, name)
+    path = str(tmp_path / "1")
+    write_warmup(path, *built.warmup)
+    tf.saved_model.save(built.module, path, signatures=built.signatures)
+    old = Servable("old", 1, path)
+    try:
+        assert old.engine is None
+        arrays = {k: np.array(v, np.float32 if isinstance(v, float) else np.int32) for k, v in GREEDY.items()}
+        got = old.predict("generate", {"prompts": np.array([b"abc"], object), **arrays})
+        want = generator.generate(tf.constant(["abc"]), *GREEDY.values())
+        assert got["completions"].tolist() == want["completions"].numpy().tolist()
+        stream = old.stream("generate", old.prepare("generate", {"prompts": np.array([b"abc"], object), **arrays}))
+        assert "".join(stream).encode() == want["completions"].numpy()[0]
+        assert stream.usage["completion_tokens"] == int(want["num_tokens"][0]) and stream.finish_reason
+    finally:
+        old.close()
