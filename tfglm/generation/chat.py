@@ -1,10 +1,11 @@
-"""A conversation with a chat run, turn by turn, for `tfglm chat`."""
+"""Conversations with a chat run, for `tfglm chat`: one turn by turn, or many independent ones answered in batches."""
 
 import logging
 
 import tensorflow as tf
 
 from tfglm.config import generate_options
+from tfglm.data.chat import as_batch
 
 log = logging.getLogger("tfglm")
 
@@ -41,6 +42,14 @@ class ChatSession:
     def answered(self, reply):
         self.turns.append(("assistant", reply))
 
+    def answer_all(self, conversations, batch_size):
+        """`answer` to independent `conversations`, each opened with the session's system message unless it has
+        one."""
+        if self.system:
+            conversations = [(roles, contents) if roles[0] == "system" else
+                             (["system"] + roles, [self.system] + contents) for roles, contents in conversations]
+        return answer(self.generator, conversations, self.settings, batch_size)
+
     def reply(self, message):
         """The whole reply to `message` and its token count."""
         roles, contents = self.ask(message)
@@ -64,3 +73,23 @@ class ChatSession:
                 self.answered("".join(reply))
             elif self.turns[-1:] == [("user", message)]:
                 self.turns.pop()
+
+
+def answer(generator, conversations, settings, batch_size):
+    """(replies, token counts) of the `generator`'s next reply to each of the independent `conversations`
+    [(roles, contents)], generated with `settings` (a GenerateConfig) `batch_size` at a time, conversations of
+    similar length together (less padding). One warning counts those whose oldest turns did not fit the context."""
+    order = sorted(range(len(conversations)), key=lambda i: sum(map(len, conversations[i][1])))
+    replies, counts, forgotten = [None] * len(order), [0] * len(order), 0
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        roles, contents = map(tf.constant, as_batch([conversations[i] for i in rows]))
+        forgotten += int(tf.math.count_nonzero(generator.preprocessor.dropped_turns(roles, contents,
+                                                                                    settings.max_new_tokens)))
+        out = generator.chat(roles, contents, *generate_options(settings))
+        for i, reply, count in zip(rows, out["completions"].numpy(), out["num_tokens"].numpy()):
+            replies[i], counts[i] = reply.decode("utf-8", errors="replace"), int(count)
+    if forgotten:
+        log.warning("%d of %d conversations outgrew the context (%d tokens minus %d new): their oldest turns were "
+                    "left out", forgotten, len(order), generator.context, settings.max_new_tokens)
+    return replies, counts
