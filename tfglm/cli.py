@@ -132,8 +132,8 @@ def _parser():
                         help="decode without XLA (for a model server without --xla_cpu_compilation_enabled=true)")
 
     evaluate = command("evaluate", "score a run into its eval.json: a language model's perplexity on text (--data), "
-                                   "a classifier on labelled data (--data), a translation model's BLEU (--source, "
-                                   "--reference)")
+                                   "a classifier on labelled data (--data), a chat model's replies (--data), a "
+                                   "translation model's BLEU (--source, --reference)")
     evaluate.add_argument("--model", required=True, help="run directory")
     _add_evaluation_options(evaluate)
 
