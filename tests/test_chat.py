@@ -181,6 +181,8 @@ def test_evaluate_scores_the_generated_last_replies_and_their_intents(chat_run, 
     assert main(["evaluate", "--model", chat_run, "--data", str(table), "--max-new-tokens", "2"]) == 0
     cut = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert cut["replies_at_limit"] == len(QA) and cut["rouge_l"] < 50 and "intent_accuracy" not in cut
+    assert main(["evaluate", "--model", chat_run, "--data", str(table), "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err == "tfglm: error: --batch-size: must be >= 1, got 0\n"
 
 
 def test_lora_chat_fine_tune_trains_the_embeddings_with_the_lora_factors(chat_run, tmp_path):

@@ -12,7 +12,8 @@ log = logging.getLogger("tfglm")
 
 class ChatSession:
     """One conversation with a chat run: the system message and the turns so far, forgetting (with one warning) the
-    oldest turns once they no longer fit the context, as the chat template's encoding drops them anyway."""
+    oldest exchanges once they no longer fit the context, as the chat template's encoding drops them anyway. What is
+    left starts with a user's turn, as every example of the fine-tune does (`tfglm.tasks.chat.pieces`)."""
 
     def __init__(self, generator, system, settings):
         self.generator, self.system, self.settings = generator, system, settings
@@ -32,6 +33,8 @@ class ChatSession:
                 log.warning("the conversation outgrew the context (%d tokens minus %d new): its oldest turns are "
                             "forgotten from now on", self.generator.context, self.settings.max_new_tokens)
                 self.warned = True
+            while dropped < len(self.turns) - 1 and self.turns[dropped][0] != "user":
+                dropped += 1
             self.turns = self.turns[dropped:]
         return self.conversation()
 
