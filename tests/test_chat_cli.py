@@ -83,7 +83,9 @@ def test_a_streamed_reply_is_the_whole_reply_and_a_stopped_one_stays_as_far_as_i
 
 
 def test_generate_stream_prints_what_generate_prints(chat_run, capsys):
-    for prompt in ("what is", "i am"):  # one at a time, as --stream runs them: a batch has other shapes
+    # The starts of replies (a chat model learns the assistant's text only), one at a time, as --stream runs them: a
+    # batch has other shapes.
+    for prompt in ("see you", "i am"):
         assert main(["generate", "--model", chat_run, "--prompt", prompt, *GREEDY]) == 0
         whole = capsys.readouterr().out
         assert main(["generate", "--model", chat_run, "--prompt", prompt, "--stream", *GREEDY]) == 0
