@@ -138,7 +138,8 @@ def test_saved_model_cli_lists_the_signatures(base_path):
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
     out = subprocess.run([cli, "show", "--all", "--dir", os.path.join(base_path, "1")], capture_output=True,
                          text=True, check=True, timeout=120).stdout
-    for name in ("serving_default", "generate", "score", "tokenize", "detokenize"):
+    for name in ("serving_default", "generate", "score", "tokenize", "detokenize", "prompt_ids", "slot_prefill",
+                 "slot_step", "output_projection"):
         assert f"signature_def['{name}']" in out
     for name in ("prompts", "max_new_tokens", "completions", "log_likelihood", "perplexity", "token_ids"):
         assert f"['{name}']" in out
@@ -170,7 +171,7 @@ def test_cli_export_next_version_and_errors(sentence_run, base_path, capsys, cap
     assert (f"exported version 2 of {base_path}; in Python: import tensorflow_text, then "
             f"tf.saved_model.load({os.path.join(base_path, '2')!r})") in caplog.text
     assert sorted(os.listdir(base_path)) == ["1", "2"]  # no temporary directory left behind
-    assert len(_xla_functions(os.path.join(base_path, "1"))) == 2  # prefill and advance
+    assert len(_xla_functions(os.path.join(base_path, "1"))) == 4  # prefill, advance; the engine's prefill, step
     assert _xla_functions(os.path.join(base_path, "2")) == []
     assert main(["export", "--model", sentence_run, "--out", base_path, "--version", "2"]) == 2
     assert "version 2 already exists" in capsys.readouterr().err

@@ -64,11 +64,12 @@ def test_top_k_one_and_tiny_top_p_are_greedy(generator):
 
 def test_sampler_filters():
     logits = tf.math.log(tf.constant([[0.5, 0.3, 0.15, 0.05]]))
-    seeds = [tf.constant([s, 0]) for s in range(200)]
-    top2 = {int(sample(logits, 1.0, 2, 1.0, s)[0]) for s in seeds}
-    nucleus = {int(sample(logits, 1.0, 0, 0.75, s)[0]) for s in seeds}
+    top2 = {int(sample(logits, 1.0, 2, 1.0, seed, 0)[0]) for seed in range(200)}
+    nucleus = {int(sample(logits, 1.0, 0, 0.75, seed, 0)[0]) for seed in range(200)}
     assert top2 == {0, 1} and nucleus == {0, 1}
-    assert {int(sample(logits, 1.0, 0, 1.0, s)[0]) for s in seeds} == {0, 1, 2, 3}
+    assert {int(sample(logits, 1.0, 0, 1.0, seed, 0)[0]) for seed in range(200)} == {0, 1, 2, 3}
+    draws = [int(sample(logits, 1.0, 0, 1.0, 0, position)[0]) for position in range(2000)]
+    assert abs(draws.count(0) / 2000 - 0.5) < 0.05 and abs(draws.count(3) / 2000 - 0.05) < 0.02  # its distribution
 
 
 def test_long_prompt_is_truncated_from_the_left_with_a_warning(generator, caplog):

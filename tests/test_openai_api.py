@@ -5,6 +5,7 @@ import json
 import math
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -13,7 +14,7 @@ import tensorflow as tf
 from conftest import QA
 from tfglm.errors import TfglmError
 from tfglm.generation.decode import Generator
-from tfglm.serving.openai_api import STREAM_STEPS
+from tfglm.serving.engine import STEPS
 from tfglm.serving.client import Client
 from tfglm.tasks.registry import load_run
 
@@ -45,7 +46,7 @@ def expected(generator):
 def server(chat_base_path):
     from tfglm.serving.serve import Server
 
-    server = Server({"chat": chat_base_path}, port=0, rest_api_port=0, enable_batching=True, poll_s=60,
+    server = Server({"chat": chat_base_path}, port=0, rest_api_port=0, poll_s=60,
                     max_prompt_bytes=256, max_enqueued_requests=1, read_timeout_s=2.0).start()
     yield server
     server.stop()
@@ -80,7 +81,7 @@ def test_openai_chat_whole_and_streamed_equal_generator(client, expected):
         assert chunks[0].choices[0].delta.role == "assistant"
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply
         pieces = [c for c in chunks if c.choices and c.choices[0].delta.content]
-        assert len(pieces) == math.ceil(len(reply) / STREAM_STEPS)  # a piece every STREAM_STEPS tokens
+        assert len(pieces) == math.ceil(len(reply) / STEPS)  # a piece every engine step (STEPS tokens)
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
         assert chunks[-1].usage.completion_tokens == len(reply) and {c.id for c in chunks} == {chunks[0].id}
 
@@ -204,3 +205,42 @@ def rest(server, path, body):
             return response.status, json.load(response)
     except urllib.error.HTTPError as e:
         return e.code, json.load(e)
+
+
+def test_32_concurrent_mixed_chat_requests_each_give_what_they_give_alone(chat_base_path):
+    """Greedy and seeded sampled chat requests over REST and gRPC `:predict` and OpenAI's endpoint whole and
+    streamed, 32 at once through the decode engine's 8 slots: each gives exactly the reply it gives alone."""
+    from tfglm.serving.serve import Server
+
+    server = Server({"chat": chat_base_path}, port=0, rest_api_port=0, poll_s=60, max_slots=8).start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.rest_port}/v1", api_key="x", max_retries=0)
+        grpc = Client(f"127.0.0.1:{server.grpc_port}", "chat", "grpc")
+        options = [dict(GREEDY, max_new_tokens=12), dict(GREEDY, temperature=1.0, top_k=8, seed=3),
+                   dict(GREEDY, temperature=0.7, seed=4), dict(GREEDY, max_new_tokens=5)]
+
+        def ask(job):
+            kind, conversation, o = job
+            roles, contents = zip(*conversation)
+            if kind in ("rest", "grpc"):
+                inputs = {"roles": [list(roles)], "contents": [list(contents)], **o}
+                if kind == "grpc":
+                    return grpc.predict("chat", **inputs)["replies"][0]
+                return rest(server, "/v1/models/chat:predict", {"signature_name": "chat", "inputs": inputs})[1][
+                    "outputs"]["replies"][0]
+            request = dict(model="chat", messages=messages(conversation), max_tokens=o["max_new_tokens"],
+                           temperature=o["temperature"], seed=o["seed"], extra_body={"top_k": o["top_k"]})
+            if kind == "whole":
+                return client.chat.completions.create(**request).choices[0].message.content
+            return "".join(c.choices[0].delta.content or "" for c in
+                           client.chat.completions.create(**request, stream=True) if c.choices)
+
+        jobs = [(kind, conversation, o) for kind in ("rest", "grpc", "whole", "stream") for o in options
+                for conversation in (CONVERSATIONS[1], CONVERSATIONS[4])]
+        alone = [ask(job) for job in jobs]
+        assert len(jobs) == 32 and alone[:8] == alone[8:16] == alone[16:24] == alone[24:]  # every front, one text
+        with ThreadPoolExecutor(32) as pool:
+            together = list(pool.map(ask, jobs))
+        assert together == alone
+    finally:
+        server.stop()

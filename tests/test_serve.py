@@ -33,7 +33,6 @@ from tfglm.serving.client import Client
 from tfglm.errors import TfglmError
 from tfglm.serving.export import export_run
 from tfglm.generation.decode import Generator
-from tfglm.serving.batching import Batcher
 from tfglm.serving.serve import Server
 from tfglm.serving.versions import Model, read_model_config
 
@@ -58,7 +57,7 @@ def expected(sentence_run):
 
 @pytest.fixture(scope="module")
 def server(base_path):
-    server = Server({"tiny": base_path}, port=0, rest_api_port=0, enable_batching=True, poll_s=0.2,
+    server = Server({"tiny": base_path}, port=0, rest_api_port=0, poll_s=0.2,
                     read_timeout_s=1.0).start()
     yield server
     server.stop()
@@ -67,7 +66,7 @@ def server(base_path):
 @pytest.fixture(scope="module")
 def strict(base_path):
     """A server with small limits: 4 prompts a request, 2 requests queued, 8 connections, 32 KiB, 1 s to send."""
-    server = Server({"tiny": base_path}, port=0, rest_api_port=0, enable_batching=True, poll_s=60, max_batch_size=4,
+    server = Server({"tiny": base_path}, port=0, rest_api_port=0, poll_s=60, max_batch_size=4,
                     max_enqueued_requests=2, max_connections=8, max_request_bytes=32 << 10, read_timeout_s=1.0).start()
     yield server
     server.stop()
@@ -368,35 +367,9 @@ def test_slow_clients_are_cut_off_while_others_are_served(strict):
         assert status == 408 and "did not arrive within 1 s" in body["error"] and seconds > 0.9  # not cut early
 
 
-def test_batcher_batches_only_requests_with_identical_options():
-    """Requests with different options queued behind a busy worker: each batch holds one set of options, each
-    request gets its own answer, and closing the batcher still answers everything queued."""
-    release, batches = threading.Event(), []
-
-    def run(arrays):
-        release.wait(30)
-        n, temperature = arrays["max_new_tokens"].item(), arrays["temperature"].item()
-        batches.append(n)
-        return {"completions": np.array([f"{p.decode()}/{n}/{temperature:g}" for p in arrays["prompts"]], object)}
-
-    def arrays(prompt, n):
-        return {"prompts": np.array([prompt.encode()], object), "max_new_tokens": np.int32(n),
-                "temperature": np.float32(0), "top_k": np.int32(0), "top_p": np.float32(1), "seed": np.int32(0)}
-
-    batcher = Batcher(run, max_batch_size=4, timeout_s=0.05)
-    jobs = [(f"p{i}", n) for i, n in enumerate([5, 5, 7, 5, 7, 9, 5, 9, 7, 5, 5, 7, 9, 9])]
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        answers = [pool.submit(batcher, arrays(p, n)) for p, n in jobs]
-        time.sleep(0.3)
-        batcher.close()
-        release.set()
-        assert [a.result(timeout=30)["completions"][0] for a in answers] == [f"{p}/{n}/0" for p, n in jobs]
-    assert len(batches) < len(jobs)  # some were batched
-
-
 def test_interleaved_requests_equal_their_solo_answers(server):
-    """Greedy requests with different max_new_tokens and seeded sampled ones, from 16 clients at once (batching on),
-    each get what they get alone."""
+    """Greedy requests with different max_new_tokens and seeded sampled ones, from 16 clients at once (sharing the
+    decode engine's slots), each get what they get alone."""
     options = [dict(GREEDY, max_new_tokens=n) for n in (3, 7, 12)] + [
         dict(GREEDY, max_new_tokens=9, temperature=0.9, seed=s) for s in (1, 2)]
     requests = [{"inputs": {"prompts": prompts, **o}} for prompts in (["the cat"], ["mat. the", "t"], PROMPTS[:3])
@@ -475,7 +448,9 @@ def test_prometheus_metrics(server):
     assert 'tfglm_requests_total{model="tiny",signature="serving_default",status="INVALID_ARGUMENT"}' in text
     assert 'tfglm_requests_total{model="",signature="",status="NOT_FOUND"}' in text
     assert 'tfglm_request_latency_seconds_count{model="tiny",signature="generate",status="OK"}' in text
-    assert 'tfglm_batch_size_count{model="tiny"}' in text and "evil" not in text
+    assert 'tfglm_time_to_first_token_seconds_count{model="tiny"}' in text and "evil" not in text
+    assert 'tfglm_engine_slots_in_use{model="tiny"} 0.0' in text and 'tfglm_engine_queue_length{model="tiny"}' in text
+    assert float(text.split('tfglm_generated_tokens_total{model="tiny"} ')[1].split()[0]) > 0
 
 
 def test_export_needs_no_extra():
@@ -610,7 +585,7 @@ def predict(n):
         return json.load(response)
 
 
-server = Server({"m": base}, port=0, rest_api_port=0, enable_batching=True, poll_s=0.1, max_batch_size=4).start()
+server = Server({"m": base}, port=0, rest_api_port=0, poll_s=0.1, max_batch_size=4).start()
 try:
     want = predict(1)["outputs"]["completions"][0]
     results, stop = [], threading.Event()
@@ -666,3 +641,75 @@ def test_version_swap_under_load_loses_nothing_and_compiles_nothing_after_the_sw
     assert out["wrong"] == 0 and out["after_swap"] > 0, out
     assert out["compiled_after_swap"] == 0, out
     assert out["version_1_freed"]
+
+
+def completion(server, prompt, stream=False, **options):
+    """The text of an OpenAI `/v1/completions` request, whole or streamed (the server-sent events joined)."""
+    body = json.dumps({"model": "tiny", "prompt": prompt, "stream": stream, **options}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{server.rest_port}/v1/completions", body)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        if not stream:
+            return json.load(response)["choices"][0]["text"]
+        events = [line.decode().removeprefix("data: ").strip() for line in response if line.startswith(b"data: ")]
+    assert events[-1] == "[DONE]"
+    return "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1] if json.loads(e)["choices"])
+
+
+def test_32_concurrent_mixed_requests_each_give_what_they_give_alone(server):
+    """Greedy and seeded sampled requests, REST and gRPC `:predict` and OpenAI completions whole and streamed, 32 at
+    once through the decode engine: each gives exactly the text it gives alone."""
+    client = Client(f"127.0.0.1:{server.grpc_port}", "tiny", "grpc")
+    options = [dict(GREEDY, max_new_tokens=n) for n in (5, 12)] + [
+        dict(GREEDY, max_new_tokens=10, temperature=t, top_k=k, seed=s) for t, k, s in ((0.9, 0, 1), (1.3, 5, 2))]
+
+    def ask(job):
+        kind, prompt, o = job
+        if kind == "rest":
+            return rest(server, "/v1/models/tiny:predict", {"inputs": {"prompts": [prompt], **o}})[1]["outputs"][
+                "completions"][0]
+        if kind == "grpc":
+            return client.generate([prompt], **o)["completions"][0]
+        openai = {"max_tokens": o["max_new_tokens"], "temperature": o["temperature"], "top_k": o["top_k"],
+                  "seed": o["seed"]}
+        return completion(server, prompt, stream=kind == "stream", **openai)
+
+    jobs = [(kind, prompt, o) for kind in ("rest", "grpc", "whole", "stream") for o in options
+            for prompt in ("the cat", "mat. the")]
+    alone = [ask(job) for job in jobs]
+    assert len(jobs) == 32 and alone[:8] == alone[8:16] == alone[16:24] == alone[24:]  # every front, one text
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(ask, jobs))
+    assert together == alone
+
+
+def test_a_disconnected_stream_frees_its_slot_and_the_queue_bound_holds(base_path, monkeypatch):
+    """One slot: a streamed completion whose client goes away after its first event is cancelled at the engine's
+    next step, and the request queued behind it is served; a third request beyond the queue bound gets 503."""
+    server = Server({"tiny": base_path}, port=0, rest_api_port=0, poll_s=60, max_slots=1,
+                    max_enqueued_requests=2).start()
+    try:
+        servables = server.models["tiny"].servables
+        engine = servables[max(servables)].engine
+        submitted, step = [], engine._step
+        submit = engine.submit
+        monkeypatch.setattr(engine, "submit", lambda request: submitted.append(request) or submit(request))
+        monkeypatch.setattr(engine, "_step", lambda *args: time.sleep(0.05) or step(*args))  # a slow model
+        body = json.dumps({"model": "tiny", "prompt": "the", "max_tokens": 28, "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            received = b""
+            while b"data: " not in received:  # the headers, then the first event
+                received += sock.recv(65536)
+            with ThreadPoolExecutor(1) as pool:
+                queued = pool.submit(completion, server, "mat. the", max_tokens=4, temperature=0)
+                while len(submitted) < 2:  # the second is in the engine's queue
+                    time.sleep(0.01)
+                status, _ = rest(server, "/v1/models/tiny:predict", {"inputs": {"prompts": ["the"]}})
+                assert status == 503
+                sock.shutdown(socket.SHUT_RDWR)
+                assert queued.result(timeout=60)
+        assert submitted[0].finish_reason == "cancelled"
+        assert not any(engine.slots)
+    finally:
+        server.stop()

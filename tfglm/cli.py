@@ -188,11 +188,16 @@ def _parser():
     serve.add_argument("--model_name", default="default", help="name of the model at --model_base_path")
     serve.add_argument("--model_base_path", help="directory of numbered versions written by tfglm export")
     serve.add_argument("--model_config_file", help="TF Serving ModelServerConfig text proto (several models)")
-    serve.add_argument("--enable_batching", action="store_true", help="batch concurrent greedy generate requests")
+    serve.add_argument("--enable_batching", action="store_true",
+                       help="accepted for TF Serving's command lines: tfglm serve always batches generation "
+                            "(every generate, chat and OpenAI request shares one decode engine per model)")
+    serve.add_argument("--max_slots", type=int, help="sequences a model decodes at once (its decode engine's KV-cache "
+                                                     "slots, each layers x 2 x context x width values; default 16, "
+                                                     "fewer when they would take over 1/16 of memory)")
     serve.add_argument("--max_prompt_bytes", type=int, default=64 * 1024, help="longest text accepted, in bytes")
     serve.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0, help="new-version poll interval")
     serve.add_argument("--max_batch_size", type=int, default=32,
-                       help="most prompts (rows) a request may hold, and the batcher's largest batch")
+                       help="most prompts (rows) a request may hold")
     serve.add_argument("--max_enqueued_requests", type=int, default=64,
                        help="requests running or waiting, over both protocols, before 503 / UNAVAILABLE")
     serve.add_argument("--max_connections", type=int, default=256, help="REST connections before 503")
@@ -550,10 +555,11 @@ def cmd_serve(args):
         raise TfglmError("give --model_base_path (with --model_name) or --model_config_file, not both")
     models = read_model_config(args.model_config_file) if args.model_config_file else {
         args.model_name: args.model_base_path}
-    server = Server(models, args.host, args.port, args.rest_api_port or None, args.enable_batching,
-                    args.max_prompt_bytes, args.file_system_poll_wait_seconds, max_batch_size=args.max_batch_size,
+    server = Server(models, args.host, args.port, args.rest_api_port or None, args.max_prompt_bytes,
+                    args.file_system_poll_wait_seconds, max_batch_size=args.max_batch_size,
                     max_enqueued_requests=args.max_enqueued_requests, max_connections=args.max_connections,
-                    max_request_bytes=args.max_request_bytes, read_timeout_s=args.read_timeout_seconds).start()
+                    max_request_bytes=args.max_request_bytes, read_timeout_s=args.read_timeout_seconds,
+                    max_slots=args.max_slots).start()
     rest = f", REST on http://{args.host}:{server.rest_port}" if args.rest_api_port else ""
     log.info("serving %s: gRPC on %s:%d%s", ", ".join(models), args.host, server.grpc_port, rest)
     try:

@@ -50,7 +50,8 @@ class MultiHeadAttention(keras.layers.Layer):
 
     `causal=True` masks future positions (decoders); an optional `padding_mask` [batch, keys] masks padded keys.
     With `cache` ([batch, 2, heads, max_length, head_dim]) the new keys/values are written at `index` and the query
-    attends to every cached position up to its own; the updated cache is returned.
+    attends to every cached position up to its own; the updated cache is returned. `index` is a scalar (every row at
+    the same positions) or, for one token a row, a vector [batch] of each row's position (a decode engine's slots).
 
     `cross=True` makes it cross-attention: queries from `x`, keys and values (a fused KV projection) from `context`
     [batch, keys, hidden], or from `cache` when given: `key_values(context)`, computed once per source for decoding.
@@ -105,14 +106,17 @@ class MultiHeadAttention(keras.layers.Layer):
             qkv = self._split_heads(self.qkv(x), 3)
             query, key_value = qkv[:, 0], qkv[:, 1:]
             if cache is not None:
-                cache = key_value = ops.slice_update(cache, (0, 0, 0, index, 0), key_value)
+                cache = key_value = write_cache(cache, key_value, index)
         key, value = key_value[:, 0], key_value[:, 1]
         scores = ops.einsum("bhqd,bhkd->bhqk", query, key) * (self.head_dim ** -0.5)
         scores = ops.cast(scores, "float32")
         mask = None
-        if self.causal:
-            query_positions = ops.arange(length) + index
-            mask = ops.arange(ops.shape(key)[2])[None, :] <= query_positions[:, None]
+        if self.causal:  # [queries, keys], or [batch, 1, 1, keys] for one query a row at per-row positions
+            keys = ops.arange(ops.shape(key)[2])
+            if len(getattr(index, "shape", ())) == 1:
+                mask = (keys[None, :] <= index[:, None])[:, None, None, :]
+            else:
+                mask = keys[None, :] <= (ops.arange(length) + index)[:, None]
         if padding_mask is not None:
             keys_mask = ops.cast(padding_mask, "bool")[:, None, None, :]
             mask = keys_mask if mask is None else ops.logical_and(mask, keys_mask)
@@ -127,6 +131,18 @@ class MultiHeadAttention(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "num_heads": self.num_heads, "dropout": self.dropout, "causal": self.causal,
                 "cross": self.cross}
+
+
+def write_cache(cache, key_value, index):
+    """`cache` [batch, 2, heads, length, head_dim] with `key_value` [batch, 2, heads, new, head_dim] written at
+    position `index`, a scalar, or a vector [batch] (one new position a row: a scatter of one entry a row and head)."""
+    if len(getattr(index, "shape", ())) == 0:
+        return ops.slice_update(cache, (0, 0, 0, index, 0), key_value)
+    batch, _, heads = ops.shape(cache)[0], ops.shape(cache)[1], ops.shape(cache)[2]
+    grid = ops.meshgrid(ops.arange(batch), ops.arange(2), ops.arange(heads), indexing="ij")
+    rows = [ops.reshape(g, (-1,)) for g in grid]
+    indices = ops.stack(rows + [ops.take(index, rows[0])], axis=1)
+    return ops.scatter_update(cache, indices, ops.reshape(key_value, (-1, ops.shape(key_value)[-1])))
 
 
 @keras.saving.register_keras_serializable(package="tfglm")

@@ -40,7 +40,7 @@ import tensorflow as tf  # noqa: E402
 
 from bench import common  # noqa: E402
 from tfglm.config import GenerateConfig  # noqa: E402
-from tfglm.serving.openai_api import STREAM_STEPS  # noqa: E402
+from tfglm.serving.engine import STEPS as STREAM_STEPS  # noqa: E402
 from tfglm.serving.signatures import language_model  # noqa: E402
 
 VOCAB, PROMPT, NEW_TOKENS = common.CodepointIds.vocab_size, common.DECODE_PROMPT, common.DECODE_NEW_TOKENS

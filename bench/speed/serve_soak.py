@@ -4,7 +4,7 @@ connection, no wrong answer expected), latency percentiles of the good requests 
 
 The model is `configs/gpt-char-tiny.yaml`'s (4 x 128, context 64, characters), trained for 4 steps on a synthetic
 corpus and exported with XLA (or without: `--no-jit-compile`); the server is
-`tfglm serve --enable_batching --max_batch_size 8` in a process of its own (its RSS is read from /proc). Good
+`tfglm serve --max_batch_size 8` in a process of its own (its RSS is read from /proc). Good
 requests are greedy or seeded-sampled completions of short prompts with the export's default options, checked
 against the answer each got alone at the start; a new version is a copy of version 1, so every version must answer
 the same.
@@ -150,8 +150,8 @@ def raw_status(port, data, pause_s=None):
 def soak(base, seconds, swap_every, server_log):
     rest_port, grpc_port = free_port(), free_port()
     server = subprocess.Popen([sys.executable, "-m", "tfglm", "serve", "--model_name", "m", "--model_base_path", base,
-                               "--port", str(grpc_port), "--rest_api_port", str(rest_port), "--enable_batching",
-                               "--max_batch_size", "8", "--read_timeout_seconds", "2"],
+                               "--port", str(grpc_port), "--rest_api_port", str(rest_port), "--max_batch_size", "8",
+                               "--read_timeout_seconds", "2"],
                               stdout=server_log, stderr=subprocess.STDOUT)
     traffic = Traffic(rest_port, grpc_port)
     try:

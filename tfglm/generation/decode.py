@@ -2,9 +2,11 @@
 
 `Generator` is the single entry point used by `tfglm generate` and `tfglm chat`, the exported SavedModel and the server,
 whole (`generate`, `chat`) or streamed in chunks of a few tokens (`stream`, the export's `*_start` and `advance`
-signatures). Prompts are encoded in the graph by the causal LM (or chat) preprocessor (`tfglm.preprocessors`): `<eot>`
-first, truncated from the left to fit the context, right-padded into a buffer whose batch, prompt and total lengths
-are bucketed, and decoded. XLA compiles once per such shape bucket, never per call or prompt length.
+signatures); and the two functions of `tfglm serve`'s continuous-batching engine (`slot_prefill`, `slot_step`:
+`tfglm.serving.engine`), which decode a fixed pool of slots, each sequence at its own position. Prompts are encoded
+in the graph by the causal LM (or chat) preprocessor (`tfglm.preprocessors`): `<eot>` first, truncated from the left
+to fit the context, right-padded into a buffer whose batch, prompt and total lengths are bucketed, and decoded. XLA
+compiles once per such shape bucket, never per call or prompt length.
 """
 
 import codecs
@@ -48,7 +50,7 @@ def advance(model, state, steps, temperature, top_k, top_p, seed, eot_id, projec
 
     def step(i, tokens, caches, done):
         hidden, caches = model.forward(tf.slice(tokens, [0, i], [-1, 1]), caches, i)
-        sampled = sample(model.logits(hidden[:, 0], projection), temperature, top_k, top_p, tf.stack([seed, i]))
+        sampled = sample(model.logits(hidden[:, 0], projection), temperature, top_k, top_p, seed, i)
         position = i + 1
         in_prompt = position < lengths
         prompt_token = tf.slice(tokens, [0, position], [-1, 1])[:, 0]
@@ -72,6 +74,40 @@ def decode(model, tokens, lengths, prefill_length, max_new_tokens, temperature, 
     state = advance(model, state, tf.shape(tokens)[1], temperature, top_k, top_p, seed, eot_id,
                     model.output_projection())
     return state["tokens"], generated_mask(state, eot_id)
+
+
+def slot_prefill(model, caches, tokens, slots, ids, start):
+    """A decode engine's prefill: rows `ids` [k, width] written into the engine's `slots` [k] at positions start..
+    of its per-layer `caches` ([slots, 2, heads, context, head_dim] each) and sequence buffer `tokens` [slots,
+    context]. Returns both, updated. Every slot of the k may be one slot repeated with its own ids (padding rows)."""
+    rows = [tf.gather(cache, slots) for cache in caches]
+    _, rows = model.forward(ids, rows, start)
+    caches = [tf.tensor_scatter_nd_update(cache, slots[:, None], row) for cache, row in zip(caches, rows)]
+    k, width = tf.shape(ids)[0], tf.shape(ids)[1]
+    where = tf.stack([tf.repeat(slots, width), tf.tile(start + tf.range(width), [k])], axis=1)
+    return caches, tf.tensor_scatter_nd_update(tokens, where, tf.reshape(ids, [-1]))
+
+
+def slot_step(model, caches, tokens, positions, limits, temperature, top_k, top_p, seed, steps, projection):
+    """A decode engine's step: `steps` tokens for every slot at once. Slot b reads its token at `positions[b]` in
+    `tokens` [slots, context] and writes the next one after it while that stays below `limits[b]` (a slot at its
+    limit, or an idle one with limit 0, stands still: it rewrites its cache entry at its position). The options,
+    `seed` and `positions` are vectors [slots]: sampling is keyed on each slot's (seed, position), so a slot's text
+    does not depend on the others. Returns (caches, tokens, positions)."""
+    rows = tf.range(tf.shape(tokens)[0])
+
+    def step(i, caches, tokens, positions):
+        current = tf.gather_nd(tokens, tf.stack([rows, positions], axis=1))
+        hidden, caches = model.forward(current[:, None], caches, positions)
+        sampled = sample(model.logits(hidden[:, 0], projection), temperature, top_k, top_p, seed, positions)
+        moving = positions + 1 < limits
+        positions = tf.where(moving, positions + 1, positions)
+        tokens = tf.tensor_scatter_nd_update(tokens, tf.stack([rows, positions], axis=1),
+                                             tf.where(moving, sampled, current))
+        return i + 1, caches, tokens, positions
+
+    _, caches, tokens, positions = tf.while_loop(lambda i, *_: i < steps, step, (0, caches, tokens, positions))
+    return caches, tokens, positions
 
 
 def unfinished(index, limit, done):
@@ -123,6 +159,21 @@ class Generator(tf.Module):
         # about 2 ms a token at 8 tokens a chunk. One trace for every buffer shape after the second (the XLA function
         # inside still compiles once per shape).
         self._stream_advance = tf.function(self.advance, reduce_retracing=True)
+        self.slot_prefill = tf.function(self._slot_prefill, jit_compile=jit_compile, reduce_retracing=True)
+        self.slot_step = tf.function(self._slot_step, jit_compile=jit_compile)
+
+    def _slot_prefill(self, caches, tokens, slots, ids, start):
+        """`slot_prefill` on an engine's caches stacked into one tensor [layers, slots, 2, heads, context,
+        head_dim]: {"caches", "tokens"}."""
+        caches, tokens = slot_prefill(self.model, tf.unstack(caches, len(self.model.blocks)), tokens, slots, ids,
+                                      start)
+        return {"caches": tf.stack(caches), "tokens": tokens}
+
+    def _slot_step(self, caches, tokens, positions, limits, temperature, top_k, top_p, seed, steps, projection):
+        """`slot_step` on stacked caches: {"caches", "tokens", "positions"}."""
+        caches, tokens, positions = slot_step(self.model, tf.unstack(caches, len(self.model.blocks)), tokens,
+                                              positions, limits, temperature, top_k, top_p, seed, steps, projection)
+        return {"caches": tf.stack(caches), "tokens": tokens, "positions": positions}
 
     def _prefill_tokens(self, tokens, lengths, prefill_length, max_new_tokens):
         return prefill(self.model, tokens, lengths, prefill_length, max_new_tokens)

@@ -66,10 +66,14 @@ class GPT(keras.Model):
 
     def forward(self, token_ids, caches=None, index=0, training=None, context=None, context_mask=None,
                 cross_caches=None):
-        """Hidden states [batch, length, hidden] for tokens at positions index.. (and the updated per-layer caches).
-        Cross-attention blocks attend to `context` or its per-layer `cross_caches`."""
+        """Hidden states [batch, length, hidden] for tokens at positions index.. (and the updated per-layer caches);
+        `index` may be a vector [batch] of per-row positions for one token a row (with caches). Cross-attention blocks attend to `context` or its per-layer `cross_caches`."""
         x = self.token_embedding(token_ids)
-        x = self.embedding_dropout(x + self.position_embedding(x, start_index=index), training=training)
+        if len(getattr(index, "shape", ())) == 1:  # one token a row, each at its own position
+            positions = ops.take(self.position_embedding.position_embeddings, index, axis=0)[:, None]
+        else:
+            positions = self.position_embedding(x, start_index=index)
+        x = self.embedding_dropout(x + ops.cast(positions, x.dtype), training=training)
         new_caches = []
         for i, block in enumerate(self.blocks):
             x, cache = block(x, cache=None if caches is None else caches[i], index=index, context=context,

@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 import time
+import types
 
 import prometheus_client
 import tensorflow as tf
@@ -23,7 +24,8 @@ log = logging.getLogger("tfglm")
 
 class Metrics:
     """Prometheus metrics (`/monitoring/prometheus/metrics`): requests and their latency by model, signature and
-    status (a gRPC status name, for both protocols), and the size of every batch a batcher runs."""
+    status (a gRPC status name, for both protocols), and the decode engines': slots in use, queue length, time to
+    first token and tokens generated."""
 
     def __init__(self):
         self.registry = prometheus_client.CollectorRegistry()
@@ -32,8 +34,15 @@ class Metrics:
                                                   registry=self.registry)
         self.latency = prometheus_client.Histogram("tfglm_request_latency_seconds", "Request latency", labels,
                                                    registry=self.registry)
-        self.batch_size = prometheus_client.Histogram("tfglm_batch_size", "Prompts per generate call", ["model"],
-                                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+        model = ["model"]
+        self.slots = prometheus_client.Gauge("tfglm_engine_slots_in_use", "Decode engine slots in use", model,
+                                             registry=self.registry)
+        self.queue = prometheus_client.Gauge("tfglm_engine_queue_length", "Sequences waiting for a decode slot",
+                                             model, registry=self.registry)
+        self.ttft = prometheus_client.Histogram("tfglm_time_to_first_token_seconds", "From a sequence's submission "
+                                                "to its first token", model, registry=self.registry)
+        self.tokens = prometheus_client.Counter("tfglm_generated_tokens", "Tokens the decode engines generated "
+                                                "(their rate is tokens/s)", model, registry=self.registry)
 
     @contextlib.contextmanager
     def request(self):
@@ -51,6 +60,11 @@ class Metrics:
         finally:
             self.requests.labels(labels["model"], labels["signature"], status).inc()
             self.latency.labels(labels["model"], labels["signature"], status).observe(time.perf_counter() - start)
+
+    def engine(self, model):
+        """The decode engine metrics of `model` (`tfglm.serving.engine.Engine`'s `metrics`)."""
+        return types.SimpleNamespace(**{name: getattr(self, name).labels(model)
+                                        for name in ("slots", "queue", "ttft", "tokens")})
 
     def exposition(self):
         return prometheus_client.generate_latest(self.registry)
@@ -81,17 +95,18 @@ class ServerCore:
     ServerCore); `Server` (`tfglm.serving.serve`) puts the fronts before it.
 
     `models` maps each name to its base path or to a ModelConfig (`read_model_config`). Limits: a request holds at
-    most `max_batch_size` prompts (also the batcher's largest batch) of `max_prompt_bytes` each and
+    most `max_batch_size` prompts of `max_prompt_bytes` each and
     `max_request_bytes` in all (REST body, gRPC message); at most `max_enqueued_requests` requests wait or run (more get
     503 / UNAVAILABLE), `num_threads` of them at a time per protocol; REST takes at most `max_connections`
     connections, idle or busy (more get 503 as they open), and gives each request `read_timeout_s` to send its
     headers and as long again for its body (then 408 and the connection closed). Every limit must be positive.
+    `max_slots`: the slots of each language model version's decode engine (None: `engine.default_slots`).
     """
 
-    def __init__(self, models, enable_batching=False, max_prompt_bytes=64 * 1024, poll_s=1.0, max_batch_size=32,
-                 max_enqueued_requests=64, max_connections=256, max_request_bytes=4 << 20, read_timeout_s=10.0,
-                 num_threads=16):
+    def __init__(self, models, max_prompt_bytes=64 * 1024, poll_s=1.0, max_batch_size=32, max_enqueued_requests=64,
+                 max_connections=256, max_request_bytes=4 << 20, read_timeout_s=10.0, num_threads=16, max_slots=None):
         limits = {"--max_prompt_bytes": max_prompt_bytes, "--file_system_poll_wait_seconds": poll_s,
+                  **({"--max_slots": max_slots} if max_slots is not None else {}),
                   "--max_batch_size": max_batch_size, "--max_enqueued_requests": max_enqueued_requests,
                   "--max_connections": max_connections, "--max_request_bytes": max_request_bytes,
                   "--read_timeout_seconds": read_timeout_s, "num_threads": num_threads}
@@ -105,8 +120,7 @@ class ServerCore:
                 raise TfglmError(f"model {name}: base path {config.base_path} is not a directory")
         self.metrics = Metrics()
         self.models = {name: Model(config, max_prompt_bytes=max_prompt_bytes, max_batch_size=max_batch_size,
-                                   enable_batching=enable_batching,
-                                   on_batch=self.metrics.batch_size.labels(name).observe)
+                                   max_slots=max_slots, engine_metrics=self.metrics.engine(name))
                        for name, config in configs.items()}
         self.poll_s = poll_s
         self.admission = Admission(max_enqueued_requests)

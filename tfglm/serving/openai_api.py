@@ -2,18 +2,18 @@
 talk to exported models:
 
     GET  /v1/models              the served models with streaming signatures (`id` is the model's name)
-    POST /v1/chat/completions    a chat export's `chat_start` + `advance` (`"stream": true`: server-sent events)
-    POST /v1/completions         `generate_start` + `advance` for one prompt
+    POST /v1/chat/completions    a chat export's reply to `messages` (`"stream": true`: server-sent events)
+    POST /v1/completions         a language model export's completion of one prompt
     POST /v1/embeddings          an embedding export's `embed` for a string or a list of strings
 
-Both completions run the same decode as the export's `chat` and `generate` signatures (the `_start` signature, then
-`advance` to the end, or every STREAM_STEPS tokens when streaming), so a greedy reply equals theirs. The request's
-options map to the export's: `max_tokens` (or `max_completion_tokens`), `temperature`, `top_p`, `seed` and the
-extension `top_k`; one left out takes the export's default (its SignatureDef's `defaults`, the run's `generate`
+Both completions decode in the model's decode engine (`tfglm.serving.engine`), shared with every other request (an
+export without it: its `_start` signature, then `advance`), so a reply equals `:predict`'s `chat` or `generate`. The
+request's options map to the export's: `max_tokens` (or `max_completion_tokens`), `temperature`, `top_p`, `seed` and
+the extension `top_k`; one left out takes the export's default (its SignatureDef's `defaults`, the run's `generate`
 config), not OpenAI's (a temperature of 1). `n` must be 1; `stop`, `logprobs`, `echo`, `suffix` and `tools` are
-refused rather than ignored, other fields ignored. Each request runs alone (no batching), admitted through the
-server's queue bound like any other; a stream holds its place until it ends. Errors have OpenAI's shape,
-`{"error": {"message", "type", "param", "code"}}`: 400, 404 for an unknown model, 408, 413 and 503.
+refused rather than ignored, other fields ignored. A request is admitted through the server's queue bound like any
+other; a stream holds its place until it ends, and a client that goes away frees its decode slot. Errors have
+OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400, 404 for an unknown model, 408, 413 and 503.
 
 Embeddings come as OpenAI gives them: a list of floats (`"encoding_format": "float"`) or, as the `openai` client
 asks by default, "base64" (the float32 vector's little-endian bytes); `usage` counts the tokens the vectors read.
@@ -39,7 +39,6 @@ from tfglm.serving.codec import json_object, utf8
 from tfglm.serving.http import error_response, json_response, read_body
 
 log = logging.getLogger("tfglm")
-STREAM_STEPS = 4  # tokens decoded per streamed chunk
 PARAMS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed"}  # OpenAI -> export
 UNSUPPORTED = ("stop", "logprobs", "top_logprobs", "echo", "suffix", "tools", "functions")
 ROLE_NAMES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -86,17 +85,29 @@ def routes(core, pool):
         query = parse(json_object(body), kind, core, labels)
         if not query.stream:
             with core.admission():
-                text, outputs = await loop.run_in_executor(pool, whole, query)
-            return json_response(query.response(text, *outcome(outputs)))
+                stream = await loop.run_in_executor(pool, query.servable.stream, kind, query.arrays)
+                try:
+                    text = await loop.run_in_executor(pool, stream.text)
+                finally:
+                    stream.cancel()  # a client gone while it waits
+            return json_response(query.response(text, stream.finish_reason, stream.usage))
         admitted = core.admission()
         admitted.__enter__()  # left when the stream ends (`EventStream`), or here if it cannot start
+        stream = None
         try:
-            chunks = query.servable.stream(kind, query.arrays, STREAM_STEPS)
-            first = await loop.run_in_executor(pool, next, chunks)  # the start's errors get their status
+            stream = await loop.run_in_executor(pool, query.servable.stream, kind, query.arrays)
+            first = await loop.run_in_executor(pool, next, stream, None)  # the start's errors get their status
         except BaseException:
+            if stream is not None:
+                stream.cancel()
             admitted.__exit__(None, None, None)
             raise
-        return EventStream(events(query, first, chunks, loop), lambda: admitted.__exit__(None, None, None))
+
+        def close():
+            stream.cancel()  # a client gone mid-stream frees its decode slot at the engine's next step
+            admitted.__exit__(None, None, None)
+
+        return EventStream(events(query, stream, first, loop), close)
 
     async def embeddings(request, labels):
         body = await read_body(request, core.max_request_bytes, core.read_timeout_s)
@@ -113,25 +124,22 @@ def routes(core, pool):
         return json_response({"object": "list", "data": data, "model": model,
                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    async def events(query, first, chunks, loop):
+    async def events(query, stream, piece, loop):
         yield sse(query.chunk(None, role=True))
-        chunk = first
         try:
-            while chunk is not None:
-                if chunk[0][0]:
-                    yield sse(query.chunk(chunk[0][0]))
-                outputs = chunk[1]
-                chunk = await loop.run_in_executor(pool, next, chunks, None)
+            while piece is not None:
+                if piece:
+                    yield sse(query.chunk(piece))
+                piece = await loop.run_in_executor(pool, next, stream, None)
         except Exception as e:  # the status is sent: the error goes as an event
             if not isinstance(e, RequestError):
                 log.exception("REST stream of %s", query.model)
                 e = RequestError(f"{type(e).__name__}: {e}", 500)
             yield sse(error_body(e))
             return
-        finish_reason, usage = outcome(outputs)
-        yield sse(query.chunk(None, finish_reason=finish_reason))
+        yield sse(query.chunk(None, finish_reason=stream.finish_reason))
         if query.include_usage:
-            yield sse({**query.chunk(None), "choices": [], "usage": usage})
+            yield sse({**query.chunk(None), "choices": [], "usage": stream.usage})
         yield b"data: [DONE]\n\n"
 
     return [Route("/v1/models", models, methods=["GET"]),
@@ -155,14 +163,6 @@ class EventStream(StreamingResponse):
         finally:
             await self.body_iterator.aclose()
             self.on_close()
-
-
-def whole(query):
-    """(the text, the last `advance` outputs) of a query decoded to the end in one `advance`."""
-    text, outputs = "", None
-    for pieces, outputs in query.servable.stream(query.kind, query.arrays, steps=1 << 30):
-        text += pieces[0]
-    return text, outputs
 
 
 class Query:
@@ -282,16 +282,6 @@ def options(request, context):
             except RequestError as e:
                 raise OpenAIError(str(e), param) from None
     return arrays
-
-
-def outcome(outputs):
-    """(finish_reason, usage) of a finished decode's `advance` outputs (one row): "length" when it used every
-    token it was allowed, "stop" when it ended at `<eot>`."""
-    prompt_tokens, limit = int(outputs["lengths"][0]), int(outputs["limit"][0])
-    completion_tokens = int(outputs["num_tokens"][0])
-    return ("length" if prompt_tokens + completion_tokens >= limit else "stop",
-            {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens})
 
 
 def sse(payload):

@@ -1,6 +1,15 @@
 """A served version: a loaded `tfglm export` SavedModel, its signatures called with checked inputs and their
-SignatureDef's `defaults` filled in (as TF Serving does), warmed up before it takes traffic."""
+SignatureDef's `defaults` filled in (as TF Serving does), warmed up before it takes traffic.
 
+A language model exported with the engine's signatures (`tfglm.serving.signatures.ENGINE`) generates through its
+decode engine (`tfglm.serving.engine`): every `generate` and `chat` request, whole or streamed, shares its slots.
+An export written before them runs each request alone through its `generate`/`chat` (`*_start` and `advance` when
+streamed).
+"""
+
+import codecs
+import contextlib
+import logging
 import os
 import re
 
@@ -12,9 +21,12 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 from tfglm.config import GENERATE_OPTIONS
 from tfglm.generation.decode import stream_text
-from tfglm.serving.batching import Batcher
 from tfglm.serving.checks import RequestError, check_conversations, check_generate_options, check_token_ids
-from tfglm.serving.signatures import STREAMING, WARMUP
+from tfglm.serving.engine import Engine, Request, default_slots
+from tfglm.serving.signatures import ENGINE, STREAMING, WARMUP
+
+log = logging.getLogger("tfglm")
+OPTION_NAMES = [o.name for o in GENERATE_OPTIONS]
 
 
 def graph_message(error):
@@ -31,13 +43,15 @@ def graph_message(error):
 class Servable:
     """One loaded version: signature functions, their SignatureDefs (with input defaults) and the model's context.
 
-    Every input whose first dimension is the batch may hold at most `max_batch_size` rows. Loading replays the
-    export's warmup requests at every power-of-two batch size up to `max_batch_size`, so that each batch shape a
-    request or the batcher can bring is compiled (XLA) before the version takes traffic.
+    Every input whose first dimension is the batch may hold at most `max_batch_size` rows. Loading warms up every
+    shape a request can bring before the version takes traffic: the engine's (`Engine.warm_up`), then the export's
+    warmup requests through it; for an export without the engine, those requests at every power-of-two batch size
+    up to `max_batch_size`. `max_slots` sizes the engine (None: `engine.default_slots`); `engine_metrics` are its
+    metrics (`Engine`'s `metrics`).
     """
 
-    def __init__(self, name, version, path, max_prompt_bytes=64 * 1024, max_batch_size=32, enable_batching=False,
-                 on_batch=None):
+    def __init__(self, name, version, path, max_prompt_bytes=64 * 1024, max_batch_size=32, max_slots=None,
+                 engine_metrics=None):
         self.name, self.version = name, version
         self.max_prompt_bytes, self.max_batch_size = max_prompt_bytes, max_batch_size
         self.loaded = tf.saved_model.load(path)
@@ -47,15 +61,45 @@ class Servable:
         # The model's context and vocabulary size (`tfglm.serving.signatures`), absent from older exports.
         self.context, self.vocab_size = (int(v.numpy()) if v is not None else None
                                          for v in (getattr(self.loaded, k, None) for k in ("context", "vocab_size")))
-        self.batcher = Batcher(self._generate, max_batch_size, on_batch=on_batch) if enable_batching else None
+        self.engine = self._engine(max_slots, engine_metrics) if "slot_step" in self.signature_defs else None
         self._warm_up(os.path.join(path, WARMUP))
 
+    def _engine(self, max_slots, metrics):
+        """The decode engine over the export's `slot_prefill` and `slot_step`."""
+        signatures = self.loaded.signatures
+        caches = self.signature_defs["slot_prefill"].inputs["caches"]
+        shape = [d.size for d in caches.tensor_shape.dim]
+        per_slot = [shape[0], *shape[2:]]
+        dtype = tf.as_dtype(caches.dtype)
+        max_slots = max_slots or default_slots(int(np.prod(per_slot)) * dtype.size)
+        projection = signatures["output_projection"]()["projection"]
+
+        def prefill(caches, tokens, slots, ids, start):
+            out = signatures["slot_prefill"](caches=caches, tokens=tokens, slots=tf.constant(slots),
+                                             ids=tf.constant(ids), start=tf.constant(start))
+            return out["caches"], out["tokens"]
+
+        def step(caches, tokens, positions, limits, temperature, top_k, top_p, seed, steps):
+            out = signatures["slot_step"](caches=caches, tokens=tokens, positions=tf.constant(positions),
+                                          limits=tf.constant(limits), temperature=tf.constant(temperature),
+                                          top_k=tf.constant(top_k), top_p=tf.constant(top_p), seed=tf.constant(seed),
+                                          steps=tf.constant(steps), projection=projection)
+            return out["caches"], out["tokens"]
+
+        log.info("%s: version %d decodes in %d slots of %d tokens (%.1f MiB of KV cache)", self.name, self.version,
+                 max_slots, shape[4], max_slots * np.prod(per_slot) * dtype.size / (1 << 20))
+        return Engine(prefill, step, per_slot, dtype, int(self.loaded.eot_id.numpy()), max_slots, metrics=metrics)
+
     def _warm_up(self, path):
-        """Replays the export's warmup requests, as TF Serving does while loading, at batch sizes 1, 2, 4, ...,
-        `max_batch_size` (the request's rows repeated), and streamed when the signature has a `_start`."""
+        """Warms up the engine, then replays the export's warmup requests (TF Serving's path): through the engine
+        once, streamed too; without an engine at batch sizes 1, 2, 4, ..., `max_batch_size` (the request's rows
+        repeated), streamed when the signature has a `_start`."""
+        if self.engine:
+            log.info("%s: version %d: engine warm-up took %.1f s", self.name, self.version, self.engine.warm_up())
         if not os.path.exists(path):
             return
-        sizes = sorted({min(1 << i, self.max_batch_size) for i in range(self.max_batch_size.bit_length())})
+        sizes = [1] if self.engine else sorted({min(1 << i, self.max_batch_size)
+                                                for i in range(self.max_batch_size.bit_length())})
         for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
             request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
             signature_name = request.model_spec.signature_name or "serving_default"
@@ -66,7 +110,7 @@ class Servable:
                 self.predict(signature_name, {k: np.resize(v, (size,) + v.shape[1:]) if k in batched else v
                                               for k, v in inputs.items()})
             if f"{signature_name}_start" in self.loaded.signatures:  # the OpenAI endpoints' one-row streaming
-                for _ in self.stream(signature_name, self.prepare(signature_name, inputs), steps=1 << 30):
+                for _ in self.stream(signature_name, self.prepare(signature_name, inputs)):
                     pass
 
     def signature(self, name):
@@ -77,9 +121,58 @@ class Servable:
     def predict(self, signature_name, inputs):
         """Outputs (name -> numpy array) of a signature for `inputs` (name -> numpy array), defaults filled in."""
         arrays = self.prepare(signature_name, inputs)
-        if self.batcher and "prompts" in arrays and {o.name for o in GENERATE_OPTIONS} <= set(arrays):
-            return self.batcher(arrays)
+        kind = self.generation_kind(signature_name)
+        if self.engine and kind:
+            return self._engine_predict(signature_name, kind, arrays)
         return self._call(signature_name, arrays)
+
+    def generation_kind(self, signature_name):
+        """"generate" or "chat" for a signature the engine runs (`serving_default` is one of them), else None."""
+        inputs = self.signature_defs[signature_name].inputs
+        if {"prompts", *OPTION_NAMES} <= set(inputs):
+            return "generate"
+        if {"roles", "contents", *OPTION_NAMES} <= set(inputs):
+            return "chat"
+        return None
+
+    def _engine_predict(self, signature_name, kind, arrays):
+        """`generate` or `chat` outputs, each row decoded in the engine."""
+        requests = self.submit(kind, arrays)
+        try:
+            tokens = [[t for new in request for t in new] for request in requests]
+        finally:
+            for request in requests:
+                request.cancel()
+        texts = self.detokenize(tokens)
+        text_output = next(name for name in self.signature_defs[signature_name].outputs if name != "num_tokens")
+        return {text_output: texts, "num_tokens": np.array([len(t) for t in tokens], np.int32)}
+
+    def submit(self, kind, arrays):
+        """Engine requests, one per row of `prepare`d `generate` or `chat` arrays, submitted."""
+        max_new = arrays["max_new_tokens"]
+        if kind == "chat":
+            out = self._call("conversation_ids", {"roles": arrays["roles"], "contents": arrays["contents"],
+                                                  "max_new_tokens": max_new})
+        else:
+            out = self._call("prompt_ids", {"prompts": arrays["prompts"], "max_new_tokens": max_new})
+        room = min(max(int(max_new), 1), self.context - 1)
+        options = [arrays[name].item() for name in OPTION_NAMES[1:]]
+        return [self.engine.submit(Request(ids[:n], room, *options)) for ids, n in zip(out["ids"], out["lengths"])]
+
+    def detokenize(self, rows):
+        """Texts (a [rows] object array of bytes) of lists of token ids."""
+        lengths = np.array([len(r) for r in rows], np.int32)
+        ids = np.zeros([len(rows), max(lengths.max(initial=0), 1)], np.int32)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = row
+        return self._call("detokenize", {"token_ids": ids, "lengths": lengths})["texts"]
+
+    def stream(self, signature_name, arrays):
+        """A Stream of the first row of `prepare`d `generate` or `chat` arrays: through the engine, or through the
+        `_start` signature and `advance` every few tokens (SignatureStream)."""
+        if self.engine:
+            return EngineStream(self, self.submit(self.generation_kind(signature_name), arrays)[0])
+        return SignatureStream(self, signature_name, arrays)
 
     def prepare(self, signature_name, inputs):
         """A signature's inputs checked (names, dtypes, shapes, sizes, roles, generation options), defaults filled
@@ -96,30 +189,13 @@ class Servable:
         check_generate_options(arrays, self.context)
         return arrays
 
-    def stream(self, signature_name, arrays, steps):
-        """`signature_name` ("generate" or "chat") for its `prepare`d `arrays`, run through its `_start` signature
-        and `advance` every `steps` tokens: yields each row's new text per chunk and the `advance` outputs so far
-        (`tfglm.generation.decode.stream_text`)."""
-        start = self.signature_defs[f"{signature_name}_start"].inputs
-        advance = self.signature_defs["advance"].inputs
-        options = {k: v for k, v in arrays.items() if k in advance}
-        state = self.run(f"{signature_name}_start", {k: v for k, v in arrays.items() if k in start})
-        outputs = {}
-
-        def step(state):
-            outputs.update(self.run("advance", {**state, **options, "steps": np.int32(steps)}))
-            return {k: v for k, v in outputs.items() if k in advance}, outputs
-
-        for pieces in stream_text(step, state):
-            yield pieces, outputs
-
     def check_input_names(self, signature_name, names):
-        """Rejects the streaming signatures (STREAMING), unknown inputs and missing ones without a default, naming
-        them."""
+        """Rejects the streaming and engine signatures (STREAMING, ENGINE), unknown inputs and missing ones without
+        a default, naming them."""
         signature = self.signature(signature_name)
-        if signature_name in STREAMING:
-            raise RequestError(f"signature {signature_name!r} carries the decode state of tfglm serve's streaming "
-                               "endpoints; it is not served over Predict (use generate or chat)")
+        if signature_name in STREAMING + ENGINE:
+            raise RequestError(f"signature {signature_name!r} is tfglm serve's own (streaming or its decode engine); "
+                               "it is not served over Predict (use generate or chat)")
         unknown = sorted(set(names) - set(signature.inputs))
         missing = sorted(set(signature.inputs) - set(names) - set(signature.defaults))
         if unknown or missing:
@@ -169,9 +245,6 @@ class Servable:
                                f"--max_prompt_bytes)")
         return array
 
-    def _generate(self, arrays):
-        return self._call("generate", arrays)
-
     def _call(self, signature_name, arrays):
         return {k: v.numpy() for k, v in self.run(signature_name, arrays).items()}
 
@@ -183,5 +256,93 @@ class Servable:
             raise RequestError(graph_message(str(e))) from None
 
     def close(self):
-        if self.batcher:
-            self.batcher.close()
+        if self.engine:
+            self.engine.close()
+
+
+class EngineStream:
+    """A row decoded in the engine, as text: iterating yields the text it gains as its tokens come (detokenized
+    whole each time: a token's text can depend on its neighbours; bytes of an unfinished UTF-8 character wait);
+    once ended, `finish_reason` ("stop" or "length") and `usage`. `cancel` frees its slot."""
+
+    def __init__(self, servable, request):
+        self.servable, self.request, self.tokens = servable, request, []
+        self._pieces = self._decode()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._pieces)
+
+    def _decode(self):
+        decoder, sent = codecs.getincrementaldecoder("utf-8")(errors="replace"), 0
+        for new in self.request:
+            self.tokens += new
+            text = self.servable.detokenize([self.tokens])[0]
+            yield decoder.decode(text[sent:])
+            sent = len(text)
+        yield decoder.decode(b"", final=True)
+
+    def text(self):
+        """The whole text, decoded to the end (one detokenization)."""
+        self.tokens += [t for new in self.request for t in new]
+        return self.servable.detokenize([self.tokens])[0].decode("utf-8", errors="replace")
+
+    @property
+    def finish_reason(self):
+        return self.request.finish_reason
+
+    @property
+    def usage(self):
+        prompt, completion = len(self.request.ids), len(self.tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def cancel(self):
+        self.request.cancel()
+
+
+class SignatureStream:
+    """A row decoded by an export without the engine: its `_start` signature, then `advance` every STEPS tokens
+    (to the end at once for `text`); the same interface as EngineStream."""
+
+    STEPS = 4
+
+    def __init__(self, servable, signature_name, arrays):
+        start = servable.signature_defs[f"{signature_name}_start"].inputs
+        advance = servable.signature_defs["advance"].inputs
+        options = {k: v for k, v in arrays.items() if k in advance}
+        self.outputs = {}
+        state = servable.run(f"{signature_name}_start", {k: v for k, v in arrays.items() if k in start})
+
+        def step(state):
+            self.outputs.update(servable.run("advance", {**state, **options, "steps": np.int32(self.steps)}))
+            return {k: v for k, v in self.outputs.items() if k in advance}, self.outputs
+
+        self.steps = self.STEPS
+        self._pieces = (pieces[0] for pieces in stream_text(step, state))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._pieces)
+
+    def text(self):
+        self.steps = 1 << 30  # to the end in one `advance`
+        return "".join(self)
+
+    @property
+    def finish_reason(self):
+        """"length" when it used every token it was allowed, "stop" when it ended at `<eot>`."""
+        usage = self.usage
+        return "length" if usage["total_tokens"] >= int(self.outputs["limit"][0]) else "stop"
+
+    @property
+    def usage(self):
+        prompt, completion = int(self.outputs["lengths"][0]), int(self.outputs["num_tokens"][0])
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def cancel(self):
+        with contextlib.suppress(ValueError):  # running on another thread: it ends with its `advance`
+            self._pieces.close()

@@ -1,7 +1,7 @@
 """`tfglm serve`: TF Serving's REST and gRPC APIs, and OpenAI's, over `tfglm export` directories, for development and
 small deployments.
 
-The serving core (`tfglm.serving.core`: the models and their versions, the batcher, the limits and the metrics)
+The serving core (`tfglm.serving.core`: the models and their versions, their decode engines, the limits and the metrics)
 knows no front; `Server` starts it and puts the fronts before it: gRPC (`tfglm.serving.grpc_api`) on one port, REST
 (`tfglm.serving.rest`) and the OpenAI endpoints (`tfglm.serving.openai_api`) on one HTTP server
 (`tfglm.serving.http`) on another. Every front turns a `RequestError` into TF Serving's error (HTTP 4xx/503 with

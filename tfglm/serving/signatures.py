@@ -4,11 +4,12 @@
 A language model's export holds generate (also serving_default), score, tokenize and detokenize signatures, and a
 chat model's (a chat tokenizer) also `chat` (then serving_default); for streaming, `generate_start` (and
 `chat_start`) and `advance`, which pass the decode state between calls as named tensors (the per-layer caches stacked
-into one, `caches`). `generate` and `chat` take `prompts` (or `roles` and `contents`) plus the optional generation
-options (`tfglm.config.GENERATE_OPTIONS`), each with the run's `generate` config as its default, recorded in the
-SignatureDef's `defaults`, which TF Serving fills in for inputs a request leaves out. The model's context is saved as
-the variable `context`, so `tfglm serve` can reject a `max_new_tokens` above `context - 1` by name, and the
-vocabulary's size as `vocab_size`, so it can name a `detokenize` id outside it. A translation model's export holds
+into one, `caches`); for `tfglm serve`'s continuous batching, the ENGINE signatures. `generate` and `chat` take
+`prompts` (or `roles` and `contents`) plus the optional generation options (`tfglm.config.GENERATE_OPTIONS`), each
+with the run's `generate` config as its default, recorded in the SignatureDef's `defaults`, which TF Serving fills in
+for inputs a request leaves out. The model's context is saved as the variable `context`, so `tfglm serve` can reject
+a `max_new_tokens` above `context - 1` by name, the vocabulary's size as `vocab_size`, so it can name a `detokenize`
+id outside it, and `eot_id`, where the engine ends a sequence. A translation model's export holds
 `translate`; a classifier's `predict` and `classify` (TF Serving's Classify API); a sentence embedding model's `embed`.
 
 Every exported object tracks the `tf.Variable`s inside the Keras variables rather than the Keras model: the saved
@@ -32,6 +33,9 @@ WARMUP = os.path.join("assets.extra", "tf_serving_warmup_requests")
 # The streaming signatures pass the decode state (caches included) between calls: `tfglm serve` runs them for its
 # OpenAI-compatible endpoints and does not take them over Predict, where a client would send the state back.
 STREAMING = ("generate_start", "chat_start", "advance")
+# The continuous-batching engine's signatures (`tfglm.serving.engine`): its preprocessing, the prefill and step of its
+# pool of KV-cache slots, and the output matrix the step takes; `tfglm serve` runs them, never over Predict.
+ENGINE = ("prompt_ids", "conversation_ids", "slot_prefill", "slot_step", "output_projection")
 TEXTS = tf.TensorSpec([None], tf.string, name="texts")
 SOURCES = tf.TensorSpec([None], tf.string, name="sources")
 
@@ -60,7 +64,7 @@ def language_model(generator, settings):
     chat = hasattr(module, "chat")
     names = ("chat",) * chat + ("generate", "score", "tokenize", "detokenize")
     signatures = {name: getattr(module, name) for name in names}
-    signatures.update({name: getattr(module, name) for name in STREAMING if hasattr(module, name)},
+    signatures.update({name: getattr(module, name) for name in STREAMING + ENGINE if hasattr(module, name)},
                       serving_default=module.chat if chat else module.generate)
     if chat:
         conversation = {"roles": [["user"]], "contents": [[settings.prompt or "Hello"]]}
@@ -139,6 +143,44 @@ def language_module(generator, settings):
         state, out = generator.advance(state, tf.clip_by_value(steps, 0, total), temperature, top_k, top_p, seed)
         return {**as_tensors(state), **out}
 
+    cache_spec = tf.TensorSpec([len(model.blocks), None, *layer[1:3], generator.context, *layer[4:]],
+                               model.compute_dtype, name="caches")
+    buffer_spec = tf.TensorSpec([None, generator.context], tf.int32, name="tokens")
+    slot_options = [tf.TensorSpec([None], spec.dtype, name=spec.name) for spec in OPTIONS[1:]]
+
+    @tf.function(input_signature=[SIGNATURE[0], max_new])
+    def prompt_ids(prompts, max_new_tokens):
+        """The engine's prompt ids (`generate`'s preprocessing): {"ids" [batch, longest], "lengths"}."""
+        return padded(preprocessor.prompt_ids(prompts, tf.clip_by_value(max_new_tokens, 1, generator.context - 1)))
+
+    @tf.function(input_signature=CHAT_SIGNATURE[:2] + [max_new])
+    def conversation_ids(roles, contents, max_new_tokens):
+        """The engine's ids of conversations (`chat`'s preprocessing, an error for one that does not fit)."""
+        return padded(preprocessor.chat_ids(roles, contents,
+                                            tf.clip_by_value(max_new_tokens, 1, generator.context - 1), whole=True))
+
+    @tf.function(input_signature=[cache_spec, buffer_spec, tf.TensorSpec([None], tf.int32, name="slots"),
+                                  tf.TensorSpec([None, None], tf.int32, name="ids"),
+                                  tf.TensorSpec([], tf.int32, name="start")])
+    def slot_prefill(caches, tokens, slots, ids, start):
+        """`Generator.slot_prefill`: prompt ids into engine slots."""
+        return generator.slot_prefill(caches, tokens, slots, ids, start)
+
+    @tf.function(input_signature=[cache_spec, buffer_spec, tf.TensorSpec([None], tf.int32, name="positions"),
+                                  tf.TensorSpec([None], tf.int32, name="limits"), *slot_options,
+                                  tf.TensorSpec([], tf.int32, name="steps"),
+                                  tf.TensorSpec([model.hidden_dim, tokenizer.vocab_size], model.compute_dtype,
+                                                name="projection")])
+    def slot_step(caches, tokens, positions, limits, temperature, top_k, top_p, seed, steps, projection):
+        """`Generator.slot_step`: `steps` tokens for every engine slot; `limits` clipped to the context."""
+        return generator.slot_step(caches, tokens, positions, tf.minimum(limits, generator.context), temperature,
+                                   top_k, top_p, seed, tf.clip_by_value(steps, 0, generator.context), projection)
+
+    @tf.function(input_signature=[])
+    def output_projection():
+        """The model's output matrix [hidden, vocab], `slot_step`'s `projection`, made once by an engine."""
+        return {"projection": model.output_projection()}
+
     @tf.function(input_signature=[TEXTS])
     def score(texts):
         """Total log-likelihood of each text's tokens after the leading `<eot>`, their count and perplexity.
@@ -167,12 +209,19 @@ def language_module(generator, settings):
         return {"texts": tokenizer.detokenize(tf.RaggedTensor.from_tensor(token_ids, lengths=lengths))}
 
     module = saved_module(tokenizer, model, generate=generate, score=score, tokenize=tokenize, detokenize=detokenize,
-                          generate_start=generate_start, advance=advance)
+                          generate_start=generate_start, advance=advance, prompt_ids=prompt_ids,
+                          slot_prefill=slot_prefill, slot_step=slot_step, output_projection=output_projection)
     module.context = tf.Variable(generator.context, trainable=False, name="context")  # read by `tfglm serve`
     module.vocab_size = tf.Variable(tokenizer.vocab_size, trainable=False, name="vocab_size")  # likewise
+    module.eot_id = tf.Variable(tokenizer.eot_id, trainable=False, name="eot_id")  # where the engine stops a slot
     if isinstance(preprocessor, ChatPreprocessor):
-        module.chat, module.chat_start = chat, chat_start
+        module.chat, module.chat_start, module.conversation_ids = chat, chat_start, conversation_ids
     return module
+
+
+def padded(ids):
+    """Ragged ids as {"ids": int32 [batch, longest] padded with 0, "lengths": int32 [batch]}."""
+    return {"ids": ids.to_tensor(default_value=0), "lengths": tf.cast(ids.row_lengths(), tf.int32)}
 
 
 def as_tensors(state):

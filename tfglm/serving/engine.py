@@ -1,0 +1,273 @@
+"""Continuous batching: one decode engine per served version, a fixed pool of KV-cache slots that every concurrent
+generation shares (`generate` and `chat` over REST and gRPC, the OpenAI endpoints whole and streamed).
+
+One engine thread owns the slots. At each step boundary it
+1. admits waiting requests, first come first served, into free slots;
+2. prefills prompts: one `slot_prefill` call of at most `prefill_tokens` prompt tokens (rows x width), the rows that
+   start at the same position batched, widths bucketed (`widths`), a prompt longer than `chunk` tokens split into
+   chunks over several boundaries. A long prompt therefore stalls the running streams by one bounded prefill call a
+   step, never by its whole length;
+3. runs one `slot_step` of `steps` tokens over every slot (idle ones stand still), and hands each request its new
+   tokens; a slot is freed at `<eot>`, at its `max_new_tokens` (or the context's end), or when its request is
+   cancelled (a client gone), at the next boundary.
+
+Options are per slot (temperature, top_k, top_p, seed, max_new_tokens) and sampling is keyed on each slot's (seed,
+position), so a request's text is the same whatever else shares the pool, and the same as alone. Shapes are static:
+the pool is `max_slots` x context, the step one shape and the prefill a few (each width at each power-of-two row count
+within `prefill_tokens`: 14 for a context of 128 or more and 16 slots), all run by `warm_up` before the engine takes
+traffic, so no request compiles.
+
+The engine knows only those two functions (`Generator.slot_prefill` / `slot_step`, in a `tfglm export` its
+`slot_prefill` and `slot_step` signatures) and the token ids: prompts become ids, and ids text, outside it.
+"""
+
+import collections
+import logging
+import os
+import queue
+import threading
+import time
+
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger("tfglm")
+STEPS = 4  # tokens a slot gains per step call: amortises the call, keeps the time to a first token short
+CHUNK = 128  # most prompt tokens of one row per prefill call
+PREFILL_TOKENS = 256  # most prompt tokens (rows x width) per prefill call, so per step boundary
+MAX_SLOTS = 16
+
+
+def default_slots(bytes_per_slot):
+    """`--max_slots` when not given: MAX_SLOTS, fewer if the pool's caches would take more than 1/16 of memory."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return MAX_SLOTS
+    return int(max(1, min(MAX_SLOTS, memory // 16 // bytes_per_slot)))
+
+
+class Request:
+    """One sequence to decode: its prompt ids and options. Iterating it yields lists of new token ids as the engine
+    makes them, until the sequence ends; then `finish_reason` is "stop" (`<eot>`), "length" or "cancelled"."""
+
+    def __init__(self, ids, max_new_tokens, temperature, top_k, top_p, seed):
+        self.ids = np.asarray(ids, np.int32)
+        self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.seed = (
+            int(max_new_tokens), float(temperature), int(top_k), float(top_p), int(seed))
+        self.finish_reason, self.cancelled = None, False
+        self.submitted, self.first_token_s = time.perf_counter(), None
+        self._events = queue.SimpleQueue()
+        self._wake = None  # the engine's, once submitted
+
+    def __iter__(self):
+        while True:
+            event = self._events.get()
+            if event is None:
+                return
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+
+    def cancel(self):
+        """Frees the request's slot (or queue place) at the engine's next step boundary."""
+        self.cancelled = True
+        if self._wake is not None:
+            with self._wake:
+                self._wake.notify()
+
+
+class Slot:
+    """A request in a slot: how much of its prompt is prefilled, its position and limit once decoding."""
+
+    def __init__(self, request, context):
+        self.request, self.filled, self.decoding = request, 0, False
+        self.position = len(request.ids) - 1
+        self.limit = min(len(request.ids) + request.max_new_tokens, context)
+
+
+class Engine:
+    """The slot pool of one model: `prefill(caches, tokens, slots, ids, start) -> (caches, tokens)` and
+    `step(caches, tokens, positions, limits, temperature, top_k, top_p, seed, steps) -> (caches, tokens)` (see
+    `tfglm.generation.decode.slot_prefill` and `slot_step`), the caches' shape per slot ([layers, 2, heads, context,
+    head_dim]) and dtype, and `eot_id`. `metrics` (optional) has `slots` and `queue` gauges, a `ttft` histogram and a
+    `tokens` counter (Prometheus children).
+
+    Examples:
+    ```python
+    engine = Engine(prefill, step, cache_shape, tf.float32, eot_id, max_slots=8)
+    engine.warm_up()
+    request = engine.submit(Request(prompt_ids, 16, 0.0, 0, 1.0, 0))
+    tokens = [t for new in request for t in new]
+    engine.close()
+    ```
+    """
+
+    def __init__(self, prefill, step, cache_shape, cache_dtype, eot_id, max_slots, steps=STEPS, chunk=CHUNK,
+                 prefill_tokens=PREFILL_TOKENS, metrics=None):
+        self._prefill, self._step, self.eot_id, self.max_slots, self.steps = prefill, step, eot_id, max_slots, steps
+        self.context = cache_shape[3]
+        self.widths = prefill_widths(min(chunk, self.context))
+        self.prefill_tokens = max(prefill_tokens, self.widths[-1])
+        self.metrics = metrics
+        self.caches = tf.zeros([cache_shape[0], max_slots, *cache_shape[1:]], cache_dtype)
+        self.tokens = tf.zeros([max_slots, self.context], tf.int32)
+        self.slots = [None] * max_slots
+        self._admitted = []  # the slots in use, in admission order
+        self._waiting = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = self._stopped = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="tfglm-engine")
+        self._started = False
+
+    def warm_up(self):
+        """Runs every shape the engine uses (each prefill width at each row count, and the step) once, then starts
+        the engine thread; returns the seconds it took."""
+        start = time.perf_counter()
+        for width in self.widths:
+            for k in self.prefill_rows(width):
+                self._prefill(self.caches, self.tokens, np.zeros([k], np.int32), np.zeros([k, width], np.int32),
+                              np.int32(0))
+        idle = np.zeros([self.max_slots], np.int32)
+        self._step(self.caches, self.tokens, idle, idle, np.zeros([self.max_slots], np.float32), idle,
+                   np.ones([self.max_slots], np.float32), idle, np.int32(self.steps))
+        self._started = True
+        self._thread.start()
+        return time.perf_counter() - start
+
+    def prefill_rows(self, width):
+        """The row counts a prefill of `width` can take: powers of two, within `prefill_tokens` and the slots."""
+        most = max(1, min(self.prefill_tokens // width, self.max_slots))
+        return [1 << i for i in range(most.bit_length()) if 1 << i <= most] + ([most] if most & (most - 1) else [])
+
+    def submit(self, request):
+        """Queues `request` (FCFS) and returns it; iterate it for its tokens."""
+        if len(request.ids) >= self.context or not len(request.ids):
+            raise ValueError(f"a prompt of {len(request.ids)} ids; the context holds {self.context}")
+        with self._wake:
+            if self._stopped or not self._started:
+                raise RuntimeError("the engine is not running")
+            request._wake = self._wake
+            self._waiting.append(request)
+            self._gauge("queue", 1)
+            self._wake.notify()
+        return request
+
+    def close(self):
+        """Ends the engine thread once every request submitted has finished."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+
+    def _gauge(self, name, delta):
+        if self.metrics is not None:
+            getattr(self.metrics, name).inc(delta)
+
+    def _run(self):
+        while True:
+            with self._wake:
+                while not self._waiting and not self._admitted and not self._closing:
+                    self._wake.wait()
+                if self._closing and not self._waiting and not self._admitted:
+                    self._stopped = True
+                    return
+                self._admit()
+            try:
+                self._prefill_some()
+                self._step_all()
+            except Exception as e:  # a fault of the functions: every request in a slot gets it, the engine goes on
+                log.exception("decode engine step failed")
+                for slot in list(self._admitted):
+                    self._free(slot, None, e)
+
+    def _admit(self):
+        """Drops cancelled requests from the queue and the slots; fills free slots from the queue (lock held)."""
+        for request in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(request)
+            self._gauge("queue", -1)
+            request.finish_reason = "cancelled"
+            request._events.put(None)
+        for slot in [s for s in self._admitted if s.request.cancelled]:
+            self._free(slot, "cancelled")
+        while self._waiting and len(self._admitted) < self.max_slots:
+            request = self._waiting.popleft()
+            self._gauge("queue", -1)
+            index = self.slots.index(None)
+            self.slots[index] = Slot(request, self.context)
+            self.slots[index].index = index
+            self._admitted.append(self.slots[index])
+            self._gauge("slots", 1)
+
+    def _free(self, slot, finish_reason, error=None):
+        self.slots[slot.index] = None
+        self._admitted.remove(slot)
+        self._gauge("slots", -1)
+        slot.request.finish_reason = finish_reason
+        slot.request._events.put(error)
+
+    def _prefill_some(self):
+        """One prefill call: the oldest slots still prefilling that start at the same position, at most
+        `prefill_tokens` tokens in all."""
+        pending = [s for s in self._admitted if not s.decoding]
+        if not pending:
+            return
+        group = [s for s in pending if s.filled == pending[0].filled]
+        width = next((w for w in self.widths if w >= max(len(s.request.ids) - s.filled for s in group)),
+                     self.widths[-1])
+        group = group[:max(self.prefill_rows(width))]
+        start = min(group[0].filled, self.context - width)  # the last chunk may overlap the one before it
+        rows = min(r for r in self.prefill_rows(width) if r >= len(group))
+        ids = np.zeros([rows, width], np.int32)
+        for i, slot in enumerate(group):
+            chunk = slot.request.ids[start:start + width]
+            ids[i, :len(chunk)] = chunk
+        ids[len(group):] = ids[0]
+        slots = np.array([s.index for s in group] + [group[0].index] * (rows - len(group)), np.int32)
+        self.caches, self.tokens = self._prefill(self.caches, self.tokens, slots, ids, np.int32(start))
+        for slot in group:
+            slot.filled = min(len(slot.request.ids), start + width)
+            slot.decoding = slot.filled == len(slot.request.ids)
+
+    def _step_all(self):
+        """One step call over every slot; each decoding slot's new tokens to its request, finished ones freed."""
+        decoding = [s for s in self._admitted if s.decoding]
+        if not decoding:
+            return
+        positions = np.full([self.max_slots], self.context - 1, np.int32)  # idle slots: a position no prompt uses
+        limits = np.zeros([self.max_slots], np.int32)
+        options = [np.zeros([self.max_slots], np.float32), np.zeros([self.max_slots], np.int32),
+                   np.ones([self.max_slots], np.float32), np.zeros([self.max_slots], np.int32)]
+        for slot in decoding:
+            request = slot.request
+            positions[slot.index], limits[slot.index] = slot.position, slot.limit
+            for array, value in zip(options, (request.temperature, request.top_k, request.top_p, request.seed)):
+                array[slot.index] = value
+        self.caches, self.tokens = self._step(self.caches, self.tokens, positions, limits, *options,
+                                              np.int32(self.steps))
+        tokens, now = self.tokens.numpy(), time.perf_counter()
+        for slot in decoding:
+            end = min(slot.position + self.steps, slot.limit - 1)
+            new = tokens[slot.index, slot.position + 1:end + 1].tolist()
+            slot.position = end
+            finish = "length" if end == slot.limit - 1 else None
+            if self.eot_id in new:
+                new, finish = new[:new.index(self.eot_id)], "stop"
+            request = slot.request
+            if request.first_token_s is None:
+                request.first_token_s = now - request.submitted
+                if self.metrics is not None:
+                    self.metrics.ttft.observe(request.first_token_s)
+            if self.metrics is not None:
+                self.metrics.tokens.inc(len(new))
+            if new:
+                request._events.put(new)
+            if finish:
+                self._free(slot, finish)
+
+
+def prefill_widths(longest, minimum=16):
+    """The prefill widths: powers of two from `minimum` below `longest`, then `longest`."""
+    widths = [min(minimum, longest)]
+    while widths[-1] < longest:
+        widths.append(min(widths[-1] * 2, longest))
+    return widths
