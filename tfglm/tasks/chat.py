@@ -13,14 +13,16 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from tfglm.data.chat import ChatTokenizer, as_batch, read_conversations
+from tfglm.data.chat import ChatTokenizer, as_batch, pinned_count, read_conversations
 from tfglm.data import epochs
 from tfglm.data.corpus import per_token_weights
 from tfglm.data.tokenizers import load_tokenizer, new_tokenizer
 from tfglm.errors import TfglmError
 from tfglm.generation.decode import Generator
 from tfglm.models.gpt import GPT
+from tfglm.preprocessors.grounded import SEPARATOR
 from tfglm.tasks.base import Task, epoch_checks, epoch_schedule, held_out
+from tfglm.tasks.grounding import Grounding
 from tfglm.tasks.registry import load_run
 from tfglm.training import runs
 
@@ -40,11 +42,19 @@ class ChatConfig:
     batch_size: int = 16
     learning_rate: float = 3e-4
     system: str = ""  # the system message `tfglm chat` starts a conversation with ("" none)
+    knowledge: str = ""  # a knowledge base (`tfglm index --out DIR`) the replies are grounded in (--knowledge)
+    top_k: int = 1  # its entries retrieved into the context slot
+    context_tokens: int = 128  # the retrieved entries' tokens kept in the context slot (the rest cut)
+    handoff_rate: float = 0.02  # the share of validation conversations whose best match the hand-off threshold
+    # falls under (calibrated when training starts; 0: never hand off)
+    handoff_message: str = ("I'm sorry, I can't help with that here. Let me pass you to a member of our support "
+                            "team.")  # the reply to a conversation handed off
 
 
 class Chat(Task):
     """Conversations in (`chat.train_file`, `chat.val_file` or a held-out share), a GPT that answers out;
-    `train.init_from` names the GPT run to start from."""
+    `train.init_from` names the GPT run to start from. With `chat.knowledge`, each conversation is grounded in the
+    knowledge base's entries retrieved for it (`tfglm.tasks.grounding`)."""
 
     name = "chat"
     model_kinds = ("gpt",)
@@ -56,21 +66,33 @@ class Chat(Task):
 
     @classmethod
     def checks(cls, c, config):
-        return epoch_checks("chat", c)
+        return epoch_checks("chat", c) + [
+            (c.top_k >= 1, "chat.top_k", "must be >= 1"),
+            (not c.knowledge or 1 <= c.context_tokens < config.model.max_length, "chat.context_tokens",
+             f"must be >= 1 and below model.max_length ({config.model.max_length})"),
+            (0.0 <= c.handoff_rate < 1.0, "chat.handoff_rate", "must be in [0, 1)")]
 
     def __init__(self, config, run_dir):
         super().__init__(config, run_dir)
         self.patience = config.chat.patience
+        self.grounding = None
 
     def load_vocabulary(self):
         self.tokenizer = load_tokenizer(runs.path(self.run_dir, runs.TOKENIZER))
         if not isinstance(self.tokenizer, ChatTokenizer):
             raise TfglmError(f"{self.run_dir}: its tokenizer has no chat markers (not a chat run)")
+        self.grounding = Grounding.load(self.run_dir)
+
+    def chat_preprocessor(self):
+        """A grounded run's `GroundedChatPreprocessor`; None (the tokenizer's own) for one without knowledge."""
+        return self.grounding and self.grounding.preprocessor(self.tokenizer, self.config.model.max_length)
 
     def prepare(self, resume, chief):
         c = self.config.chat
         if not c.train_file:
             raise TfglmError("chat.train_file: no training conversations (--train)")
+        if c.knowledge and not resume:
+            Grounding.check(c.knowledge)
         train = read_conversations(c.train_file, c.question_column, c.answer_column)
         if c.val_file:
             val = read_conversations(c.val_file, c.question_column, c.answer_column)
@@ -83,10 +105,22 @@ class Chat(Task):
             if self.config.train.init_from:
                 base = load_tokenizer(runs.path(self.config.train.init_from, runs.TOKENIZER))
             else:
-                base = new_tokenizer(self.config, [text for _, contents in train for text in contents])
+                texts = [text for _, contents in train for text in contents]
+                base = new_tokenizer(self.config, texts + [SEPARATOR] * bool(c.knowledge))  # the separator of the
+                # entries in the context, whatever the texts hold
             self.tokenizer = base if isinstance(base, ChatTokenizer) else ChatTokenizer(base)
             if chief:
                 runs.save_tokenizer(self.run_dir, self.tokenizer)
+            if c.knowledge and chief:
+                Grounding.copy(c.knowledge, self.run_dir, {"top_k": c.top_k, "context_tokens": c.context_tokens,
+                                                           "handoff_message": c.handoff_message})
+            self.grounding = Grounding.load(self.run_dir)
+        if self.grounding:
+            preprocessor = self.chat_preprocessor()
+            train, _ = self.grounding.retrieve(train, preprocessor)
+            val, scores = self.grounding.retrieve(val, preprocessor)
+            if not resume and chief:
+                self.grounding.calibrate(scores, c.handoff_rate, self.run_dir)
         length = self.config.model.max_length + 1
         self.train = encode(self.tokenizer, train, length, c.train_file)
         self.val = encode(self.tokenizer, val, length, c.val_file or f"{c.train_file} (validation share)")
@@ -140,13 +174,13 @@ class Chat(Task):
     def samples(self, model):
         """The reply to the first validation conversation's first message (greedy, no XLA)."""
         if not hasattr(self, "_sampler"):
-            self._sampler = Generator(model, self.tokenizer, jit_compile=False)
+            self._sampler = Generator(model, self.tokenizer, jit_compile=False, preprocessor=self.chat_preprocessor())
         first = self.sample_message
         out = self._sampler.chat(tf.constant([["user"]]), tf.constant([[first]]), 64, 0.0, 0, 1.0, 0)
         return {"chat": f"user: {first}\nassistant: {out['completions'].numpy()[0].decode(errors='replace')}"}
 
     def generator(self, model):
-        return Generator(model, self.tokenizer)
+        return Generator(model, self.tokenizer, preprocessor=self.chat_preprocessor())
 
     def chat_session(self, model, settings, system=None):
         """As `Task.chat_session`, the system message `chat.system` unless given."""
@@ -159,13 +193,18 @@ class Chat(Task):
                              "TSV/CSV)")
         c = self.config.chat
         conversations = read_conversations(inputs.data, c.question_column, c.answer_column)
+        handoff = {}
+        if self.grounding:
+            conversations, scores = self.grounding.retrieve(conversations, self.chat_preprocessor())
+            handoff = {"handoff_rate": round(float(np.mean(scores < self.grounding.settings["threshold"])), 4)}
         ids, weights = encode(self.tokenizer, conversations, self.config.model.max_length + 1, inputs.data)
         loss, tokens = assistant_loss(model, ids, weights, c.batch_size)
         return {"data": inputs.data, "conversations": len(conversations), "examples": len(ids),
-                "assistant_tokens": tokens, "loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50.0)), 4)}
+                "assistant_tokens": tokens, "loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50.0)), 4),
+                **handoff}
 
     def exported(self, model, jit_compile):
-        return Generator(model, self.tokenizer, jit_compile=jit_compile)
+        return Generator(model, self.tokenizer, jit_compile=jit_compile, preprocessor=self.chat_preprocessor())
 
 
 def encode(tokenizer, conversations, length, where, batch_size=256):
@@ -173,7 +212,8 @@ def encode(tokenizer, conversations, length, where, batch_size=256):
     conversations, right-padded with `<eot>` (weight 0).
 
     A conversation longer than `length` is split at turn boundaries into several examples, so that every message is
-    learnt once: the most recent messages that fit (after a leading system message, which every piece keeps), then
+    learnt once: the most recent messages that fit (after the leading context and system messages, which every piece
+    keeps), then
     the most recent of those left, and so on (`encode_chat` keeps the most recent that fit). A message longer than
     `length` on its own is cut from the left; a piece with no assistant message teaches nothing and is left out.
     Splits and cuts are counted and reported."""
@@ -191,8 +231,8 @@ def encode(tokenizer, conversations, length, where, batch_size=256):
                     chunk, batch_ids.numpy(), batch_weights.numpy(), dropped.numpy()):
                 if row_dropped:  # the messages left out come next, as a conversation of their own
                     split.add(i)
-                    system = 1 if roles[0] == "system" else 0
-                    remaining.append((i, roles[:system + row_dropped], contents[:system + row_dropped]))
+                    kept = pinned_count(roles) + row_dropped
+                    remaining.append((i, roles[:kept], contents[:kept]))
                 if len(row_ids) > length:
                     cut += 1
                     row_ids, row_weights = row_ids[-length:], row_weights[-length:]
