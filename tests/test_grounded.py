@@ -23,7 +23,7 @@ from tfglm.data.tokenizers import CharTokenizer
 from tfglm.errors import TfglmError
 from tfglm.generation.decode import Generator
 from tfglm.preprocessors.grounded import GroundedChatPreprocessor
-from tfglm.tasks.grounding import GROUNDING, KNOWLEDGE, Grounding
+from tfglm.tasks.chat import GROUNDING, KNOWLEDGE, Grounding
 from tfglm.tasks.registry import load_run
 
 # Questions in the tiny encoder's vocabulary; each entry's answer is a fact the model could only get from retrieval.

@@ -37,7 +37,7 @@ class GroundedChatPreprocessor(ChatPreprocessor):
     from tfglm.preprocessors.grounded import GroundedChatPreprocessor
 
     def embed(texts):  # a stand-in embedder: the first letter, one-hot over a and b
-        return {"embeddings": tf.one_hot(tf.strings.unicode_decode(texts, "UTF-8")[:, 0] - ord("a"), 2)}
+        return {"embeddings": tf.cast(tf.strings.substr(texts, 0, 1)[:, None] == ["a", "b"], tf.float32)}
 
     tokenizer = ChatTokenizer(CharTokenizer("abxyz "))
     preprocessor = GroundedChatPreprocessor(
