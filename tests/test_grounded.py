@@ -100,6 +100,17 @@ def test_retrieval_puts_the_expected_entry_in_the_context_slot(embedder):
     assert len(context) == 20 and context.startswith(ENTRIES[1][1] + "\n\n")
 
 
+def test_trimming_keeps_the_context_and_system_messages_and_drops_old_turns():
+    tokenizer = ChatTokenizer(CharTokenizer("abcdefghijklmnopqrstuvwxyz "))
+    roles = [CONTEXT, "system", "user", "assistant", "user"]
+    contents = ["facts", "be brief", "an old question", "an old answer", "new"]
+    ids, _, dropped = tokenizer.encode_chat(tf.constant([roles]), tf.constant([contents]), 30, True)
+    kept, _, _ = tokenizer.encode_chat(tf.constant([[CONTEXT, "system", "user"]]),
+                                       tf.constant([["facts", "be brief", "new"]]), 30, True)
+    assert int(dropped[0]) == 2 and ids.to_list() == kept.to_list()
+    assert tokenizer.role_ids[CONTEXT] in ids.to_list()[0]
+
+
 def test_hand_off_below_the_threshold_and_not_above(embedder):
     probe = preprocessor_for(embedder, threshold=-1.0)
     queries = ["cat", "very very very", "film", "the the the"]
