@@ -1,6 +1,7 @@
 """tf.distribute on CPU: 2 mirrored replicas, 2 workers on 127.0.0.1, crash and resume, bad set-ups."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -19,13 +20,14 @@ from tfglm.config import load_config
 from tfglm.errors import TfglmError
 from tfglm.training.trainer import set_precision
 
-WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
+TESTS = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(TESTS, "dist_worker.py")  # run with this checkout's tfglm
 # No clipping: Keras clips each replica's gradient before the all-reduce, which differs from one device.
 COMMON = TINY + ["train.grad_clip=0", "train.steps_per_execution=5", "train.eval_interval=20", "train.steps=40"]
 
 
 def _start(out, weights, overrides, logical_cpus=1, resume=False, tf_config=None):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.path.dirname(__file__)}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.pathsep.join([TESTS, os.path.dirname(TESTS)])}
     env.pop("TF_CONFIG", None)
     if tf_config:
         env["TF_CONFIG"] = json.dumps(tf_config)
@@ -118,6 +120,41 @@ def test_two_workers_match_one_worker(single_device, tmp_path):
     with open(tmp_path / "run" / "run.json") as f:
         record = json.load(f)
     assert (record["task"], record["strategy"], record["replicas"]) == ("causal_lm", "multiworker", 2)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_workers_train_from_shards_each_reading_only_its_share(tmp_path):
+    """A prepared corpus, trained on by 2 worker processes: each reads from the shards its own half of every global
+    batch's blocks, no more, and the run learns."""
+    pytest.importorskip("apache_beam", reason="tfglm prepare needs Apache Beam (pip install 'tfglm[beam]')")
+    from tfglm.data.prepare import prepare
+
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("".join(json.dumps({"text": "".join(f"line {d}.{i} says {'abcdefgh'[i % 8] * (i % 5 + 1)}.\n"
+                                                          for i in range(12))}) + "\n" for d in range(120)))
+    config = load_config(overrides=COMMON)
+    manifest = prepare(config, [str(source)], str(tmp_path / "shards"),
+                       ["--direct_running_mode=in_memory", "--direct_num_workers=1"])
+    overrides = COMMON + [f"data.files=[{tmp_path / 'shards'}]", "train.strategy=multiworker"]
+    cluster = _cluster(2)
+    workers = [_start(tmp_path / "run", tmp_path / f"w{i}.npz", overrides + [f"reads={tmp_path}/reads{i}.json"],
+                      tf_config={"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(2)]
+    for worker in workers:
+        code, err = _finish(worker)
+        assert code == 0, err
+    for a, b in zip(_weights(tmp_path / "w0.npz"), _weights(tmp_path / "w1.npz")):
+        np.testing.assert_array_equal(a, b)
+    t, length = config.train, config.model.max_length
+    blocks = data.num_blocks(manifest["train_tokens"], length)
+    batches = [data.block_starts(step, blocks, length, t.batch_size, t.seed).numpy() for step in range(t.steps)]
+    half = t.batch_size // 2
+    for i in range(2):
+        with open(tmp_path / f"reads{i}.json") as f:
+            read = json.load(f)
+        assert sorted(read) == sorted(np.concatenate([b[i * half:(i + 1) * half] for b in batches]).tolist())
+    losses = _val_losses(tmp_path / "run")
+    assert len(losses) == 2 and losses[1] < losses[0] < math.log(manifest["vocab_size"])
 
 
 @pytest.mark.distributed

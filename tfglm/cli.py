@@ -60,8 +60,8 @@ def _parser():
     train.add_argument("--data", nargs="+", help="training text files, directories or globs (overrides data.files)")
 
     prepare = command("prepare", "clean, deduplicate and tokenize a corpus of any size into token shards for `tfglm "
-                                 "train --data DIR`, with Apache Beam (pip install 'tfglm[beam]'); Beam's own "
-                                 "pipeline options (--runner, --project, ...) pass through")
+                                 "train --data DIR` (or `tfglm pretrain`), with Apache Beam (pip install "
+                                 "'tfglm[beam]'); Beam's own pipeline options (--runner, --project, ...) pass through")
     prepare.add_argument("--config", help="YAML config whose tokenizer and data settings the shards are made with")
     prepare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. "
                                                                                           "data.format=jsonl")
@@ -126,9 +126,9 @@ def _parser():
     export.add_argument("--no-jit-compile", action="store_true",
                         help="decode without XLA (for a model server without --xla_cpu_compilation_enabled=true)")
 
-    evaluate = command("evaluate", "score a run into its eval.json: a language model's perplexity on text (--data), "
-                                   "a classifier on labelled data (--data), a translation model's BLEU (--source, "
-                                   "--reference)")
+    evaluate = command("evaluate", "score a run into its eval.json: a language model's perplexity on text or a "
+                                   "prepared corpus's validation split (--data), a classifier on labelled data "
+                                   "(--data), a translation model's BLEU (--source, --reference)")
     evaluate.add_argument("--model", required=True, help="run directory")
     _add_evaluation_options(evaluate)
 

@@ -2,17 +2,28 @@
 streamed by training.
 
 Format: each shard is a raw file of little-endian fixed-width token ids (uint16 when the vocabulary fits, else
-uint32), every document followed by `<eot>`; `manifest.json` beside them lists the shards of each split with their
-token counts, the tokenizer (saved in `tokenizer/`) and its SHA-256, and what cleaning dropped. Raw files rather than
-TFRecord or ArrayRecord: a training block is any window of the token stream at a random offset, so the reader needs
-random access at token granularity, one seek and one read of `seq_len + 1` ids. TFRecord is sequential, and
-ArrayRecord reads whole records (a block would span several); a raw file serves any window, takes 2 bytes a token,
-reads with NumPy as nanoGPT's `train.bin` does, and goes through `tf.io.gfile`, so shards on `gs://` train as local
-ones do.
+uint32) and an index beside it (`.idx`) of its segments: each segment's end offset in the shard's tokens and whether
+it ends a document (`INDEX`, 9 bytes a segment). `manifest.json` lists the shards of each split with their token and
+segment counts, what a segment is (`segments`), the tokenizer (saved in `tokenizer/`) and its SHA-256, and what
+cleaning dropped.
 
-Training treats the training shards, in manifest order, as one token stream and draws each batch exactly as the
-in-memory path does (`corpus.block_starts`), so a batch is a pure function of (seed, step) and a resumed run reads
-the batches an uninterrupted one would, with no re-tokenization. Memory holds one batch, whatever the corpus size.
+Segments serve both kinds of model. A causal LM's segment is a document, its tokens followed by `<eot>`: training
+reads the token stream alone, as nanoGPT does, and no separator costs a token. A masked LM's segment is a non-empty
+line, tokenized on its own (WordPiece has no `<eot>`): its sentence pairs need each line's extent and whether the
+next line is of the same document, which the index gives by one seek, so an example is read in O(1) whatever the
+corpus size. A separator token instead would cost the causal stream a token a line, and finding a masked LM's
+segment would need a scan or an index anyway.
+
+Raw files rather than TFRecord or ArrayRecord: a training block is any window of the token stream at a random offset,
+so the reader needs random access at token granularity, one seek and one read of `seq_len + 1` ids. TFRecord is
+sequential, and ArrayRecord reads whole records (a block would span several); a raw file serves any window, takes 2
+bytes a token, reads with NumPy as nanoGPT's `train.bin` does, and goes through `tf.io.gfile`, so shards on `gs://`
+train as local ones do.
+
+Causal LM training treats the training shards, in manifest order, as one token stream and draws each batch exactly
+as the in-memory path does (`corpus.block_starts`), so a batch is a pure function of (seed, step) and a resumed run
+reads the batches an uninterrupted one would, with no re-tokenization. Masked LM training draws its segments by
+number (`tfglm.tasks.masked_lm`). Memory holds one batch, whatever the corpus size.
 """
 
 import hashlib
@@ -32,7 +43,9 @@ from tfglm.errors import TfglmError
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer"
-FORMAT = "tfglm-token-shards/1"
+FORMAT = "tfglm-token-shards/2"
+INDEX = np.dtype([("end", "<i8"), ("document_end", "?")])  # one record a segment
+SEGMENTS = {"lines": "masked_lm", "documents": "causal_lm"}  # what a segment is, and the task that reads it
 
 
 def join(directory, name):
@@ -90,17 +103,16 @@ def write_manifest(directory, manifest):
     tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
-class TokenStream:
-    """Shards read as one stream of token ids, any window of it read by seek and read. Files open on first use, one
-    lock each, so parallel `tf.data` calls share them."""
+class ShardFiles:
+    """Fixed-width records of several files, read by seek and read. Files open on first use, one lock each, so
+    parallel `tf.data` calls share them."""
 
-    def __init__(self, paths, counts, dtype):
+    def __init__(self, paths, dtype):
         self.paths, self.dtype = paths, np.dtype(dtype)
-        self.ends = np.cumsum(counts, dtype=np.int64)
-        self.num_tokens = int(self.ends[-1]) if len(counts) else 0
         self._files, self._locks = {}, [threading.Lock() for _ in paths]
 
-    def _read(self, shard, offset, count):
+    def read(self, shard, offset, count):
+        """Records [offset, offset + count) of file `shard`."""
         with self._locks[shard]:
             if shard not in self._files:
                 self._files[shard] = tf.io.gfile.GFile(self.paths[shard], "rb")
@@ -108,17 +120,26 @@ class TokenStream:
             f.seek(offset * self.dtype.itemsize)
             data = f.read(count * self.dtype.itemsize)
         if len(data) != count * self.dtype.itemsize:
-            raise TfglmError(f"{self.paths[shard]}: broken shard (ends before token {offset + count}); prepare the "
+            raise TfglmError(f"{self.paths[shard]}: broken shard (ends before record {offset + count}); prepare the "
                              f"corpus again")
         return np.frombuffer(data, self.dtype)
 
+
+class TokenStream:
+    """Shards read as one stream of token ids, any window of it read by seek and read."""
+
+    def __init__(self, paths, counts, dtype):
+        self.files = ShardFiles(paths, dtype)
+        self.ends = np.cumsum(counts, dtype=np.int64)
+        self.num_tokens = int(self.ends[-1]) if len(counts) else 0
+
     def window(self, start, count):
         """Tokens [start, start + count) of the stream, as int32."""
-        out, shard = [], int(np.searchsorted(self.ends, start, side="right"))
+        out, shard = [np.zeros([0], np.int32)], int(np.searchsorted(self.ends, start, side="right"))
         while count > 0:
             begin = int(self.ends[shard - 1]) if shard else 0
             take = min(count, int(self.ends[shard]) - start)
-            out.append(self._read(shard, start - begin, take))
+            out.append(self.files.read(shard, start - begin, take))
             start, count, shard = start + take, count - take, shard + 1
         return np.concatenate(out).astype(np.int32)
 
@@ -128,17 +149,51 @@ class TokenStream:
             np.zeros([0, length], np.int32)
 
 
+class SegmentStream:
+    """The segments of a split, numbered across its shards in manifest order: each one's extent in the token stream
+    and whether the next segment continues its document, read from the shards' indexes."""
+
+    def __init__(self, paths, counts, tokens):
+        self.index, self.tokens = ShardFiles(paths, INDEX), tokens
+        self.ends = np.cumsum(counts, dtype=np.int64)
+        self.num_segments = int(self.ends[-1]) if len(counts) else 0
+
+    def bounds(self, s):
+        """(start, end, has_next) of segment `s`: tokens [start, end) of the stream."""
+        shard = int(np.searchsorted(self.ends, s, side="right"))
+        local = s - (int(self.ends[shard - 1]) if shard else 0)
+        records = self.index.read(shard, max(local - 1, 0), min(local, 1) + 1)
+        base = int(self.tokens.ends[shard - 1]) if shard else 0
+        start = int(records[0]["end"]) if local else 0
+        return base + start, base + int(records[-1]["end"]), not records[-1]["document_end"]
+
+    def window(self, start, end):
+        return self.tokens.window(start, end - start)
+
+
+def check_size(path, size, what):
+    """Raises unless file `path` holds `size` bytes (`what` the manifest says it holds)."""
+    found = tf.io.gfile.stat(path).length if tf.io.gfile.exists(path) else None
+    if found != size:
+        found = "missing" if found is None else f"{found} bytes"
+        raise TfglmError(f"{path}: broken shard ({found}; the manifest says {what}); prepare the corpus again")
+
+
 class Prepared:
-    """A directory `tfglm prepare` wrote: its manifest, checked against the shards' sizes, and its two streams.
+    """A directory `tfglm prepare` wrote: its manifest, checked against the shards' sizes, and each split's token
+    stream (`streams`) and segments (`segments`).
 
     Examples:
     ```python
-    prepared = Prepared("shards/")  # manifest.json, tokenizer/, train-*.bin, validation-*.bin
+    prepared = Prepared("shards/", reader="causal_lm")  # manifest.json, tokenizer/, {train,validation}-*.{bin,idx}
     ds = prepared.train_dataset(seq_len=256, batch_size=12, seed=1337, start_step=0, num_steps=100)
+    start, end, has_next = prepared.segments["train"].bounds(0)  # the first document's tokens, and <eot>
     ```
     """
 
-    def __init__(self, directory):
+    def __init__(self, directory, reader=None):
+        """Opens the corpus in `directory` for a run of task `reader` (None: any), which must be the task its
+        segments serve (`SEGMENTS`)."""
         self.directory = directory
         path = join(directory, MANIFEST)
         try:
@@ -146,23 +201,28 @@ class Prepared:
                 self.manifest = json.load(f)
             splits = {name: self.manifest["splits"][name] for name in ("train", "validation")}
             self.dtype, self.tokenizer_sha256 = self.manifest["dtype"], self.manifest["tokenizer_sha256"]
-            if self.manifest.get("format") != FORMAT:
-                raise KeyError("format")
+            segments = self.manifest["segments"]
+            if self.manifest.get("format") != FORMAT or segments not in SEGMENTS:
+                raise KeyError("format" if self.manifest.get("format") != FORMAT else "segments")
         except json.JSONDecodeError as e:
             raise TfglmError(f"{path}:{e.lineno}: not a JSON manifest ({e.msg})") from None
         except (KeyError, TypeError) as e:
             raise TfglmError(f"{path}: not a {FORMAT} manifest (no valid {e})") from None
-        self.streams = {}
-        for name, shards in splits.items():
-            paths = [join(directory, s["path"]) for s in shards]
-            counts = [int(s["tokens"]) for s in shards]
-            for p, n in zip(paths, counts):
-                size = tf.io.gfile.stat(p).length if tf.io.gfile.exists(p) else None
-                if size != n * np.dtype(self.dtype).itemsize:
-                    found = "missing" if size is None else f"{size} bytes"
-                    raise TfglmError(f"{p}: broken shard ({found}; the manifest says {n} {self.dtype} tokens); "
-                                     f"prepare the corpus again")
+        if reader and SEGMENTS[segments] != reader:
+            raise TfglmError(f"{path}: its segments are {segments}, prepared for a {SEGMENTS[segments]} run, not "
+                             f"this {reader} run; prepare the corpus with this run's config")
+        self.streams, self.segments = {}, {}
+        for name, listed in splits.items():
+            paths = [join(directory, s["path"]) for s in listed]
+            indexes = [join(directory, s["index"]) for s in listed]
+            counts = [int(s["tokens"]) for s in listed]
+            segment_counts = [int(s["segments"]) for s in listed]
+            for shard, count in zip(paths, counts):
+                check_size(shard, count * np.dtype(self.dtype).itemsize, f"{count} {self.dtype} tokens")
+            for index, count in zip(indexes, segment_counts):
+                check_size(index, count * INDEX.itemsize, f"{count} segments")
             self.streams[name] = TokenStream(paths, counts, self.dtype)
+            self.segments[name] = SegmentStream(indexes, segment_counts, self.streams[name])
 
     @property
     def tokenizer_dir(self):

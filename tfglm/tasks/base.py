@@ -8,13 +8,17 @@ them names a task.
 """
 
 import dataclasses
+import logging
 
 import numpy as np
 
-from tfglm.data import epochs
+from tfglm.data import epochs, shards
 from tfglm.data.chat import ChatTokenizer
 from tfglm.errors import TfglmError
 from tfglm.generation.chat import ChatSession
+from tfglm.training import runs
+
+log = logging.getLogger("tfglm")
 
 
 @dataclasses.dataclass
@@ -22,8 +26,9 @@ class Evaluation:
     """What `Task.evaluate` scores: a file of the task's data. A task whose evaluation takes other inputs declares its
     own dataclass; each field becomes a `tfglm evaluate` option (`help` in its metadata)."""
     data: str = dataclasses.field(default="", metadata={
-        "help": "the data to score, as the run's task trains on it: text files (a language model), labelled texts "
-                "(a classifier), conversations (a chat model)"})
+        "help": "the data to score, as the run's task trains on it: text files or a prepared corpus (a language "
+                "model; the corpus's validation split), labelled texts (a classifier), conversations (a chat "
+                "model)"})
 
 
 # The train settings `epoch_schedule` sets, and the task section's key that sets each instead (None: the schedule's).
@@ -69,6 +74,24 @@ class Task:
     def prepare(self, resume, chief):
         """Reads and checks the data; a new run builds its vocabulary and (on the chief) saves it."""
         raise NotImplementedError
+
+    def open_prepared(self, resume, chief):
+        """The corpus `tfglm prepare` wrote in the directory data.files names (`shards.Prepared`), checked to be for
+        this task. A new run takes the shards' tokenizer (saved on the chief); a resumed one, or one from
+        `train.init_from`, must have it."""
+        prepared = shards.Prepared(self.config.data.files[0], reader=self.name)
+        source = prepared.tokenizer_dir
+        if resume or self.config.train.init_from:
+            source = runs.path(self.run_dir if resume else self.config.train.init_from, runs.TOKENIZER)
+        prepared.check_tokenizer(source)
+        if chief and not resume:
+            shards.copy_files(source, runs.path(self.run_dir, runs.TOKENIZER))
+        self.tokenizer = shards.read_tokenizer(source)
+        manifest = prepared.manifest
+        log.info("prepared corpus %s: %d train, %d validation tokens in %d + %d %s, vocabulary %d", prepared.directory,
+                 manifest["train_tokens"], manifest["validation_tokens"], manifest["train_segments"],
+                 manifest["validation_segments"], manifest["segments"], self.tokenizer.vocab_size)
+        return prepared
 
     def schedule(self):
         """The run's `train` settings (a TrainConfig): the config's, or derived from task settings such as epochs."""

@@ -38,7 +38,8 @@ class CausalLM(Task):
         """Reads and checks the corpus, trains (or reloads) the tokenizer and splits the token stream; or opens the
         corpus `tfglm prepare` wrote, whose tokenizer the run takes."""
         if shards.is_prepared(self.config.data.files):
-            return self.open_prepared(resume, chief)
+            self.prepared = self.open_prepared(resume, chief)
+            return
         files = corpus.resolve_files(self.config.data.files) if self.config.data.files else \
             corpus.embedded_corpus_files()
         stats = corpus.scan_files(files)
@@ -58,19 +59,6 @@ class CausalLM(Task):
                                                                  self.config.data.val_fraction)
         log.info("tokens: %d train, %d validation, vocabulary %d", len(self.train_tokens), len(self.val_tokens),
                  self.tokenizer.vocab_size)
-
-    def open_prepared(self, resume, chief):
-        self.prepared = shards.Prepared(self.config.data.files[0])
-        source = self.prepared.tokenizer_dir  # a new run takes the shards' tokenizer; others must match it
-        if resume or self.config.train.init_from:
-            source = runs.path(self.run_dir if resume else self.config.train.init_from, runs.TOKENIZER)
-        self.prepared.check_tokenizer(source)
-        if chief and not resume:
-            shards.copy_files(source, runs.path(self.run_dir, runs.TOKENIZER))
-        self.tokenizer = shards.read_tokenizer(source)
-        streams = self.prepared.streams
-        log.info("prepared corpus %s: %d train, %d validation tokens, vocabulary %d", self.prepared.directory,
-                 streams["train"].num_tokens, streams["validation"].num_tokens, self.tokenizer.vocab_size)
 
     def learn_vocabulary(self, files, stats):
         """A new run's tokenizer, of `tokenizer.kind`: the corpus's characters, or a SentencePiece vocabulary."""
@@ -125,26 +113,35 @@ class CausalLM(Task):
         return Generator(model, self.tokenizer)
 
     def evaluate(self, model, inputs):
-        """Perplexity of the model on the text files `--data` names, over consecutive blocks of its context."""
+        """Perplexity of the model over consecutive blocks of its context: of the text files `--data` names, or of
+        the validation split of a corpus `tfglm prepare` wrote (`--data DIR`), read from its shards a batch at a time,
+        so memory does not grow with the split."""
         if not inputs.data:
-            raise TfglmError("--data: a language model is scored on text files (perplexity)")
-        files = corpus.resolve_files([inputs.data])
-        corpus.scan_files(files)
-        tokens = corpus.tokenize_files(files, self.tokenizer)
+            raise TfglmError("--data: a language model is scored on text files or a prepared corpus (perplexity)")
+        if shards.is_prepared([inputs.data]):
+            prepared = shards.Prepared(inputs.data, reader=self.name)
+            prepared.check_tokenizer(runs.path(self.run_dir, runs.TOKENIZER))
+            stream = prepared.streams["validation"]
+            window, num_tokens, split = stream.window, stream.num_tokens, {"split": "validation"}
+        else:
+            files = corpus.resolve_files([inputs.data])
+            corpus.scan_files(files)
+            tokens = corpus.tokenize_files(files, self.tokenizer)
+            window, num_tokens, split = (lambda start, count: tokens[start:start + count]), len(tokens), {}
         length, batch = self.config.model.max_length, self.config.train.batch_size
-        blocks = (len(tokens) - 1) // length
+        blocks = (num_tokens - 1) // length
         if blocks < 1:
-            raise TfglmError(f"{inputs.data}: {len(tokens)} tokens, fewer than one block of {length} + 1")
+            raise TfglmError(f"{inputs.data}: {num_tokens} tokens, fewer than one block of {length} + 1")
         log.info("scoring %s: %d blocks of %d tokens", inputs.data, blocks, length)
-        starts = np.arange(blocks) * length
-        block = tokens[starts[:, None] + np.arange(length + 1)]
         total = 0.0
-        for i in range(0, blocks, batch):
-            logits = model(block[i:i + batch, :-1], training=False)
-            total += float(tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(block[i:i + batch, 1:],
-                                                                                        logits)))
+        for first in range(0, blocks, batch):
+            rows = min(batch, blocks - first)
+            chunk = window(first * length, rows * length + 1)
+            block = chunk[np.arange(rows)[:, None] * length + np.arange(length + 1)]
+            logits = model(block[:, :-1], training=False)
+            total += float(tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(block[:, 1:], logits)))
         loss = total / (blocks * length)
-        return {"data": inputs.data, "tokens": int(blocks * length), "loss": round(loss, 5),
+        return {"data": inputs.data, **split, "tokens": int(blocks * length), "loss": round(loss, 5),
                 "perplexity": round(math.exp(min(loss, 50.0)), 4)}
 
     def exported(self, model, jit_compile):

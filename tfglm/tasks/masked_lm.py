@@ -10,6 +10,10 @@ row (most pairs are far shorter than the context), and each time a batch is draw
 selected anew for prediction: 80% become [MASK], 10% a random token, 10% stay. The last `data.val_fraction` of the
 documents (in a seeded order) is validation, masked once and cached; metrics.jsonl reports `val_mlm_accuracy` and
 `val_nsp_accuracy`.
+
+From a corpus `tfglm prepare` wrote with a BERT config (`--data DIR`), the segments are its lines, read from the
+shards by seek as each example draws them (memory does not grow with the corpus), the vocabulary is the shards' and
+validation is the manifest's split.
 """
 
 import dataclasses
@@ -47,9 +51,22 @@ def read_documents(files, text_column):
 
 @dataclasses.dataclass
 class Segments:
+    """Tokenized segments in memory; `shards.SegmentStream` reads the same from a prepared corpus."""
+
     tokens: np.ndarray  # int32: every segment's ids, back to back
     splits: np.ndarray  # int64 [n + 1]: segment i is tokens[splits[i]:splits[i + 1]]
     has_next: np.ndarray  # bool [n]: segment i + 1 follows segment i in the same document
+
+    @property
+    def num_segments(self):
+        return len(self.has_next)
+
+    def bounds(self, s):
+        """(start, end, has_next) of segment `s`: tokens [start, end)."""
+        return int(self.splits[s]), int(self.splits[s + 1]), bool(self.has_next[s])
+
+    def window(self, start, end):
+        return self.tokens[start:end]
 
 
 def tokenize_documents(docs, tokenizer):
@@ -62,23 +79,37 @@ def tokenize_documents(docs, tokenizer):
                     has_next=np.concatenate([np.arange(len(doc)) < len(doc) - 1 for doc in docs]))
 
 
+def sentence_pair(segments, s, is_next, r):
+    """The ids of (A, B) for segment `s`: A is segment s, B the segment after it in its document when `is_next` (the
+    last segment of a document is cut in two halves instead), else segment `r`."""
+    a_start, end, follows = segments.bounds(s)
+    if follows:
+        a_end, (_, b_end, _) = end, segments.bounds(s + 1)
+    else:
+        a_end, b_end = (a_start + end + 1) // 2, end
+    b_start = a_end
+    if not is_next:
+        b_start, b_end, _ = segments.bounds(r)
+    return segments.window(a_start, a_end).astype(np.int32), segments.window(b_start, b_end).astype(np.int32)
+
+
 def pair_dataset(segments, seed, start):
-    """Endless examples (A ids, B ids, is_next) numbered from `start`, each a pure function of (seed, index)."""
-    tokens, splits = tf.constant(segments.tokens), tf.constant(segments.splits)
-    has_next = tf.constant(segments.has_next)
-    n = len(segments.has_next)
+    """Endless examples (A ids, B ids, is_next) numbered from `start`, each a pure function of (seed, index): its
+    segments are drawn in the graph and read by `sentence_pair` (from memory or from shards)."""
+    n = segments.num_segments
+
+    def read(s, is_next, r):
+        return sentence_pair(segments, int(s), bool(is_next), int(r))
 
     def example(i):
         key = tf.stack([tf.constant(seed, tf.int64), i])
         s = tf.random.stateless_uniform([], key, 0, n, tf.int64)
-        a_start, end = splits[s], splits[s + 1]
-        follows = has_next[s]
-        a_end = tf.where(follows, end, (a_start + end + 1) // 2)
-        b_end = tf.where(follows, splits[tf.minimum(s + 2, n)], end)
         is_next = tf.random.stateless_uniform([], key + 1) < NEXT_RATE
         r = tf.random.stateless_uniform([], key + 2, 0, n, tf.int64)
-        b_start, b_end = tf.where(is_next, a_end, splits[r]), tf.where(is_next, b_end, splits[r + 1])
-        return tokens[a_start:a_end], tokens[b_start:b_end], tf.cast(is_next, tf.int32)
+        a, b = tf.numpy_function(read, [s, is_next, r], [tf.int32, tf.int32], stateful=False)
+        a.set_shape([None])
+        b.set_shape([None])
+        return a, b, tf.cast(is_next, tf.int32)
 
     return tf.data.Dataset.counter(start).map(example, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -142,7 +173,8 @@ class MaskedLM(Task):
     default_for = ("bert",)
     command = {"name": "pretrain", "help": "pretrain a BERT-style encoder (masked LM + next sentence)",
                "config": "YAML config with model.kind bert (configs/bert-*.yaml)",
-               "data": "text files, directories, globs, or labelled TSV/CSV/JSONL files"}
+               "data": "text files, directories, globs, labelled TSV/CSV/JSONL files, or the directory `tfglm "
+                       "prepare` wrote with a BERT config"}
 
     def load_vocabulary(self):
         self.tokenizer = load_tokenizer(runs.path(self.run_dir, runs.TOKENIZER))
@@ -150,8 +182,9 @@ class MaskedLM(Task):
     def prepare(self, resume, chief):
         config = self.config
         if shards.is_prepared(config.data.files):
-            raise TfglmError(f"data.files: {config.data.files[0]} is a prepared corpus (token shards, for causal "
-                             f"language models); pretrain an encoder on its text files")
+            prepared = self.open_prepared(resume, chief)
+            self.train_segments, self.val_segments = prepared.segments["train"], prepared.segments["validation"]
+            return
         files = corpus.resolve_files(config.data.files) if config.data.files else corpus.embedded_corpus_files()
         corpus.scan_files(files)
         docs = read_documents(files, config.classify.text_column)
