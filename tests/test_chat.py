@@ -3,12 +3,14 @@ tiny model that learns to answer through the graph and the export, and one-line 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
 
 from conftest import QA, write_conversations
 from tfglm.cli import main
@@ -16,6 +18,10 @@ from tfglm.data.chat import MARKERS, ChatTokenizer, as_batch, read_conversations
 from tfglm.data.tokenizers import CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 from tfglm.errors import TfglmError
 from tfglm.generation.decode import Generator
+from tfglm.serving.checks import RequestError
+from tfglm.serving.export import export_run
+from tfglm.serving.servable import Servable
+from tfglm.serving.signatures import WARMUP
 from tfglm.training import runs
 from tfglm.tasks.registry import load_run
 
@@ -159,6 +165,28 @@ def test_chat_signature_loaded_without_tfglm_equals_generator_chat(chat_run, cha
     assert served["replies"] == [r.decode() for r in expected["completions"].numpy()]
     assert served["replies"][0] == "i am tfglm"
     assert served["num_tokens"] == expected["num_tokens"].numpy().tolist()
+
+
+def test_an_export_whose_default_fills_the_context_warms_up_with_fewer_new_tokens(chat_run, tmp_path):
+    """The chat signature refuses a conversation that does not fit beside `max_new_tokens`; with the run's default at
+    context - 1, the warm-up conversation asks for as many new tokens as leave it room, and the version loads."""
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(chat_run, run_dir)
+    config = runs.read_json(runs.path(run_dir, runs.CONFIG))
+    context = config["model"]["max_length"]
+    config["generate"]["max_new_tokens"] = context - 1
+    runs.write_json(runs.path(run_dir, runs.CONFIG), config)
+    path = export_run(run_dir, str(tmp_path / "models"), jit_compile=False)
+
+    record = next(iter(tf.data.TFRecordDataset(os.path.join(path, WARMUP))))
+    inputs = prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request.inputs
+    conversation = {k: tf.make_ndarray(inputs[k]) for k in ("roles", "contents")}
+    tokens = len(load_run(run_dir).tokenizer.encode_chat(*map(tf.constant, conversation.values()), context,
+                                                         generation_prompt=True)[0][0])
+    assert int(tf.make_ndarray(inputs["max_new_tokens"])) == context - tokens
+    served = Servable("chat", 1, path, max_batch_size=1)  # replays the warm-up request
+    with pytest.raises(RequestError, match=f"context of {context} less {context - 1} new tokens leaves 1"):
+        served.predict("chat", conversation)
 
 
 def test_evaluate_scores_assistant_tokens_of_a_conversations_file(chat_run, tmp_path, capsys):

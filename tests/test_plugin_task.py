@@ -14,7 +14,7 @@ import tensorflow as tf
 from tfglm import config as config_tree
 from tfglm.cli import main
 from tfglm.errors import TfglmError
-from tfglm.tasks import Evaluation, Task, register, registry
+from tfglm.tasks import Evaluation, Task, catalog, register, registry
 from tfglm.tasks.base import TextClassifier
 from tfglm.training import runs
 
@@ -97,7 +97,7 @@ class Majority(Task):
 def majority(monkeypatch):
     """The task, registered for this test only."""
     registry.discover()
-    monkeypatch.setattr(registry, "TASKS", dict(registry.TASKS))
+    monkeypatch.setattr(catalog, "TASKS", dict(catalog.TASKS))
     monkeypatch.setattr(config_tree, "SECTIONS", dict(config_tree.SECTIONS))
     return register(Majority)
 

@@ -12,7 +12,7 @@ import warnings
 
 from tfglm.config import GENERATE_OPTIONS, generate_options, generate_settings
 from tfglm.errors import TfglmError
-from tfglm.tasks import registry
+from tfglm.tasks import catalog
 
 log = logging.getLogger("tfglm")
 
@@ -24,6 +24,8 @@ def _add_generate_options(parser):
 
 def _add_evaluation_options(parser):
     """The fields of every task's `Evaluation`, as options (a field several tasks share is one option)."""
+    from tfglm.tasks import registry
+
     fields = {}
     for task in registry.tasks():
         for field in dataclasses.fields(task.Evaluation):
@@ -44,15 +46,31 @@ def _add_training_options(parser, config_help):
     parser.set_defaults(trains=True)
 
 
+class _Command(argparse.ArgumentParser):
+    """A command's parser; one whose options only the imported task classes tell (`evaluate`) adds them with
+    `add_options(parser)` when it is the command given, so that the others, and `tfglm --help`, need no import."""
+
+    def __init__(self, *args, add_options=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_options = add_options
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.add_options:
+            self.add_options, add_options = None, self.add_options
+            add_options(self)
+        return super().parse_known_args(args, namespace)
+
+
 def _parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true", help="show TensorFlow's and XLA's own log lines")
     parser = argparse.ArgumentParser(prog="tfglm", description="TensorFlow Generative Language Models",
                                      parents=[common])
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Command)
+    tasks = catalog.declarations()
 
-    def command(name, help):
-        return commands.add_parser(name, help=help, parents=[common])
+    def command(name, help, **kwargs):
+        return commands.add_parser(name, help=help, parents=[common], **kwargs)
 
     train = command("train", "train a model on text files (or the embedded corpus): a GPT, an encoder (masked LM) "
                              "or a translation model, by the config's model.kind")
@@ -69,7 +87,7 @@ def _parser():
                          help="text files, JSONL or Parquet files, directories or globs (local or gs://)")
     prepare.add_argument("--out", required=True, help="directory for the shards, tokenizer and manifest")
 
-    for task in registry.tasks():  # the tasks with a training command of their own (`tfglm pretrain`)
+    for task in tasks:  # the tasks with a training command of their own (`tfglm pretrain`)
         if task.command:
             own = command(task.command["name"], task.command["help"])
             _add_training_options(own, task.command["config"])
@@ -80,7 +98,7 @@ def _parser():
     _add_training_options(finetune, "YAML config, for --from-scratch without --model")
     finetune.add_argument("--model", help="pretrained run directory, from `tfglm pretrain` (an encoder) or `tfglm "
                                           "train` (a GPT); its config and tokenizer are used")
-    finetuned = [task for task in registry.tasks() if task.finetune]
+    finetuned = [task for task in tasks if task.finetune]
     finetune.add_argument("--task", default=finetuned[0].name, choices=[task.name for task in finetuned],
                           help="; ".join(f"{task.name}: {task.finetune}" for task in finetuned))
     finetune.add_argument("--train", help="the training file: " + "; ".join(f"{task.name}: {task.finetune}"
@@ -128,9 +146,9 @@ def _parser():
 
     evaluate = command("evaluate", "score a run into its eval.json: a language model's perplexity on text or a "
                                    "prepared corpus's validation split (--data), a classifier on labelled data "
-                                   "(--data), a translation model's BLEU (--source, --reference)")
+                                   "(--data), a translation model's BLEU (--source, --reference)",
+                       add_options=_add_evaluation_options)
     evaluate.add_argument("--model", required=True, help="run directory")
-    _add_evaluation_options(evaluate)
 
     translate = command("translate", "translate texts with a translation run")
     translate.add_argument("--model", required=True, help="translation run directory")
@@ -221,6 +239,7 @@ def _data_overrides(args):
 
 def cmd_train(args):
     """`tfglm train` (the task for the config's model.kind), or a task's own training command (`args.task`)."""
+    from tfglm.tasks import registry
     from tfglm.training.trainer import train
 
     run = train(_training_config(args, _data_overrides(args)), args.out, task=getattr(args, "task", None),
@@ -244,6 +263,7 @@ def cmd_prepare(args, beam_args):
 
 
 def cmd_finetune(args):
+    from tfglm.tasks import registry
     from tfglm.training import runs
     from tfglm.training.trainer import train
 
@@ -295,6 +315,7 @@ def _check_utf8(option, texts):
 
 def cmd_generate(args):
     from tfglm.generation.decode import generate_texts, warn_truncated
+    from tfglm.tasks import registry
 
     run = registry.load_run(args.model)
     generator = run.task.generator(run.model)
@@ -358,6 +379,8 @@ def _chat_terminal(session):
 
 
 def cmd_chat(args):
+    from tfglm.tasks import registry
+
     if args.json and not args.message:
         raise TfglmError("--json: prints the replies to --message turns; give --message")
     _check_utf8("message", args.message or [])
@@ -384,6 +407,7 @@ def cmd_export(args):
 
 
 def cmd_evaluate(args):
+    from tfglm.tasks import registry
     from tfglm.training import runs
 
     run = registry.load_run(args.model)
@@ -398,6 +422,7 @@ def cmd_evaluate(args):
 
 def cmd_translate(args):
     from tfglm.generation.beam import translate_texts
+    from tfglm.tasks import registry
 
     run = registry.load_run(args.model)
     translator = run.task.translator(run.model, args.beam)
@@ -406,6 +431,8 @@ def cmd_translate(args):
 
 
 def cmd_predict(args):
+    from tfglm.tasks import registry
+
     run = registry.load_run(args.model)
     for row in run.task.predict(run.model, args.texts):
         if args.json:
@@ -436,6 +463,7 @@ def _read_texts(path):
 def cmd_embed(args):
     import numpy as np
 
+    from tfglm.tasks import registry
     from tfglm.training import runs
 
     texts = list(args.texts) + (_read_texts(args.input) if args.input else [])

@@ -29,12 +29,12 @@ def _next_version(base_path):
 
 
 def write_warmup(export_dir, signature, inputs):
-    """assets.extra/tf_serving_warmup_requests: one `signature` PredictRequest of string `inputs` ({name: value},
-    the options left to their defaults), so the server compiles the decode loop while loading rather than on the
-    first request (`tfglm serve` replays it at every batch size it takes)."""
+    """assets.extra/tf_serving_warmup_requests: one `signature` PredictRequest of `inputs` ({name: value}, the
+    options it leaves out taking their defaults), so the server compiles the decode loop while loading rather than on
+    the first request (`tfglm serve` replays it at every batch size it takes)."""
     request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(signature_name=signature))
     for name, value in inputs.items():
-        request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=tf.string))
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
     log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
     os.makedirs(os.path.dirname(os.path.join(export_dir, WARMUP)), exist_ok=True)
     with tf.io.TFRecordWriter(os.path.join(export_dir, WARMUP)) as writer:

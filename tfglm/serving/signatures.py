@@ -19,6 +19,7 @@ functions read those, and a Keras model would be saved as copies that TF1-style 
 import collections
 import os
 
+import numpy as np
 import tensorflow as tf
 
 from tfglm.generation.beam import Translator
@@ -38,7 +39,7 @@ SOURCES = tf.TensorSpec([None], tf.string, name="sources")
 
 Export = collections.namedtuple("Export", "module signatures warmup")
 Export.__doc__ = """What `tfglm export` saves: the object to save, {signature name: function}, and the warm-up
-request (signature name, {input name: value})."""
+request (signature name, {input name: value}; the options a request leaves out take their defaults)."""
 
 
 def build(served, settings):
@@ -64,8 +65,19 @@ def language_model(generator, settings):
     signatures.update({name: getattr(module, name) for name in STREAMING if hasattr(module, name)},
                       serving_default=module.chat if chat else module.generate)
     if chat:
-        return Export(module, signatures, ("chat", {"roles": [["user"]], "contents": [[settings.prompt or "Hello"]]}))
+        conversation = {"roles": [["user"]], "contents": [[settings.prompt or "Hello"]]}
+        return Export(module, signatures, ("chat", {**conversation, "max_new_tokens": np.int32(
+            warmup_max_new_tokens(generator, conversation, settings.max_new_tokens))}))
     return Export(module, signatures, ("generate", {"prompts": [settings.prompt]}))
+
+
+def warmup_max_new_tokens(generator, conversation, max_new_tokens):
+    """The run's `max_new_tokens` for the chat warm-up, or fewer where its `conversation` would not fit beside them:
+    the chat signature refuses a conversation it would have to cut, and a default near the context leaves no room."""
+    ids, _, _ = generator.tokenizer.encode_chat(tf.constant(conversation["roles"]),
+                                                tf.constant(conversation["contents"]), generator.context,
+                                                generation_prompt=True)
+    return max(1, min(max_new_tokens, generator.context - int(ids.row_lengths()[0])))
 
 
 def language_module(generator, settings):

@@ -1,28 +1,22 @@
 """The task registry: a run's task name -> its `Task` class, and loading a trained run through it.
 
-The built-in tasks are the modules in BUILT_IN; an installed package adds its own under the `tfglm.tasks`
-entry-point group, and a program with `register`. They are found on first use (of the registry, or of a config), so
-that importing a task module never waits on the others. Registering a task adds its config section to the config
-tree; the command line reads its options from here.
+The tasks `tfglm.tasks.catalog` lists (built-in and installed) are imported on first use (of the registry, or of a
+config), so that importing a task module never waits on the others; a program adds its own with `register`.
+Registering a task adds its config section to the config tree.
 """
 
 import collections
-import importlib
-import importlib.metadata
 import logging
 import os
 
 from tfglm import config as config_tree
 from tfglm.errors import TfglmError
+from tfglm.tasks import catalog
 from tfglm.tasks.base import Task
 from tfglm.training import runs
 
 log = logging.getLogger("tfglm")
 
-BUILT_IN = ("tfglm.tasks.causal_lm:CausalLM", "tfglm.tasks.masked_lm:MaskedLM", "tfglm.tasks.classify:Classify",
-            "tfglm.tasks.seq2seq:Seq2Seq", "tfglm.tasks.chat:Chat", "tfglm.tasks.embed:Embed")
-ENTRY_POINTS = "tfglm.tasks"
-TASKS = {}  # name -> Task class, in registration order
 _found = []  # [True] once the built-in and installed tasks are registered
 
 Run = collections.namedtuple("Run", "config tokenizer model task")
@@ -52,11 +46,12 @@ def register(task):
     discover()
     if not (isinstance(task, type) and issubclass(task, Task) and task.name):
         raise TfglmError(f"task: {task!r} is not a Task subclass with a name")
-    if task.name in TASKS and TASKS[task.name] is not task:
-        raise TfglmError(f"task: {task.name!r} is registered already ({TASKS[task.name].__module__})")
+    registered = catalog.TASKS.get(task.name, task)
+    if registered is not task:
+        raise TfglmError(f"task: {task.name!r} is registered already ({registered.__module__})")
     if task.section is not None:
         config_tree.add_section(task.key(), task.section, task.checks)
-    TASKS[task.name] = task
+    catalog.TASKS[task.name] = task
     return task
 
 
@@ -65,25 +60,22 @@ def discover():
     if _found:
         return
     _found.append(True)
-    for reference in BUILT_IN:
-        module, _, attribute = reference.partition(":")
-        register(getattr(importlib.import_module(module), attribute))
-    for entry in importlib.metadata.entry_points(group=ENTRY_POINTS):
-        register(entry.load())
+    for reference in catalog.references():
+        register(catalog.load(reference))
 
 
 def tasks():
     """Every registered Task class, in registration order."""
     discover()
-    return list(TASKS.values())
+    return list(catalog.TASKS.values())
 
 
 def get_task(name):
     """The `Task` class registered as `name`."""
     discover()
-    if name not in TASKS:
-        raise TfglmError(f"task: unknown task {name!r} (known: {', '.join(TASKS)})")
-    return TASKS[name]
+    if name not in catalog.TASKS:
+        raise TfglmError(f"task: unknown task {name!r} (known: {', '.join(catalog.TASKS)})")
+    return catalog.TASKS[name]
 
 
 def default_task(kind):
