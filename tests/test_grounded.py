@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
 
 import tfglm
 from conftest import SERVER_PREAMBLE
@@ -23,6 +24,8 @@ from tfglm.data.tokenizers import CharTokenizer
 from tfglm.errors import TfglmError
 from tfglm.generation.decode import Generator
 from tfglm.preprocessors.grounded import GroundedChatPreprocessor
+from tfglm.serving.servable import Servable
+from tfglm.serving.signatures import WARMUP
 from tfglm.tasks.chat import GROUNDING, KNOWLEDGE, Grounding
 from tfglm.tasks.registry import load_run
 
@@ -147,7 +150,7 @@ def test_training_conversations_leave_their_own_entry_out(index, tmp_path):
 def grounded_run(index, train_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("grounded")
     sets = ["model.max_length=64", "model.num_layers=1", "model.hidden_dim=32", "chat.epochs=2", "chat.batch_size=2",
-            "chat.val_fraction=0.5", "chat.context_tokens=24", "chat.handoff_rate=0.5", "generate.max_new_tokens=12"]
+            "chat.val_fraction=0.5", "chat.context_tokens=24", "chat.handoff_rate=0.5", "generate.max_new_tokens=40"]
     config = os.path.join(os.path.dirname(__file__), "..", "configs", "gpt-char-tiny.yaml")
     run_dir = str(root / "run")
     assert main(["finetune", "--task", "chat", "--from-scratch", "--config", config, "--train", train_file,
@@ -187,6 +190,15 @@ def test_the_export_answers_a_grounded_chat_in_a_clean_interpreter(grounded_run,
     np.testing.assert_allclose(served["score"], expected["score"].numpy(), atol=1e-5)
     assert [r for r, h in zip(served["replies"], handed_off) if h] == [run.config.chat.handoff_message] * sum(
         handed_off)
+
+    # The warm-up asks for as many new tokens as leave room for its conversation with the retrieved context, and
+    # the version loads (replaying it).
+    record = next(iter(tf.data.TFRecordDataset(os.path.join(base, "1", WARMUP))))
+    inputs = prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request.inputs
+    conversation = [tf.make_ndarray(inputs[k]) for k in ("roles", "contents")]
+    prompt = len(generator.preprocessor.chat_ids(*map(tf.constant, conversation), 1)[0])
+    assert int(tf.make_ndarray(inputs["max_new_tokens"])) == run.config.model.max_length - prompt < 40
+    Servable("grounded", 1, os.path.join(base, "1"), max_batch_size=1)
 
 
 @pytest.mark.parametrize("make, message", [

@@ -74,9 +74,8 @@ def language_model(generator, settings):
 def warmup_max_new_tokens(generator, conversation, max_new_tokens):
     """The run's `max_new_tokens` for the chat warm-up, or fewer where its `conversation` would not fit beside them:
     the chat signature refuses a conversation it would have to cut, and a default near the context leaves no room."""
-    ids, _, _ = generator.tokenizer.encode_chat(tf.constant(conversation["roles"]),
-                                                tf.constant(conversation["contents"]), generator.context,
-                                                generation_prompt=True)
+    ids = generator.preprocessor.chat_ids(tf.constant(conversation["roles"]), tf.constant(conversation["contents"]),
+                                          1)  # as the signature encodes it: a grounded chat's context included
     return max(1, min(max_new_tokens, generator.context - int(ids.row_lengths()[0])))
 
 
