@@ -179,11 +179,12 @@ def chat_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
     data = root / "conv.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in chat_conversations()))
+    held_out = write_conversations(root / "eval.jsonl", 80, seed=1)  # scored into eval.json, its replies generated
     sets = ["model.max_length=64", "model.num_layers=2", "model.hidden_dim=64", "chat.epochs=20",
             "chat.learning_rate=3e-3", "generate.max_new_tokens=16"]
     config = os.path.join(os.path.dirname(__file__), "..", "configs", "gpt-char-tiny.yaml")
     assert main(["finetune", "--task", "chat", "--from-scratch", "--config", config, "--train", str(data),
-                 "--eval", str(data), "--out", str(root / "run"), *[a for s in sets for a in ("--set", s)]]) == 0
+                 "--eval", held_out, "--out", str(root / "run"), *[a for s in sets for a in ("--set", s)]]) == 0
     return str(root / "run")
 
 

@@ -2,6 +2,7 @@
 tiny model that learns to answer through the graph and the export, and one-line errors for bad conversation files."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from conftest import QA, write_conversations
+from conftest import NAMES, QA, write_conversations
 from tfglm.cli import main
 from tfglm.data.chat import MARKERS, ChatTokenizer, as_batch, read_conversations
 from tfglm.data.tokenizers import CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece
@@ -189,17 +190,41 @@ def test_an_export_whose_default_fills_the_context_warms_up_with_fewer_new_token
         served.predict("chat", conversation)
 
 
-def test_evaluate_scores_assistant_tokens_of_a_conversations_file(chat_run, tmp_path, capsys):
-    data = write_conversations(tmp_path / "test.jsonl", 20, seed=3)
-    assert main(["evaluate", "--model", chat_run, "--data", data]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["conversations"] == 20 and result["loss"] < 0.2
+def test_evaluate_scores_the_generated_last_replies_and_their_intents(chat_run, tmp_path, capsys):
+    conversations = [[(q, a)] for q, a in QA] + [[(f"my name is {name}", f"hi {name}"), ("what is my name?", name)]
+                                                 for name in NAMES]
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": role, "content": text} for q, a in turns
+                                                     for role, text in (("user", q), ("assistant", a))],
+                                        "intent": "name" if turns[-1][1] in NAMES else turns[-1][1]}) + "\n"
+                            for turns in conversations))
+    assert main(["evaluate", "--model", chat_run, "--data", str(data), "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert result["conversations"] == len(conversations) and result["loss"] < 0.2
+    # The tiny model answers these exactly, so its last replies are the references.
+    assert (result["replies"], result["chrf"], result["rouge_l"]) == (len(conversations), 100.0, 100.0)
+    assert result["intent_accuracy"] == 1.0 and result["intents"] == len(QA) + 1
+    assert result["max_new_tokens"] == 16 and result["replies_at_limit"] == 0
+    assert result["samples"][1] == {"conversation": [QA[1][0]], "reply": QA[1][1], "reference": QA[1][1]}
+    assert out[0].startswith(f"BLEU = {result['bleu']}  chrF = 100.0  ROUGE-L = 100.0  intent accuracy = 1.0  (")
+    with open(os.path.join(chat_run, runs.EVAL)) as f:
+        assert json.load(f) == result
+
+    # Replies cut at 2 new tokens score lower, and are counted; a table without intents scores none.
+    table = tmp_path / "qa.csv"
+    table.write_text("question,answer\n" + "".join(f"{q},\"{a}\"\n" for q, a in QA))
+    assert main(["evaluate", "--model", chat_run, "--data", str(table), "--max-new-tokens", "2"]) == 0
+    cut = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cut["replies_at_limit"] == len(QA) and cut["rouge_l"] < 50 and "intent_accuracy" not in cut
+    assert main(["evaluate", "--model", chat_run, "--data", str(table), "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err == "tfglm: error: --batch-size: must be >= 1, got 0\n"
 
 
 def test_lora_chat_fine_tune_trains_the_embeddings_with_the_lora_factors(chat_run, tmp_path):
     data = write_conversations(tmp_path / "conv.jsonl", 200, seed=2)
     run_dir = str(tmp_path / "lora")
-    assert main(["finetune", "--task", "chat", "--model", chat_run, "--train", data, "--eval", data, "--out", run_dir,
+    assert main(["finetune", "--task", "chat", "--model", chat_run, "--train", data, "--out", run_dir,
                  "--set", "train.lora_rank=2", "--set", "chat.epochs=1", "--set", "chat.learning_rate=1e-2"]) == 0
     before, after = load_run(chat_run).model, load_run(run_dir).model
     markers = slice(before.vocab_size - 3, None)
@@ -254,3 +279,77 @@ def test_a_long_conversation_is_split_at_turn_boundaries_and_every_reply_is_lear
     for row in ids:  # each piece opens with the system message, then whole messages
         assert list(row[:len(system)]) == system
     assert len(encode(tokenizer, [conversation], 1000, "conv.jsonl")[0]) == 1
+
+
+def test_long_exchanges_are_cut_from_the_right_or_dropped_never_learnt_without_their_question(tokenizer, caplog):
+    from tfglm.tasks.chat import encode
+
+    user, assistant = tokenizer.role_ids["user"], tokenizer.role_ids["assistant"]
+    short = (["user", "assistant"], ["hi", "hello"])
+    long_reply = (["user", "assistant"], ["where is it?", "b" * 40])
+    long_question = (["user", "assistant"], ["a" * 40, "yes"])
+    with caplog.at_level(logging.INFO, logger="tfglm"):
+        ids, weights = encode(tokenizer, [short, long_reply, long_question], 25, "conv.jsonl", long="cut")
+    assert len(ids) == 2  # the long question leaves no room for its reply: nothing to learn
+    row = list(ids[1])
+    assert row[:2] == [tokenizer.eot_id, user] and assistant in row  # the question whole, then the reply's start
+    assert weights[1].sum() == 25 - row.index(assistant) - 1
+    assert "2 exchange(s) longer than the context (24 tokens) on their own: the question kept" in caplog.text
+    assert "1 example(s) with no reply within the context (24 tokens) left out" in caplog.text
+
+    ids, weights = encode(tokenizer, [short, long_reply, long_question], 25, "conv.jsonl", long="drop")
+    assert len(ids) == 1 and weights.sum() == len("hello") + 1
+    with pytest.raises(TfglmError, match="conv.jsonl: no conversation has an assistant token"):
+        encode(tokenizer, [long_reply], 25, "conv.jsonl", long="drop")
+
+
+def test_a_split_conversation_keeps_each_reply_with_the_question_it_answers(tokenizer):
+    from tfglm.tasks.chat import encode
+
+    # Exchanges of 22 and 19 template tokens, not both within 32: a split by messages alone would keep "answer 1"
+    # with the second exchange, apart from its question.
+    conversation = (["user", "assistant", "user", "assistant"], ["question 1", "answer 1", "q", "a longer reply"])
+    ids, weights = encode(tokenizer, [conversation], 33, "conv.jsonl")
+    assert len(ids) == 2
+    user = tokenizer.role_ids["user"]
+    for row in ids:
+        assert list(row[:2]) == [tokenizer.eot_id, user]  # every piece opens with the user's question
+    assert weights.sum() == len("answer 1") + len("a longer reply") + 2
+
+
+@pytest.mark.parametrize("reply_tokens, max_new_tokens, expected", [
+    ([150] * 96 + [200] * 4, 64, "generate.max_new_tokens 64 cuts 100% of the training replies short (95% end within "
+                                 "150 tokens); consider --set generate.max_new_tokens=152"),
+    ([150] * 96 + [200] * 4, 160, None),
+    ([20] * 100, 400, "generate.max_new_tokens 400 leaves a reply only 112 tokens of the conversation before it "
+                      "(context 512), and 95% of the training replies end within 20 tokens; consider --set "
+                      "generate.max_new_tokens=24"),
+    ([300] * 100, 64, "consider --set generate.max_new_tokens=304 and a longer model.max_length"),
+])
+def test_length_advice_reads_the_replies(reply_tokens, max_new_tokens, expected):
+    from tfglm.tasks.chat import length_advice
+
+    advice = length_advice(np.array(reply_tokens), max_new_tokens, 512)
+    if expected is None:
+        assert advice is None
+    else:
+        assert expected in advice
+
+
+def test_conversations_to_answer_end_with_the_users_turn(tmp_path):
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text('{"question": "hi"}\n{"messages": [{"role": "user", "content": "a"}, '
+                         '{"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}\n')
+    assert read_conversations(str(questions), answered=False) == [(["user"], ["hi"]),
+                                                                  (["user", "assistant", "user"], ["a", "b", "c"])]
+    table = tmp_path / "questions.csv"
+    table.write_text("question,id\nwhere is my order?,1\n")
+    assert read_conversations(str(table), answered=False) == [(["user"], ["where is my order?"])]
+    answered = tmp_path / "answered.jsonl"
+    answered.write_text('{"question": "hi"}\n{"messages": [{"role": "user", "content": "a"}, '
+                        '{"role": "assistant", "content": "b"}]}\n')
+    with pytest.raises(TfglmError, match=r"answered.jsonl:2: the conversation's last message is the assistant's; "
+                                         r"expected the user's turn to answer"):
+        read_conversations(str(answered), answered=False)
+    with pytest.raises(TfglmError, match=r"answered.jsonl:1: no column 'answer' \(has: question\)"):
+        read_conversations(str(answered))

@@ -83,7 +83,9 @@ def test_a_streamed_reply_is_the_whole_reply_and_a_stopped_one_stays_as_far_as_i
 
 
 def test_generate_stream_prints_what_generate_prints(chat_run, capsys):
-    for prompt in ("what is", "i am"):  # one at a time, as --stream runs them: a batch has other shapes
+    # The starts of replies (a chat model learns the assistant's text only), one at a time, as --stream runs them: a
+    # batch has other shapes.
+    for prompt in ("see you", "i am"):
         assert main(["generate", "--model", chat_run, "--prompt", prompt, *GREEDY]) == 0
         whole = capsys.readouterr().out
         assert main(["generate", "--model", chat_run, "--prompt", prompt, "--stream", *GREEDY]) == 0
@@ -130,3 +132,50 @@ def test_user_mistakes_are_one_line(tmp_path, chat_run, capsys):
         code = main(argv)
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and err.startswith("tfglm: error: ") and message in err, err
+
+
+def test_input_file_conversations_are_answered_in_batches_a_line_each(chat_run, tmp_path, capsys):
+    questions = tmp_path / "questions.jsonl"
+    rows = [{"question": "what is your name?"}, {"question": "bye"},
+            {"messages": [{"role": "user", "content": "my name is eve"}, {"role": "assistant", "content": "hi eve"},
+                          {"role": "user", "content": "what is my name?"}]},
+            {"question": "how are you?"}, {"question": "hi"}]
+    questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "replies.jsonl"
+    assert main(["chat", "--model", chat_run, "--input", str(questions), "--output", str(out), "--batch-size", "2",
+                 *GREEDY]) == 0
+    with open(out) as f:
+        answered = [json.loads(line) for line in f]
+    assert [row["messages"][-1] for row in answered] == [
+        {"role": "assistant", "content": reply} for reply in ("i am tfglm", "see you soon", "eve", "fine, thanks",
+                                                              "hello there")]
+    assert answered[2]["messages"][:3] == rows[2]["messages"]
+    assert answered[0]["messages"][0] == {"role": "user", "content": "what is your name?"}
+    assert [row["num_tokens"] for row in answered] == [len(row["messages"][-1]["content"]) for row in answered]
+
+    table = tmp_path / "questions.csv"
+    table.write_text("question\nbye\nhi\n")
+    assert main(["chat", "--model", chat_run, "--input", str(table), *GREEDY]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["messages"][-1]["content"] for row in printed] == ["see you soon", "hello there"]
+
+
+def test_input_file_mistakes_are_one_line_and_leave_an_earlier_output_intact(chat_run, tmp_path, capsys):
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text('{"question": "hi"}\n{"messages": [{"role": "user", "content": "hi"}, '
+                         '{"role": "assistant", "content": "hello there"}]}\n')
+    out = tmp_path / "replies.jsonl"
+    out.write_text("earlier\n")
+    for argv, message in [
+        (["--input", str(questions), "--output", str(out)],
+         f"{questions}:2: the conversation's last message is the assistant's; expected the user's turn to answer"),
+        (["--input", str(questions), "--message", "hi"], "--input answers a file of independent conversations"),
+        (["--output", str(out)], "--output: holds the replies to --input; give --input"),
+        (["--input", str(questions), "--output", str(tmp_path / "r.txt")], "r.txt: expected a .jsonl file"),
+        (["--input", str(questions), "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+        (["--input", str(tmp_path / "none.jsonl")], "none.jsonl: no such file"),
+    ]:
+        code = main(["chat", "--model", chat_run, *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and err.startswith("tfglm: error: ") and message in err, err
+    assert out.read_text() == "earlier\n"

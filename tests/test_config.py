@@ -3,7 +3,9 @@ import os
 
 import pytest
 
+from conftest import SHARED_DATA, requires_shared
 from tfglm import load_config
+from tfglm.data.chat import read_conversations, read_intents
 from tfglm.errors import TfglmError
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
@@ -20,6 +22,22 @@ def test_nanogpt_recipe_config():
     m, t = config.model, config.train
     assert (m.num_layers, m.num_heads, m.hidden_dim, m.max_length, t.batch_size) == (4, 4, 128, 64, 12)
     assert config.tokenizer.kind == "char"
+
+
+def test_support_config_holds_a_question_retrieved_entries_and_a_reply_in_subwords():
+    config = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "support.yaml"))
+    assert config.tokenizer.kind == "sentencepiece" and config.model.max_length == 512
+    assert config.generate.max_new_tokens <= config.model.max_length // 2 and config.chat.long == "cut"
+
+
+@requires_shared("bitext-customer-support", "val.csv")
+def test_support_config_reads_bitext_as_it_comes():
+    c = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "support.yaml")).chat
+    path = os.path.join(SHARED_DATA, "bitext-customer-support", "val.csv")
+    conversations = read_conversations(path, c.question_column, c.answer_column)
+    intents = read_intents(path, c.intent_column)
+    assert len(conversations) == len(intents) > 100 and len(set(intents)) == 27
+    assert all(roles == ["user", "assistant"] and all(contents) for roles, contents in conversations)
 
 
 def test_dotted_overrides_are_typed():

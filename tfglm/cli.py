@@ -128,12 +128,19 @@ def _parser():
     generate.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     generate.add_argument("--stream", action="store_true", help="print each completion as it is generated")
 
-    chat = command("chat", "talk with a chat run in the terminal (/reset, /exit), or answer --message turns")
+    chat = command("chat", "talk with a chat run in the terminal (/reset, /exit), answer --message turns, or answer "
+                           "the independent conversations of an --input file in batches")
     chat.add_argument("--model", required=True, help="chat run directory (from `tfglm finetune --task chat`)")
     chat.add_argument("--system", help="system message (default: the run's chat.system; '' for none)")
     chat.add_argument("--message", action="append",
                       help="a user turn, answered without a terminal (repeat for a conversation: each is answered "
                            "with the turns before it)")
+    chat.add_argument("--input", help="a file of independent conversations to answer, each ending with the user's "
+                                      "turn: JSONL (chat messages, or a chat.question_column field), or a TSV/CSV "
+                                      "question column")
+    chat.add_argument("--output", help="with --input: the .jsonl file to write, a line an input conversation: its "
+                                       "messages with the reply, and num_tokens (default: stdout)")
+    chat.add_argument("--batch-size", type=int, default=32, help="with --input: conversations answered at once")
     _add_generate_options(chat)
     chat.add_argument("--json", action="store_true", help="with --message: print one JSON object per reply")
 
@@ -146,7 +153,8 @@ def _parser():
 
     evaluate = command("evaluate", "score a run into its eval.json: a language model's perplexity on text or a "
                                    "prepared corpus's validation split (--data), a classifier on labelled data "
-                                   "(--data), a translation model's BLEU (--source, --reference)",
+                                   "(--data), a chat model's replies (--data), a translation model's BLEU (--source, "
+                                   "--reference)",
                        add_options=_add_evaluation_options)
     evaluate.add_argument("--model", required=True, help="run directory")
 
@@ -378,14 +386,49 @@ def _chat_terminal(session):
             print(" [stopped]")
 
 
+def _answer_file(run, session, args):
+    """`tfglm chat --input`: the conversations of the file answered in batches, written as JSONL."""
+    from tfglm.data.chat import read_conversations
+    from tfglm.training import runs
+
+    c = run.config.chat
+    conversations = read_conversations(args.input, c.question_column, c.answer_column, answered=False)
+    replies, counts = session.answer_all(conversations, args.batch_size)
+    lines = [json.dumps({"messages": [{"role": role, "content": text} for role, text in zip(roles, contents)]
+                         + [{"role": "assistant", "content": reply}], "num_tokens": count}, ensure_ascii=False) + "\n"
+             for (roles, contents), reply, count in zip(conversations, replies, counts)]
+    if not args.output:
+        sys.stdout.writelines(lines)
+        return
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+
+    runs.atomic_write(args.output, write)
+    log.info("answered %d conversations into %s", len(lines), args.output)
+
+
 def cmd_chat(args):
     from tfglm.tasks import registry
 
     if args.json and not args.message:
         raise TfglmError("--json: prints the replies to --message turns; give --message")
+    if args.input and args.message:
+        raise TfglmError("--input answers a file of independent conversations, --message the turns of one: give one "
+                         "of them")
+    if args.output and not args.input:
+        raise TfglmError("--output: holds the replies to --input; give --input")
+    if args.output and not args.output.endswith(".jsonl"):
+        raise TfglmError(f"--output {args.output}: expected a .jsonl file")
+    if args.batch_size < 1:
+        raise TfglmError(f"--batch-size: must be >= 1, got {args.batch_size}")
     _check_utf8("message", args.message or [])
     run = registry.load_run(args.model)
     session = run.task.chat_session(run.model, generate_settings(run.config, vars(args)), args.system)
+    if args.input:
+        _answer_file(run, session, args)
+        return
     if not args.message:
         _chat_terminal(session)
         return
@@ -416,7 +459,9 @@ def cmd_evaluate(args):
     result = run.task.evaluate(run.model, inputs)
     runs.write_json(runs.path(args.model, runs.EVAL), result)
     if "bleu" in result:
-        print(f"BLEU = {result['bleu']}  ({result['signature']})")
+        scores = [f"{name} = {result[key]}" for name, key in (("BLEU", "bleu"), ("chrF", "chrf"), ("ROUGE-L", "rouge_l"),
+                                                              ("intent accuracy", "intent_accuracy")) if key in result]
+        print(f"{'  '.join(scores)}  ({result['signature']})")
     print(json.dumps(result))
 
 

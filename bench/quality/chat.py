@@ -99,7 +99,7 @@ def head(path, count, name):
 
 def assistant_share(weights, conversations):
     """(assistant tokens learnt or scored, all the conversations' assistant tokens (characters + 1 each)); those left
-    out are the left parts of messages longer than the context."""
+    out are the ends of replies cut to fit the context (`chat.long`)."""
     total = sum(len(m["content"]) + 1 for messages in conversations for m in messages if m["role"] == "assistant")
     return int(weights[:, 1:].sum()), total  # position 0 has no prediction: not scored
 

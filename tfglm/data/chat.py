@@ -4,7 +4,8 @@ graph (for training, and for the export's `chat` signature alike).
 A conversation is a list of messages, each a role ("system", "user" or "assistant") and a text. Files:
 - JSONL, one conversation a line: `{"messages": [{"role": "user", "content": "Hi"}, ...]}`;
 - TSV or CSV with a header row: one single-turn conversation a row, a question and an answer column
-  (`chat.question_column`, `chat.answer_column`).
+  (`chat.question_column`, `chat.answer_column`); a JSONL object with those fields and no "messages" reads the same.
+A row may carry an intent (`chat.intent_column`), which `tfglm evaluate` scores replies by.
 
 The template: the role markers `<|system|>`, `<|user|>`, `<|assistant|>` and `<|context|>` are special tokens
 appended to the run's tokenizer (ids after its own vocabulary), so no text a user types can produce one. A
@@ -86,8 +87,9 @@ class ChatTokenizer(tf.Module):
         Each conversation keeps its leading context and system messages and then its most recent messages that fit
         `budget` tokens with the leading `<eot>` (and, with `generation_prompt`, the closing `<|assistant|>`); older
         ones are dropped whole. The last message is always kept, so a row can still exceed `budget`: the caller cuts
-        or drops it. Returns (ids, weights, dropped): ragged int32 and float32 [batch, None] (weights 1 on the assistant's
-        tokens and their closing `<eot>`), and the number of messages dropped from each row (int32 [batch]).
+        or drops it. Returns (ids, weights, dropped): ragged int32 and float32 [batch, None] (weights 1 on the
+        assistant's tokens and their closing `<eot>`), and the number of messages dropped from each row (int32
+        [batch]).
         """
         role_ids = self._roles.lookup(roles)
         present = roles != ""
@@ -137,17 +139,21 @@ def pinned_count(roles):
     return count
 
 
-def read_conversations(path, question_column="question", answer_column="answer"):
+def read_conversations(path, question_column="question", answer_column="answer", answered=True):
     """[(roles, contents)] of a JSONL conversations file or a question/answer TSV/CSV; every problem (invalid JSON,
-    an unknown role, an empty conversation, one without an assistant message) is an error naming file and line."""
+    an unknown role, an empty conversation, one without an assistant message) is an error naming file and line.
+
+    With `answered` False, the conversations to answer (`tfglm chat --input`): each ends with a user message, and a
+    question alone makes one (no answer column)."""
+    columns = (question_column, answer_column) if answered else (question_column,)
     conversations = []
     for line, row in labelled.rows(path):
         where = f"{path}:{line}"
-        if path.lower().endswith(".jsonl"):
+        if path.lower().endswith(".jsonl") and (not isinstance(row.get(question_column), str) or "messages" in row):
             messages = row.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise TfglmError(f"{where}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}} "
-                                 f"with at least one message")
+                                 f"with at least one message, or a {question_column!r} string")
             roles, contents = [], []
             for i, message in enumerate(messages):
                 if not isinstance(message, dict) or not isinstance(message.get("content"), str):
@@ -158,17 +164,29 @@ def read_conversations(path, question_column="question", answer_column="answer")
                 roles.append(message["role"])
                 contents.append(message["content"])
         else:
-            for column in (question_column, answer_column):
+            for column in columns:
                 if column not in row:
                     raise TfglmError(f"{where}: no column {column!r} (has: {', '.join(row)}); set "
                                      f"chat.question_column / chat.answer_column")
-            roles, contents = ["user", "assistant"], [row[question_column], row[answer_column]]
-        if "assistant" not in roles:
+                if not isinstance(row[column], str):
+                    raise TfglmError(f"{where}: {column}: expected a string")
+            roles, contents = ["user", "assistant"][:len(columns)], [row[column] for column in columns]
+        if answered and "assistant" not in roles:
             raise TfglmError(f"{where}: the conversation has no assistant message (nothing to learn)")
+        if not answered and roles[-1] != "user":
+            raise TfglmError(f"{where}: the conversation's last message is the {roles[-1]}'s; expected the user's "
+                             f"turn to answer")
         conversations.append((roles, contents))
     if not conversations:
         raise TfglmError(f"{path}: no conversations")
     return conversations
+
+
+def read_intents(path, column="intent"):
+    """Each conversation's intent (its row's `column`; None where it has none), in `read_conversations` order, or
+    None when no conversation has one."""
+    intents = [None if row.get(column) in (None, "") else str(row[column]) for _, row in labelled.rows(path)]
+    return intents if any(intents) else None
 
 
 def as_batch(conversations):

@@ -1,17 +1,19 @@
-"""A conversation with a chat run, turn by turn, for `tfglm chat`."""
+"""Conversations with a chat run, for `tfglm chat`: one turn by turn, or many independent ones answered in batches."""
 
 import logging
 
 import tensorflow as tf
 
 from tfglm.config import generate_options
+from tfglm.data.chat import as_batch
 
 log = logging.getLogger("tfglm")
 
 
 class ChatSession:
     """One conversation with a chat run: the system message and the turns so far, forgetting (with one warning) the
-    oldest turns once they no longer fit the context, as the chat template's encoding drops them anyway."""
+    oldest exchanges once they no longer fit the context, as the chat template's encoding drops them anyway. What is
+    left starts with a user's turn, as every example of the fine-tune does (`tfglm.tasks.chat.pieces`)."""
 
     def __init__(self, generator, system, settings):
         self.generator, self.system, self.settings = generator, system, settings
@@ -31,6 +33,8 @@ class ChatSession:
                 log.warning("the conversation outgrew the context (%d tokens minus %d new): its oldest turns are "
                             "forgotten from now on", self.generator.context, self.settings.max_new_tokens)
                 self.warned = True
+            while dropped < len(self.turns) - 1 and self.turns[dropped][0] != "user":
+                dropped += 1
             self.turns = self.turns[dropped:]
         return self.conversation()
 
@@ -40,6 +44,14 @@ class ChatSession:
 
     def answered(self, reply):
         self.turns.append(("assistant", reply))
+
+    def answer_all(self, conversations, batch_size):
+        """`answer` to independent `conversations`, each opened with the session's system message unless it has
+        one."""
+        if self.system:
+            conversations = [(roles, contents) if roles[0] == "system" else
+                             (["system"] + roles, [self.system] + contents) for roles, contents in conversations]
+        return answer(self.generator, conversations, self.settings, batch_size)
 
     def reply(self, message):
         """The whole reply to `message` and its token count."""
@@ -64,3 +76,23 @@ class ChatSession:
                 self.answered("".join(reply))
             elif self.turns[-1:] == [("user", message)]:
                 self.turns.pop()
+
+
+def answer(generator, conversations, settings, batch_size):
+    """(replies, token counts) of the `generator`'s next reply to each of the independent `conversations`
+    [(roles, contents)], generated with `settings` (a GenerateConfig) `batch_size` at a time, conversations of
+    similar length together (less padding). One warning counts those whose oldest turns did not fit the context."""
+    order = sorted(range(len(conversations)), key=lambda i: sum(map(len, conversations[i][1])))
+    replies, counts, forgotten = [None] * len(order), [0] * len(order), 0
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        roles, contents = map(tf.constant, as_batch([conversations[i] for i in rows]))
+        forgotten += int(tf.math.count_nonzero(generator.preprocessor.dropped_turns(roles, contents,
+                                                                                    settings.max_new_tokens)))
+        out = generator.chat(roles, contents, *generate_options(settings))
+        for i, reply, count in zip(rows, out["completions"].numpy(), out["num_tokens"].numpy()):
+            replies[i], counts[i] = reply.decode("utf-8", errors="replace"), int(count)
+    if forgotten:
+        log.warning("%d of %d conversations outgrew the context (%d tokens minus %d new): their oldest turns were "
+                    "left out", forgotten, len(order), generator.context, settings.max_new_tokens)
+    return replies, counts

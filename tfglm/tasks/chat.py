@@ -2,8 +2,9 @@
 conversations (`tfglm.data.chat`: files, template, encoding), with the loss on the assistant's tokens only.
 
 Each conversation is one example of template ids padded to the context + 1, so every batch has one static shape (one XLA
-program); one longer than the context is split at turn boundaries into several. The validation loss (which picks the
-best checkpoint and stops early) and eval.json's loss are per assistant token.
+program); one longer than the context is split at turn boundaries into several, each reply kept with the question it
+answers. The validation loss (which picks the best checkpoint and stops early) is per assistant token; `tfglm
+evaluate` adds the replies generated for held-out conversations, scored against theirs.
 
 A chat run grounded in a knowledge base (`chat.knowledge`, an index from `tfglm index`; `Grounding`): the index and
 its embed run copied into the run, the entries retrieved for each training conversation as they are at serving
@@ -22,20 +23,25 @@ import logging
 import math
 import os
 import shutil
+import time
 
 import numpy as np
 import tensorflow as tf
 
-from tfglm.data.chat import CONTEXT, ChatTokenizer, as_batch, pinned_count, read_conversations
+from tfglm.config import generate_settings
+from tfglm.data.chat import (CONTEXT, ChatTokenizer, as_batch, pinned_count, read_conversations,
+                             read_intents)
 from tfglm.data import epochs
 from tfglm.data.corpus import per_token_weights
 from tfglm.data.knowledge import ENTRIES, INDEX, VECTORS, KnowledgeBase
 from tfglm.data.tokenizers import load_tokenizer, new_tokenizer
 from tfglm.errors import TfglmError
+from tfglm.generation.chat import answer
 from tfglm.generation.decode import Generator
+from tfglm.generation.scores import intent_accuracy, reply_scores
 from tfglm.models.gpt import GPT
 from tfglm.preprocessors.grounded import SEPARATOR, GroundedChatPreprocessor
-from tfglm.tasks.base import Task, epoch_checks, epoch_schedule, held_out
+from tfglm.tasks.base import Evaluation, Task, epoch_checks, epoch_schedule, held_out
 from tfglm.tasks.registry import load_run
 from tfglm.training import runs
 
@@ -48,8 +54,11 @@ class ChatConfig:
     train_file: str = ""  # conversations (JSONL messages, or a question/answer TSV/CSV; `tfglm.data.chat`): training,
     val_file: str = ""  # validation (default: val_fraction of the training conversations) and those scored into
     eval_file: str = ""  # eval.json after training
-    question_column: str = "question"  # TSV/CSV columns of a single-turn conversation
+    question_column: str = "question"  # TSV/CSV columns (JSONL fields) of a single-turn conversation
     answer_column: str = "answer"
+    intent_column: str = "intent"  # the conversation's intent, where the data has one (`tfglm evaluate` scores it)
+    long: str = "cut"  # an exchange longer than the context: "cut" keeps its question and cuts the reply from the
+    # right; "drop" leaves it out. Neither learns a reply without the question it answers.
     val_fraction: float = 0.1
     epochs: int = 3
     patience: int = 2  # epochs without a lower validation loss before stopping
@@ -65,6 +74,19 @@ class ChatConfig:
                             "team.")  # the reply to a conversation handed off
 
 
+LONG = ("cut", "drop")
+ANSWER_BATCH = 32  # conversations answered at once when scoring
+
+
+@dataclasses.dataclass
+class ChatEvaluation(Evaluation):
+    """A chat run is scored on a conversations file (`data`), the last reply of each generated greedily."""
+    max_new_tokens: int = dataclasses.field(default=None, metadata={
+        "help": "chat: the longest reply generated (default generate.max_new_tokens)"})
+    batch_size: int = dataclasses.field(default=None, metadata={
+        "help": f"chat: conversations answered at once (default {ANSWER_BATCH})"})
+
+
 class Chat(Task):
     """Conversations in (`chat.train_file`, `chat.val_file` or a held-out share), a GPT that answers out;
     `train.init_from` names the GPT run to start from. With `chat.knowledge`, each conversation is grounded in the
@@ -76,11 +98,13 @@ class Chat(Task):
     counts_epochs = True
     generates = True
     section = ChatConfig
+    Evaluation = ChatEvaluation
     finetune = "conversations (JSONL messages, or a question/answer TSV/CSV)"
 
     @classmethod
     def checks(cls, c, config):
         return epoch_checks("chat", c) + [
+            (c.long in LONG, "chat.long", f"must be {' or '.join(LONG)}"),
             (c.top_k >= 1, "chat.top_k", "must be >= 1"),
             (not c.knowledge or 1 <= c.context_tokens < config.model.max_length, "chat.context_tokens",
              f"must be >= 1 and below model.max_length ({config.model.max_length})"),
@@ -136,15 +160,15 @@ class Chat(Task):
             if not resume and chief:
                 self.grounding.calibrate(scores, c.handoff_rate, self.run_dir)
         length = self.config.model.max_length + 1
-        self.train = encode(self.tokenizer, train, length, c.train_file)
-        self.val = encode(self.tokenizer, val, length, c.val_file or f"{c.train_file} (validation share)")
+        self.train = encode(self.tokenizer, train, length, c.train_file, c.long)
+        self.val = encode(self.tokenizer, val, length, c.val_file or f"{c.train_file} (validation share)", c.long)
         self.sample_message = next((contents[roles.index("user")] for roles, contents in val if "user" in roles),
                                    "Hello")
-        new, context = self.config.generate.max_new_tokens, self.config.model.max_length
-        if new > context // 2:
-            log.warning("generate.max_new_tokens %d leaves a reply only %d tokens of the conversation before it "
-                        "(context %d); consider --set generate.max_new_tokens=%d", new, context - new, context,
-                        context // 4)
+        replies = [text for roles, contents in train for role, text in zip(roles, contents) if role == "assistant"]
+        advice = length_advice(token_counts(self.tokenizer, replies) + 1, self.config.generate.max_new_tokens,
+                               self.config.model.max_length)
+        if advice:
+            log.warning("%s", advice)
         log.info("chat fine-tuning on %d examples (%d for validation), %d assistant tokens", len(self.train[0]),
                  len(self.val[0]), int(self.train[1].sum()))
 
@@ -201,69 +225,159 @@ class Chat(Task):
         return super().chat_session(model, settings, self.config.chat.system if system is None else system)
 
     def evaluate(self, model, inputs):
-        """Assistant-token loss and perplexity on the conversations file `--data`."""
+        """On the conversations file `--data`: the assistant-token loss and perplexity, and the last reply of each
+        conversation generated greedily from the turns before it, scored against the file's: BLEU and chrF
+        (sacrebleu), ROUGE-L, and intent accuracy where the file has intents (`chat.intent_column`;
+        `tfglm.generation.scores.intent_accuracy`)."""
         if not inputs.data:
             raise TfglmError("--data: a chat model is scored on a conversations file (JSONL, or question/answer "
                              "TSV/CSV)")
+        if inputs.batch_size is not None and inputs.batch_size < 1:
+            raise TfglmError(f"--batch-size: must be >= 1, got {inputs.batch_size}")
+        settings = generate_settings(self.config, {"max_new_tokens": inputs.max_new_tokens, "temperature": 0.0})
         c = self.config.chat
         conversations = read_conversations(inputs.data, c.question_column, c.answer_column)
-        handoff = {}
+        grounded, handoff = conversations, {}
         if self.grounding:
-            conversations, scores = self.grounding.retrieve(conversations, self.chat_preprocessor())
+            grounded, scores = self.grounding.retrieve(conversations, self.chat_preprocessor())
             handoff = {"handoff_rate": round(float(np.mean(scores < self.grounding.settings["threshold"])), 4)}
-        ids, weights = encode(self.tokenizer, conversations, self.config.model.max_length + 1, inputs.data)
+        ids, weights = encode(self.tokenizer, grounded, self.config.model.max_length + 1, inputs.data, c.long)
         loss, tokens = assistant_loss(model, ids, weights, c.batch_size)
         return {"data": inputs.data, "conversations": len(conversations), "examples": len(ids),
                 "assistant_tokens": tokens, "loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50.0)), 4),
-                **handoff}
+                **handoff, **scored_replies(self.generator(model), conversations,
+                                            read_intents(inputs.data, c.intent_column), settings,
+                                            inputs.batch_size or ANSWER_BATCH)}
 
     def exported(self, model, jit_compile):
         return Generator(model, self.tokenizer, jit_compile=jit_compile, preprocessor=self.chat_preprocessor())
 
 
-def encode(tokenizer, conversations, length, where, batch_size=256):
+def token_counts(tokenizer, texts, batch_size=4096):
+    """The number of tokens of each text (int array [texts])."""
+    counts = [tokenizer.tokenize(tf.constant(texts[start:start + batch_size])).row_lengths().numpy()
+              for start in range(0, len(texts), batch_size)]
+    return np.concatenate(counts) if counts else np.zeros([0], np.int64)
+
+
+def pieces(roles, sizes, room):
+    """The examples one conversation makes (lists of its message indices): its exchanges (a user message and the
+    messages after it up to the next; any before the first user message are one more), the most recent that fit
+    `room` tokens together, then the most recent of those left, and so on, the leading context and system messages
+    in each. An exchange longer than `room` on its own is an example of its own. `sizes`: each message's template
+    tokens."""
+    system = list(range(pinned_count(roles)))  # the leading context and system messages
+    room -= sum(sizes[i] for i in system)
+    starts = [i for i in range(len(system), len(roles)) if i == len(system) or roles[i] == "user"]
+    found, piece, used = [], [], 0
+    for first, end in reversed(list(zip(starts, starts[1:] + [len(roles)]))):
+        size = sum(sizes[first:end])
+        if piece and used + size > room:
+            found.append(system + piece)
+            piece, used = [], 0
+        piece, used = list(range(first, end)) + piece, used + size
+    return [system + piece] + found[::-1]
+
+
+def encode(tokenizer, conversations, length, where, long="cut", batch_size=256):
     """(ids, weights): int32 and float32 [examples, `length`], the template ids and assistant-token weights of the
     conversations, right-padded with `<eot>` (weight 0).
 
-    A conversation longer than `length` is split at turn boundaries into several examples, so that every message is
-    learnt once: the most recent messages that fit (after the leading context and system messages, which every piece
-    keeps), then
-    the most recent of those left, and so on (`encode_chat` keeps the most recent that fit). A message longer than
-    `length` on its own is cut from the left; a piece with no assistant message teaches nothing and is left out.
-    Splits and cuts are counted and reported."""
-    ids, weights = [], []
-    split, cut, pieces = set(), 0, 0
-    pending = [(i, roles, contents) for i, (roles, contents) in enumerate(conversations)]
-    while pending:
-        remaining = []
-        for start in range(0, len(pending), batch_size):
-            chunk = pending[start:start + batch_size]
-            roles, contents = as_batch([(r, c) for _, r, c in chunk])
-            batch_ids, batch_weights, dropped = tokenizer.encode_chat(tf.constant(roles), tf.constant(contents),
-                                                                      length)
-            for (i, roles, contents), row_ids, row_weights, row_dropped in zip(
-                    chunk, batch_ids.numpy(), batch_weights.numpy(), dropped.numpy()):
-                if row_dropped:  # the messages left out come next, as a conversation of their own
-                    split.add(i)
-                    kept = pinned_count(roles) + row_dropped
-                    remaining.append((i, roles[:kept], contents[:kept]))
-                if len(row_ids) > length:
-                    cut += 1
-                    row_ids, row_weights = row_ids[-length:], row_weights[-length:]
-                if row_weights.any():
-                    pieces += i in split
-                    ids.append(np.pad(row_ids, (0, length - len(row_ids)), constant_values=tokenizer.eot_id))
-                    weights.append(np.pad(row_weights, (0, length - len(row_weights))))
-        pending = remaining
+    A conversation longer than `length` is split at turn boundaries into several examples (`pieces`), each reply
+    with the user message it answers and the leading context and system messages in every piece, so that every reply
+    is learnt once. An exchange longer than `length` on its own is cut from the right (`long` "cut": the question
+    kept, the reply's start learnt) or left out ("drop"); a piece with no assistant token teaches nothing and is left out.
+    Splits, cuts and drops are counted and reported."""
+    flat = [text for _, contents in conversations for text in contents]
+    sizes = token_counts(tokenizer, flat) + 2  # <|role|> text <eot>
+    planned, split, split_pieces, offset = [], 0, 0, 0
+    for roles, contents in conversations:
+        found = pieces(roles, sizes[offset:offset + len(roles)], length - 1)  # after the leading <eot>
+        if len(found) > 1:
+            split, split_pieces = split + 1, split_pieces + len(found)
+        planned += [([roles[i] for i in piece], [contents[i] for i in piece],
+                     1 + sum(sizes[offset + i] for i in piece)) for piece in found]
+        offset += len(roles)
+    long_pieces = [piece for piece in planned if piece[2] > length]
+    if long == "drop":
+        planned = [piece for piece in planned if piece[2] <= length]
+    ids, weights, empty = [], [], 0
+    for start in range(0, len(planned), batch_size):
+        chunk = planned[start:start + batch_size]
+        roles, contents = as_batch([(r, c) for r, c, _ in chunk])
+        batch_ids, batch_weights, _ = tokenizer.encode_chat(tf.constant(roles), tf.constant(contents),
+                                                            max(size for *_, size in chunk))
+        for row_ids, row_weights in zip(batch_ids.numpy(), batch_weights.numpy()):
+            row_ids, row_weights = row_ids[:length], row_weights[:length]
+            if not row_weights.any():
+                empty += 1
+                continue
+            ids.append(np.pad(row_ids, (0, length - len(row_ids)), constant_values=tokenizer.eot_id))
+            weights.append(np.pad(row_weights, (0, length - len(row_weights))))
     context = f"the context ({length - 1} tokens)"
     if split:
         log.info("%s: %d of %d conversations longer than %s, split at turn boundaries into %d examples", where,
-                 len(split), len(conversations), context, pieces)
-    if cut:
-        log.warning("%s: %d message(s) cut from the left: each alone is longer than %s", where, cut, context)
+                 split, len(conversations), context, split_pieces)
+    if long_pieces:
+        log.warning("%s: %d exchange(s) longer than %s on their own: %s (chat.long=%s)", where, len(long_pieces),
+                    context, "left out" if long == "drop" else "the question kept, the reply cut from the right",
+                    long)
+    if empty:
+        log.info("%s: %d example(s) with no reply within %s left out", where, empty, context)
     if not ids:
         raise TfglmError(f"{where}: no conversation has an assistant token within {context}")
     return np.stack(ids).astype(np.int32), np.stack(weights).astype(np.float32)
+
+
+def last_reply(roles):
+    """The index of the conversation's last assistant message."""
+    return len(roles) - 1 - roles[::-1].index("assistant")
+
+
+def scored_replies(generator, conversations, intents, settings, batch_size):
+    """The last reply of each conversation [(roles, contents)] that answers a user's turn, generated by `generator`
+    from the turns before it with `settings`, `batch_size` at a time, and scored against the conversation's own:
+    {"replies", "bleu", "chrf", "rouge_l", "signature", "max_new_tokens", "replies_at_limit", "answer_s", "samples"},
+    and with `intents` (one per conversation, or None) the `intent_accuracy` figures."""
+    rows = [(i, last_reply(roles)) for i, (roles, _) in enumerate(conversations)]
+    rows = [(i, j) for i, j in rows if "user" in conversations[i][0][:j]]
+    if not rows:
+        return {"replies": 0}
+    prompts = [(conversations[i][0][:j], conversations[i][1][:j]) for i, j in rows]
+    references = [conversations[i][1][j] for i, j in rows]
+    start = time.time()
+    log.info("answering %d conversations (at most %d new tokens)", len(rows), settings.max_new_tokens)
+    replies, counts = answer(generator, prompts, settings, batch_size)
+    at_limit = sum(count >= settings.max_new_tokens for count in counts)
+    if at_limit > len(rows) // 20:
+        log.warning("%d of %d replies stopped at %d new tokens: they are scored cut (--max-new-tokens)", at_limit,
+                    len(rows), settings.max_new_tokens)
+    result = {"replies": len(rows), **reply_scores(replies, references), "max_new_tokens": settings.max_new_tokens,
+              "replies_at_limit": at_limit, "answer_s": round(time.time() - start, 1)}
+    if intents:
+        result.update(intent_accuracy(replies, references, [intents[i] for i, _ in rows]))
+    result["samples"] = [{"conversation": contents, "reply": reply, "reference": reference}
+                         for (_, contents), reply, reference in zip(prompts[:3], replies, references)]
+    return result
+
+
+def length_advice(reply_tokens, max_new_tokens, context):
+    """A warning when `generate.max_new_tokens` does not suit replies of `reply_tokens` (each reply's tokens with its
+    closing `<eot>`), else None. The advice is the 95th percentile of those, rounded up to a multiple of 8 (at most
+    the context less one): it lets typical replies end, and leaves the rest of the context to the conversation."""
+    needed = int(np.percentile(reply_tokens, 95, method="higher"))
+    advice = min(-(-needed // 8) * 8, context - 1)
+    if max_new_tokens < needed:
+        share = float(np.mean(np.asarray(reply_tokens) > max_new_tokens))
+        return (f"generate.max_new_tokens {max_new_tokens} cuts {share:.0%} of the training replies short (95% end "
+                f"within {needed} tokens); consider --set generate.max_new_tokens={advice}"
+                + (f" and a longer model.max_length: such replies leave {context - advice} tokens of the context "
+                   f"{context} to the conversation" if advice > context // 2 else ""))
+    if max_new_tokens > max(advice, context // 2):
+        return (f"generate.max_new_tokens {max_new_tokens} leaves a reply only {context - max_new_tokens} tokens of "
+                f"the conversation before it (context {context}), and 95% of the training replies end within "
+                f"{needed} tokens; consider --set generate.max_new_tokens={advice}")
+    return None
 
 
 def examples(ids, weights, batch_size, batches=None):
