@@ -286,8 +286,8 @@ def encode(tokenizer, conversations, length, where, long="cut", batch_size=256):
     A conversation longer than `length` is split at turn boundaries into several examples (`pieces`), each reply
     with the user message it answers and the leading context and system messages in every piece, so that every reply
     is learnt once. An exchange longer than `length` on its own is cut from the right (`long` "cut": the question
-    kept, the reply's start learnt) or left out ("drop"); a piece with no assistant token teaches nothing and is left out.
-    Splits, cuts and drops are counted and reported."""
+    kept, the reply's start learnt) or left out ("drop"); a piece with no assistant token teaches nothing and is left
+    out. Splits, cuts and drops are counted and reported."""
     flat = [text for _, contents in conversations for text in contents]
     sizes = token_counts(tokenizer, flat) + 2  # <|role|> text <eot>
     planned, split, split_pieces, offset = [], 0, 0, 0
