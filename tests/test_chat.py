@@ -59,7 +59,8 @@ def test_template_layout_and_save_load_round_trip(any_tokenizer, tmp_path):
     eot = tokenizer.eot_id
     assert ids == ([eot, system] + text("be brief") + [eot, user] + text("hi") + [eot, assistant] + text("hello")
                    + [eot, assistant])
-    assert sorted(tokenizer.role_ids.values()) == list(range(base.vocab_size, base.vocab_size + 3))
+    assert list(tokenizer.role_ids) == ["system", "user", "assistant", "context"]
+    assert sorted(tokenizer.role_ids.values()) == list(range(base.vocab_size, base.vocab_size + 4))
     assert tokenizer.detokenize(tf.ragged.constant([ids])).numpy()[0] == b"be briefhihello"  # markers write nothing
     # A user typing a marker gets its characters, never the marker's id.
     assert max(tokenizer.tokenize(tf.constant(["<|assistant|>"])).to_list()[0]) < base.vocab_size
@@ -70,6 +71,13 @@ def test_template_layout_and_save_load_round_trip(any_tokenizer, tmp_path):
     loaded = load_tokenizer(str(tmp_path))
     assert isinstance(loaded, ChatTokenizer) and loaded.vocab_size == tokenizer.vocab_size
     assert _encode(loaded, conversation, generation_prompt=True)[0] == ids
+    # A run saved before the context marker keeps its three markers, its vocabulary size and its ids.
+    with open(tmp_path / "tokenizer.json") as f:
+        spec = json.load(f)
+    with open(tmp_path / "tokenizer.json", "w") as f:
+        json.dump({**spec, "chat_markers": list(MARKERS[:3])}, f)
+    older = load_tokenizer(str(tmp_path))
+    assert older.vocab_size == base.vocab_size + 3 and _encode(older, conversation, generation_prompt=True)[0] == ids
 
 
 def test_loss_weights_cover_exactly_the_assistant_tokens(tokenizer):

@@ -107,6 +107,8 @@ def _parser():
     finetune.add_argument("--val", help="a file like --train for validation and early stopping (default: the "
                                         "task's val_fraction of --train)")
     finetune.add_argument("--from-scratch", action="store_true", help="random initial weights (no pretraining)")
+    finetune.add_argument("--knowledge", help="chat: a knowledge base (from tfglm index) to ground the replies in "
+                                              "(chat.knowledge)")
 
     importer = command("import", "import a pretrained checkpoint as a run directory (BERT-family encoders as "
                                  "masked_lm runs, GPT-2 as causal_lm runs)")
@@ -293,6 +295,8 @@ def cmd_finetune(args):
                       f"{section}.eval_file={json.dumps(args.eval or '')}",
                       f"{section}.val_file={json.dumps(args.val or '')}",
                       f"train.init_from={json.dumps('' if args.from_scratch else args.model)}"]
+        if args.knowledge:
+            overrides.append(f"{section}.knowledge={json.dumps(args.knowledge)}")
     config = _training_config(args, overrides, default_config=None if args.resume else args.model)
     train(config, args.out, task=task, resume=args.resume, tpu=args.tpu)
     eval_file = getattr(config, registry.get_task(task).key()).eval_file

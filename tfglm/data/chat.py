@@ -7,13 +7,17 @@ A conversation is a list of messages, each a role ("system", "user" or "assistan
   (`chat.question_column`, `chat.answer_column`); a JSONL object with those fields and no "messages" reads the same.
 A row may carry an intent (`chat.intent_column`), which `tfglm evaluate` scores replies by.
 
-The template: the role markers `<|system|>`, `<|user|>`, `<|assistant|>` are special tokens appended to the run's
-tokenizer (ids after its own vocabulary), so no text a user types can produce one. A conversation reads
+The template: the role markers `<|system|>`, `<|user|>`, `<|assistant|>` and `<|context|>` are special tokens
+appended to the run's tokenizer (ids after its own vocabulary), so no text a user types can produce one. A
+conversation reads
 
     <eot> <|system|> text <eot> <|user|> text <eot> <|assistant|> text <eot> <|user|> ...
 
 and the prompt for the next reply ends with `<|assistant|>`; the model writes the reply and ends it with `<eot>`,
-where decoding stops. Training weights the assistant's text tokens and the `<eot>` that ends them, nothing else.
+where decoding stops. Training weights the assistant's text tokens and the `<eot>` that ends them, nothing else. A
+grounded chat (`tfglm.preprocessors.grounded`) starts the conversation with a `context` message, the knowledge base's
+entries retrieved for the customer's last turn: `<eot> <|context|> entries <eot> <|system|> ...`; the leading context
+and system messages are kept whole when older turns are dropped.
 """
 
 import json
@@ -24,8 +28,9 @@ import tensorflow as tf
 from tfglm.data import labelled
 from tfglm.errors import TfglmError
 
-ROLES = ("system", "user", "assistant")
-MARKERS = tuple(f"<|{role}|>" for role in ROLES)
+ROLES = ("system", "user", "assistant")  # the roles of a conversation's messages
+CONTEXT = "context"  # the role of the retrieved entries a grounded chat's prompt starts with
+MARKERS = tuple(f"<|{role}|>" for role in ROLES + (CONTEXT,))
 
 
 class ChatTokenizer(tf.Module):
@@ -45,15 +50,18 @@ class ChatTokenizer(tf.Module):
     ```
     """
 
-    def __init__(self, base):
+    def __init__(self, base, markers=MARKERS):
+        """`markers`: the template's markers, in id order (a run saved with fewer keeps its own)."""
         super().__init__()
         self.base = base
         self.kind = base.kind
-        self.vocab_size = base.vocab_size + len(ROLES)
+        self.markers = list(markers)
+        self.vocab_size = base.vocab_size + len(self.markers)
         self.eot_id = base.eot_id
-        self.role_ids = {role: base.vocab_size + i for i, role in enumerate(ROLES)}
+        self.role_ids = {marker[2:-2]: base.vocab_size + i for i, marker in enumerate(self.markers)}
         self._roles = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(tf.constant(ROLES), tf.constant(list(self.role_ids.values()))),
+            tf.lookup.KeyValueTensorInitializer(tf.constant(list(self.role_ids)),
+                                                tf.constant(list(self.role_ids.values()))),
             default_value=-1)
 
     def tokenize(self, strings):
@@ -71,21 +79,23 @@ class ChatTokenizer(tf.Module):
         with open(path, encoding="utf-8") as f:
             spec = json.load(f)
         with open(path, "w", encoding="utf-8") as f:
-            json.dump({**spec, "chat_markers": list(MARKERS)}, f, ensure_ascii=False)
+            json.dump({**spec, "chat_markers": self.markers}, f, ensure_ascii=False)
 
     def encode_chat(self, roles, contents, budget, generation_prompt=False):
         """Token ids of conversations `roles`, `contents` (strings [batch, messages]; role "" pads a shorter one).
 
-        Each conversation keeps a leading system message and then its most recent messages that fit `budget` tokens
-        with the leading `<eot>` (and, with `generation_prompt`, the closing `<|assistant|>`); older ones are dropped
-        whole. The last message is always kept, so a row can still exceed `budget`: the caller cuts or drops it.
-        Returns (ids, weights, dropped): ragged int32 and float32 [batch, None] (weights 1 on the assistant's
-        tokens and their closing `<eot>`), and the number of messages dropped from each row (int32 [batch]).
+        Each conversation keeps its leading context and system messages and then its most recent messages that fit
+        `budget` tokens with the leading `<eot>` (and, with `generation_prompt`, the closing `<|assistant|>`); older
+        ones are dropped whole. The last message is always kept, so a row can still exceed `budget`: the caller cuts
+        or drops it. Returns (ids, weights, dropped): ragged int32 and float32 [batch, None] (weights 1 on the
+        assistant's tokens and their closing `<eot>`), and the number of messages dropped from each row (int32
+        [batch]).
         """
         role_ids = self._roles.lookup(roles)
         present = roles != ""
-        tf.debugging.assert_equal(tf.reduce_all((role_ids >= 0) | ~present), True,
-                                  message="roles: each role must be system, user, assistant or '' (no message)")
+        tf.debugging.assert_equal(
+            tf.reduce_all((role_ids >= 0) | ~present), True,
+            message="roles: each role must be system, user, assistant, context or '' (no message)")
         shape = tf.shape(roles)
         flat_roles = tf.reshape(role_ids, [-1, 1])
         text = self.base.tokenize(tf.reshape(contents, [-1]))
@@ -99,12 +109,13 @@ class ChatTokenizer(tf.Module):
         weights = tf.concat([tf.zeros_like(assistant), text_weights, assistant], axis=1)
 
         sizes = tf.where(present, tf.reshape(tf.cast(messages.row_lengths(), tf.int32), shape), 0)
-        system = (role_ids[:, :1] == self.role_ids["system"]) & (tf.range(shape[1])[None, :] == 0)
-        system_size = tf.reduce_sum(tf.where(system, sizes, 0), axis=1, keepdims=True)
-        room = budget - 1 - tf.cast(generation_prompt, tf.int32) - system_size
-        from_here = tf.cumsum(tf.where(system, 0, sizes), axis=1, reverse=True)  # tokens from each message on
+        leading = tf.cast((roles == "system") | (roles == CONTEXT), tf.int32)
+        pinned = tf.math.cumprod(leading, axis=1) == 1  # the leading context and system messages
+        pinned_size = tf.reduce_sum(tf.where(pinned, sizes, 0), axis=1, keepdims=True)
+        room = budget - 1 - tf.cast(generation_prompt, tf.int32) - pinned_size
+        from_here = tf.cumsum(tf.where(pinned, 0, sizes), axis=1, reverse=True)  # tokens from each message on
         last = tf.cumsum(tf.cast(present, tf.int32), axis=1, reverse=True) == 1
-        keep = present & (system | (from_here <= room) | (last & present))
+        keep = present & (pinned | (from_here <= room) | (last & present))
         dropped = tf.reduce_sum(tf.cast(present & ~keep, tf.int32), axis=1)
 
         def join(parts, first, final):
@@ -118,6 +129,14 @@ class ChatTokenizer(tf.Module):
 
         ids = join(messages, self.eot_id, self.role_ids["assistant"])
         return ids, join(weights, 0.0, 0.0), dropped
+
+
+def pinned_count(roles):
+    """How many of a conversation's first `roles` (a list) are context and system messages, kept in every piece."""
+    count = 0
+    while count < len(roles) and roles[count] in ("system", CONTEXT):
+        count += 1
+    return count
 
 
 def read_conversations(path, question_column="question", answer_column="answer", answered=True):

@@ -87,10 +87,24 @@ class KnowledgeBase:
         """The knowledge base of `entries`, their questions embedded by `embed`; `model` names the embedding run."""
         return cls(entries, embed([q for entry in entries for q in entry["questions"]]), embed, model)
 
+    def question_entries(self):
+        """The entry of each row of `vectors` (int32 [questions])."""
+        return np.repeat(np.arange(len(self.entries), dtype=np.int32), [len(e["questions"]) for e in self.entries])
+
+    def entry_scores(self, queries):
+        """float32 [queries, entries]: each entry's cosine with each query, as its best question's. A query that is
+        one of the index's questions takes that question's vector rather than being embedded again."""
+        queries = list(queries)
+        rows = {q: i for i, q in enumerate(q for entry in self.entries for q in entry["questions"])}
+        new = sorted({q for q in queries if q not in rows})
+        vectors = np.concatenate([self.vectors, self.embed(new).reshape(len(new), self.vectors.shape[1])])
+        rows.update({q: len(self.vectors) + i for i, q in enumerate(new)})
+        scores = vectors[[rows[q] for q in queries]] @ self.vectors.T  # [queries, questions]
+        return np.maximum.reduceat(scores, self.starts, axis=1)
+
     def search_all(self, queries, k=5):
         """For each query, its `k` best entries (each with its cosine `score`), best first."""
-        scores = self.embed(list(queries)) @ self.vectors.T  # [queries, questions]
-        per_entry = np.maximum.reduceat(scores, self.starts, axis=1)  # an entry scores as its best question
+        per_entry = self.entry_scores(queries)
         k = min(k, len(self.entries))
         best = np.argpartition(-per_entry, k - 1, axis=1)[:, :k]
         results = []

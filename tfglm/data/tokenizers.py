@@ -258,7 +258,7 @@ def load_tokenizer(directory):
     with open(path, encoding="utf-8") as f:
         spec = json.load(f)
     base = _load_base(directory, spec)
-    return ChatTokenizer(base) if spec.get("chat_markers") else base
+    return ChatTokenizer(base, spec["chat_markers"]) if spec.get("chat_markers") else base
 
 
 def _load_base(directory, spec):

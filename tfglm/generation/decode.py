@@ -147,12 +147,13 @@ class Generator(tf.Module):
     ```
     """
 
-    def __init__(self, model, tokenizer, jit_compile=True):
+    def __init__(self, model, tokenizer, jit_compile=True, preprocessor=None):
+        """`preprocessor`: the one a chat run's conversations need (default: `language_model_preprocessor`'s)."""
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.context = model.max_length
-        self.preprocessor = language_model_preprocessor(tokenizer, self.context)
+        self.preprocessor = preprocessor or language_model_preprocessor(tokenizer, self.context)
         self._prefill = tf.function(self._prefill_tokens, jit_compile=jit_compile)
         self._advance = tf.function(self._advance_tokens, jit_compile=jit_compile)
         # `stream`'s chunks as one graph call each: run eagerly, the string and mask ops around the decode loop cost
@@ -223,10 +224,13 @@ class Generator(tf.Module):
     @tf.function(input_signature=CHAT_SIGNATURE)
     def chat(self, roles, contents, max_new_tokens, temperature, top_k, top_p, seed):
         """The assistant's next reply (strings [batch]) to conversations given as `roles` and `contents` (strings
-        [batch, messages]; role "" pads a shorter conversation), and its token counts (int32 [batch])."""
+        [batch, messages]; role "" pads a shorter conversation), and its token counts (int32 [batch]); with what
+        else the preprocessor's `served` says (a grounded chat's `handed_off` and `score`)."""
         room = tf.clip_by_value(max_new_tokens, 1, self.context - 1)
-        return self.complete(self.preprocessor.chat_ids(roles, contents, room), max_new_tokens, temperature, top_k,
-                             top_p, seed)
+        out = self.complete(self.preprocessor.chat_ids(roles, contents, room), max_new_tokens, temperature, top_k,
+                            top_p, seed)
+        served = self.preprocessor.served(roles, contents, out["completions"], out["num_tokens"])
+        return {"completions": served.pop("replies"), **served}
 
     def stream(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, steps=8, conversations=None):
         """Yields, every `steps` tokens, the text each prompt (or each (roles, contents) conversation) gained."""

@@ -116,6 +116,11 @@ class ChatPreprocessor(CausalLMPreprocessor):
                 ids = tf.identity(ids)
         return ids[:, -budget:]
 
+    def served(self, roles, contents, replies, num_tokens):
+        """The answer to conversations `roles`, `contents` given the generated `replies` and their `num_tokens`:
+        {"replies", "num_tokens"} as generated (a grounded preprocessor hands some rows off)."""
+        return {"replies": replies, "num_tokens": num_tokens}
+
     def dropped_turns(self, roles, contents, max_new_tokens):
         """How many of each conversation's oldest messages `chat_ids` drops (int32 [batch])."""
         return self.tokenizer.encode_chat(roles, contents, self.sequence_length - max_new_tokens,

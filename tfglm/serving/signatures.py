@@ -2,7 +2,8 @@
 `Translator` or a `TextClassifier`.
 
 A language model's export holds generate (also serving_default), score, tokenize and detokenize signatures, and a
-chat model's (a chat tokenizer) also `chat` (then serving_default); for streaming, `generate_start` (and
+chat model's (a chat tokenizer) also `chat` (then serving_default; a grounded chat's holds its retrieval: the
+encoder, its tokenizer and the knowledge base); for streaming, `generate_start` (and
 `chat_start`) and `advance`, which pass the decode state between calls as named tensors (the per-layer caches stacked
 into one, `caches`); for `tfglm serve`'s continuous batching, the ENGINE signatures. `generate` and `chat` take
 `prompts` (or `roles` and `contents`) plus the optional generation options (`tfglm.config.GENERATE_OPTIONS`), each
@@ -25,6 +26,7 @@ import tensorflow as tf
 from tfglm.generation.beam import Translator
 from tfglm.generation.decode import CHAT_SIGNATURE, OPTIONS, SIGNATURE, Generator
 from tfglm.preprocessors import ChatPreprocessor
+from tfglm.preprocessors.grounded import GroundedChatPreprocessor
 from tfglm.tasks.base import TextClassifier
 from tfglm.tasks.embed import TextEmbedder
 
@@ -76,9 +78,8 @@ def language_model(generator, settings):
 def warmup_max_new_tokens(generator, conversation, max_new_tokens):
     """The run's `max_new_tokens` for the chat warm-up, or fewer where its `conversation` would not fit beside them:
     the chat signature refuses a conversation it would have to cut, and a default near the context leaves no room."""
-    ids, _, _ = generator.tokenizer.encode_chat(tf.constant(conversation["roles"]),
-                                                tf.constant(conversation["contents"]), generator.context,
-                                                generation_prompt=True)
+    ids = generator.preprocessor.chat_ids(tf.constant(conversation["roles"]), tf.constant(conversation["contents"]),
+                                          1)  # as the signature encodes it: a grounded chat's context included
     return max(1, min(max_new_tokens, generator.context - int(ids.row_lengths()[0])))
 
 
@@ -101,11 +102,12 @@ def language_module(generator, settings):
              top_p=tf.constant(settings.top_p), seed=tf.constant(settings.seed)):
         """`Generator.chat` (a chat model only): the assistant's `replies` to conversations given as `roles` and
         `contents` [batch, messages] (role "" pads), and their `num_tokens`; a conversation whose last message does
-        not fit beside `max_new_tokens` is an error, not a reply to a fragment of it."""
+        not fit beside `max_new_tokens` is an error, not a reply to a fragment of it. A grounded chat's also says
+        which rows were `handed_off` (their reply is the hand-off message) and each row's best retrieval `score`."""
         ids = preprocessor.chat_ids(roles, contents, tf.clip_by_value(max_new_tokens, 1, generator.context - 1),
                                     whole=True)
         out = generator.complete(ids, max_new_tokens, temperature, top_k, top_p, seed)
-        return {"replies": out["completions"], "num_tokens": out["num_tokens"]}
+        return preprocessor.served(roles, contents, out["completions"], out["num_tokens"])
 
     max_new = tf.TensorSpec([], tf.int32, name="max_new_tokens")
 
@@ -216,6 +218,9 @@ def language_module(generator, settings):
     module.eot_id = tf.Variable(tokenizer.eot_id, trainable=False, name="eot_id")  # where the engine stops a slot
     if isinstance(preprocessor, ChatPreprocessor):
         module.chat, module.chat_start, module.conversation_ids = chat, chat_start, conversation_ids
+    if isinstance(preprocessor, GroundedChatPreprocessor):  # the retrieval's encoder, read by `chat` and `chat_start`
+        module.encoder_tokenizer = preprocessor.embedder.tokenizer
+        module.encoder_weights = [variable.value for variable in preprocessor.embedder.encoder.variables]
     return module
 
 

@@ -5,31 +5,48 @@ Each conversation is one example of template ids padded to the context + 1, so e
 program); one longer than the context is split at turn boundaries into several, each reply kept with the question it
 answers. The validation loss (which picks the best checkpoint and stops early) is per assistant token; `tfglm
 evaluate` adds the replies generated for held-out conversations, scored against theirs.
+
+A chat run grounded in a knowledge base (`chat.knowledge`, an index from `tfglm index`; `Grounding`): the index and
+its embed run copied into the run, the entries retrieved for each training conversation as they are at serving
+time, the hand-off threshold calibrated on the validation conversations, and the `GroundedChatPreprocessor`
+(`tfglm.preprocessors.grounded`) that serves it. Training sees what serving will give: the entries nearest the
+conversation's last user message, by the same encoder and the same exact search, except the conversation's own entry
+(one whose questions hold that message and whose answer is the reply learnt), so a run whose index was built from
+its training file does not learn to copy an answer retrieval never hands it for a new question.
+
+The run keeps `knowledge/`: the index's files, `encoder/` (the embed run) and grounding.json (top_k,
+context_tokens, the threshold, the hand-off message, the index it was copied from).
 """
 
 import dataclasses
 import logging
 import math
+import os
+import shutil
 import time
 
 import numpy as np
 import tensorflow as tf
 
 from tfglm.config import generate_settings
-from tfglm.data.chat import ChatTokenizer, as_batch, read_conversations, read_intents
+from tfglm.data.chat import (CONTEXT, ChatTokenizer, as_batch, pinned_count, read_conversations,
+                             read_intents)
 from tfglm.data import epochs
 from tfglm.data.corpus import per_token_weights
+from tfglm.data.knowledge import ENTRIES, INDEX, VECTORS, KnowledgeBase
 from tfglm.data.tokenizers import load_tokenizer, new_tokenizer
 from tfglm.errors import TfglmError
 from tfglm.generation.chat import answer
 from tfglm.generation.decode import Generator
 from tfglm.generation.scores import intent_accuracy, reply_scores
 from tfglm.models.gpt import GPT
+from tfglm.preprocessors.grounded import SEPARATOR, GroundedChatPreprocessor
 from tfglm.tasks.base import Evaluation, Task, epoch_checks, epoch_schedule, held_out
 from tfglm.tasks.registry import load_run
 from tfglm.training import runs
 
 log = logging.getLogger("tfglm")
+KNOWLEDGE, ENCODER, GROUNDING = "knowledge", "encoder", "grounding.json"
 
 
 @dataclasses.dataclass
@@ -48,6 +65,13 @@ class ChatConfig:
     batch_size: int = 16
     learning_rate: float = 3e-4
     system: str = ""  # the system message `tfglm chat` starts a conversation with ("" none)
+    knowledge: str = ""  # a knowledge base (`tfglm index --out DIR`) the replies are grounded in (--knowledge)
+    top_k: int = 1  # its entries retrieved into the context slot
+    context_tokens: int = 128  # the retrieved entries' tokens kept in the context slot (the rest cut)
+    handoff_rate: float = 0.02  # the share of validation conversations whose best match the hand-off threshold
+    # falls under (calibrated when training starts; 0: never hand off)
+    handoff_message: str = ("I'm sorry, I can't help with that here. Let me pass you to a member of our support "
+                            "team.")  # the reply to a conversation handed off
 
 
 LONG = ("cut", "drop")
@@ -65,7 +89,8 @@ class ChatEvaluation(Evaluation):
 
 class Chat(Task):
     """Conversations in (`chat.train_file`, `chat.val_file` or a held-out share), a GPT that answers out;
-    `train.init_from` names the GPT run to start from."""
+    `train.init_from` names the GPT run to start from. With `chat.knowledge`, each conversation is grounded in the
+    knowledge base's entries retrieved for it (`Grounding`)."""
 
     name = "chat"
     model_kinds = ("gpt",)
@@ -78,21 +103,34 @@ class Chat(Task):
 
     @classmethod
     def checks(cls, c, config):
-        return epoch_checks("chat", c) + [(c.long in LONG, "chat.long", f"must be {' or '.join(LONG)}")]
+        return epoch_checks("chat", c) + [
+            (c.long in LONG, "chat.long", f"must be {' or '.join(LONG)}"),
+            (c.top_k >= 1, "chat.top_k", "must be >= 1"),
+            (not c.knowledge or 1 <= c.context_tokens < config.model.max_length, "chat.context_tokens",
+             f"must be >= 1 and below model.max_length ({config.model.max_length})"),
+            (0.0 <= c.handoff_rate < 1.0, "chat.handoff_rate", "must be in [0, 1)")]
 
     def __init__(self, config, run_dir):
         super().__init__(config, run_dir)
         self.patience = config.chat.patience
+        self.grounding = None
 
     def load_vocabulary(self):
         self.tokenizer = load_tokenizer(runs.path(self.run_dir, runs.TOKENIZER))
         if not isinstance(self.tokenizer, ChatTokenizer):
             raise TfglmError(f"{self.run_dir}: its tokenizer has no chat markers (not a chat run)")
+        self.grounding = Grounding.load(self.run_dir)
+
+    def chat_preprocessor(self):
+        """A grounded run's `GroundedChatPreprocessor`; None (the tokenizer's own) for one without knowledge."""
+        return self.grounding and self.grounding.preprocessor(self.tokenizer, self.config.model.max_length)
 
     def prepare(self, resume, chief):
         c = self.config.chat
         if not c.train_file:
             raise TfglmError("chat.train_file: no training conversations (--train)")
+        if c.knowledge and not resume:
+            Grounding.check(c.knowledge)
         train = read_conversations(c.train_file, c.question_column, c.answer_column)
         if c.val_file:
             val = read_conversations(c.val_file, c.question_column, c.answer_column)
@@ -105,10 +143,22 @@ class Chat(Task):
             if self.config.train.init_from:
                 base = load_tokenizer(runs.path(self.config.train.init_from, runs.TOKENIZER))
             else:
-                base = new_tokenizer(self.config, [text for _, contents in train for text in contents])
+                texts = [text for _, contents in train for text in contents]
+                base = new_tokenizer(self.config, texts + [SEPARATOR] * bool(c.knowledge))  # the separator of the
+                # entries in the context, whatever the texts hold
             self.tokenizer = base if isinstance(base, ChatTokenizer) else ChatTokenizer(base)
             if chief:
                 runs.save_tokenizer(self.run_dir, self.tokenizer)
+            if c.knowledge and chief:
+                Grounding.copy(c.knowledge, self.run_dir, {"top_k": c.top_k, "context_tokens": c.context_tokens,
+                                                           "handoff_message": c.handoff_message})
+            self.grounding = Grounding.load(self.run_dir)
+        if self.grounding:
+            preprocessor = self.chat_preprocessor()
+            train, _ = self.grounding.retrieve(train, preprocessor)
+            val, scores = self.grounding.retrieve(val, preprocessor)
+            if not resume and chief:
+                self.grounding.calibrate(scores, c.handoff_rate, self.run_dir)
         length = self.config.model.max_length + 1
         self.train = encode(self.tokenizer, train, length, c.train_file, c.long)
         self.val = encode(self.tokenizer, val, length, c.val_file or f"{c.train_file} (validation share)", c.long)
@@ -162,13 +212,13 @@ class Chat(Task):
     def samples(self, model):
         """The reply to the first validation conversation's first message (greedy, no XLA)."""
         if not hasattr(self, "_sampler"):
-            self._sampler = Generator(model, self.tokenizer, jit_compile=False)
+            self._sampler = Generator(model, self.tokenizer, jit_compile=False, preprocessor=self.chat_preprocessor())
         first = self.sample_message
         out = self._sampler.chat(tf.constant([["user"]]), tf.constant([[first]]), 64, 0.0, 0, 1.0, 0)
         return {"chat": f"user: {first}\nassistant: {out['completions'].numpy()[0].decode(errors='replace')}"}
 
     def generator(self, model):
-        return Generator(model, self.tokenizer)
+        return Generator(model, self.tokenizer, preprocessor=self.chat_preprocessor())
 
     def chat_session(self, model, settings, system=None):
         """As `Task.chat_session`, the system message `chat.system` unless given."""
@@ -187,15 +237,20 @@ class Chat(Task):
         settings = generate_settings(self.config, {"max_new_tokens": inputs.max_new_tokens, "temperature": 0.0})
         c = self.config.chat
         conversations = read_conversations(inputs.data, c.question_column, c.answer_column)
-        ids, weights = encode(self.tokenizer, conversations, self.config.model.max_length + 1, inputs.data, c.long)
+        grounded, handoff = conversations, {}
+        if self.grounding:
+            grounded, scores = self.grounding.retrieve(conversations, self.chat_preprocessor())
+            handoff = {"handoff_rate": round(float(np.mean(scores < self.grounding.settings["threshold"])), 4)}
+        ids, weights = encode(self.tokenizer, grounded, self.config.model.max_length + 1, inputs.data, c.long)
         loss, tokens = assistant_loss(model, ids, weights, c.batch_size)
         return {"data": inputs.data, "conversations": len(conversations), "examples": len(ids),
                 "assistant_tokens": tokens, "loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50.0)), 4),
-                **scored_replies(self.generator(model), conversations, read_intents(inputs.data, c.intent_column),
-                                 settings, inputs.batch_size or ANSWER_BATCH)}
+                **handoff, **scored_replies(self.generator(model), conversations,
+                                            read_intents(inputs.data, c.intent_column), settings,
+                                            inputs.batch_size or ANSWER_BATCH)}
 
     def exported(self, model, jit_compile):
-        return Generator(model, self.tokenizer, jit_compile=jit_compile)
+        return Generator(model, self.tokenizer, jit_compile=jit_compile, preprocessor=self.chat_preprocessor())
 
 
 def token_counts(tokenizer, texts, batch_size=4096):
@@ -208,9 +263,10 @@ def token_counts(tokenizer, texts, batch_size=4096):
 def pieces(roles, sizes, room):
     """The examples one conversation makes (lists of its message indices): its exchanges (a user message and the
     messages after it up to the next; any before the first user message are one more), the most recent that fit
-    `room` tokens together, then the most recent of those left, and so on, a leading system message in each. An
-    exchange longer than `room` on its own is an example of its own. `sizes`: each message's template tokens."""
-    system = [0] if roles[0] == "system" else []
+    `room` tokens together, then the most recent of those left, and so on, the leading context and system messages
+    in each. An exchange longer than `room` on its own is an example of its own. `sizes`: each message's template
+    tokens."""
+    system = list(range(pinned_count(roles)))  # the leading context and system messages
     room -= sum(sizes[i] for i in system)
     starts = [i for i in range(len(system), len(roles)) if i == len(system) or roles[i] == "user"]
     found, piece, used = [], [], 0
@@ -228,10 +284,10 @@ def encode(tokenizer, conversations, length, where, long="cut", batch_size=256):
     conversations, right-padded with `<eot>` (weight 0).
 
     A conversation longer than `length` is split at turn boundaries into several examples (`pieces`), each reply
-    with the user message it answers and a leading system message in every piece, so that every reply is learnt
-    once. An exchange longer than `length` on its own is cut from the right (`long` "cut": the question kept, the
-    reply's start learnt) or left out ("drop"); a piece with no assistant token teaches nothing and is left out.
-    Splits, cuts and drops are counted and reported."""
+    with the user message it answers and the leading context and system messages in every piece, so that every reply
+    is learnt once. An exchange longer than `length` on its own is cut from the right (`long` "cut": the question
+    kept, the reply's start learnt) or left out ("drop"); a piece with no assistant token teaches nothing and is left
+    out. Splits, cuts and drops are counted and reported."""
     flat = [text for _, contents in conversations for text in contents]
     sizes = token_counts(tokenizer, flat) + 2  # <|role|> text <eot>
     planned, split, split_pieces, offset = [], 0, 0, 0
@@ -344,3 +400,100 @@ def assistant_loss(model, ids, weights, batch_size):
         total += float(tf.reduce_sum(losses * w))
         count += float(w.sum())
     return total / count, int(count)
+
+
+class Grounding:
+    """A run's knowledge base, its encoder and its grounding settings (grounding.json's fields)."""
+
+    def __init__(self, knowledge, embedder, settings):
+        self.knowledge, self.embedder, self.settings = knowledge, embedder, settings
+
+    @staticmethod
+    def check(index):
+        """The embed run of the index in `index` (`chat.knowledge`); an error naming the problem if it is not a whole
+        index or its embed run is gone."""
+        try:
+            meta, _, _ = KnowledgeBase.read(index)
+        except TfglmError as e:
+            raise TfglmError(f"chat.knowledge: {e}") from None
+        except (OSError, ValueError) as e:  # a file missing or unreadable, invalid JSON
+            raise TfglmError(f"chat.knowledge: {index}: not a whole index ({e}); rebuild it with tfglm index") \
+                from None
+        encoder = meta.get("model", "")
+        if not runs.is_run(encoder):
+            raise TfglmError(f"chat.knowledge: {index}: its embed run {encoder!r} is not there (rebuild the "
+                             f"index with tfglm index --model RUN)")
+        return encoder
+
+    @classmethod
+    def copy(cls, index, run_dir, settings):
+        """Copies the index in `index` (`chat.knowledge`) and its embed run into `run_dir`; returns the Grounding
+        with `settings` (top_k, context_tokens, handoff_message; the threshold comes with `calibrate`)."""
+        encoder = cls.check(index)
+        target = runs.path(run_dir, KNOWLEDGE)
+        os.makedirs(target, exist_ok=True)
+        for name in (INDEX, VECTORS, ENTRIES):
+            shutil.copyfile(os.path.join(index, name), os.path.join(target, name))
+        shutil.copytree(encoder, os.path.join(target, ENCODER), dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(runs.LAST, runs.LOGS, "*.tmp"))
+        grounding = cls.load(run_dir, {**settings, "index": os.path.abspath(index), "threshold": -1.0})
+        grounding.save(run_dir)
+        return grounding
+
+    @classmethod
+    def load(cls, run_dir, settings=None):
+        """The Grounding kept in `run_dir` (its grounding.json unless `settings` are given); None for a chat run
+        without a knowledge base."""
+        directory = runs.path(run_dir, KNOWLEDGE)
+        if not os.path.isdir(directory):
+            return None
+        _, entries, vectors = KnowledgeBase.read(directory)
+        encoder = load_run(os.path.join(directory, ENCODER))
+        embedder = encoder.task.embedder(encoder.model)
+        settings = settings or runs.read_json(os.path.join(directory, GROUNDING))
+        return cls(KnowledgeBase(entries, vectors, embedder, ENCODER), embedder, settings)
+
+    def save(self, run_dir):
+        runs.write_json(os.path.join(runs.path(run_dir, KNOWLEDGE), GROUNDING), self.settings)
+
+    def preprocessor(self, tokenizer, sequence_length):
+        """The `GroundedChatPreprocessor` of this knowledge base for a chat run's `tokenizer`."""
+        s = self.settings
+        return GroundedChatPreprocessor(tokenizer, sequence_length, self.embedder, self.knowledge.vectors,
+                                        self.knowledge.question_entries(),
+                                        [entry["answer"] for entry in self.knowledge.entries], s["top_k"],
+                                        s["context_tokens"], s["threshold"], s["handoff_message"])
+
+    def retrieve(self, conversations, preprocessor):
+        """(the conversations with their context message first, each one's best score): retrieval for the last
+        user message as `preprocessor` does it, leaving out the conversation's own entry."""
+        queries = [last_user(roles, contents) for roles, contents in conversations]
+        scores = self.knowledge.entry_scores(queries)
+        own = {}  # (question, answer) -> the entries holding both
+        for i, entry in enumerate(self.knowledge.entries):
+            for question in entry["questions"]:
+                own.setdefault((question, entry["answer"]), []).append(i)
+        for row, ((roles, contents), query) in enumerate(zip(conversations, queries)):
+            reply = contents[len(roles) - 1 - roles[::-1].index("assistant")]
+            scores[row, own.get((query.strip(), reply), [])] = -np.inf
+        k = preprocessor.top_k
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        contexts = [text.decode("utf-8", errors="replace") for start in range(0, len(best), 256)
+                    for text in preprocessor.context(tf.constant(best[start:start + 256])).numpy()]
+        grounded = [([CONTEXT] + roles, [context] + contents)
+                    for (roles, contents), context in zip(conversations, contexts)]
+        return grounded, np.take_along_axis(scores, best[:, :1], axis=1)[:, 0]
+
+    def calibrate(self, scores, rate, run_dir):
+        """Sets the threshold to the `rate` quantile of in-domain best `scores` (the validation conversations'), so
+        about that share of questions like them is handed off (none at rate 0), and saves it."""
+        threshold = float(np.quantile(scores, rate)) if rate > 0 else -1.0
+        self.settings["threshold"] = threshold
+        self.save(run_dir)
+        log.info("hand-off threshold %.4f: %.1f%% of the %d validation conversations' best matches are below it",
+                 threshold, 100.0 * float(np.mean(scores < threshold)), len(scores))
+
+
+def last_user(roles, contents):
+    """The last user message of a conversation ("" without one), the query retrieval embeds."""
+    return next((text for role, text in zip(roles[::-1], contents[::-1]) if role == "user"), "")

@@ -1,0 +1,226 @@
+"""Grounded chat: retrieval into the chat template's context slot (in the graph, as the export runs it), leave-one-out
+retrieval for training conversations, the hand-off below the calibrated threshold, a tiny grounded chat run whose
+export answers in a clean interpreter with only TensorFlow and tensorflow-text, and one-line errors for a bad
+--knowledge. The encoder is the tiny random sentence-transformers checkpoint of test_checkpoints."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+
+import tfglm
+from conftest import SERVER_PREAMBLE
+from test_checkpoints import write_sentence_transformers
+from tfglm.cli import main
+from tfglm.data.chat import CONTEXT, ChatTokenizer
+from tfglm.data.knowledge import KnowledgeBase
+from tfglm.data.tokenizers import CharTokenizer
+from tfglm.errors import TfglmError
+from tfglm.generation.decode import Generator
+from tfglm.preprocessors.grounded import GroundedChatPreprocessor
+from tfglm.serving.servable import Servable
+from tfglm.serving.signatures import WARMUP
+from tfglm.tasks.chat import GROUNDING, KNOWLEDGE, Grounding
+from tfglm.tasks.registry import load_run
+
+# Questions in the tiny encoder's vocabulary; each entry's answer is a fact the model could only get from retrieval.
+ENTRIES = [("the cat sat on the mat", "cats nap at noon"), ("a good film", "films play at six"),
+           ("the dog was very bad", "dogs stay outside"), ("a bad film , very bad", "refunds take a week")]
+GREEDY = {"max_new_tokens": 12, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
+
+LOADER = SERVER_PREAMBLE + r"""
+path, roles, contents, greedy = sys.argv[1], *map(json.loads, sys.argv[2:])
+out = tf.saved_model.load(path).signatures["chat"](
+    roles=tf.constant(roles), contents=tf.constant(contents), **{k: tf.constant(v) for k, v in greedy.items()})
+print(json.dumps({"replies": [r.decode() for r in out["replies"].numpy()],
+                  "handed_off": out["handed_off"].numpy().tolist(), "score": out["score"].numpy().tolist(),
+                  "modules": sorted(m for m in ("tfglm", "keras", "keras_hub") if sys.modules.get(m))}))
+"""
+
+
+@pytest.fixture(scope="module")
+def encoder_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("encoder")
+    run_dir = str(root / "run")
+    assert main(["import", "--from", "huggingface", write_sentence_transformers(root / "st"), "--out", run_dir]) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def embedder(encoder_run):
+    run = tfglm.load_run(encoder_run)
+    return run.task.embedder(run.model)
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    """The training conversations, one per entry, as a question/answer CSV: also the index's entries."""
+    path = tmp_path_factory.mktemp("data") / "train.csv"
+    path.write_text("question,answer\n" + "".join(f"\"{q}\",{a}\n" for q, a in ENTRIES))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def index(encoder_run, train_file, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("kb") / "kb")
+    assert main(["index", "--model", encoder_run, "--data", train_file, "--out", out]) == 0
+    return out
+
+
+def preprocessor_for(embedder, threshold, top_k=1, context_tokens=40):
+    entries = [{"id": str(i), "questions": [q], "answer": a, "intent": None} for i, (q, a) in enumerate(ENTRIES)]
+    knowledge = KnowledgeBase.build(entries, embedder)
+    tokenizer = ChatTokenizer(CharTokenizer("abcdefghijklmnopqrstuvwxyz ,.\n"))
+    return GroundedChatPreprocessor(tokenizer, 96, embedder, knowledge.vectors, knowledge.question_entries(),
+                                    [a for _, a in ENTRIES], top_k, context_tokens, threshold, "ask a person")
+
+
+def test_retrieval_puts_the_expected_entry_in_the_context_slot(embedder):
+    preprocessor = preprocessor_for(embedder, threshold=0.5)
+    roles = tf.constant([["user", "assistant", "user"]] * len(ENTRIES))
+    contents = tf.constant([["hi", "hello", question] for question, _ in ENTRIES])  # the last user turn counts
+    retrieved = preprocessor.retrieve(roles, contents)
+    assert [c.decode() for c in retrieved["context"].numpy()] == [answer for _, answer in ENTRIES]
+    np.testing.assert_allclose(retrieved["score"].numpy(), 1.0, atol=1e-5)
+    assert not retrieved["handed_off"].numpy().any()
+
+    # The ids are the chat template's with the context message first: `<eot> <|context|> answer <eot> <|user|> ...`
+    ids = preprocessor.chat_ids(roles[:1], contents[:1], 8).to_list()[0]
+    tokenizer = preprocessor.tokenizer
+    expected, _, _ = tokenizer.encode_chat(tf.constant([[CONTEXT, "user", "assistant", "user"]]),
+                                           tf.constant([[ENTRIES[0][1], "hi", "hello", ENTRIES[0][0]]]), 88, True)
+    assert ids == expected.to_list()[0] and ids[1] == tokenizer.role_ids[CONTEXT]
+
+    # Two entries, best first, cut to context_tokens characters.
+    two = preprocessor_for(embedder, threshold=0.5, top_k=2, context_tokens=20)
+    context = two.retrieve(roles[1:2], contents[1:2])["context"].numpy()[0].decode()
+    assert len(context) == 20 and context.startswith(ENTRIES[1][1] + "\n\n")
+
+
+def test_trimming_keeps_the_context_and_system_messages_and_drops_old_turns():
+    tokenizer = ChatTokenizer(CharTokenizer("abcdefghijklmnopqrstuvwxyz "))
+    roles = [CONTEXT, "system", "user", "assistant", "user"]
+    contents = ["facts", "be brief", "an old question", "an old answer", "new"]
+    ids, _, dropped = tokenizer.encode_chat(tf.constant([roles]), tf.constant([contents]), 30, True)
+    kept, _, _ = tokenizer.encode_chat(tf.constant([[CONTEXT, "system", "user"]]),
+                                       tf.constant([["facts", "be brief", "new"]]), 30, True)
+    assert int(dropped[0]) == 2 and ids.to_list() == kept.to_list()
+    assert tokenizer.role_ids[CONTEXT] in ids.to_list()[0]
+
+
+def test_hand_off_below_the_threshold_and_not_above(embedder):
+    probe = preprocessor_for(embedder, threshold=-1.0)
+    queries = ["cat", "very very very", "film", "the the the"]
+    scores = probe.retrieve(tf.constant([["user"]] * 4), tf.constant([[q] for q in queries]))["score"].numpy()
+    threshold = float(np.median(scores))
+    preprocessor = preprocessor_for(embedder, threshold=threshold)
+    replies = tf.constant(["generated"] * 4)
+    served = preprocessor.served(tf.constant([["user"]] * 4), tf.constant([[q] for q in queries]), replies,
+                                 tf.constant([3] * 4))
+    below = scores < threshold
+    assert below.any() and not below.all()
+    assert served["handed_off"].numpy().tolist() == below.tolist()
+    assert [r.decode() for r in served["replies"].numpy()] == [
+        "ask a person" if b else "generated" for b in below]
+    assert served["num_tokens"].numpy().tolist() == [0 if b else 3 for b in below]
+
+
+def test_training_conversations_leave_their_own_entry_out(index, tmp_path):
+    run_dir = str(tmp_path / "run")
+    grounding = Grounding.copy(index, run_dir, {"top_k": 1, "context_tokens": 40, "handoff_message": "x"})
+    preprocessor = grounding.preprocessor(ChatTokenizer(CharTokenizer("abcdefghijklmnopqrstuvwxyz ,.")), 96)
+    own = [(["user", "assistant"], [q, a]) for q, a in ENTRIES]
+    grounded, scores = grounding.retrieve(own, preprocessor)
+    assert [roles for roles, _ in grounded] == [[CONTEXT, "user", "assistant"]] * len(ENTRIES)
+    contexts = [contents[0] for _, contents in grounded]
+    assert all(context != answer for context, (_, answer) in zip(contexts, ENTRIES))
+    assert all(context in [a for _, a in ENTRIES] for context in contexts) and (scores < 1 - 1e-4).all()
+    # The same question with another answer (not the entry's row) finds the entry itself, as serving would.
+    other, scores = grounding.retrieve([(["user", "assistant"], [ENTRIES[2][0], "something else"])], preprocessor)
+    assert other[0][1][0] == ENTRIES[2][1] and scores[0] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def grounded_run(index, train_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("grounded")
+    sets = ["model.max_length=64", "model.num_layers=1", "model.hidden_dim=32", "chat.epochs=2", "chat.batch_size=2",
+            "chat.val_fraction=0.5", "chat.context_tokens=24", "chat.handoff_rate=0.5", "generate.max_new_tokens=40"]
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "gpt-char-tiny.yaml")
+    run_dir = str(root / "run")
+    assert main(["finetune", "--task", "chat", "--from-scratch", "--config", config, "--train", train_file,
+                 "--knowledge", index, "--out", run_dir, *[a for s in sets for a in ("--set", s)]]) == 0
+    return run_dir
+
+
+def test_a_grounded_run_keeps_its_knowledge_and_threshold(grounded_run, index):
+    knowledge = os.path.join(grounded_run, KNOWLEDGE)
+    with open(os.path.join(knowledge, GROUNDING)) as f:
+        settings = json.load(f)
+    assert settings["index"] == os.path.abspath(index) and settings["top_k"] == 1
+    assert settings["context_tokens"] == 24 and -1.0 < settings["threshold"] <= 1.0
+    run = load_run(grounded_run)
+    assert isinstance(run.task.generator(run.model).preprocessor, GroundedChatPreprocessor)
+    assert run.config.chat.knowledge == index
+
+
+def test_the_export_answers_a_grounded_chat_in_a_clean_interpreter(grounded_run, tmp_path):
+    base = str(tmp_path / "models")
+    assert main(["export", "--model", grounded_run, "--out", base, "--no-jit-compile"]) == 0
+    run = load_run(grounded_run)
+    generator = Generator(run.model, run.tokenizer, jit_compile=False, preprocessor=run.task.chat_preprocessor())
+    threshold = generator.preprocessor.threshold
+    queries = [q for q, _ in ENTRIES] + ["cat", "mat mat mat mat", "film", "xyz qq", ","]
+    roles, contents = [["user"]] * len(queries), [[q] for q in queries]
+    expected = generator.chat(tf.constant(roles), tf.constant(contents), *GREEDY.values())
+    handed_off = expected["handed_off"].numpy().tolist()
+    assert not any(handed_off[:len(ENTRIES)]) and any(handed_off), (threshold, expected["score"].numpy())
+    out = subprocess.run([sys.executable, "-c", LOADER, os.path.join(base, "1"), json.dumps(roles),
+                          json.dumps(contents), json.dumps(GREEDY)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    served = json.loads(out.stdout.strip().splitlines()[-1])
+    assert served["modules"] == []
+    assert served["replies"] == [r.decode() for r in expected["completions"].numpy()]
+    assert served["handed_off"] == handed_off
+    np.testing.assert_allclose(served["score"], expected["score"].numpy(), atol=1e-5)
+    assert [r for r, h in zip(served["replies"], handed_off) if h] == [run.config.chat.handoff_message] * sum(
+        handed_off)
+
+    # The warm-up asks for as many new tokens as leave room for its conversation with the retrieved context, and
+    # the version loads (replaying it).
+    record = next(iter(tf.data.TFRecordDataset(os.path.join(base, "1", WARMUP))))
+    inputs = prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request.inputs
+    conversation = [tf.make_ndarray(inputs[k]) for k in ("roles", "contents")]
+    prompt = len(generator.preprocessor.chat_ids(*map(tf.constant, conversation), 1)[0])
+    assert int(tf.make_ndarray(inputs["max_new_tokens"])) == run.config.model.max_length - prompt < 40
+    Servable("grounded", 1, os.path.join(base, "1"), max_batch_size=1)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: str(tmp / "absent"), "not an index"),
+    (lambda tmp: (tmp / "half").mkdir() or (tmp / "half" / "index.json").write_text("{}") and str(tmp / "half"),
+     "not a whole index"),
+])
+def test_a_bad_knowledge_dir_is_one_line(train_file, tmp_path, capsys, make, message):
+    knowledge = make(tmp_path)
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "gpt-char-tiny.yaml")
+    code = main(["finetune", "--task", "chat", "--from-scratch", "--config", config, "--train", train_file,
+                 "--knowledge", knowledge, "--out", str(tmp_path / "run"), "--set", "model.max_length=64", "--set",
+                 "chat.context_tokens=24"])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and error.startswith("tfglm: error: chat.knowledge: ")
+    assert message in error and not (tmp_path / "run").exists()
+
+
+def test_a_knowledge_base_whose_embed_run_is_gone_is_one_line(index, tmp_path):
+    copy = tmp_path / "kb"
+    shutil.copytree(index, copy)
+    meta = json.loads((copy / "index.json").read_text())
+    (copy / "index.json").write_text(json.dumps({**meta, "model": str(tmp_path / "gone")}))
+    with pytest.raises(TfglmError, match="chat.knowledge: .*its embed run .* is not there"):
+        Grounding.copy(str(copy), str(tmp_path / "run"), {"top_k": 1, "context_tokens": 8, "handoff_message": "x"})
