@@ -198,7 +198,21 @@ def test_the_export_answers_a_grounded_chat_in_a_clean_interpreter(grounded_run,
     conversation = [tf.make_ndarray(inputs[k]) for k in ("roles", "contents")]
     prompt = len(generator.preprocessor.chat_ids(*map(tf.constant, conversation), 1)[0])
     assert int(tf.make_ndarray(inputs["max_new_tokens"])) == run.config.model.max_length - prompt < 40
-    Servable("grounded", 1, os.path.join(base, "1"), max_batch_size=1)
+    servable = Servable("grounded", 1, os.path.join(base, "1"), max_batch_size=16)
+    try:  # `tfglm serve` decodes in its engine and hands off the same rows, whole and streamed
+        assert servable.engine is not None
+        options = {k: np.array(v, np.float32 if isinstance(v, float) else np.int32) for k, v in GREEDY.items()}
+        conversations = {name: np.array([[m.encode() for m in row] for row in rows], object)
+                         for name, rows in (("roles", roles), ("contents", contents))}
+        out = servable.predict("chat", {**conversations, **options})
+        assert [r.decode() for r in out["replies"]] == served["replies"]
+        assert out["handed_off"].tolist() == handed_off and out["num_tokens"][handed_off.index(True)] == 0
+        off = handed_off.index(True)
+        stream = servable.stream("chat", servable.prepare("chat", {**{k: v[off:off + 1] for k, v in conversations.items()},
+                                                               **options}))
+        assert "".join(stream) == run.config.chat.handoff_message and stream.finish_reason == "stop"
+    finally:
+        servable.close()
 
 
 @pytest.mark.parametrize("make, message", [

@@ -60,6 +60,14 @@ class Request:
         self._events = queue.SimpleQueue()
         self._wake = None  # the engine's, once submitted
 
+    @classmethod
+    def finished(cls, ids):
+        """A request that needs no decoding (a grounded chat's hand-off): it yields nothing and ends "stop"."""
+        request = cls(ids, 0, 0.0, 0, 1.0, 0)
+        request.finish_reason = "stop"
+        request._events.put(None)
+        return request
+
     def __iter__(self):
         while True:
             event = self._events.get()

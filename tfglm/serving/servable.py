@@ -136,19 +136,26 @@ class Servable:
         return None
 
     def _engine_predict(self, signature_name, kind, arrays):
-        """`generate` or `chat` outputs, each row decoded in the engine."""
-        requests = self.submit(kind, arrays)
+        """`generate` or `chat` outputs, each row decoded in the engine (or handed off: see `submit`)."""
+        requests, out = self.submit(kind, arrays)
         try:
             tokens = [[t for new in request for t in new] for request in requests]
         finally:
             for request in requests:
                 request.cancel()
         texts = self.detokenize(tokens)
-        text_output = next(name for name in self.signature_defs[signature_name].outputs if name != "num_tokens")
-        return {text_output: texts, "num_tokens": np.array([len(t) for t in tokens], np.int32)}
+        outputs = self.signature_defs[signature_name].outputs
+        text_output = "replies" if kind == "chat" else "completions"
+        if "handed_off" in out:
+            texts = np.where(out["handed_off"], out["replies"], texts)
+        return {text_output: texts, "num_tokens": np.array([len(t) for t in tokens], np.int32),
+                **{name: value for name, value in out.items() if name in outputs and name not in (text_output,
+                                                                                                  "num_tokens")}}
 
     def submit(self, kind, arrays):
-        """Engine requests, one per row of `prepare`d `generate` or `chat` arrays, submitted."""
+        """Engine requests, one per row of `prepare`d `generate` or `chat` arrays, submitted, and the ids
+        signature's outputs. A row a grounded chat hands off (`handed_off`: its reply is the hand-off message) gets
+        a request that is already finished, with no tokens."""
         max_new = arrays["max_new_tokens"]
         if kind == "chat":
             out = self._call("conversation_ids", {"roles": arrays["roles"], "contents": arrays["contents"],
@@ -157,7 +164,9 @@ class Servable:
             out = self._call("prompt_ids", {"prompts": arrays["prompts"], "max_new_tokens": max_new})
         room = min(max(int(max_new), 1), self.context - 1)
         options = [arrays[name].item() for name in OPTION_NAMES[1:]]
-        return [self.engine.submit(Request(ids[:n], room, *options)) for ids, n in zip(out["ids"], out["lengths"])]
+        handed_off = out.get("handed_off", np.zeros(len(out["lengths"]), bool))
+        return [Request.finished(ids[:n]) if off else self.engine.submit(Request(ids[:n], room, *options))
+                for ids, n, off in zip(out["ids"], out["lengths"], handed_off)], out
 
     def detokenize(self, rows):
         """Texts (a [rows] object array of bytes) of lists of token ids."""
@@ -171,7 +180,8 @@ class Servable:
         """A Stream of the first row of `prepare`d `generate` or `chat` arrays: through the engine, or through the
         `_start` signature and `advance` every few tokens (SignatureStream)."""
         if self.engine:
-            return EngineStream(self, self.submit(self.generation_kind(signature_name), arrays)[0])
+            requests, out = self.submit(self.generation_kind(signature_name), arrays)
+            return EngineStream(self, requests[0], out["replies"][0] if out.get("handed_off", [False])[0] else None)
         return SignatureStream(self, signature_name, arrays)
 
     def prepare(self, signature_name, inputs):
@@ -265,9 +275,10 @@ class EngineStream:
     whole each time: a token's text can depend on its neighbours; bytes of an unfinished UTF-8 character wait);
     once ended, `finish_reason` ("stop" or "length") and `usage`. `cancel` frees its slot."""
 
-    def __init__(self, servable, request):
+    def __init__(self, servable, request, handoff=None):
         self.servable, self.request, self.tokens = servable, request, []
-        self._pieces = self._decode()
+        self.handoff = handoff  # a handed-off row's reply (bytes), sent whole in place of decoded text
+        self._pieces = iter([handoff.decode("utf-8", errors="replace")]) if handoff is not None else self._decode()
 
     def __iter__(self):
         return self
@@ -286,6 +297,8 @@ class EngineStream:
 
     def text(self):
         """The whole text, decoded to the end (one detokenization)."""
+        if self.handoff is not None:
+            return self.handoff.decode("utf-8", errors="replace")
         self.tokens += [t for new in self.request for t in new]
         return self.servable.detokenize([self.tokens])[0].decode("utf-8", errors="replace")
 

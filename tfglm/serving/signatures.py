@@ -157,9 +157,13 @@ def language_module(generator, settings):
 
     @tf.function(input_signature=CHAT_SIGNATURE[:2] + [max_new])
     def conversation_ids(roles, contents, max_new_tokens):
-        """The engine's ids of conversations (`chat`'s preprocessing, an error for one that does not fit)."""
-        return padded(preprocessor.chat_ids(roles, contents,
-                                            tf.clip_by_value(max_new_tokens, 1, generator.context - 1), whole=True))
+        """The engine's ids of conversations (`chat`'s preprocessing, an error for one that does not fit), and
+        `chat`'s other outputs but its generated ones: a grounded chat's `handed_off` rows (their `replies` the
+        hand-off message, not decoded) and `score`."""
+        ids = preprocessor.chat_ids(roles, contents, tf.clip_by_value(max_new_tokens, 1, generator.context - 1),
+                                    whole=True)
+        batch = tf.shape(roles)[0]
+        return {**padded(ids), **preprocessor.served(roles, contents, tf.fill([batch], ""), tf.zeros([batch], tf.int32))}
 
     @tf.function(input_signature=[cache_spec, buffer_spec, tf.TensorSpec([None], tf.int32, name="slots"),
                                   tf.TensorSpec([None, None], tf.int32, name="ids"),
