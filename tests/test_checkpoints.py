@@ -450,7 +450,7 @@ def test_imported_gpt2_exports_with_core_and_text_ops_only(tmp_path):
 @pytest.mark.slow
 def test_imported_gpt2_fine_tunes_as_a_chat_model_with_its_bytepair_vocabulary(tmp_path):
     from conftest import write_conversations
-    from tfglm.data.chat import ChatTokenizer
+    from tfglm.data.chat import MARKERS, ChatTokenizer
 
     import_checkpoint("huggingface", write_hf_gpt2(tmp_path / "hf-gpt2"), str(tmp_path / "gpt2"))
     data, val = write_conversations(tmp_path / "conv.jsonl", 16), write_conversations(tmp_path / "val.jsonl", 4)
@@ -460,7 +460,7 @@ def test_imported_gpt2_fine_tunes_as_a_chat_model_with_its_bytepair_vocabulary(t
                  "--set", "train.jit_compile=false"]) == 0
     run = tfglm.load_run(run_dir)
     assert isinstance(run.tokenizer, ChatTokenizer) and run.tokenizer.base.kind == "bytepair"
-    assert run.model.vocab_size == GV + 3 and run.tokenizer.eot_id == GV - 1  # <|endoftext|> ends each reply
+    assert run.model.vocab_size == GV + len(MARKERS) and run.tokenizer.eot_id == GV - 1  # <|endoftext|> ends each reply
     ids, _, _ = run.tokenizer.encode_chat(tf.constant([["user"]]), tf.constant([["the cat sat on the mat"]]), 32,
                                           generation_prompt=True)
     assert ids.to_list() == [[GV - 1, GV + 1] + GPT2_IDS["the cat sat on the mat"] + [GV - 1, GV + 2]]

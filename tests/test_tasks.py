@@ -86,9 +86,9 @@ def test_each_task_trains_records_its_run_and_resumes_exactly(name, task_configs
     reference_dir, reference_weights = references[name]
     name, lora = name.split("+")[0], name.endswith("+lora")
     rows = runs.read_metrics(reference_dir)
-    # Two epochs: classify's 200 rows and chat's 319 examples (192 conversations, split to fit 32 tokens), every one
-    # of them in each epoch, in batches of 8 (the last one filled up from the epoch's start).
-    assert [r["step"] for r in rows] == {"classify": [25, 50], "chat": [40, 80]}.get(name, [8, 16])
+    # Two epochs: classify's 200 rows and chat's 391 examples (192 conversations, split into exchanges to fit 32
+    # tokens), every one of them in each epoch, in batches of 8 (the last one filled up from the epoch's start).
+    assert [r["step"] for r in rows] == {"classify": [25, 50], "chat": [49, 98]}.get(name, [8, 16])
     assert all(np.isfinite(r["val_loss"]) for r in rows)
     with open(os.path.join(reference_dir, runs.RUN)) as f:
         record = json.load(f)
