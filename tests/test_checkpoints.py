@@ -158,6 +158,13 @@ def write_sentence_transformers(directory):
     return str(directory)
 
 
+def import_sentence_transformers(root):
+    """An embed run under `root`, imported from a tiny sentence-transformers checkpoint written there."""
+    run_dir = str(root / "run")
+    assert main(["import", "--from", "huggingface", write_sentence_transformers(root / "st"), "--out", run_dir]) == 0
+    return run_dir
+
+
 def test_a_sentence_transformers_checkpoint_classifies_on_its_mean_token(tmp_path):
     """modules.json + 1_Pooling/config.json (mean pooling) make model.pooling "mean": the classifier's head reads the
     mean of the last hidden states over the unpadded tokens; a plain BERT checkpoint keeps [CLS]."""

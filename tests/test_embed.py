@@ -14,7 +14,7 @@ import tensorflow as tf
 
 import tfglm
 from conftest import SERVER_PREAMBLE
-from test_checkpoints import bert_reference, bert_tensors, write_hf_bert, write_sentence_transformers
+from test_checkpoints import bert_reference, bert_tensors, import_sentence_transformers, write_hf_bert
 from tfglm.cli import main
 from tfglm.tasks.embed import load_index
 from tfglm.training import runs
@@ -31,10 +31,7 @@ print(json.dumps({"embeddings": out["embeddings"].numpy().tolist(), "num_tokens"
 
 @pytest.fixture(scope="module")
 def embed_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("embed")
-    run_dir = str(root / "run")
-    assert main(["import", "--from", "huggingface", write_sentence_transformers(root / "st"), "--out", run_dir]) == 0
-    return run_dir
+    return import_sentence_transformers(tmp_path_factory.mktemp("embed"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 import tfglm
 from conftest import SERVER_PREAMBLE
-from test_checkpoints import write_sentence_transformers
+from test_checkpoints import import_sentence_transformers
 from tfglm.cli import main
 from tfglm.data.chat import CONTEXT, ChatTokenizer
 from tfglm.data.knowledge import KnowledgeBase
@@ -46,10 +46,7 @@ print(json.dumps({"replies": [r.decode() for r in out["replies"].numpy()],
 
 @pytest.fixture(scope="module")
 def encoder_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("encoder")
-    run_dir = str(root / "run")
-    assert main(["import", "--from", "huggingface", write_sentence_transformers(root / "st"), "--out", run_dir]) == 0
-    return run_dir
+    return import_sentence_transformers(tmp_path_factory.mktemp("encoder"))
 
 
 @pytest.fixture(scope="module")
