@@ -158,6 +158,35 @@ def test_two_workers_train_from_shards_each_reading_only_its_share(tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
+def test_two_workers_pretrain_from_shards(tmp_path):
+    """A corpus prepared with a BERT config, pretrained on by 2 worker processes, each reading its rows of every
+    global batch (tests/test_prepare.py shows which): they agree and the run learns."""
+    pytest.importorskip("apache_beam", reason="tfglm prepare needs Apache Beam (pip install 'tfglm[beam]')")
+    from tfglm.data.prepare import prepare
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("".join(json.dumps({"text": "\n".join(" ".join(words[(d + i + k) % 10] for k in range(3 + i % 5))
+                                                             for i in range(1 + d % 4))}) + "\n" for d in range(200)))
+    overrides = COMMON + ["model.kind=bert", "tokenizer.kind=wordpiece", "tokenizer.vocab_size=300",
+                          "data.val_fraction=0.2"]
+    prepare(load_config(overrides=overrides), [str(source)], str(tmp_path / "shards"),
+            ["--direct_running_mode=in_memory", "--direct_num_workers=1"])
+    overrides += [f"data.files=[{tmp_path / 'shards'}]", "train.strategy=multiworker", "task=masked_lm"]
+    cluster = _cluster(2)
+    workers = [_start(tmp_path / "run", tmp_path / f"w{i}.npz", overrides,
+                      tf_config={"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(2)]
+    for worker in workers:
+        code, err = _finish(worker)
+        assert code == 0, err
+    for a, b in zip(_weights(tmp_path / "w0.npz"), _weights(tmp_path / "w1.npz")):
+        np.testing.assert_array_equal(a, b)
+    losses = _val_losses(tmp_path / "run")
+    assert len(losses) == 2 and losses[1] < losses[0]
+
+
+@pytest.mark.distributed
 def test_killed_worker_then_restarted_job_resumes_from_last_checkpoint(single_device, tmp_path):
     overrides = [o.replace("train.strategy=default", "train.strategy=multiworker") for o in single_device[0]]
     overrides += ["train.steps=200", "train.steps_per_execution=10"]
