@@ -56,7 +56,7 @@ def test_chat_preprocessor_opens_the_assistant_turn_and_cuts_from_the_left():
     roles, contents = tf.constant([["user", "assistant", "user"]]), tf.constant([["ab", "cd", "ef"]])
     user, assistant = tokenizer.role_ids["user"], tokenizer.role_ids["assistant"]
     assert p.chat_ids(roles, contents, 2).to_list() == [[0, user, *ids("ef"), 0, assistant]]  # older turns dropped
-    assert p.chat_ids(roles, contents, 0).to_list()[0][:2] == [0, assistant]  # room for two turns: one more kept
+    assert p.chat_ids(roles, contents, 0).to_list()[0][:2] == [0, user]  # room for one more turn: not a reply alone
     assert p.dropped_turns(roles, contents, 2).numpy().tolist() == [2]
     assert p.chat_ids(tf.constant([["user"]]), tf.constant([["abcdefgh"]]), 4).to_list() == [
         [*ids("efgh"), 0, assistant]]  # a last message longer than the room: cut from the left
