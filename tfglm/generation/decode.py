@@ -26,6 +26,12 @@ CHAT_SIGNATURE = [tf.TensorSpec([None, None], tf.string, name="roles"),
                   tf.TensorSpec([None, None], tf.string, name="contents")] + OPTIONS
 
 
+def option_tensors(*values):
+    """The generation options' `values` (in `GENERATE_OPTIONS` order) as tensors: a decode function called eagerly
+    is traced once for all their values, not once per value."""
+    return [tf.convert_to_tensor(value, DTYPES[o.type]) for o, value in zip(GENERATE_OPTIONS, values)]
+
+
 def prefill(model, tokens, lengths, prefill_length, max_new_tokens):
     """Starts decoding right-padded prompts `tokens` [batch, total] (true lengths `lengths`): the first
     `prefill_length` positions fill the per-layer caches in one pass. Returns the decode state (`advance`'s input)."""
@@ -255,12 +261,6 @@ class Generator(tf.Module):
         projection = self.model.output_projection()  # once per stream, not per chunk
         return stream_text(lambda state: self._stream_advance(state, tf.constant(steps), *options, projection),
                            state)
-
-
-def option_tensors(*values):
-    """The generation options' `values` (in `GENERATE_OPTIONS` order) as tensors: a decode function called eagerly
-    is traced once for all their values, not once per value."""
-    return [tf.convert_to_tensor(value, DTYPES[o.type]) for o, value in zip(GENERATE_OPTIONS, values)]
 
 
 def warn_truncated(generator, prompts, settings, first=1):
