@@ -131,21 +131,6 @@ def test_hand_off_below_the_threshold_and_not_above(embedder):
     assert served["num_tokens"].numpy().tolist() == [0 if b else 3 for b in below]
 
 
-def test_training_conversations_leave_their_own_entry_out(index, tmp_path):
-    run_dir = str(tmp_path / "run")
-    grounding = Grounding.copy(index, run_dir, {"top_k": 1, "context_tokens": 40, "handoff_message": "x"})
-    preprocessor = grounding.preprocessor(ChatTokenizer(CharTokenizer("abcdefghijklmnopqrstuvwxyz ,.")), 96)
-    own = [(["user", "assistant"], [q, a]) for q, a in ENTRIES]
-    grounded, scores = grounding.retrieve(own, preprocessor)
-    assert [roles for roles, _ in grounded] == [[CONTEXT, "user", "assistant"]] * len(ENTRIES)
-    contexts = [contents[0] for _, contents in grounded]
-    assert all(context != answer for context, (_, answer) in zip(contexts, ENTRIES))
-    assert all(context in [a for _, a in ENTRIES] for context in contexts) and (scores < 1 - 1e-4).all()
-    # The same question with another answer (not the entry's row) finds the entry itself, as serving would.
-    other, scores = grounding.retrieve([(["user", "assistant"], [ENTRIES[2][0], "something else"])], preprocessor)
-    assert other[0][1][0] == ENTRIES[2][1] and scores[0] == pytest.approx(1.0, abs=1e-5)
-
-
 def test_training_retrieves_a_follow_up_as_serving_does(index, tmp_path):
     grounding = Grounding.copy(index, str(tmp_path / "run"), {"top_k": 1, "context_tokens": 40,
                                                                "handoff_message": "x"})
@@ -159,6 +144,21 @@ def test_training_retrieves_a_follow_up_as_serving_does(index, tmp_path):
     np.testing.assert_allclose(scores, served["score"].numpy(), atol=1e-5)
     alone = preprocessor.retrieve(tf.constant([["user"]] * 3), tf.constant([[c[2]] for _, c in conversations]))
     assert (served["score"].numpy() >= alone["score"].numpy() - 1e-6).all()  # the better of the two queries
+
+
+def test_training_conversations_leave_their_own_entry_out(index, tmp_path):
+    run_dir = str(tmp_path / "run")
+    grounding = Grounding.copy(index, run_dir, {"top_k": 1, "context_tokens": 40, "handoff_message": "x"})
+    preprocessor = grounding.preprocessor(ChatTokenizer(CharTokenizer("abcdefghijklmnopqrstuvwxyz ,.")), 96)
+    own = [(["user", "assistant"], [q, a]) for q, a in ENTRIES]
+    grounded, scores = grounding.retrieve(own, preprocessor)
+    assert [roles for roles, _ in grounded] == [[CONTEXT, "user", "assistant"]] * len(ENTRIES)
+    contexts = [contents[0] for _, contents in grounded]
+    assert all(context != answer for context, (_, answer) in zip(contexts, ENTRIES))
+    assert all(context in [a for _, a in ENTRIES] for context in contexts) and (scores < 1 - 1e-4).all()
+    # The same question with another answer (not the entry's row) finds the entry itself, as serving would.
+    other, scores = grounding.retrieve([(["user", "assistant"], [ENTRIES[2][0], "something else"])], preprocessor)
+    assert other[0][1][0] == ENTRIES[2][1] and scores[0] == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.fixture(scope="module")
