@@ -292,7 +292,7 @@ def test_a_pretrained_gpt_learns_to_classify_on_its_last_token_with_balanced_cla
     corpus.write_text("".join(f"{t}.\n" for t, _ in _separable_rows(rng, 300)))
     config = tiny_config(f"data.files=[{corpus}]", "model.max_length=32", "classify.epochs=4",
                          "classify.batch_size=16", "classify.learning_rate=0.003", "classify.dropout=0.0",
-                         "classify.class_weights=balanced", "train.jit_compile=false")
+                         "classify.class_weights=balanced")
     train(config, str(tmp_path / "gpt"), verbose=0)
     train_file = _write_tsv(tmp_path / "train.tsv", _separable_rows(rng, 320, positive_share=0.25))
     test_file = _write_tsv(tmp_path / "test.tsv", _separable_rows(rng, 60))

@@ -247,8 +247,7 @@ def test_gradient_accumulation_updates_every_k_batches():
     from tfglm.models.gpt import GPT
     from tfglm.training.trainer import compile_model
 
-    config = load_config(overrides=TINY + ["train.grad_accum_steps=2", "train.jit_compile=false",
-                                           "train.steps_per_execution=1"])
+    config = load_config(overrides=TINY + ["train.grad_accum_steps=2", "train.steps_per_execution=1"])
     model = GPT.from_config_tree(config.model, 20)
     compile_model(model, config.train)
     x = np.random.RandomState(0).randint(0, 20, size=(8, 16)).astype("int32")
