@@ -27,7 +27,7 @@ def tiny_config(*overrides):
 # The fixtures that train a model (here and in test modules): a test that uses one, directly or through another
 # fixture, is `slow` as a test that trains in its body is.
 TRAINED = {"chat_run", "sentence_run", "pattern_run", "documents_run", "classifier", "references",
-           "single_device", "run_dir", "grounded_run"}
+           "single_device", "run_dir", "grounded_run", "prepared_run"}
 # The modules that use each session fixture: under `--dist loadfile` they run on one worker, so that the fixture trains
 # once.
 SHARED = {"chat_run": ["test_chat.py", "test_chat_cli.py", "test_openai_api.py"],
