@@ -38,6 +38,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from tfglm.config import generate_options
+
 log = logging.getLogger("tfglm")
 STEPS = 4  # tokens a slot gains per step call: amortises the call, keeps the time to a first token short
 CHUNK = 128  # most prompt tokens of one row per prefill call
@@ -76,6 +78,22 @@ def generator_engine(generator, max_slots, **kwargs):
 
     return Engine(prefill, step, detokenize, [len(generator.model.blocks), *per_slot], generator.model.compute_dtype,
                   generator.tokenizer.eot_id, max_slots, **kwargs).start()
+
+
+def generate_requests(generator, prompts, settings, stop=(), streamed=False):
+    """`tfglm generate`'s prompts as Requests, in their order, all submitted at once to an engine on `generator`
+    (`generator_engine`; a slot a prompt, within `default_slots`), with the options of `settings` (a `generate`
+    config) and `stop` sequences: prompts of any lengths share the slots, and one that ends frees its slot for the
+    next. The engine ends once they have."""
+    room = min(max(settings.max_new_tokens, 1), generator.context - 1)
+    ids = generator.preprocessor.prompt_ids(tf.constant(prompts), room).to_list()
+    cache = generator.model.init_cache(1, generator.context)
+    bytes_per_slot = len(cache) * int(np.prod(cache[0].shape)) * tf.as_dtype(generator.model.compute_dtype).size
+    engine = generator_engine(generator, min(len(prompts), default_slots(bytes_per_slot)))
+    try:
+        return [engine.submit(Request(row, room, *generate_options(settings)[1:], stop, streamed)) for row in ids]
+    finally:
+        engine.close()
 
 
 class Request:
