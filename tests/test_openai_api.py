@@ -129,6 +129,20 @@ def test_stop_sequences_whole_and_streamed(client):
     assert response.choices[0].text == full.partition("m")[0]
 
 
+def test_the_client_sends_stop_sequences_to_the_completions_endpoint(server):
+    rest_client = Client(f"http://127.0.0.1:{server.rest_port}", "chat")  # one prompt a call: the queue holds 1
+    options = dict(max_new_tokens=12, temperature=1.5, top_k=0, top_p=1.0)
+    whole, seed = next((text, seed) for seed in range(20) for text in
+                       rest_client.generate(["hi"], seed=seed, **options)["completions"] if len(text) >= 6)
+    for stop in (whole[2:4], [whole[4], "zz"]):
+        cut = rest_client.generate(["hi"], seed=seed, stop=stop, **options)["completions"][0]
+        assert cut == whole[:min(whole.index(s) for s in ([stop] if isinstance(stop, str) else stop) if s in whole)]
+    with pytest.raises(TfglmError, match="stop: needs REST"):
+        Client(f"127.0.0.1:{server.grpc_port}", "chat", "grpc").generate(["hi"], stop="e")
+    with pytest.raises(TfglmError, match="stop: at most 4 stop sequences"):
+        rest_client.generate(["hi"], stop=list("abcde"))
+
+
 def test_rest_and_grpc_predict_on_chat(server, expected):
     conversation = CONVERSATIONS[-1]
     roles, contents = [[r for r, _ in conversation]], [[c for _, c in conversation]]

@@ -59,9 +59,12 @@ def default_slots(bytes_per_slot):
 def generator_engine(generator, max_slots, **kwargs):
     """An engine, started, on a `Generator`'s own functions: `tfglm generate`'s. It runs the very functions a `tfglm
     export`'s `slot_prefill` and `slot_step` signatures wrap, so a run's prompts take the served path without a
-    SavedModel written and loaded for each run. Not warmed up: each shape compiles the first time a run needs it."""
+    SavedModel written and loaded for each run. Not warmed up: each shape compiles the first time a run needs it.
+    At most `max_slots` slots, fewer where `default_slots` says so."""
     projection = generator.model.output_projection()
-    per_slot = generator.model.init_cache(1, generator.context)[0].shape[1:]  # [2, heads, context, head_dim]
+    cache = generator.model.init_cache(1, generator.context)  # a layer's [1, 2, heads, context, head_dim] each
+    per_slot, dtype = [len(cache), *cache[0].shape[1:]], tf.as_dtype(generator.model.compute_dtype)
+    max_slots = min(max_slots, default_slots(int(np.prod(per_slot)) * dtype.size))
 
     def prefill(caches, tokens, slots, ids, start):
         out = generator.slot_prefill(caches, tokens, tf.constant(slots), tf.constant(ids), tf.constant(start))
@@ -76,20 +79,17 @@ def generator_engine(generator, max_slots, **kwargs):
                                                [len(row) for row in rows])
         return generator.tokenizer.detokenize(ids).numpy().tolist()
 
-    return Engine(prefill, step, detokenize, [len(generator.model.blocks), *per_slot], generator.model.compute_dtype,
-                  generator.tokenizer.eot_id, max_slots, **kwargs).start()
+    return Engine(prefill, step, detokenize, per_slot, dtype, generator.tokenizer.eot_id, max_slots, **kwargs).start()
 
 
 def generate_requests(generator, prompts, settings, stop=(), streamed=False):
     """`tfglm generate`'s prompts as Requests, in their order, all submitted at once to an engine on `generator`
-    (`generator_engine`; a slot a prompt, within `default_slots`), with the options of `settings` (a `generate`
+    (`generator_engine`: a slot a prompt, up to MAX_SLOTS), with the options of `settings` (a `generate`
     config) and `stop` sequences: prompts of any lengths share the slots, and one that ends frees its slot for the
     next. The engine ends once they have."""
     room = min(max(settings.max_new_tokens, 1), generator.context - 1)
     ids = generator.preprocessor.prompt_ids(tf.constant(prompts), room).to_list()
-    cache = generator.model.init_cache(1, generator.context)
-    bytes_per_slot = len(cache) * int(np.prod(cache[0].shape)) * tf.as_dtype(generator.model.compute_dtype).size
-    engine = generator_engine(generator, min(len(prompts), default_slots(bytes_per_slot)))
+    engine = generator_engine(generator, min(len(prompts), MAX_SLOTS))
     try:
         return [engine.submit(Request(row, room, *generate_options(settings)[1:], stop, streamed)) for row in ids]
     finally:

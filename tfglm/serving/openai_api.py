@@ -45,6 +45,7 @@ log = logging.getLogger("tfglm")
 PARAMS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed"}  # OpenAI -> export
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions")
 ROLE_NAMES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+DONE = b"data: [DONE]\n\n"  # a stream's last event
 INPUT_PARAMS = {"contents": "messages", "roles": "messages", "prompts": "prompt", "max_new_tokens": "max_tokens"}
 
 
@@ -129,22 +130,23 @@ def routes(core, pool):
                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def events(query, stream, piece, loop):
-        yield sse(query.chunk(None, role=True))
+        """The stream's server-sent events: the role chunk goes out with the first text, and the finish chunk, usage
+        and `[DONE]` together (each write costs the server a pass through uvicorn and h11)."""
+        head = sse(query.chunk(None, role=True))
         try:
             while piece is not None:
                 if piece:
-                    yield sse(query.chunk(piece))
+                    yield head + sse(query.chunk(piece))
+                    head = b""
                 piece = await loop.run_in_executor(pool, next, stream, None)
         except Exception as e:  # the status is sent: the error goes as an event
             if not isinstance(e, RequestError):
                 log.exception("REST stream of %s", query.model)
                 e = RequestError(f"{type(e).__name__}: {e}", 500)
-            yield sse(error_body(e))
+            yield head + sse(error_body(e))
             return
-        yield sse(query.chunk(None, finish_reason=stream.finish_reason))
-        if query.include_usage:
-            yield sse({**query.chunk(None), "choices": [], "usage": stream.usage})
-        yield b"data: [DONE]\n\n"
+        usage = [{**query.chunk(None), "choices": [], "usage": stream.usage}] if query.include_usage else []
+        yield head + b"".join(map(sse, [query.chunk(None, finish_reason=stream.finish_reason), *usage])) + DONE
 
     return [Route("/v1/models", models, methods=["GET"]),
             Route("/v1/chat/completions", endpoint(lambda request, labels: complete(request, "chat", labels)),

@@ -57,6 +57,8 @@ class Servable:
         self.created = int(os.path.getmtime(path))  # the export's time, for OpenAI's model list
         with open(os.path.join(path, "saved_model.pb"), "rb") as f:
             self.signature_defs = saved_model_pb2.SavedModel.FromString(f.read()).meta_graphs[0].signature_def
+        self.defaults = {name: {k: tf.make_ndarray(v) for k, v in signature.defaults.items()}  # read once
+                         for name, signature in self.signature_defs.items()}
         # The model's context and vocabulary size (`tfglm.serving.signatures`), absent from older exports.
         self.context, self.vocab_size = (int(v.numpy()) if v is not None else None
                                          for v in (getattr(self.loaded, k, None) for k in ("context", "vocab_size")))
@@ -192,9 +194,8 @@ class Servable:
     def prepare(self, signature_name, inputs):
         """A signature's inputs checked (names, dtypes, shapes, sizes, roles, generation options), defaults filled
         in."""
-        signature = self.signature(signature_name)
         self.check_input_names(signature_name, inputs)
-        arrays = {k: tf.make_ndarray(v) for k, v in signature.defaults.items()}
+        signature, arrays = self.signature(signature_name), dict(self.defaults[signature_name])
         for name, array in inputs.items():
             arrays[name] = self._check(name, array, signature.inputs[name])
         if "roles" in arrays:
