@@ -468,7 +468,7 @@ class Grounding:
         """(the conversations with their context message first, each one's best score): retrieval for the last
         user message as `preprocessor` does it, leaving out the conversation's own entry."""
         queries = [last_user(roles, contents) for roles, contents in conversations]
-        scores = self.knowledge.entry_scores(queries)
+        scores = retrieval_scores(self.knowledge, conversations, preprocessor)
         own = {}  # (question, answer) -> the entries holding both
         for i, entry in enumerate(self.knowledge.entries):
             for question in entry["questions"]:
@@ -495,5 +495,14 @@ class Grounding:
 
 
 def last_user(roles, contents):
-    """The last user message of a conversation ("" without one), the query retrieval embeds."""
+    """The last user message of a conversation ("" without one), the question its own entry holds."""
     return next((text for role, text in zip(roles[::-1], contents[::-1]) if role == "user"), "")
+
+
+def retrieval_scores(knowledge, conversations, preprocessor, batch_size=256):
+    """float [conversations, entries]: each entry's score for each conversation as `preprocessor` retrieves, by the
+    better of its `GroundedChatPreprocessor.queries` (the last user message, and it after the one before)."""
+    rows = [row for start in range(0, len(conversations), batch_size) for row in preprocessor.queries(
+        *map(tf.constant, as_batch(conversations[start:start + batch_size]))).numpy()]
+    queries = [text.decode("utf-8") for row in rows for text in row]
+    return knowledge.entry_scores(queries).reshape(len(conversations), 2, -1).max(axis=1)
