@@ -9,10 +9,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
+# Without XLA: compiling a tiny model's steps costs more than running them (test_cli's console test trains with it).
 TINY = [
     "model.num_layers=2", "model.num_heads=2", "model.hidden_dim=32", "model.max_length=16",
     "train.batch_size=8", "train.steps=40", "train.eval_interval=20", "train.steps_per_execution=10",
-    "train.eval_batches=2", "train.warmup_steps=5", "generate.max_new_tokens=8",
+    "train.eval_batches=2", "train.warmup_steps=5", "train.jit_compile=false", "generate.max_new_tokens=8",
 ]
 
 
@@ -26,7 +27,7 @@ def tiny_config(*overrides):
 # The fixtures that train a model (here and in test modules): a test that uses one, directly or through another
 # fixture, is `slow` as a test that trains in its body is.
 TRAINED = {"chat_run", "sentence_run", "pattern_run", "documents_run", "classifier", "references",
-           "single_device", "run_dir"}
+           "single_device", "run_dir", "grounded_run", "prepared_run"}
 # The modules that use each session fixture: under `--dist loadfile` they run on one worker, so that the fixture trains
 # once.
 SHARED = {"chat_run": ["test_chat.py", "test_chat_cli.py", "test_openai_api.py"],

@@ -120,7 +120,7 @@ def test_terminal_session_remembers_resets_and_exits(chat_run):
 def test_user_mistakes_are_one_line(tmp_path, chat_run, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("abcdefgh\n" * 300)
-    sets = [a for s in TINY + ["train.jit_compile=false", "train.steps=20"] for a in ("--set", s)]
+    sets = [a for s in TINY + ["train.steps=20"] for a in ("--set", s)]
     assert main(["train", *sets, "--data", str(corpus), "--out", str(tmp_path / "lm")]) == 0
     capsys.readouterr()
     for argv, message in [

@@ -186,7 +186,8 @@ def test_pretraining_learns_masked_words_and_next_segments(tmp_path, capsys):
     overrides = ["model.num_layers=2", "model.hidden_dim=64", "model.num_heads=2", "model.max_length=32",
                  "tokenizer.vocab_size=300", "train.steps=600", "train.eval_interval=300", "train.warmup_steps=20",
                  "train.steps_per_execution=50", "train.eval_batches=4", "data.val_fraction=0.05",
-                 "generate.max_new_tokens=8", "model.dropout=0.0", "train.min_learning_rate=0.001"]
+                 "generate.max_new_tokens=8", "model.dropout=0.0", "train.min_learning_rate=0.001",
+                 "train.jit_compile=false"]
     out = str(tmp_path / "bert")
     assert main(["pretrain", "--config", "configs/bert-sst2.yaml", "--data", corpus, "--out", out]
                 + sum((["--set", o] for o in overrides), [])) == 0
@@ -298,7 +299,7 @@ def test_a_pretrained_gpt_learns_to_classify_on_its_last_token_with_balanced_cla
     corpus.write_text("".join(f"{t}.\n" for t, _ in _separable_rows(rng, 300)))
     config = tiny_config(f"data.files=[{corpus}]", "model.max_length=32", "classify.epochs=4",
                          "classify.batch_size=16", "classify.learning_rate=0.003", "classify.dropout=0.0",
-                         "classify.class_weights=balanced", "train.jit_compile=false")
+                         "classify.class_weights=balanced")
     train(config, str(tmp_path / "gpt"), verbose=0)
     train_file = _write_tsv(tmp_path / "train.tsv", _separable_rows(rng, 320, positive_share=0.25))
     test_file = _write_tsv(tmp_path / "test.tsv", _separable_rows(rng, 60))

@@ -169,8 +169,8 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path, caplog
     run = tmp_path / "run"
     run.mkdir()
     (run / "tokenizer").mkdir()  # a start that failed after its tokenizer, before config.json
-    args = [a for s in ("train.steps=1", "train.eval_interval=1", "train.steps_per_execution=1", "train.warmup_steps=0",
-                        "train.jit_compile=false") for a in ("--set", s)] + ["--data", str(_corpus(tmp_path))]
+    args = [a for s in ("train.steps=1", "train.eval_interval=1", "train.steps_per_execution=1", "train.warmup_steps=0")
+            for a in ("--set", s)] + ["--data", str(_corpus(tmp_path))]
     assert main(_train_args(tmp_path, "--overwrite", *args)) == 0
     os.remove(run / "last.weights.h5")  # as if killed before its first checkpoint
     assert main(["train", "--out", str(run), "--resume"]) == 0

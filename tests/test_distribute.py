@@ -22,8 +22,10 @@ from tfglm.training.trainer import set_precision
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(TESTS, "dist_worker.py")  # run with this checkout's tfglm
-# No clipping: Keras clips each replica's gradient before the all-reduce, which differs from one device.
-COMMON = TINY + ["train.grad_clip=0", "train.steps_per_execution=5", "train.eval_interval=20", "train.steps=40"]
+# No clipping: Keras clips each replica's gradient before the all-reduce, which differs from one device. XLA: the
+# replicated step is tested compiled, as a cluster runs it.
+COMMON = TINY + ["train.grad_clip=0", "train.steps_per_execution=5", "train.eval_interval=20", "train.steps=40",
+                 "train.jit_compile=true"]
 
 
 def _start(out, weights, overrides, logical_cpus=1, resume=False, tf_config=None):
@@ -254,7 +256,7 @@ def test_mixed_bfloat16_trains_on_cpu(tmp_path, pattern_file):
     from tfglm.training.trainer import train
 
     config = load_config(overrides=TINY + [f"data.files=[{pattern_file}]", "train.mixed_precision=mixed_bfloat16",
-                                           "train.learning_rate=0.003"])
+                                           "train.learning_rate=0.003", "train.jit_compile=true"])
     try:
         model = train(config, str(tmp_path / "run"), verbose=0).model
         assert model.token_embedding.compute_dtype == "bfloat16"
@@ -269,8 +271,7 @@ def test_gradient_accumulation_updates_every_k_batches():
     from tfglm.models.gpt import GPT
     from tfglm.training.trainer import compile_model
 
-    config = load_config(overrides=TINY + ["train.grad_accum_steps=2", "train.jit_compile=false",
-                                           "train.steps_per_execution=1"])
+    config = load_config(overrides=TINY + ["train.grad_accum_steps=2", "train.steps_per_execution=1"])
     model = GPT.from_config_tree(config.model, 20)
     compile_model(model, config.train)
     x = np.random.RandomState(0).randint(0, 20, size=(8, 16)).astype("int32")

@@ -15,7 +15,7 @@ from tfglm.generation.decode import Generator
 from tfglm.generation.sampling import sample
 from tfglm.models.gpt import GPT
 from tfglm.serving import signatures
-from tfglm.serving.engine import Engine, Request, prefill_widths
+from tfglm.serving.engine import Request, generator_engine, held, prefill_widths
 from tfglm.serving.export import write_warmup
 from tfglm.serving.servable import Servable
 
@@ -50,22 +50,8 @@ def servable(export):
 
 
 def engine_of(generator, max_slots, **kwargs):
-    """An engine on the in-process Generator's slot functions."""
-    projection = generator.model.output_projection()
-    cache = generator.model.init_cache(1, generator.context)[0].shape  # [1, 2, heads, context, head_dim]
-
-    def prefill(caches, tokens, slots, ids, start):
-        out = generator.slot_prefill(caches, tokens, tf.constant(slots), tf.constant(ids), tf.constant(start))
-        return out["caches"], out["tokens"]
-
-    def step(caches, tokens, *arrays):
-        out = generator.slot_step(caches, tokens, *map(tf.constant, arrays), projection)
-        return out["caches"], out["tokens"]
-
-    engine = Engine(prefill, step, [len(generator.model.blocks), *cache[1:]], tf.float32,
-                    generator.tokenizer.eot_id, max_slots, **kwargs)
-    engine.warm_up()
-    return engine
+    """An engine on the in-process Generator's slot functions (`tfglm generate`'s)."""
+    return generator_engine(generator, max_slots, **kwargs)
 
 
 def prompt_ids(generator, prompt, max_new_tokens=10):
@@ -73,7 +59,10 @@ def prompt_ids(generator, prompt, max_new_tokens=10):
 
 
 def tokens_of(request):
-    return [t for new in request for t in new]
+    """The request's new token ids, once it has ended."""
+    for _ in request:
+        pass
+    return request.tokens
 
 
 def test_a_sequence_gets_the_tokens_of_generate(generator):
@@ -137,15 +126,68 @@ def test_a_cancelled_sequence_frees_its_slot_at_the_next_step(generator):
     """With one slot, a long sequence cancelled after its first tokens lets the next one in at once."""
     engine = engine_of(generator, max_slots=1, steps=1)
     try:
-        first = engine.submit(Request(prompt_ids(generator, "a", 60), 60, 0.9, 0, 1.0, 1))
+        first = engine.submit(Request(prompt_ids(generator, "a", 60), 60, 0.9, 0, 1.0, 1, streamed=True))
         second = engine.submit(Request(prompt_ids(generator, "b", 5), 5, 0.0, 0, 1.0, 0))
         pieces = iter(first)
         next(pieces)
         first.cancel()
         assert len(tokens_of(second)) <= 5 and second.finish_reason in ("stop", "length")
-        assert len([t for new in pieces for t in new]) < 58 and first.finish_reason == "cancelled"
+        assert len(tokens_of(first)) < 58 and first.finish_reason == "cancelled"
     finally:
         engine.close()
+
+
+def stopped(text, stops):
+    """What generating `text` one character at a time and ending at the first stop sequence completed gives: (the
+    text before that stop, the characters generated) or (text, None)."""
+    for n in range(1, len(text) + 1):
+        found = [text[:n].find(stop) for stop in stops if stop in text[:n]]
+        if found:
+            return text[:min(found)], n
+    return text, None
+
+
+def test_stop_sequences_end_a_sequence_as_one_character_at_a_time_would(generator):
+    """A stop sequence ends the sequence at the step it is completed in, whatever the step's size: the text is
+    what comes before the first stop completed, the tokens those up to the one that completed it, the slot freed.
+    Streamed, no piece ever holds text of the stop."""
+    rng = np.random.default_rng(1)
+    engines = [engine_of(generator, max_slots=2, steps=steps) for steps in (1, 4)]
+    try:
+        for seed in (1, 4):  # 20 and 17 characters before <eot>; seed 4's hold a 3-byte one, the unknown "\ufffd"
+            text = b"".join(engines[0].submit(Request(prompt_ids(generator, "abc", 40), 40, 0.9, 0, 1.0, seed)))
+            text = text.decode()
+            cases = [[text[5:8]], [text[6:10], text[8]], ["zz", text[-2:]], ["x"], [text[:1]], ["\ufffd "]]
+            cases += [[text[i:i + int(rng.integers(1, 4))] for i in rng.integers(0, len(text) - 3, 3)]
+                      for _ in range(6)]
+            for stops in cases:
+                want, count = stopped(text, stops)
+                for engine in engines:
+                    for streamed in (False, True):
+                        request = engine.submit(Request(prompt_ids(generator, "abc", 40), 40, 0.9, 0, 1.0, seed,
+                                                        stops, streamed))
+                        assert "".join(request.texts()) == want, (stops, engine.steps, streamed)
+                        assert len(request.tokens) == (count or len(text))
+                        assert request.finish_reason == "stop"
+            assert not any(slot for engine in engines for slot in engine.slots)
+    finally:
+        for engine in engines:
+            engine.close()
+
+
+def test_a_stream_holds_back_only_what_may_begin_a_stop_sequence(generator):
+    assert held(b"abc", [b"cd"]) == 1 and held(b"abc", [b"bcx", b"c"]) == 2 and held(b"abc", [b"x"]) == 0
+    assert held(b"ab", [b"abcd"]) == 2 and held(b"", [b"ab"]) == 0
+    engine = engine_of(generator, max_slots=1, steps=1)
+    try:  # greedy, "abc" goes on "ccc...": 30 of them
+        free = list(engine.submit(Request(prompt_ids(generator, "abc", 30), 30, 0.0, 0, 1.0, 0, ["zzzz"], True)))
+        request = engine.submit(Request(prompt_ids(generator, "abc", 30), 30, 0.0, 0, 1.0, 0, ["cd"], True))
+        held_back = list(request)
+    finally:
+        engine.close()
+    assert free == [b"c"] * 30  # no stop begins: each token's text as it comes
+    # Each "c" may begin "cd": it waits a step, till the next token is not "d"; the last goes with the end.
+    assert held_back == [b"c"] * 28 + [b"cc"] and request.finish_reason == "length"
 
 
 def test_prefill_widths_and_sampling_keyed_per_row():

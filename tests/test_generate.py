@@ -1,5 +1,6 @@
 """The shared decode loop: greedy and sampled, batched, seeded, stopping at <eot>, bucketed shapes."""
 
+import json
 import logging
 
 import pytest
@@ -115,3 +116,26 @@ def test_cli_generate_and_its_errors(documents_run, capsys):
         assert message in capsys.readouterr().err
     assert main(["generate", "--model", documents_run + "-missing"]) == 2
     assert "no such run directory" in capsys.readouterr().err
+
+
+def test_cli_generate_many_prompts_each_as_alone(documents_run, capsys):
+    """Prompts of mixed lengths decode together in the engine's slots, each as it does alone, greedy and seeded,
+    printed in their order; --stream prints the same; --stop ends a completion before it."""
+    prompts = ["abc", "", "bcdefg", "h" * 20]  # the last truncated to fit the context
+
+    def generate(prompts, *options):
+        assert main(["generate", "--model", documents_run, *[a for p in prompts for a in ("--prompt", p)],
+                     *options]) == 0
+        return capsys.readouterr().out
+
+    for options in (["--temperature", "0"], ["--temperature", "1.5", "--seed", "7"]):
+        together = [json.loads(line) for line in generate(prompts, *options, "--json").splitlines()]
+        alone = [json.loads(generate([prompt], *options, "--json")) for prompt in prompts]
+        assert together == alone and [t["prompt"] for t in together] == prompts
+        assert generate(prompts, *options, "--stream") == generate(prompts, *options)
+    stopped = json.loads(generate(["abc"], "--temperature", "0", "--json", "--stop", "f", "--stop", "xy"))
+    assert stopped == {"prompt": "abc", "completion": "de", "num_tokens": 3, "finish_reason": "stop"}
+    for stops, message in ((["a"] * 5, "--stop: at most 4 stop sequences, got 5"),
+                           ([""], "--stop: expected a non-empty string or a list of them")):
+        assert main(["generate", "--model", documents_run, *[a for s in stops for a in ("--stop", s)]]) == 2
+        assert message in capsys.readouterr().err

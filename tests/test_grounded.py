@@ -29,7 +29,7 @@ from tfglm.generation.decode import Generator
 from tfglm.preprocessors.grounded import GroundedChatPreprocessor
 from tfglm.serving.servable import Servable, SignatureStream
 from tfglm.serving.signatures import WARMUP, language_module
-from tfglm.tasks.chat import GROUNDING, KNOWLEDGE, Grounding
+from tfglm.tasks.chat import GROUNDING, KNOWLEDGE, Chat, Grounding
 from tfglm.tasks.registry import load_run
 
 # Questions in the tiny encoder's vocabulary; each entry's answer is a fact the model could only get from retrieval.
@@ -159,6 +159,41 @@ def test_training_conversations_leave_their_own_entry_out(index, tmp_path):
     # The same question with another answer (not the entry's row) finds the entry itself, as serving would.
     other, scores = grounding.retrieve([(["user", "assistant"], [ENTRIES[2][0], "something else"])], preprocessor)
     assert other[0][1][0] == ENTRIES[2][1] and scores[0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_share_of_training_conversations_gets_its_own_entry_first(index, tmp_path):
+    grounding = Grounding.copy(index, str(tmp_path / "run"), {"top_k": 2, "context_tokens": 40, "handoff_message": "x"})
+    preprocessor = grounding.preprocessor(ChatTokenizer(CharTokenizer("abcdefghijklmnopqrstuvwxyz ,.\n")), 96)
+    own = [(["user", "assistant"], [q, a]) for q, a in ENTRIES] * 25
+    contexts = {share: [contents[0] for _, contents in grounding.retrieve(own, preprocessor, share, seed=3)[0]]
+                for share in (0.0, 0.5, 1.0)}
+    first = {share: [context.split("\n\n")[0] == answer for context, (_, (_, answer)) in zip(found, own)]
+             for share, found in contexts.items()}
+    assert not any(first[0.0]) and all(first[1.0])
+    assert 0.3 < np.mean(first[0.5]) < 0.7
+    # The rest of the slot is the nearest others, the own entry once.
+    assert all(len(set(context.split("\n\n"))) == 2 for context in contexts[1.0])
+    assert contexts[0.5] == [contents[0] for _, contents in grounding.retrieve(own, preprocessor, 0.5, seed=3)[0]]
+
+
+@pytest.mark.parametrize("files", [{}, {"val_file"}, {"eval_file"}, {"val_file", "eval_file"}])
+def test_the_hand_off_is_calibrated_on_separate_validation_conversations_when_named(index, tmp_path, caplog, files):
+    """The validation file's scores (those of the validation conversations), else the evaluation file's, else the
+    held-out training conversations' with a warning: their paraphrases in the index make their matches too near."""
+    eval_file = tmp_path / "eval.csv"
+    eval_file.write_text("question,answer\n\"a bad film , very bad\",x\n\"the cat sat\",y\n")
+    paths = {"val_file": str(tmp_path / "val.csv"), "eval_file": str(eval_file)}
+    config = tfglm.load_config(overrides=[f"chat.{key}={json.dumps(paths[key])}" for key in files])
+    task = Chat(config, str(tmp_path / "run"))
+    task.grounding = Grounding.copy(index, task.run_dir, {"top_k": 1, "context_tokens": 40, "handoff_message": "x"})
+    preprocessor = task.grounding.preprocessor(ChatTokenizer(CharTokenizer("abcdefghijklmnopqrstuvwxyz ,.")), 96)
+    validation = np.array([0.25, 0.5])
+    scores = task.calibration_scores(validation, preprocessor)
+    if files == {"eval_file"}:
+        assert scores[0] == pytest.approx(1.0, abs=1e-5) and scores[1] < 1.0
+    else:
+        assert scores is validation
+    assert ("held-out training conversations" in caplog.text) == (not files)
 
 
 @pytest.fixture(scope="module")

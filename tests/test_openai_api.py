@@ -109,6 +109,40 @@ def test_openai_completions_and_models(client, generator):
     assert [m.id for m in client.models.list()] == ["chat"]
 
 
+def test_stop_sequences_whole_and_streamed(client):
+    """A reply ends before the first stop sequence its text completes, whole and streamed alike; the tokens counted
+    are those up to the one that completed it; a stream never sends text of the stop."""
+    question = [{"role": "user", "content": "what is your name?"}]  # "i am tfglm"
+    for stop, reply, tokens, finish in [(" tfglm", "i am", 10, "stop"), (["am", "xyz"], "i ", 4, "stop"),
+                                        ("i", "", 1, "stop"), ("zz", "i am tfglm", 10, "stop"),
+                                        ("glm", "i a", 3, "length")]:
+        options = dict(model="chat", messages=question, temperature=0, max_tokens=3 if finish == "length" else 20,
+                       stop=stop)
+        choice = client.chat.completions.create(**options).choices[0]
+        assert (choice.message.content, choice.finish_reason) == (reply, finish), stop
+        chunks = list(client.chat.completions.create(**options, stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish
+        assert chunks[-1].usage.completion_tokens == min(tokens, options["max_tokens"])
+    response = client.completions.create(model="chat", prompt="hi", max_tokens=20, temperature=0, stop=["m"])
+    full = client.completions.create(model="chat", prompt="hi", max_tokens=20, temperature=0).choices[0].text
+    assert response.choices[0].text == full.partition("m")[0]
+
+
+def test_the_client_sends_stop_sequences_to_the_completions_endpoint(server):
+    rest_client = Client(f"http://127.0.0.1:{server.rest_port}", "chat")  # one prompt a call: the queue holds 1
+    options = dict(max_new_tokens=12, temperature=1.5, top_k=0, top_p=1.0)
+    whole, seed = next((text, seed) for seed in range(20) for text in
+                       rest_client.generate(["hi"], seed=seed, **options)["completions"] if len(text) >= 6)
+    for stop in (whole[2:4], [whole[4], "zz"]):
+        cut = rest_client.generate(["hi"], seed=seed, stop=stop, **options)["completions"][0]
+        assert cut == whole[:min(whole.index(s) for s in ([stop] if isinstance(stop, str) else stop) if s in whole)]
+    with pytest.raises(TfglmError, match="stop: needs REST"):
+        Client(f"127.0.0.1:{server.grpc_port}", "chat", "grpc").generate(["hi"], stop="e")
+    with pytest.raises(TfglmError, match="stop: at most 4 stop sequences"):
+        rest_client.generate(["hi"], stop=list("abcde"))
+
+
 def test_rest_and_grpc_predict_on_chat(server, expected):
     conversation = CONVERSATIONS[-1]
     roles, contents = [[r for r, _ in conversation]], [[c for _, c in conversation]]
@@ -158,7 +192,13 @@ BAD = [  # (body of a chat completion request, status, param, words of the messa
     ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "'nope' does not exist"),
     ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model", "expected the name"),
     ({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n", "only 1"),
-    ({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stop": ["\n"]}, 400, "stop",
+    ({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400,
+     "stop", "at most 4 stop sequences, got 5"),
+    ({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", ""]}, 400, "stop",
+     "expected a non-empty string or a list of them"),
+    ({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stop": 7}, 400, "stop",
+     "got 7"),
+    ({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs",
      "not supported"),
     ({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature",
      "must be in [0.0, inf)"),

@@ -132,18 +132,29 @@ def test_two_workers_read_disjoint_shares_of_each_batch(prepared_dir):
     assert sorted(read) == [(0, 4)] * 4 + [(1, 4)] * 4  # each worker read its 4 rows of each batch, no more
 
 
-@pytest.mark.slow
-def test_prepare_train_resume_gives_the_uninterrupted_run(tmp_path, prepared_dir, monkeypatch):
-    config = tiny_config(f"data.files=[{prepared_dir}]", "model.dropout=0.0")
-    reference_dir, run_dir = str(tmp_path / "reference"), str(tmp_path / "run")
-    train(config, reference_dir, verbose=0)
+def prepared_config(prepared_dir):
+    return tiny_config(f"data.files=[{prepared_dir}]", "model.dropout=0.0")
+
+
+@pytest.fixture(scope="module")
+def prepared_run(prepared_dir, tmp_path_factory):
+    """A run trained on the prepared corpus without interruption: what a resumed run must end as, and what
+    `tfglm evaluate` scores."""
+    run_dir = str(tmp_path_factory.mktemp("prepared-run") / "run")
+    train(prepared_config(prepared_dir), run_dir, verbose=0)
+    return run_dir
+
+
+def test_prepare_train_resume_gives_the_uninterrupted_run(tmp_path, prepared_dir, prepared_run, monkeypatch):
+    config = prepared_config(prepared_dir)
+    run_dir = str(tmp_path / "run")
     monkeypatch.setattr(keras.Model, "fit", fit_with(keras.Model.fit, stop_at_step(30)))
     with pytest.raises(KeyboardInterrupt):
         train(config, run_dir, verbose=0)
     monkeypatch.undo()
     train(config, run_dir, resume=True, verbose=0)
     assert [r["step"] for r in runs.read_metrics(run_dir)] == [20, 40]
-    resumed, uninterrupted = load_run(run_dir, runs.LAST).model, load_run(reference_dir, runs.LAST).model
+    resumed, uninterrupted = load_run(run_dir, runs.LAST).model, load_run(prepared_run, runs.LAST).model
     for a, b in zip(resumed.weights, uninterrupted.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
     assert shards.tokenizer_hash(runs.path(run_dir, runs.TOKENIZER)) == \
@@ -346,11 +357,8 @@ def test_a_file_that_cannot_be_read_in_a_worker_is_one_line_naming_it(tmp_path):
         list(preparing.read_unit(("text", [missing]), "text", collections.Counter()))
 
 
-@pytest.mark.slow
 def test_evaluate_on_a_prepared_corpus_scores_its_validation_split_as_the_same_text_would_be(
-        tmp_path, prepared_dir, capsys):
-    run_dir = str(tmp_path / "run")
-    train(tiny_config(f"data.files=[{prepared_dir}]", "train.steps=20"), run_dir, verbose=0)
+        tmp_path, prepared_dir, prepared_run, capsys):
     prepared = shards.Prepared(prepared_dir)
     stream = prepared.streams["validation"]
     texts = split_documents(stream.window(0, stream.num_tokens), shards.read_tokenizer(prepared.tokenizer_dir))
@@ -359,7 +367,7 @@ def test_evaluate_on_a_prepared_corpus_scores_its_validation_split_as_the_same_t
         (tmp_path / "text" / f"{i:04d}.txt").write_text(text, encoding="utf-8")
     results = []
     for data in (prepared_dir, str(tmp_path / "text")):
-        assert main(["evaluate", "--model", run_dir, "--data", data]) == 0
+        assert main(["evaluate", "--model", prepared_run, "--data", data]) == 0
         results.append(json.loads(capsys.readouterr().out.splitlines()[-1]))
     assert results[0]["split"] == "validation" and results[0]["tokens"] == results[1]["tokens"] > 0
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)

@@ -55,7 +55,7 @@ def _tensorboard(run_dir):
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_checkpoint(tmp_path, pattern_file,
                                                                                      monkeypatch):
-    config = tiny_config(f"data.files=[{pattern_file}]", "train.jit_compile=false")
+    config = tiny_config(f"data.files=[{pattern_file}]")
     run_dir = str(tmp_path / "run")
     original = keras.Model.save_weights
 

@@ -10,7 +10,7 @@ import shutil
 import sys
 import warnings
 
-from tfglm.config import GENERATE_OPTIONS, generate_options, generate_settings
+from tfglm.config import GENERATE_OPTIONS, generate_settings, stop_sequences
 from tfglm.errors import TfglmError
 from tfglm.tasks import catalog
 
@@ -127,6 +127,8 @@ def _parser():
     _add_generate_options(generate)
     generate.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     generate.add_argument("--stream", action="store_true", help="print each completion as it is generated")
+    generate.add_argument("--stop", action="append",
+                          help="end a completion before this text (repeat for up to 4; the text excludes it)")
 
     chat = command("chat", "talk with a chat run in the terminal (/reset, /exit), answer --message turns, or answer "
                            "the independent conversations of an --input file in batches")
@@ -213,6 +215,8 @@ def _parser():
     client.add_argument("--model", required=True, help="model name")
     client.add_argument("--prompt", action="append", required=True, help="seed text (repeat for several prompts)")
     _add_generate_options(client)
+    client.add_argument("--stop", action="append",
+                        help="end a completion before this text (repeat for up to 4; REST to tfglm serve only)")
     return parser
 
 
@@ -326,29 +330,39 @@ def _check_utf8(option, texts):
             raise TfglmError(f"--{option} {i}: not valid UTF-8 (byte {e.start} of the {option})") from None
 
 
+def _stop_sequences(args):
+    """The --stop options as stop sequences (`config.stop_sequences`: OpenAI's `stop` rules)."""
+    try:
+        return stop_sequences(args.stop)
+    except ValueError as e:
+        raise TfglmError(f"--stop: {e}") from None
+
+
 def cmd_generate(args):
-    from tfglm.generation.decode import generate_texts, warn_truncated
+    from tfglm.generation.decode import warn_truncated
+    from tfglm.serving.engine import generate_requests
     from tfglm.tasks import registry
 
+    stop = _stop_sequences(args)
+    if args.stream and args.json:
+        raise TfglmError("--stream prints text as it comes; --json prints whole objects: give one of them")
     run = registry.load_run(args.model)
     generator = run.task.generator(run.model)
     settings = generate_settings(run.config, vars(args))
     prompts = args.prompt or [settings.prompt]
     _check_utf8("prompt", prompts)
-    if args.stream:
-        if args.json:
-            raise TfglmError("--stream prints text as it comes; --json prints whole objects: give one of them")
-        for i, prompt in enumerate(prompts, 1):
-            warn_truncated(generator, [prompt], settings, first=i)
+    warn_truncated(generator, prompts, settings)
+    for prompt, request in zip(prompts, generate_requests(generator, prompts, settings, stop, args.stream)):
+        if args.stream:
             print(prompt, end="", flush=True)
-            for pieces in generator.stream([prompt], *generate_options(settings)):
-                print(pieces[0], end="", flush=True)
+            for piece in request.texts():
+                print(piece, end="", flush=True)
             print("\n" + "-" * 40)
-        return
-    texts, counts = generate_texts(generator, prompts, settings)
-    for prompt, text, count in zip(prompts, texts, counts):
+            continue
+        text = "".join(request.texts())
         if args.json:
-            print(json.dumps({"prompt": prompt, "completion": text, "num_tokens": int(count)}, ensure_ascii=False))
+            print(json.dumps({"prompt": prompt, "completion": text, "num_tokens": len(request.tokens),
+                              "finish_reason": request.finish_reason}, ensure_ascii=False))
         else:
             print(prompt + text)
             print("-" * 40)
@@ -579,7 +593,8 @@ def cmd_client(args):
     from tfglm.serving.client import Client
 
     client = Client(args.server, args.model, "grpc" if args.grpc else "rest")
-    out = client.generate(args.prompt, **{o.name: getattr(args, o.name) for o in GENERATE_OPTIONS})
+    out = client.generate(args.prompt, **{o.name: getattr(args, o.name) for o in GENERATE_OPTIONS},
+                          stop=_stop_sequences(args) or None)
     for prompt, completion in zip(args.prompt, out["completions"]):
         print(prompt + completion)
         print("-" * 40)

@@ -112,6 +112,23 @@ GENERATE_OPTIONS = (
     Option("seed", int, 0, 0, INT32_MAX, help="the same seed gives the same text"),
 )
 
+MAX_STOPS = 4
+
+
+def stop_sequences(value):
+    """The stop sequences of `value` as a tuple of strings: a string, a list of at most MAX_STOPS non-empty strings,
+    or None (none), as OpenAI's `stop`. A ValueError says what is wrong. Generation ends before the first of them
+    that its text contains (a per-request option, not exported: `tfglm serve`'s decode engine applies it)."""
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"expected a non-empty string or a list of them, got {json.dumps(value)[:40]}")
+    if len(stops) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} stop sequences, got {len(stops)}")
+    return tuple(stops)
+
+
 GenerateConfig = dataclasses.make_dataclass(
     "GenerateConfig", [("prompt", str, dataclasses.field(default=""))]
     + [(o.name, o.type, dataclasses.field(default=o.default)) for o in GENERATE_OPTIONS])

@@ -263,10 +263,10 @@ class Generator(tf.Module):
                            state)
 
 
-def warn_truncated(generator, prompts, settings, first=1):
-    """Warns about prompts (numbered from `first`) truncated from the left to fit the context."""
+def warn_truncated(generator, prompts, settings):
+    """Warns about prompts (numbered from 1) truncated from the left to fit the context."""
     lengths, full = generator.preprocessor.truncations(tf.constant(prompts), settings.max_new_tokens)
-    for i, (kept, had) in enumerate(zip(lengths.numpy(), full.numpy()), first):
+    for i, (kept, had) in enumerate(zip(lengths.numpy(), full.numpy()), 1):
         if kept < had:
             log.warning("prompt %d: %d tokens, truncated from the left to the last %d (context %d minus %d new)",
                         i, had, kept, generator.context, settings.max_new_tokens)

@@ -2,6 +2,7 @@
 
     client = Client("http://localhost:8501", "tiny")            # or Client("localhost:8500", "tiny", "grpc")
     client.generate(["ROMEO:"], max_new_tokens=20, temperature=0)  # {"completions": [...], "num_tokens": [...]}
+    client.generate(["ROMEO:"], stop=["\n\n"])   # ends each completion before a blank line (tfglm serve, REST)
     client.translate(["A dog runs."])   # ["Ein Hund rennt."] from a translation export
     client.classify(["a great film"])  # {"labels": ["pos"], "scores": [[0.1, 0.9]]} from a classifier export
 
@@ -11,12 +12,13 @@ Options left as None are not sent, so the server fills in the model's defaults (
 import json
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from tfglm.config import GENERATE_OPTIONS
+from tfglm.config import GENERATE_OPTIONS, stop_sequences
 from tfglm.errors import TfglmError
 from tfglm.serving.codec import to_json
 
@@ -35,11 +37,29 @@ class Client:
         if protocol == "grpc":
             self._stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(url_or_target))
 
-    def generate(self, prompts, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=None):
-        """{"completions": [str], "num_tokens": [int]} for `prompts`."""
+    def generate(self, prompts, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=None,
+                 stop=None):
+        """{"completions": [str], "num_tokens": [int]} for `prompts`. With `stop` (a string or a list of up to 4),
+        each completion ends before the first of them its text completes: the prompts go to `tfglm serve`'s
+        `/v1/completions` (the served model's latest version), all at once, since TF Serving's Predict takes no stop
+        sequences (so REST only)."""
         options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                    "seed": seed}
-        return self.predict("generate", prompts=list(prompts), **options)
+        if stop is None:
+            return self.predict("generate", prompts=list(prompts), **options)
+        try:
+            stop = list(stop_sequences(stop))
+        except ValueError as e:
+            raise TfglmError(f"stop: {e}") from None
+        if self.protocol != "rest":
+            raise TfglmError("stop: needs REST (tfglm serve's /v1/completions); gRPC's Predict takes no stop sequences")
+        body = {"model": self.model_name, "stop": stop, "max_tokens": options.pop("max_new_tokens"), **options}
+        body = {k: v for k, v in body.items() if v is not None}
+        url = f"{self.target.rstrip('/')}/v1/completions"
+        with ThreadPoolExecutor(min(len(prompts), 16) or 1) as pool:
+            out = list(pool.map(lambda prompt: self._post(url, {**body, "prompt": prompt}), prompts))
+        return {"completions": [o["choices"][0]["text"] for o in out],
+                "num_tokens": [o["usage"]["completion_tokens"] for o in out]}
 
     def score(self, texts):
         """{"log_likelihood": [float], "num_tokens": [int], "perplexity": [float]} for `texts`."""
@@ -62,11 +82,13 @@ class Client:
     def _rest(self, signature_name, inputs):
         version = f"/versions/{self.version}" if self.version else ""
         url = f"{self.target.rstrip('/')}/v1/models/{self.model_name}{version}:predict"
-        body = json.dumps({"signature_name": signature_name, "inputs": inputs}).encode("utf-8")
-        request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+        return self._post(url, {"signature_name": signature_name, "inputs": inputs})["outputs"]
+
+    def _post(self, url, body):
+        request = urllib.request.Request(url, json.dumps(body).encode("utf-8"), {"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.load(response)["outputs"]
+                return json.load(response)
         except urllib.error.HTTPError as e:
             raise TfglmError(f"{url}: HTTP {e.code}: {_error(e.read())}") from None
         except OSError as e:
@@ -88,6 +110,7 @@ class Client:
 
 def _error(body):
     try:
-        return json.loads(body)["error"]
+        error = json.loads(body)["error"]
+        return error["message"] if isinstance(error, dict) else error  # OpenAI's error object, or TF Serving's
     except (ValueError, KeyError, TypeError):
         return body.decode("utf-8", errors="replace")[:200]

@@ -1,5 +1,6 @@
 """Continuous batching: one decode engine per served version, a fixed pool of KV-cache slots that every concurrent
-generation shares (`generate` and `chat` over REST and gRPC, the OpenAI endpoints whole and streamed).
+generation shares (`generate` and `chat` over REST and gRPC, the OpenAI endpoints whole and streamed, and the prompts
+of one `tfglm generate`).
 
 One engine thread owns the slots. At each step boundary it
 1. admits waiting requests, first come first served, into free slots;
@@ -8,8 +9,8 @@ One engine thread owns the slots. At each step boundary it
    chunks over several boundaries. A long prompt therefore stalls the running streams by one bounded prefill call a
    step, never by its whole length;
 3. runs one `slot_step` of `steps` tokens over every slot (idle ones stand still), and hands each request its new
-   tokens; a slot is freed at `<eot>`, at its `max_new_tokens` (or the context's end), or when its request is
-   cancelled (a client gone), at the next boundary.
+   text; a slot is freed at `<eot>`, at its `max_new_tokens` (or the context's end), at one of its request's stop
+   sequences, or when its request is cancelled (a client gone), at the next boundary.
 
 Options are per slot (temperature, top_k, top_p, seed, max_new_tokens) and sampling is keyed on each slot's (seed,
 position), so a request's text is the same whatever else shares the pool, and the same as alone. Shapes are static:
@@ -17,10 +18,16 @@ the pool is `max_slots` x context, the step one shape and the prefill a few (eac
 within `prefill_tokens`: 14 for a context of 128 or more and 16 slots), all run by `warm_up` before the engine takes
 traffic, so no request compiles.
 
-The engine knows only those two functions (`Generator.slot_prefill` / `slot_step`, in a `tfglm export` its
-`slot_prefill` and `slot_step` signatures) and the token ids: prompts become ids, and ids text, outside it.
+Text is made once per step for every request that needs it then, in one `detokenize` call: a streamed request's or
+one with stop sequences each step, any other's when it ends. A stream never sends text that may turn out to begin a
+stop sequence: the end of the text that is the start of one waits until the next tokens decide it.
+
+The engine knows only three functions (`Generator.slot_prefill` / `slot_step` and the tokenizer's detokenization; in
+a `tfglm export` its `slot_prefill`, `slot_step` and `detokenize` signatures) and the token ids: prompts become ids
+outside it.
 """
 
+import codecs
 import collections
 import logging
 import os
@@ -30,6 +37,8 @@ import time
 
 import numpy as np
 import tensorflow as tf
+
+from tfglm.config import generate_options
 
 log = logging.getLogger("tfglm")
 STEPS = 4  # tokens a slot gains per step call: amortises the call, keeps the time to a first token short
@@ -47,14 +56,59 @@ def default_slots(bytes_per_slot):
     return int(max(1, min(MAX_SLOTS, memory // 16 // bytes_per_slot)))
 
 
-class Request:
-    """One sequence to decode: its prompt ids and options. Iterating it yields lists of new token ids as the engine
-    makes them, until the sequence ends; then `finish_reason` is "stop" (`<eot>`), "length" or "cancelled"."""
+def generator_engine(generator, max_slots, **kwargs):
+    """An engine, started, on a `Generator`'s own functions: `tfglm generate`'s. It runs the very functions a `tfglm
+    export`'s `slot_prefill` and `slot_step` signatures wrap, so a run's prompts take the served path without a
+    SavedModel written and loaded for each run. Not warmed up: each shape compiles the first time a run needs it.
+    At most `max_slots` slots, fewer where `default_slots` says so."""
+    projection = generator.model.output_projection()
+    cache = generator.model.init_cache(1, generator.context)  # a layer's [1, 2, heads, context, head_dim] each
+    per_slot, dtype = [len(cache), *cache[0].shape[1:]], tf.as_dtype(generator.model.compute_dtype)
+    max_slots = min(max_slots, default_slots(int(np.prod(per_slot)) * dtype.size))
 
-    def __init__(self, ids, max_new_tokens, temperature, top_k, top_p, seed):
+    def prefill(caches, tokens, slots, ids, start):
+        out = generator.slot_prefill(caches, tokens, tf.constant(slots), tf.constant(ids), tf.constant(start))
+        return out["caches"], out["tokens"]
+
+    def step(caches, tokens, *arrays):
+        out = generator.slot_step(caches, tokens, *map(tf.constant, arrays), projection)
+        return out["caches"], out["tokens"]
+
+    def detokenize(rows):
+        ids = tf.RaggedTensor.from_row_lengths(np.array([t for row in rows for t in row], np.int32),
+                                               [len(row) for row in rows])
+        return generator.tokenizer.detokenize(ids).numpy().tolist()
+
+    return Engine(prefill, step, detokenize, per_slot, dtype, generator.tokenizer.eot_id, max_slots, **kwargs).start()
+
+
+def generate_requests(generator, prompts, settings, stop=(), streamed=False):
+    """`tfglm generate`'s prompts as Requests, in their order, all submitted at once to an engine on `generator`
+    (`generator_engine`: a slot a prompt, up to MAX_SLOTS), with the options of `settings` (a `generate`
+    config) and `stop` sequences: prompts of any lengths share the slots, and one that ends frees its slot for the
+    next. The engine ends once they have."""
+    room = min(max(settings.max_new_tokens, 1), generator.context - 1)
+    ids = generator.preprocessor.prompt_ids(tf.constant(prompts), room).to_list()
+    engine = generator_engine(generator, min(len(prompts), MAX_SLOTS))
+    try:
+        return [engine.submit(Request(row, room, *generate_options(settings)[1:], stop, streamed)) for row in ids]
+    finally:
+        engine.close()
+
+
+class Request:
+    """One sequence to decode: its prompt ids and options, `stop` sequences (strings) and whether it is `streamed`
+    (its text sent as it grows, else whole at the end). Iterating it yields its text (UTF-8 bytes, a piece may end
+    inside a character) as the engine makes it, until the sequence ends; then `tokens` are its new token ids (up to
+    the one that completed a stop sequence) and `finish_reason` is "stop" (`<eot>` or a stop sequence), "length" or
+    "cancelled"."""
+
+    def __init__(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop=(), streamed=False):
         self.ids = np.asarray(ids, np.int32)
         self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.seed = (
             int(max_new_tokens), float(temperature), int(top_k), float(top_p), int(seed))
+        self.stop, self.streamed = tuple(s.encode("utf-8") for s in stop), streamed
+        self.tokens, self.sent = [], 0  # the new ids; the bytes of their text sent so far
         self.finish_reason, self.cancelled = None, False
         self.submitted, self.first_token_s = time.perf_counter(), None
         self._events = queue.SimpleQueue()
@@ -77,12 +131,36 @@ class Request:
                 raise event
             yield event
 
+    def texts(self):
+        """Yields the text as strings as it comes (an unfinished UTF-8 character waits for its last bytes)."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for piece in self:
+            yield decoder.decode(piece)
+        yield decoder.decode(b"", final=True)
+
     def cancel(self):
         """Frees the request's slot (or queue place) at the engine's next step boundary."""
         self.cancelled = True
         if self._wake is not None:
             with self._wake:
                 self._wake.notify()
+
+    def _take(self, text, ended):
+        """Sends the part of `text` (the whole text of `tokens`) that is decided; returns the end of the first stop
+        sequence it completes (bytes), or None. Before its end, a suffix of the text that may begin a stop sequence
+        is held back."""
+        found = [(i + len(stop), i) for stop in self.stop for i in [text.find(stop, self.sent)] if i >= 0]
+        stop_end, cut = min(found) if found else (None, len(text) if ended else len(text) - held(text, self.stop))
+        if cut > self.sent:
+            self._events.put(text[self.sent:cut])
+            self.sent = cut
+        return stop_end
+
+
+def held(text, stops):
+    """The length of the longest end of `text` that begins one of `stops` (bytes): text a stream may not send yet."""
+    return max((n for stop in stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
+                if text.endswith(stop[:n])), default=0)
 
 
 class Slot:
@@ -95,25 +173,27 @@ class Slot:
 
 
 class Engine:
-    """The slot pool of one model: `prefill(caches, tokens, slots, ids, start) -> (caches, tokens)` and
+    """The slot pool of one model: `prefill(caches, tokens, slots, ids, start) -> (caches, tokens)`,
     `step(caches, tokens, positions, limits, temperature, top_k, top_p, seed, steps) -> (caches, tokens)` (see
-    `tfglm.generation.decode.slot_prefill` and `slot_step`), the caches' shape per slot ([layers, 2, heads, context,
-    head_dim]) and dtype, and `eot_id`. `metrics` (optional) has `slots` and `queue` gauges, a `ttft` histogram and a
-    `tokens` counter (Prometheus children).
+    `tfglm.generation.decode.slot_prefill` and `slot_step`) and `detokenize(rows of token ids) -> [text as bytes]`,
+    the caches' shape per slot ([layers, 2, heads, context, head_dim]) and dtype, and `eot_id`. `metrics` (optional)
+    has `slots` and `queue` gauges, a `ttft` histogram and a `tokens` counter (Prometheus children).
 
     Examples:
     ```python
-    engine = Engine(prefill, step, cache_shape, tf.float32, eot_id, max_slots=8)
+    engine = Engine(prefill, step, detokenize, cache_shape, tf.float32, eot_id, max_slots=8)
     engine.warm_up()
-    request = engine.submit(Request(prompt_ids, 16, 0.0, 0, 1.0, 0))
-    tokens = [t for new in request for t in new]
+    request = engine.submit(Request(prompt_ids, 16, 0.0, 0, 1.0, 0, stop=["\n\n"]))
+    text = b"".join(request)  # or, as it comes: `for piece in request.texts()` with `streamed=True`
+    request.tokens, request.finish_reason
     engine.close()
     ```
     """
 
-    def __init__(self, prefill, step, cache_shape, cache_dtype, eot_id, max_slots, steps=STEPS, chunk=CHUNK,
-                 prefill_tokens=PREFILL_TOKENS, metrics=None):
-        self._prefill, self._step, self.eot_id, self.max_slots, self.steps = prefill, step, eot_id, max_slots, steps
+    def __init__(self, prefill, step, detokenize, cache_shape, cache_dtype, eot_id, max_slots, steps=STEPS,
+                 chunk=CHUNK, prefill_tokens=PREFILL_TOKENS, metrics=None):
+        self._prefill, self._step, self._detokenize = prefill, step, detokenize
+        self.eot_id, self.max_slots, self.steps = eot_id, max_slots, steps
         self.context = cache_shape[3]
         self.widths = prefill_widths(min(chunk, self.context))
         self.prefill_tokens = max(prefill_tokens, self.widths[-1])
@@ -130,7 +210,7 @@ class Engine:
 
     def warm_up(self):
         """Runs every shape the engine uses (each prefill width at each row count, and the step) once, then starts
-        the engine thread; returns the seconds it took."""
+        the engine (`start`); returns the seconds it took."""
         start = time.perf_counter()
         for width in self.widths:
             for k in self.prefill_rows(width):
@@ -139,9 +219,14 @@ class Engine:
         idle = np.zeros([self.max_slots], np.int32)
         self._step(self.caches, self.tokens, idle, idle, np.zeros([self.max_slots], np.float32), idle,
                    np.ones([self.max_slots], np.float32), idle, np.int32(self.steps))
+        self.start()
+        return time.perf_counter() - start
+
+    def start(self):
+        """Starts the engine thread; without `warm_up`, each shape compiles when a request first needs it."""
         self._started = True
         self._thread.start()
-        return time.perf_counter() - start
+        return self
 
     def prefill_rows(self, width):
         """The row counts a prefill of `width` can take: powers of two, within `prefill_tokens` and the slots."""
@@ -237,7 +322,8 @@ class Engine:
             slot.decoding = slot.filled == len(slot.request.ids)
 
     def _step_all(self):
-        """One step call over every slot; each decoding slot's new tokens to its request, finished ones freed."""
+        """One step call over every slot; each decoding slot's new tokens to its request, their text to those that
+        need it now (`_send`), finished ones freed."""
         decoding = [s for s in self._admitted if s.decoding]
         if not decoding:
             return
@@ -253,13 +339,15 @@ class Engine:
         self.caches, self.tokens = self._step(self.caches, self.tokens, positions, limits, *options,
                                               np.int32(self.steps))
         tokens, now = self.tokens.numpy(), time.perf_counter()
+        ended = {}
         for slot in decoding:
             end = min(slot.position + self.steps, slot.limit - 1)
             new = tokens[slot.index, slot.position + 1:end + 1].tolist()
             slot.position = end
-            finish = "length" if end == slot.limit - 1 else None
+            if end == slot.limit - 1:
+                ended[slot] = "length"
             if self.eot_id in new:
-                new, finish = new[:new.index(self.eot_id)], "stop"
+                new, ended[slot] = new[:new.index(self.eot_id)], "stop"
             request = slot.request
             if request.first_token_s is None:
                 request.first_token_s = now - request.submitted
@@ -267,10 +355,30 @@ class Engine:
                     self.metrics.ttft.observe(request.first_token_s)
             if self.metrics is not None:
                 self.metrics.tokens.inc(len(new))
-            if new:
-                request._events.put(new)
-            if finish:
-                self._free(slot, finish)
+            request.tokens += new
+        self._send([s for s in decoding if s in ended or s.request.streamed or s.request.stop], ended)
+        for slot, finish in ended.items():
+            self._free(slot, finish)
+
+    def _send(self, slots, ended):
+        """Detokenizes the requests of `slots` (one call) and sends each the text it may have; a request whose text
+        completes one of its stop sequences ends before it ("stop" in `ended`), its tokens cut after the one that
+        completed it."""
+        if not slots:
+            return
+        for slot, text in zip(slots, self._detokenize([s.request.tokens for s in slots])):
+            stop_end = slot.request._take(text, slot in ended)
+            if stop_end is not None:
+                ended[slot] = "stop"
+                slot.request.tokens = self._tokens_to(slot.request.tokens, stop_end)
+
+    def _tokens_to(self, tokens, end):
+        """The shortest start of `tokens` whose text reaches byte `end`; only this step's tokens may be cut."""
+        counts = range(max(1, len(tokens) - self.steps), len(tokens))
+        if not counts:
+            return tokens
+        texts = self._detokenize([tokens[:n] for n in counts])
+        return tokens[:next((n for n, text in zip(counts, texts) if len(text) >= end), len(tokens))]
 
 
 def prefill_widths(longest, minimum=16):

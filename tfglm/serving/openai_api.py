@@ -10,8 +10,10 @@ Both completions decode in the model's decode engine (`tfglm.serving.engine`), s
 export without it: its `_start` signature, then `advance`), so a reply equals `:predict`'s `chat` or `generate`. The
 request's options map to the export's: `max_tokens` (or `max_completion_tokens`), `temperature`, `top_p`, `seed` and
 the extension `top_k`; one left out takes the export's default (its SignatureDef's `defaults`, the run's `generate`
-config), not OpenAI's (a temperature of 1). `n` must be 1; `stop`, `logprobs`, `echo`, `suffix` and `tools` are
-refused rather than ignored, other fields ignored. A request is admitted through the server's queue bound like any
+config), not OpenAI's (a temperature of 1). `stop` (a string or a list of up to 4) ends the reply before the first
+stop sequence its text completes, whole or streamed (a stream holds back only text that may begin one), with
+`finish_reason` "stop". `n` must be 1; `logprobs`, `echo`, `suffix` and `tools` are refused rather than ignored,
+other fields ignored. A request is admitted through the server's queue bound like any
 other; a stream holds its place until it ends, and a client that goes away frees its decode slot. Errors have
 OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400, 404 for an unknown model, 408, 413 and 503.
 
@@ -33,6 +35,7 @@ import numpy as np
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
+from tfglm.config import stop_sequences
 from tfglm.preprocessors.causal_lm import CHAT_TOO_LONG
 from tfglm.serving.checks import RequestError, option_array
 from tfglm.serving.codec import json_object, utf8
@@ -40,8 +43,9 @@ from tfglm.serving.http import error_response, json_response, read_body
 
 log = logging.getLogger("tfglm")
 PARAMS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed"}  # OpenAI -> export
-UNSUPPORTED = ("stop", "logprobs", "top_logprobs", "echo", "suffix", "tools", "functions")
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions")
 ROLE_NAMES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+DONE = b"data: [DONE]\n\n"  # a stream's last event
 INPUT_PARAMS = {"contents": "messages", "roles": "messages", "prompts": "prompt", "max_new_tokens": "max_tokens"}
 
 
@@ -85,7 +89,8 @@ def routes(core, pool):
         query = parse(json_object(body), kind, core, labels)
         if not query.stream:
             with core.admission():
-                stream = await loop.run_in_executor(pool, query.servable.stream, kind, query.arrays)
+                stream = await loop.run_in_executor(pool, query.servable.stream, kind, query.arrays, query.stop,
+                                                    False)
                 try:
                     text = await loop.run_in_executor(pool, stream.text)
                 finally:
@@ -95,7 +100,7 @@ def routes(core, pool):
         admitted.__enter__()  # left when the stream ends (`EventStream`), or here if it cannot start
         stream = None
         try:
-            stream = await loop.run_in_executor(pool, query.servable.stream, kind, query.arrays)
+            stream = await loop.run_in_executor(pool, query.servable.stream, kind, query.arrays, query.stop)
             first = await loop.run_in_executor(pool, next, stream, None)  # the start's errors get their status
         except BaseException:
             if stream is not None:
@@ -125,22 +130,23 @@ def routes(core, pool):
                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def events(query, stream, piece, loop):
-        yield sse(query.chunk(None, role=True))
+        """The stream's server-sent events: the role chunk goes out with the first text, and the finish chunk, usage
+        and `[DONE]` together (each write costs the server a pass through uvicorn and h11)."""
+        head = sse(query.chunk(None, role=True))
         try:
             while piece is not None:
                 if piece:
-                    yield sse(query.chunk(piece))
+                    yield head + sse(query.chunk(piece))
+                    head = b""
                 piece = await loop.run_in_executor(pool, next, stream, None)
         except Exception as e:  # the status is sent: the error goes as an event
             if not isinstance(e, RequestError):
                 log.exception("REST stream of %s", query.model)
                 e = RequestError(f"{type(e).__name__}: {e}", 500)
-            yield sse(error_body(e))
+            yield head + sse(error_body(e))
             return
-        yield sse(query.chunk(None, finish_reason=stream.finish_reason))
-        if query.include_usage:
-            yield sse({**query.chunk(None), "choices": [], "usage": stream.usage})
-        yield b"data: [DONE]\n\n"
+        usage = [{**query.chunk(None), "choices": [], "usage": stream.usage}] if query.include_usage else []
+        yield head + b"".join(map(sse, [query.chunk(None, finish_reason=stream.finish_reason), *usage])) + DONE
 
     return [Route("/v1/models", models, methods=["GET"]),
             Route("/v1/chat/completions", endpoint(lambda request, labels: complete(request, "chat", labels)),
@@ -168,8 +174,8 @@ class EventStream(StreamingResponse):
 class Query:
     """A parsed completion request: the servable, its checked signature inputs, and the response's pieces."""
 
-    def __init__(self, kind, model, servable, arrays, stream, include_usage):
-        self.kind, self.model, self.servable, self.arrays = kind, model, servable, arrays
+    def __init__(self, kind, model, servable, arrays, stop, stream, include_usage):
+        self.kind, self.model, self.servable, self.arrays, self.stop = kind, model, servable, arrays, stop
         self.stream, self.include_usage = stream, include_usage
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -219,6 +225,10 @@ def parse(request, kind, core, labels):
     for name in ("n", "best_of"):
         if request.get(name) not in (None, 1):
             raise OpenAIError(f"{name}: only 1 is supported, got {json.dumps(request[name])[:40]}", name)
+    try:
+        stop = stop_sequences(request.get("stop"))
+    except ValueError as e:
+        raise OpenAIError(f"stop: {e}", "stop") from None
     stream = request.get("stream") or False
     stream_options = request.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(stream_options, dict):
@@ -229,7 +239,7 @@ def parse(request, kind, core, labels):
         arrays = servable.prepare(kind, inputs)
     except RequestError as e:
         raise OpenAIError(str(e), INPUT_PARAMS.get(str(e).split(":")[0], str(e).split(":")[0])) from None
-    return Query(kind, model, servable, arrays, stream, bool(stream_options.get("include_usage")))
+    return Query(kind, model, servable, arrays, stop, stream, bool(stream_options.get("include_usage")))
 
 
 def conversation(messages):

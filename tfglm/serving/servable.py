@@ -7,7 +7,6 @@ An export written before them runs each request alone through its `generate`/`ch
 streamed).
 """
 
-import codecs
 import contextlib
 import logging
 import os
@@ -58,6 +57,8 @@ class Servable:
         self.created = int(os.path.getmtime(path))  # the export's time, for OpenAI's model list
         with open(os.path.join(path, "saved_model.pb"), "rb") as f:
             self.signature_defs = saved_model_pb2.SavedModel.FromString(f.read()).meta_graphs[0].signature_def
+        self.defaults = {name: {k: tf.make_ndarray(v) for k, v in signature.defaults.items()}  # read once
+                         for name, signature in self.signature_defs.items()}
         # The model's context and vocabulary size (`tfglm.serving.signatures`), absent from older exports.
         self.context, self.vocab_size = (int(v.numpy()) if v is not None else None
                                          for v in (getattr(self.loaded, k, None) for k in ("context", "vocab_size")))
@@ -88,7 +89,8 @@ class Servable:
 
         log.info("%s: version %d decodes in %d slots of %d tokens (%.1f MiB of KV cache)", self.name, self.version,
                  max_slots, shape[4], max_slots * np.prod(per_slot) * dtype.size / (1 << 20))
-        return Engine(prefill, step, per_slot, dtype, int(self.loaded.eot_id.numpy()), max_slots, metrics=metrics)
+        return Engine(prefill, step, lambda rows: self.detokenize(rows).tolist(), per_slot, dtype,
+                      int(self.loaded.eot_id.numpy()), max_slots, metrics=metrics)
 
     def _warm_up(self, path):
         """Warms up the engine, then replays the export's warmup requests (TF Serving's path): through the engine
@@ -139,23 +141,23 @@ class Servable:
         """`generate` or `chat` outputs, each row decoded in the engine (or handed off: see `submit`)."""
         requests, out = self.submit(kind, arrays)
         try:
-            tokens = [[t for new in request for t in new] for request in requests]
+            texts = np.array([b"".join(request) for request in requests], object)
         finally:
             for request in requests:
                 request.cancel()
-        texts = self.detokenize(tokens)
         outputs = self.signature_defs[signature_name].outputs
         text_output = "replies" if kind == "chat" else "completions"
         if "handed_off" in out:
             texts = np.where(out["handed_off"], out["replies"], texts)
-        return {text_output: texts, "num_tokens": np.array([len(t) for t in tokens], np.int32),
+        return {text_output: texts, "num_tokens": np.array([len(r.tokens) for r in requests], np.int32),
                 **{name: value for name, value in out.items() if name in outputs and name not in (text_output,
                                                                                                   "num_tokens")}}
 
-    def submit(self, kind, arrays):
-        """Engine requests, one per row of `prepare`d `generate` or `chat` arrays, submitted, and the ids
-        signature's outputs. A row a grounded chat hands off (`handed_off`: its reply is the hand-off message) gets
-        a request that is already finished, with no tokens."""
+    def submit(self, kind, arrays, stop=(), streamed=False):
+        """Engine requests (`Request`, with `stop` sequences, `streamed` or not), one per row of `prepare`d
+        `generate` or `chat` arrays, submitted, and the ids signature's outputs. A row a grounded chat hands off
+        (`handed_off`: its reply is the hand-off message) gets a request that is already finished, with no
+        tokens."""
         max_new = arrays["max_new_tokens"]
         if kind == "chat":
             out = self._call("conversation_ids", {"roles": arrays["roles"], "contents": arrays["contents"],
@@ -165,7 +167,8 @@ class Servable:
         room = min(max(int(max_new), 1), self.context - 1)
         options = [arrays[name].item() for name in OPTION_NAMES[1:]]
         handed_off = out.get("handed_off", np.zeros(len(out["lengths"]), bool))
-        return [Request.finished(ids[:n]) if off else self.engine.submit(Request(ids[:n], room, *options))
+        return [Request.finished(ids[:n]) if off else self.engine.submit(Request(ids[:n], room, *options, stop,
+                                                                                 streamed))
                 for ids, n, off in zip(out["ids"], out["lengths"], handed_off)], out
 
     def detokenize(self, rows):
@@ -176,20 +179,23 @@ class Servable:
             ids[i, :len(row)] = row
         return self._call("detokenize", {"token_ids": ids, "lengths": lengths})["texts"]
 
-    def stream(self, signature_name, arrays):
-        """A Stream of the first row of `prepare`d `generate` or `chat` arrays: through the engine, or through the
-        `_start` signature and `advance` every few tokens (SignatureStream)."""
+    def stream(self, signature_name, arrays, stop=(), streamed=True):
+        """A Stream of the first row of `prepare`d `generate` or `chat` arrays, ending before any of the `stop`
+        sequences (strings): through the engine, or, with no stop sequences, through the `_start` signature and
+        `advance` every few tokens (SignatureStream). Not `streamed`: read whole, with `text`."""
         if self.engine:
-            requests, out = self.submit(self.generation_kind(signature_name), arrays)
-            return EngineStream(self, requests[0], out["replies"][0] if out.get("handed_off", [False])[0] else None)
+            requests, out = self.submit(self.generation_kind(signature_name), arrays, stop, streamed)
+            return EngineStream(requests[0], out["replies"][0] if out.get("handed_off", [False])[0] else None)
+        if stop:
+            raise RequestError("stop: this export has no decode engine (its slot signatures); re-export it with this "
+                               "tfglm to stop at a stop sequence")
         return SignatureStream(self, signature_name, arrays)
 
     def prepare(self, signature_name, inputs):
         """A signature's inputs checked (names, dtypes, shapes, sizes, roles, generation options), defaults filled
         in."""
-        signature = self.signature(signature_name)
         self.check_input_names(signature_name, inputs)
-        arrays = {k: tf.make_ndarray(v) for k, v in signature.defaults.items()}
+        signature, arrays = self.signature(signature_name), dict(self.defaults[signature_name])
         for name, array in inputs.items():
             arrays[name] = self._check(name, array, signature.inputs[name])
         if "roles" in arrays:
@@ -271,14 +277,13 @@ class Servable:
 
 
 class EngineStream:
-    """A row decoded in the engine, as text: iterating yields the text it gains as its tokens come (detokenized
-    whole each time: a token's text can depend on its neighbours; bytes of an unfinished UTF-8 character wait);
-    once ended, `finish_reason` ("stop" or "length") and `usage`. `cancel` frees its slot."""
+    """A row decoded in the engine, as text: iterating yields the text it gains as its tokens come; once ended,
+    `finish_reason` ("stop" or "length") and `usage`. `cancel` frees its slot."""
 
-    def __init__(self, servable, request, handoff=None):
-        self.servable, self.request, self.tokens = servable, request, []
+    def __init__(self, request, handoff=None):
+        self.request = request
         self.handoff = handoff  # a handed-off row's reply (bytes), sent whole in place of decoded text
-        self._pieces = iter([handoff.decode("utf-8", errors="replace")]) if handoff is not None else self._decode()
+        self._pieces = iter([handoff.decode("utf-8", errors="replace")]) if handoff is not None else request.texts()
 
     def __iter__(self):
         return self
@@ -286,21 +291,9 @@ class EngineStream:
     def __next__(self):
         return next(self._pieces)
 
-    def _decode(self):
-        decoder, sent = codecs.getincrementaldecoder("utf-8")(errors="replace"), 0
-        for new in self.request:
-            self.tokens += new
-            text = self.servable.detokenize([self.tokens])[0]
-            yield decoder.decode(text[sent:])
-            sent = len(text)
-        yield decoder.decode(b"", final=True)
-
     def text(self):
-        """The whole text, decoded to the end (one detokenization)."""
-        if self.handoff is not None:
-            return self.handoff.decode("utf-8", errors="replace")
-        self.tokens += [t for new in self.request for t in new]
-        return self.servable.detokenize([self.tokens])[0].decode("utf-8", errors="replace")
+        """The whole text, decoded to the end."""
+        return "".join(self)
 
     @property
     def finish_reason(self):
@@ -308,7 +301,7 @@ class EngineStream:
 
     @property
     def usage(self):
-        prompt, completion = len(self.request.ids), len(self.tokens)
+        prompt, completion = len(self.request.ids), len(self.request.tokens)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def cancel(self):
