@@ -64,10 +64,16 @@ def _segments(docs):
                     np.array(has_next))
 
 
+def _pairs(segments, seed, start, count):
+    """(A ids, B ids, is_next) of `count` pairs of `pair_dataset`, read where it located them."""
+    return [(segments.tokens[e[0]:e[1]], segments.tokens[e[2]:e[3]], label)
+            for e, label in pair_dataset(segments, seed, start).take(count).as_numpy_iterator()]
+
+
 def test_sentence_pairs_are_half_next_and_next_means_next():
     rng = np.random.RandomState(1)
     segments = _segments([rng.randint(2, 9, size=rng.randint(1, 6)) for _ in range(300)])
-    examples = list(pair_dataset(segments, seed=3, start=0).take(4000).as_numpy_iterator())
+    examples = _pairs(segments, seed=3, start=0, count=4000)
     is_next = np.array([e[2] for e in examples])
     assert abs(is_next.mean() - 0.5) < 0.03
     for a, b, label in examples[:500]:
@@ -76,7 +82,7 @@ def test_sentence_pairs_are_half_next_and_next_means_next():
             follows = segment_b == segment_a + 1 and segments.has_next[segment_a] and b[0] % 1000 == 10
             halves = segment_b == segment_a and not segments.has_next[segment_a] and b[0] == a[-1] + 1
             assert follows or halves
-    again = list(pair_dataset(segments, seed=3, start=10).take(5).as_numpy_iterator())
+    again = _pairs(segments, seed=3, start=10, count=5)
     assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(again, examples[10:15]))
 
 

@@ -77,6 +77,17 @@ def _cluster(n):
     return {"worker": [f"127.0.0.1:{p}" for p in _free_ports(n)]}
 
 
+def _two_workers(tmp_path, overrides, extra=lambda i: []):
+    """Runs a 2-worker job (worker i with `overrides` + `extra(i)`) into tmp_path/run; each worker's final weights."""
+    cluster = _cluster(2)
+    workers = [_start(tmp_path / "run", tmp_path / f"w{i}.npz", overrides + extra(i),
+                      tf_config={"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(2)]
+    for worker in workers:
+        code, err = _finish(worker)
+        assert code == 0, err
+    return [_weights(tmp_path / f"w{i}.npz") for i in range(2)]
+
+
 def _assert_close(weights_a, weights_b, atol=2e-3):
     assert len(weights_a) == len(weights_b)
     for a, b in zip(weights_a, weights_b):
@@ -106,13 +117,7 @@ def test_global_batch_must_divide_over_replicas(single_device, tmp_path):
 def test_two_workers_match_one_worker(single_device, tmp_path):
     overrides, single_run, single_weights = single_device
     overrides = [o.replace("train.strategy=default", "train.strategy=multiworker") for o in overrides]
-    cluster = _cluster(2)
-    workers = [_start(tmp_path / "run", tmp_path / f"w{i}.npz", overrides,
-                      tf_config={"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(2)]
-    for worker in workers:
-        code, err = _finish(worker)
-        assert code == 0, err
-    w0, w1 = _weights(tmp_path / "w0.npz"), _weights(tmp_path / "w1.npz")
+    w0, w1 = _two_workers(tmp_path, overrides)
     for a, b in zip(w0, w1):
         np.testing.assert_array_equal(a, b)  # every worker ends with the same weights
     _assert_close(w0, single_weights)
@@ -139,13 +144,7 @@ def test_two_workers_train_from_shards_each_reading_only_its_share(tmp_path):
     manifest = prepare(config, [str(source)], str(tmp_path / "shards"),
                        ["--direct_running_mode=in_memory", "--direct_num_workers=1"])
     overrides = COMMON + [f"data.files=[{tmp_path / 'shards'}]", "train.strategy=multiworker"]
-    cluster = _cluster(2)
-    workers = [_start(tmp_path / "run", tmp_path / f"w{i}.npz", overrides + [f"reads={tmp_path}/reads{i}.json"],
-                      tf_config={"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(2)]
-    for worker in workers:
-        code, err = _finish(worker)
-        assert code == 0, err
-    for a, b in zip(_weights(tmp_path / "w0.npz"), _weights(tmp_path / "w1.npz")):
+    for a, b in zip(*_two_workers(tmp_path, overrides, lambda i: [f"reads={tmp_path}/reads{i}.json"])):
         np.testing.assert_array_equal(a, b)
     t, length = config.train, config.model.max_length
     blocks = data.num_blocks(manifest["train_tokens"], length)
@@ -157,6 +156,29 @@ def test_two_workers_train_from_shards_each_reading_only_its_share(tmp_path):
         assert sorted(read) == sorted(np.concatenate([b[i * half:(i + 1) * half] for b in batches]).tolist())
     losses = _val_losses(tmp_path / "run")
     assert len(losses) == 2 and losses[1] < losses[0] < math.log(manifest["vocab_size"])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_workers_pretrain_from_shards(tmp_path):
+    """A corpus prepared with a BERT config, pretrained on by 2 worker processes, each reading its rows of every
+    global batch (tests/test_prepare.py shows which): they agree and the run learns."""
+    pytest.importorskip("apache_beam", reason="tfglm prepare needs Apache Beam (pip install 'tfglm[beam]')")
+    from tfglm.data.prepare import prepare
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("".join(json.dumps({"text": "\n".join(" ".join(words[(d + i + k) % 10] for k in range(3 + i % 5))
+                                                             for i in range(1 + d % 4))}) + "\n" for d in range(200)))
+    overrides = COMMON + ["model.kind=bert", "tokenizer.kind=wordpiece", "tokenizer.vocab_size=300",
+                          "data.val_fraction=0.2"]
+    prepare(load_config(overrides=overrides), [str(source)], str(tmp_path / "shards"),
+            ["--direct_running_mode=in_memory", "--direct_num_workers=1"])
+    overrides += [f"data.files=[{tmp_path / 'shards'}]", "train.strategy=multiworker", "task=masked_lm"]
+    for a, b in zip(*_two_workers(tmp_path, overrides)):
+        np.testing.assert_array_equal(a, b)
+    losses = _val_losses(tmp_path / "run")
+    assert len(losses) == 2 and losses[1] < losses[0]
 
 
 @pytest.mark.distributed

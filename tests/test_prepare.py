@@ -25,6 +25,7 @@ from tfglm.data.tokenizers import CharTokenizer  # noqa: E402
 from tfglm.errors import TfglmError  # noqa: E402
 from tfglm.training import runs  # noqa: E402
 from tfglm.tasks.causal_lm import CausalLM  # noqa: E402
+from tfglm.tasks.masked_lm import pretraining_dataset  # noqa: E402
 from tfglm.tasks.registry import load_run  # noqa: E402
 from tfglm.training.trainer import train  # noqa: E402
 
@@ -271,6 +272,27 @@ def test_a_corpus_prepared_for_another_kind_of_model_is_one_line(lines_dir, prep
     with pytest.raises(TfglmError, match="its segments are documents, prepared for a causal_lm run, not this "
                                          "masked_lm run"):
         shards.Prepared(prepared_dir, reader="masked_lm")
+
+
+def test_two_workers_pretrain_on_disjoint_shares_of_each_batch_reading_only_their_rows(lines_dir):
+    tokenizer = shards.read_tokenizer(shards.Prepared(lines_dir).tokenizer_dir)
+    args = (tokenizer, 32, 8, 1337, 4)
+    reads = collections.defaultdict(list)  # (worker, or "whole") -> starts of the token windows read
+
+    def recorded(who):
+        segments = shards.Prepared(lines_dir, reader="masked_lm").segments["train"]
+        window = segments.window
+        segments.window = lambda start, end: (reads[who].append(int(start)), window(start, end))[1]
+        return segments
+
+    whole = list(pretraining_dataset(recorded("whole"), *args))
+    parts = [list(pretraining_dataset(recorded(worker), *args, context=tf.distribute.InputContext(2, worker, 2)))
+             for worker in (0, 1)]
+    for step in range(4):
+        for full, first, second in zip(*(tf.nest.flatten(batches[step]) for batches in [whole, *parts])):
+            np.testing.assert_array_equal(np.concatenate([first, second]), full)  # inputs, targets and weights
+    assert len(reads[0]) == len(reads[1]) == 4 * 4 * 2  # each worker read A and B of its 4 rows of each batch
+    assert sorted(reads[0] + reads[1]) == sorted(reads["whole"])
 
 
 @pytest.mark.slow

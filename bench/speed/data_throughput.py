@@ -7,12 +7,18 @@ library's own `encode`, 2 threads).
 A third row draws the tiny config's batches from 100 M random tokens, to show how the rate scales with corpus size.
 Training steps/s come from bench/results/train_throughput.json (tfglm rows): run train_throughput first.
 
+Masked LM: batches/s of `tfglm.tasks.masked_lm.pretraining_dataset` (context 128, batch 32) over a generated corpus
+of lines prepared with a BERT config (`tfglm prepare`, the `beam` extra), read from its shards and from the same
+segments in memory, the two alternating.
+
     python -m bench.speed.data_throughput [--quick]
 """
 
 import argparse
 import json
 import os
+import random
+import tempfile
 import time
 
 import numpy as np
@@ -21,7 +27,9 @@ import sentencepiece
 from bench import common
 from tfglm.config import load_config
 from tfglm.data import corpus as data
+from tfglm.data import shards
 from tfglm.data.tokenizers import CharTokenizer, SentencePieceTokenizer, train_sentencepiece
+from tfglm.tasks import masked_lm
 
 CONFIGS = {"tiny": "gpt-char-tiny.yaml", "shakespeare": "gpt-char-shakespeare.yaml"}
 
@@ -65,6 +73,45 @@ def numpy_char_ids(tokenizer):
     table = np.full(0x110000, tokenizer.unk_id, np.int32)
     table[[ord(c) for c in tokenizer.chars]] = np.arange(2, tokenizer.vocab_size)
     return lambda texts: [table[np.frombuffer(t.encode("utf-32-le"), np.uint32)] for t in texts]
+
+
+def line_corpus(path, megabytes, seed=0):
+    """A JSONL corpus of `megabytes` MB: documents of 1 to 7 lines of 5 to 40 words from 3,000 made-up ones."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 8))) for _ in range(3000)]
+    weights = [1 / (i + 1) for i in range(len(words))]
+    with open(path, "w", encoding="utf-8") as f:
+        while f.tell() < megabytes * 1e6:
+            lines = [" ".join(rng.choices(words, weights, k=rng.randint(5, 40))) for _ in range(rng.randint(1, 7))]
+            f.write(json.dumps({"text": "\n".join(lines)}) + "\n")
+
+
+def masked_lm_pipeline(megabytes, num_batches, rounds):
+    """ms a batch of pretraining_dataset from a prepared corpus's shards and from its segments in memory."""
+    try:
+        from tfglm.data.prepare import prepare
+    except ImportError:
+        print("(apache_beam absent: the masked LM rows need the beam extra)")
+        return []
+    config = load_config(overrides=["model.kind=bert", "tokenizer.kind=wordpiece", "tokenizer.vocab_size=2000",
+                                    "model.max_length=128", "train.batch_size=32"])
+    with tempfile.TemporaryDirectory() as work:
+        line_corpus(os.path.join(work, "docs.jsonl"), megabytes)
+        prepare(config, [os.path.join(work, "docs.jsonl")], os.path.join(work, "shards"),
+                ["--direct_running_mode=in_memory", "--direct_num_workers=1"])
+        prepared = shards.Prepared(os.path.join(work, "shards"), reader="masked_lm")
+        segments, stream = prepared.segments["train"], prepared.streams["train"]
+        _, ends, has_next = segments.bounds(np.arange(segments.num_segments))
+        in_memory = masked_lm.Segments(stream.window(0, stream.num_tokens), np.concatenate([[0], ends]), has_next)
+        tokenizer = shards.read_tokenizer(prepared.tokenizer_dir)
+        sources = {"memory": in_memory, "shards": segments}
+        iterators = {name: iter(masked_lm.pretraining_dataset(source, tokenizer, 128, 32, 0, 10 ** 6))
+                     for name, source in sources.items()}
+        times = common.alternating_seconds(
+            {name: lambda it=it: [next(it) for _ in range(num_batches)] for name, it in iterators.items()}, rounds)
+    return [{"source": name, "corpus_mb": megabytes, "segments": segments.num_segments, "batch": "32x128",
+             "ms_per_batch": 1e3 * common.median(times[name]) / num_batches,
+             "batches_per_s": num_batches / common.median(times[name])} for name in sources]
 
 
 def main():
@@ -119,8 +166,11 @@ def main():
     common.print_table(tokenize, ["corpus", "files", "MB", "tokens", "peer_tokens", "seconds", "MB_per_s",
                                   "tokens_per_s", "peer_seconds", "tfglm_over_peer"])
     print(f"SentencePiece training on the BBC corpus (vocabulary 2048): {train_seconds:.1f} s")
+    pretraining = masked_lm_pipeline(5 if args.quick else 20, 20 if args.quick else 100, 3)
+    common.print_table(pretraining, ["source", "corpus_mb", "segments", "batch", "ms_per_batch", "batches_per_s"])
     common.write_json("data_throughput.json", {"quick": args.quick, "machine": reference, "pipeline": pipeline,
-                                               "tokenize": tokenize, "sentencepiece_train_s": train_seconds})
+                                               "tokenize": tokenize, "sentencepiece_train_s": train_seconds,
+                                               "masked_lm": pretraining})
 
 
 if __name__ == "__main__":

@@ -17,13 +17,14 @@ segment would need a scan or an index anyway.
 Raw files rather than TFRecord or ArrayRecord: a training block is any window of the token stream at a random offset,
 so the reader needs random access at token granularity, one seek and one read of `seq_len + 1` ids. TFRecord is
 sequential, and ArrayRecord reads whole records (a block would span several); a raw file serves any window, takes 2
-bytes a token, reads with NumPy as nanoGPT's `train.bin` does, and goes through `tf.io.gfile`, so shards on `gs://`
-train as local ones do.
+bytes a token, reads with NumPy as nanoGPT's `train.bin` does, and a shard on `gs://` reads through `tf.io.gfile` as a
+local one reads with `os.pread`.
 
 Causal LM training treats the training shards, in manifest order, as one token stream and draws each batch exactly
 as the in-memory path does (`corpus.block_starts`), so a batch is a pure function of (seed, step) and a resumed run
 reads the batches an uninterrupted one would, with no re-tokenization. Masked LM training draws its segments by
-number (`tfglm.tasks.masked_lm`). Memory holds one batch, whatever the corpus size.
+number and looks them up in the indexes a chunk at a time (`tfglm.tasks.masked_lm`). Memory holds a few batches,
+whatever the corpus size.
 """
 
 import hashlib
@@ -104,22 +105,31 @@ def write_manifest(directory, manifest):
 
 
 class ShardFiles:
-    """Fixed-width records of several files, read by seek and read. Files open on first use, one lock each, so
-    parallel `tf.data` calls share them."""
+    """Fixed-width records of several files, read by offset: a local file with `os.pread` (one system call, safe
+    from parallel `tf.data` calls without a lock), any other (`gs://`) through `tf.io.gfile`, one lock a file. Local
+    files do not go through `tf.io.gfile`: its reader fills a 512 KB buffer at every seek, 0.2 ms a random read."""
 
     def __init__(self, paths, dtype):
         self.paths, self.dtype = paths, np.dtype(dtype)
         self._files, self._locks = {}, [threading.Lock() for _ in paths]
 
-    def read(self, shard, offset, count):
-        """Records [offset, offset + count) of file `shard`."""
+    def _open(self, shard):
         with self._locks[shard]:
             if shard not in self._files:
-                self._files[shard] = tf.io.gfile.GFile(self.paths[shard], "rb")
-            f = self._files[shard]
-            f.seek(offset * self.dtype.itemsize)
-            data = f.read(count * self.dtype.itemsize)
-        if len(data) != count * self.dtype.itemsize:
+                path = self.paths[shard]
+                self._files[shard] = tf.io.gfile.GFile(path, "rb") if "://" in path else open(path, "rb", buffering=0)
+            return self._files[shard]
+
+    def read(self, shard, offset, count):
+        """Records [offset, offset + count) of file `shard`."""
+        f, start, size = self._open(shard), int(offset) * self.dtype.itemsize, int(count) * self.dtype.itemsize
+        if "://" in self.paths[shard]:
+            with self._locks[shard]:
+                f.seek(start)
+                data = f.read(size)
+        else:
+            data = os.pread(f.fileno(), size, start)
+        if len(data) != size:
             raise TfglmError(f"{self.paths[shard]}: broken shard (ends before record {offset + count}); prepare the "
                              f"corpus again")
         return np.frombuffer(data, self.dtype)
@@ -135,6 +145,7 @@ class TokenStream:
 
     def window(self, start, count):
         """Tokens [start, start + count) of the stream, as int32."""
+        start, count = int(start), int(count)
         out, shard = [np.zeros([0], np.int32)], int(np.searchsorted(self.ends, start, side="right"))
         while count > 0:
             begin = int(self.ends[shard - 1]) if shard else 0
@@ -159,13 +170,18 @@ class SegmentStream:
         self.num_segments = int(self.ends[-1]) if len(counts) else 0
 
     def bounds(self, s):
-        """(start, end, has_next) of segment `s`: tokens [start, end) of the stream."""
-        shard = int(np.searchsorted(self.ends, s, side="right"))
-        local = s - (int(self.ends[shard - 1]) if shard else 0)
-        records = self.index.read(shard, max(local - 1, 0), min(local, 1) + 1)
-        base = int(self.tokens.ends[shard - 1]) if shard else 0
-        start = int(records[0]["end"]) if local else 0
-        return base + start, base + int(records[-1]["end"]), not records[-1]["document_end"]
+        """(start, end, has_next) of segment `s`, or of each of an array of them: tokens [start, end) of the stream.
+        One read of the index a segment."""
+        s = np.asarray(s, np.int64)
+        shard = np.searchsorted(self.ends, s.ravel(), side="right")
+        local = s.ravel() - np.concatenate([[0], self.ends])[shard]
+        start, end, document_end = np.zeros([3, len(local)], np.int64)
+        for i, (k, j) in enumerate(zip(shard, local)):  # segment j ends at record j, and starts where j - 1 ends
+            records = self.index.read(k, max(j - 1, 0), min(j, 1) + 1)
+            start[i] = records[0]["end"] if j else 0
+            end[i], document_end[i] = records[-1]["end"], records[-1]["document_end"]
+        base = np.concatenate([[0], self.tokens.ends])[shard]
+        return (base + start).reshape(s.shape), (base + end).reshape(s.shape), document_end.reshape(s.shape) == 0
 
     def window(self, start, end):
         return self.tokens.window(start, end - start)

@@ -12,11 +12,14 @@ documents (in a seeded order) is validation, masked once and cached; metrics.jso
 `val_nsp_accuracy`.
 
 From a corpus `tfglm prepare` wrote with a BERT config (`--data DIR`), the segments are its lines, read from the
-shards by seek as each example draws them (memory does not grow with the corpus), the vocabulary is the shards' and
-validation is the manifest's split.
+shards by offset (memory does not grow with the corpus), the vocabulary is the shards' and validation is the
+manifest's split. Batches are formed from where the pairs lie and how long they are, found in the shards' indexes,
+before any token is read; then one call reads a batch's tokens, and each worker of a multi-worker run reads only its
+rows. A resumed run replays only the indexes' lookups of the batches before it.
 """
 
 import dataclasses
+import functools
 import logging
 
 import keras
@@ -28,13 +31,14 @@ from tfglm.data.corpus import per_token_weights
 from tfglm.data.tokenizers import load_tokenizer, packer, train_wordpiece
 from tfglm.errors import TfglmError
 from tfglm.models.heads import build_pretrainer
-from tfglm.preprocessors.buckets import bucket_by_length
+from tfglm.preprocessors.buckets import bucket, bucket_by_length
 from tfglm.tasks.base import Task
 from tfglm.training import runs
 
 log = logging.getLogger("tfglm")
 MASK_RATE = 0.15
 NEXT_RATE = 0.5
+CHUNK = 256  # sentence pairs drawn and located a call
 
 
 def read_documents(files, text_column):
@@ -62,8 +66,8 @@ class Segments:
         return len(self.has_next)
 
     def bounds(self, s):
-        """(start, end, has_next) of segment `s`: tokens [start, end)."""
-        return int(self.splits[s]), int(self.splits[s + 1]), bool(self.has_next[s])
+        """(start, end, has_next) of segment `s`, or of each of an array of them: tokens [start, end)."""
+        return self.splits[s], self.splits[np.add(s, 1)], self.has_next[s]
 
     def window(self, start, end):
         return self.tokens[start:end]
@@ -79,81 +83,118 @@ def tokenize_documents(docs, tokenizer):
                     has_next=np.concatenate([np.arange(len(doc)) < len(doc) - 1 for doc in docs]))
 
 
-def sentence_pair(segments, s, is_next, r):
-    """The ids of (A, B) for segment `s`: A is segment s, B the segment after it in its document when `is_next` (the
-    last segment of a document is cut in two halves instead), else segment `r`."""
+def locate_pairs(segments, s, is_next, r):
+    """[n, 4] int64: where the tokens of n sentence pairs lie, (A start, A end, B start, B end). A is segment `s`, B
+    the segment after it in its document when `is_next` (the last segment of a document is cut in two halves
+    instead), else segment `r`. Only the segments a pair uses are looked up."""
     a_start, end, follows = segments.bounds(s)
-    if follows:
-        a_end, (_, b_end, _) = end, segments.bounds(s + 1)
-    else:
-        a_end, b_end = (a_start + end + 1) // 2, end
-    b_start = a_end
-    if not is_next:
-        b_start, b_end, _ = segments.bounds(r)
-    return segments.window(a_start, a_end).astype(np.int32), segments.window(b_start, b_end).astype(np.int32)
+    a_end = np.where(follows, end, (a_start + end + 1) // 2)
+    b_start, b_end = a_end.copy(), end.copy()
+    after, other = is_next & follows, ~is_next
+    b_start[after], b_end[after], _ = segments.bounds(s[after] + 1)
+    b_start[other], b_end[other], _ = segments.bounds(r[other])
+    return np.stack([a_start, a_end, b_start, b_end], 1).astype(np.int64)
 
 
-def pair_dataset(segments, seed, start):
-    """Endless examples (A ids, B ids, is_next) numbered from `start`, each a pure function of (seed, index): its
-    segments are drawn in the graph and read by `sentence_pair` (from memory or from shards)."""
+def read_pairs(segments, extents):
+    """The ids of the pairs `locate_pairs` found: (A ids, A lengths, B ids, B lengths), each side's rows back to
+    back."""
+    a = [segments.window(a_start, a_end) for a_start, a_end, _, _ in extents]
+    b = [segments.window(b_start, b_end) for _, _, b_start, b_end in extents]
+    lengths = extents[:, [1, 3]] - extents[:, [0, 2]]
+    return (np.concatenate([np.zeros([0], np.int32), *a]).astype(np.int32), lengths[:, 0],
+            np.concatenate([np.zeros([0], np.int32), *b]).astype(np.int32), lengths[:, 1])
+
+
+def pair_dataset(segments, seed, start=0):
+    """Endless sentence pairs numbered from `start`, located but not read: (extents [4], is_next), as
+    `locate_pairs` gives them. Pair i is a pure function of (seed, i): its segments are drawn in the graph, CHUNK
+    pairs a call, and one call finds where all of them lie (in memory or in the shards' indexes)."""
     n = segments.num_segments
+    def chunk(c):
+        key = tf.stack([tf.constant(seed, tf.int64), c])
+        s = tf.random.stateless_uniform([CHUNK], key, 0, n, tf.int64)
+        is_next = tf.random.stateless_uniform([CHUNK], key + 1) < NEXT_RATE
+        r = tf.random.stateless_uniform([CHUNK], key + 2, 0, n, tf.int64)
+        extents = tf.numpy_function(functools.partial(locate_pairs, segments), [s, is_next, r], tf.int64,
+                                   stateful=False)
+        extents.set_shape([CHUNK, 4])
+        return extents, tf.cast(is_next, tf.int32)
 
-    def read(s, is_next, r):
-        return sentence_pair(segments, int(s), bool(is_next), int(r))
-
-    def example(i):
-        key = tf.stack([tf.constant(seed, tf.int64), i])
-        s = tf.random.stateless_uniform([], key, 0, n, tf.int64)
-        is_next = tf.random.stateless_uniform([], key + 1) < NEXT_RATE
-        r = tf.random.stateless_uniform([], key + 2, 0, n, tf.int64)
-        a, b = tf.numpy_function(read, [s, is_next, r], [tf.int32, tf.int32], stateful=False)
-        a.set_shape([None])
-        b.set_shape([None])
-        return a, b, tf.cast(is_next, tf.int32)
-
-    return tf.data.Dataset.counter(start).map(example, num_parallel_calls=tf.data.AUTOTUNE)
+    chunks = tf.data.Dataset.counter(start // CHUNK).map(chunk, num_parallel_calls=tf.data.AUTOTUNE)
+    return chunks.unbatch().skip(start % CHUNK)
 
 
-def mask_batch(inputs, is_next, tokenizer, seed, index):
+def mask_batch(inputs, is_next, tokenizer, seed, index, special=None, first=0):
     """BERT's dynamic masking of batch `index`, a pure function of (seed, index) so that a resumed run masks as an
     uninterrupted one did (keras-hub's `MaskedLMMaskGenerator` draws from a stateful generator, which it cannot).
     Each non-special token is selected with probability 15%, at most ceil(15% of (width - 3)) a row (the most a row
     of that width can have, so the slots are few); a selected token becomes [MASK] 80% of the time, a random token
-    10%, and stays 10%. Returns (inputs with `mask_positions`, targets, sample weights)."""
+    10%, and stays 10%. `special` marks the whole batch's [CLS], [SEP] and [PAD] (by default those of `inputs`, then
+    the whole batch); `inputs` may be its rows [first, first + n) alone, a worker's share, masked and weighted as
+    they are in the whole batch. Returns (inputs with `mask_positions`, targets, sample weights)."""
     token_ids = inputs["token_ids"]
-    width = tf.shape(token_ids)[1]
-    slots = tf.cast(tf.math.ceil(tf.cast(width - 3, tf.float32) * MASK_RATE), tf.int32)
+    if special is None:
+        special = (token_ids == tokenizer.pad_id) | (token_ids == tokenizer.cls_id) | (token_ids == tokenizer.sep_id)
+    slots = tf.cast(tf.math.ceil(tf.cast(tf.shape(special)[1] - 3, tf.float32) * MASK_RATE), tf.int32)
     key = tf.stack([tf.constant(seed, tf.int64), index])
-    draw = tf.random.stateless_uniform(tf.shape(token_ids), key)
-    special = (token_ids == tokenizer.pad_id) | (token_ids == tokenizer.cls_id) | (token_ids == tokenizer.sep_id)
-    draw = tf.where(special, 2.0, draw)
+    draw = tf.where(special, 2.0, tf.random.stateless_uniform(tf.shape(special), key))
     smallest, positions = tf.math.top_k(-draw, slots)  # each row's `slots` lowest draws, the candidates
     selected = -smallest < MASK_RATE
-    targets = tf.gather(token_ids, positions, batch_dims=1)
     action = tf.random.stateless_uniform(tf.shape(positions), key + 1)
     random_ids = tf.random.stateless_uniform(tf.shape(positions), key + 2, 0, tokenizer.vocab_size, tf.int32)
+    mlm_weights = per_token_weights(selected)  # normalized over the whole batch
+    count = token_ids.shape[0] or tf.shape(token_ids)[0]  # static where it is known
+    positions, selected, action, random_ids, mlm_weights = (
+        t[first:first + count] for t in (positions, selected, action, random_ids, mlm_weights))
+    targets = tf.gather(token_ids, positions, batch_dims=1)
     replacement = tf.where(action < 0.8, tokenizer.mask_id, tf.where(action < 0.9, random_ids, targets))
-    rows = tf.broadcast_to(tf.range(tf.shape(token_ids)[0])[:, None], tf.shape(positions))
+    rows = tf.broadcast_to(tf.range(count)[:, None], tf.shape(positions))
     updates = tf.boolean_mask(tf.stack([rows, positions], -1), selected)
     masked = tf.tensor_scatter_nd_update(token_ids, updates, tf.boolean_mask(replacement, selected))
     inputs = {**inputs, "token_ids": masked, "mask_positions": positions}
-    weights = {"mlm": per_token_weights(selected), "nsp": tf.ones_like(is_next, tf.float32)}
+    weights = {"mlm": mlm_weights, "nsp": tf.ones_like(is_next, tf.float32)}
     return inputs, {"mlm": targets, "nsp": is_next}, weights
 
 
-def pretraining_dataset(segments, tokenizer, length, batch_size, seed, num_batches, start=0):
-    """Batches [start, num_batches) (inputs, targets, sample weights) for `EncoderPretrainer`, of examples of similar
-    length, each cut to its longest row (`buckets.bucket_by_length`), each masked by `mask_batch`."""
+def pretraining_dataset(segments, tokenizer, length, batch_size, seed, num_batches, start=0, context=None):
+    """Batches [start, num_batches) (inputs, targets, sample weights) for `EncoderPretrainer`, of pairs of similar
+    packed length (`buckets.bucket_by_length`, on the lengths `pair_dataset` finds before any token is read), each
+    cut to its longest row and masked by `mask_batch`. Each batch's ids are read in one call. Given a
+    `tf.distribute.InputContext`, only that input pipeline's rows of each batch (rows [id * share, (id + 1) *
+    share), share = batch_size / pipelines), which is all it reads."""
     pack = packer(tokenizer, length)
+    context = context or tf.distribute.InputContext()
+    share = batch_size // context.num_input_pipelines
+    first = context.input_pipeline_id * share
 
-    def example(a, b, is_next):
-        token_ids, segment_ids = pack((a, b))
-        inputs = {"token_ids": token_ids, "segment_ids": segment_ids, "padding_mask": token_ids != tokenizer.pad_id}
-        return inputs, is_next
+    def with_length(extents, is_next):  # packed: [CLS] A [SEP] B [SEP], the longer side trimmed to fit first
+        pair_length = extents[1] - extents[0] + extents[3] - extents[2]
+        return {"lengths": tf.cast(tf.minimum(pair_length, length - 3) + 3, tf.int32), "extents": extents}, is_next
 
-    examples = pair_dataset(segments, seed, 0).map(example, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = bucket_by_length(examples, batch_size, length).take(num_batches).enumerate().skip(start)
-    return ds.map(lambda i, batch: mask_batch(*batch, tokenizer, seed, i), num_parallel_calls=tf.data.AUTOTUNE)
+    def packed(a_lengths, b_lengths, a=None, b=None):  # [rows, length]: token ids (-1 for each token not given)
+        a, b = (tf.RaggedTensor.from_row_lengths(tf.fill([tf.reduce_sum(n)], -1) if ids is None else ids, n)
+                for ids, n in ((a, a_lengths), (b, b_lengths)))
+        return [tf.ensure_shape(ids, [a_lengths.shape[0], length]) for ids in pack((a, b))]
+
+    def batch(index, pairs, is_next):
+        extents, is_next = tf.ensure_shape(pairs["extents"], [batch_size, 4]), tf.ensure_shape(is_next, [batch_size])
+        width = bucket(tf.reduce_max(pairs["lengths"]), limit=length)  # the whole batch's, on every worker
+        layout, _ = packed(extents[:, 1] - extents[:, 0], extents[:, 3] - extents[:, 2])  # the whole batch's
+        a, a_lengths, b, b_lengths = tf.numpy_function(functools.partial(read_pairs, segments),
+                                                       [extents[first:first + share]],
+                                                       [tf.int32, tf.int64, tf.int32, tf.int64], stateful=False)
+        token_ids, segment_ids = packed(tf.ensure_shape(a_lengths, [share]), tf.ensure_shape(b_lengths, [share]),
+                                        tf.ensure_shape(a, [None]), tf.ensure_shape(b, [None]))
+        inputs = {"token_ids": token_ids[:, :width], "segment_ids": segment_ids[:, :width]}
+        inputs["padding_mask"] = inputs["token_ids"] != tokenizer.pad_id
+        return mask_batch(inputs, is_next[first:first + share], tokenizer, seed, index,
+                          special=layout[:, :width] != -1, first=first)
+
+    pairs = pair_dataset(segments, seed).map(with_length)
+    ds = bucket_by_length(pairs, batch_size, length).take(num_batches).enumerate().skip(start)
+    return ds.map(lambda index, pairs: batch(index, *pairs), num_parallel_calls=tf.data.AUTOTUNE).prefetch(
+        tf.data.AUTOTUNE)
 
 
 def split_documents(docs, val_fraction, seed):
@@ -215,11 +256,11 @@ class MaskedLM(Task):
 
     def datasets(self, step):
         t, length = self.config.train, self.config.model.max_length
-        train = pretraining_dataset(self.train_segments, self.tokenizer, length, t.batch_size, t.seed, t.steps,
-                                    start=step)
+        train = functools.partial(pretraining_dataset, self.train_segments, self.tokenizer, length, t.batch_size,
+                                  t.seed, t.steps, step)
         val = pretraining_dataset(self.val_segments, self.tokenizer, length, t.batch_size, t.seed + 1,
                                   t.eval_batches).cache()
-        return train.prefetch(tf.data.AUTOTUNE), val
+        return train, val
 
     def tokens_per_step(self):
         return self.config.train.batch_size * self.config.model.max_length
