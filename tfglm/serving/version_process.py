@@ -51,8 +51,10 @@ class VersionProcess:
     def __init__(self, name, version, path, max_prompt_bytes=64 * 1024, max_batch_size=32, max_slots=None,
                  engine_metrics=None, threads=None):
         self.name, self.version = name, version
-        self.max_prompt_bytes, self.max_batch_size, self.engine_metrics = max_prompt_bytes, max_batch_size, engine_metrics
-        self._closing, self._lock, self._ids = False, threading.Lock(), itertools.count(1)
+        self.max_prompt_bytes, self.max_batch_size = max_prompt_bytes, max_batch_size
+        self.engine_metrics = engine_metrics
+        self._closing, self._ids = False, itertools.count(1)
+        self._lock, self._send_lock = threading.Lock(), threading.Lock()  # the replies; the pipe (never both held)
         self._ended = threading.Event()  # the child has ended, and its requests are answered
         self._replies = {0: queue.SimpleQueue()}  # id -> the messages of a call or stream in flight; 0: the load
         self._gauges = {}  # the child's net increments of each engine gauge, taken back if it dies
@@ -128,7 +130,7 @@ class VersionProcess:
         return values[0] if len(values) == 1 else values
 
     def _send(self, message):
-        with self._lock, contextlib.suppress(OSError, ValueError):  # a child gone: its reader answers 503
+        with self._send_lock, contextlib.suppress(OSError, ValueError):  # a child gone: its reader answers 503
             self._connection.send(message)
 
     def _read(self):
@@ -143,11 +145,12 @@ class VersionProcess:
                     self._metric(id, *values)
                 else:
                     with self._lock:
-                        replies = self._replies.pop(id) if kind in FINAL else self._replies[id]
+                        replies = self._replies.pop(id, None) if kind in FINAL else self._replies.get(id)
                         exit = self._closing and not self._replies
-                    replies.put((kind, *values))
-                    if exit:
-                        self._send(("exit",))
+                    if replies is not None:  # else a stream already ended (a cancelled one that nobody read)
+                        replies.put((kind, *values))
+                    if exit:  # sent aside: this thread never waits on the pipe, so the child's sends never block
+                        threading.Thread(target=self._send, args=(("exit",),), daemon=True).start()
         self.process.join()
         with self._lock:
             pending, self._replies = list(self._replies.values()), {}
