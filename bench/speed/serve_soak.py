@@ -181,7 +181,7 @@ def served_version(traffic):
         "model_version_status"])
 
 
-def soak(base, clients, seconds, swaps, swap_every, server_log):
+def soak(base, clients, seconds, swaps, swap_every, server_log, deadline_s=float("inf")):
     rest_port, grpc_port = free_port(), free_port()
     server = subprocess.Popen([sys.executable, "-m", "tfglm", "serve", "--model_name", "m", "--model_base_path", base,
                                "--port", str(grpc_port), "--rest_api_port", str(rest_port), "--max_batch_size", "8",
@@ -229,7 +229,7 @@ def soak(base, clients, seconds, swaps, swap_every, server_log):
         for thread in threads:
             thread.start()
         version = 1
-        while version <= swaps or time.monotonic() - start < seconds:
+        while (version <= swaps or time.monotonic() - start < seconds) and time.monotonic() - start < deadline_s:
             if version <= swaps and time.monotonic() - start - swapped[-1]["served_at"] >= swap_every:
                 version += 1
                 written = time.monotonic()
@@ -267,12 +267,20 @@ def main():
     parser.add_argument("--swaps", type=int, default=20, help="new versions written, one after another")
     parser.add_argument("--swap-every", type=float, default=5, help="least seconds between a version served and "
                                                                      "the next written")
+    parser.add_argument("--deadline", type=float, default=float("inf"),
+                        help="seconds of traffic after which no version is written (the report covers those swapped)")
     parser.add_argument("--no-jit-compile", action="store_true", help="export without XLA")
+    parser.add_argument("--export", help="serve a copy of this export (a version directory) instead of training one")
     args = parser.parse_args()
     reference = common.machine_reference()
     with tempfile.TemporaryDirectory() as root, tempfile.TemporaryFile("w+") as server_log:
-        results, swapped, seconds = soak(make_export(root, not args.no_jit_compile), args.clients, args.seconds,
-                                         args.swaps, args.swap_every, server_log)
+        if args.export:
+            base = os.path.join(root, "models")
+            shutil.copytree(args.export, os.path.join(base, "1"))
+        else:
+            base = make_export(root, not args.no_jit_compile)
+        results, swapped, seconds = soak(base, args.clients, args.seconds, args.swaps, args.swap_every, server_log,
+                                         args.deadline)
         server_log.seek(0)
         errors = [line for line in server_log if ": ERROR: " in line or "Traceback" in line]
     outcomes = {}
