@@ -106,6 +106,13 @@ def test_trimming_drops_whole_oldest_turns_and_keeps_the_system_message(tokenize
     assert dropped == 2
     assert ids == _encode(tokenizer, [conversation[0]] + conversation[3:])[0]
     assert sum(weights) == len("dd") + 1
+    # Room for the first reply too but not its question: the reply goes with it, so what is kept starts with a user.
+    ids, _, dropped = _encode(tokenizer, conversation, budget=1 + 5 + 6 + 4 + 4)
+    assert dropped == 2 and ids == _encode(tokenizer, [conversation[0]] + conversation[3:])[0]
+    # A conversation to answer likewise: the system message, then whole exchanges, oldest dropped first.
+    asked = conversation[:4]
+    ids, _, dropped = _encode(tokenizer, asked, budget=1 + 5 + 6 + 4 + 1, generation_prompt=True)
+    assert dropped == 2 and ids == _encode(tokenizer, [asked[0], asked[3]], generation_prompt=True)[0]
     # Too small even for the last message: it is kept whole (the caller cuts or drops the row).
     ids, _, dropped = _encode(tokenizer, conversation, budget=3)
     assert dropped == 3 and ids == _encode(tokenizer, [conversation[0], conversation[-1]])[0]

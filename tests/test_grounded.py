@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -18,15 +19,17 @@ import tfglm
 from conftest import SERVER_PREAMBLE
 from test_checkpoints import import_sentence_transformers
 from tfglm.cli import main
+from tfglm.config import generate_settings
 from tfglm.data.chat import CONTEXT, ChatTokenizer
 from tfglm.data.knowledge import KnowledgeBase
 from tfglm.data.tokenizers import CharTokenizer
 from tfglm.errors import TfglmError
+from tfglm.generation.chat import ChatSession
 from tfglm.generation.decode import Generator
 from tfglm.preprocessors.grounded import GroundedChatPreprocessor
-from tfglm.serving.servable import Servable
-from tfglm.serving.signatures import WARMUP
-from tfglm.tasks.chat import GROUNDING, KNOWLEDGE, Grounding
+from tfglm.serving.servable import Servable, SignatureStream
+from tfglm.serving.signatures import WARMUP, language_module
+from tfglm.tasks.chat import GROUNDING, KNOWLEDGE, Chat, Grounding
 from tfglm.tasks.registry import load_run
 
 # Questions in the tiny encoder's vocabulary; each entry's answer is a fact the model could only get from retrieval.
@@ -118,14 +121,29 @@ def test_hand_off_below_the_threshold_and_not_above(embedder):
     threshold = float(np.median(scores))
     preprocessor = preprocessor_for(embedder, threshold=threshold)
     replies = tf.constant(["generated"] * 4)
-    served = preprocessor.served(tf.constant([["user"]] * 4), tf.constant([[q] for q in queries]), replies,
-                                 tf.constant([3] * 4))
+    encoded = preprocessor.encode(tf.constant([["user"]] * 4), tf.constant([[q] for q in queries]), 8)
+    served = preprocessor.served(encoded, replies, tf.constant([3] * 4))
     below = scores < threshold
     assert below.any() and not below.all()
     assert served["handed_off"].numpy().tolist() == below.tolist()
     assert [r.decode() for r in served["replies"].numpy()] == [
         "ask a person" if b else "generated" for b in below]
     assert served["num_tokens"].numpy().tolist() == [0 if b else 3 for b in below]
+
+
+def test_training_retrieves_a_follow_up_as_serving_does(index, tmp_path):
+    grounding = Grounding.copy(index, str(tmp_path / "run"), {"top_k": 1, "context_tokens": 40,
+                                                               "handoff_message": "x"})
+    preprocessor = grounding.preprocessor(ChatTokenizer(CharTokenizer("abcdefghijklmnopqrstuvwxyz ,.")), 96)
+    conversations = [(["user", "assistant", "user", "assistant"], [ENTRIES[1][0], "fine", follow_up, "ok"])
+                     for follow_up in ("very bad", "the cat", ",")]
+    grounded, scores = grounding.retrieve(conversations, preprocessor)
+    served = preprocessor.retrieve(tf.constant([roles[:3] for roles, _ in conversations]),
+                                   tf.constant([contents[:3] for _, contents in conversations]))
+    assert [contents[0] for _, contents in grounded] == [c.decode() for c in served["context"].numpy()]
+    np.testing.assert_allclose(scores, served["score"].numpy(), atol=1e-5)
+    alone = preprocessor.retrieve(tf.constant([["user"]] * 3), tf.constant([[c[2]] for _, c in conversations]))
+    assert (served["score"].numpy() >= alone["score"].numpy() - 1e-6).all()  # the better of the two queries
 
 
 def test_training_conversations_leave_their_own_entry_out(index, tmp_path):
@@ -141,6 +159,41 @@ def test_training_conversations_leave_their_own_entry_out(index, tmp_path):
     # The same question with another answer (not the entry's row) finds the entry itself, as serving would.
     other, scores = grounding.retrieve([(["user", "assistant"], [ENTRIES[2][0], "something else"])], preprocessor)
     assert other[0][1][0] == ENTRIES[2][1] and scores[0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_share_of_training_conversations_gets_its_own_entry_first(index, tmp_path):
+    grounding = Grounding.copy(index, str(tmp_path / "run"), {"top_k": 2, "context_tokens": 40, "handoff_message": "x"})
+    preprocessor = grounding.preprocessor(ChatTokenizer(CharTokenizer("abcdefghijklmnopqrstuvwxyz ,.\n")), 96)
+    own = [(["user", "assistant"], [q, a]) for q, a in ENTRIES] * 25
+    contexts = {share: [contents[0] for _, contents in grounding.retrieve(own, preprocessor, share, seed=3)[0]]
+                for share in (0.0, 0.5, 1.0)}
+    first = {share: [context.split("\n\n")[0] == answer for context, (_, (_, answer)) in zip(found, own)]
+             for share, found in contexts.items()}
+    assert not any(first[0.0]) and all(first[1.0])
+    assert 0.3 < np.mean(first[0.5]) < 0.7
+    # The rest of the slot is the nearest others, the own entry once.
+    assert all(len(set(context.split("\n\n"))) == 2 for context in contexts[1.0])
+    assert contexts[0.5] == [contents[0] for _, contents in grounding.retrieve(own, preprocessor, 0.5, seed=3)[0]]
+
+
+@pytest.mark.parametrize("files", [{}, {"val_file"}, {"eval_file"}, {"val_file", "eval_file"}])
+def test_the_hand_off_is_calibrated_on_separate_validation_conversations_when_named(index, tmp_path, caplog, files):
+    """The validation file's scores (those of the validation conversations), else the evaluation file's, else the
+    held-out training conversations' with a warning: their paraphrases in the index make their matches too near."""
+    eval_file = tmp_path / "eval.csv"
+    eval_file.write_text("question,answer\n\"a bad film , very bad\",x\n\"the cat sat\",y\n")
+    paths = {"val_file": str(tmp_path / "val.csv"), "eval_file": str(eval_file)}
+    config = tfglm.load_config(overrides=[f"chat.{key}={json.dumps(paths[key])}" for key in files])
+    task = Chat(config, str(tmp_path / "run"))
+    task.grounding = Grounding.copy(index, task.run_dir, {"top_k": 1, "context_tokens": 40, "handoff_message": "x"})
+    preprocessor = task.grounding.preprocessor(ChatTokenizer(CharTokenizer("abcdefghijklmnopqrstuvwxyz ,.")), 96)
+    validation = np.array([0.25, 0.5])
+    scores = task.calibration_scores(validation, preprocessor)
+    if files == {"eval_file"}:
+        assert scores[0] == pytest.approx(1.0, abs=1e-5) and scores[1] < 1.0
+    else:
+        assert scores is validation
+    assert ("held-out training conversations" in caplog.text) == (not files)
 
 
 @pytest.fixture(scope="module")
@@ -205,11 +258,67 @@ def test_the_export_answers_a_grounded_chat_in_a_clean_interpreter(grounded_run,
         assert [r.decode() for r in out["replies"]] == served["replies"]
         assert out["handed_off"].tolist() == handed_off and out["num_tokens"][handed_off.index(True)] == 0
         off = handed_off.index(True)
-        stream = servable.stream("chat", servable.prepare("chat", {**{k: v[off:off + 1] for k, v in conversations.items()},
-                                                               **options}))
+        one = servable.prepare("chat", {**{k: v[off:off + 1] for k, v in conversations.items()}, **options})
+        stream = servable.stream("chat", one)
         assert "".join(stream) == run.config.chat.handoff_message and stream.finish_reason == "stop"
+        # An export served without the engine streams through `chat_start` and `advance`: the same hand-off.
+        stream = SignatureStream(servable, "chat", one)
+        assert stream.text() == run.config.chat.handoff_message and stream.usage["completion_tokens"] == 0
     finally:
         servable.close()
+
+    # TF Serving's streaming signatures: `chat_start` says which rows are handed off, and `advance` gives them the
+    # hand-off message and the others the reply `chat` gives.
+    signatures = tf.saved_model.load(os.path.join(base, "1")).signatures
+    state = signatures["chat_start"](roles=tf.constant(roles), contents=tf.constant(contents),
+                                     max_new_tokens=tf.constant(GREEDY["max_new_tokens"]))
+    assert state["handed_off"].numpy().tolist() == handed_off
+    np.testing.assert_allclose(state["score"].numpy(), served["score"], atol=1e-5)
+    assert state["dropped_turns"].numpy().tolist() == [0] * len(queries)
+    names = signatures["advance"].structured_input_signature[1]
+    out = signatures["advance"](**{k: state[k] for k in names if k in state},
+                                **{k: tf.constant(v) for k, v in GREEDY.items() if k in names},
+                                steps=tf.constant(run.config.model.max_length))
+    assert [r.decode() for r in out["completions"].numpy()] == served["replies"] and bool(out["finished"])
+    assert out["handed_off"].numpy().tolist() == handed_off
+
+
+def test_the_terminal_chat_hands_off_as_the_chat_signature_does(grounded_run, capsys):
+    run = load_run(grounded_run)
+    session = run.task.chat_session(run.model, generate_settings(run.config, GREEDY), "")
+    preprocessor = session.generator.preprocessor
+    queries = [q for q, _ in ENTRIES] + ["cat", "mat mat mat mat", "film", "xyz qq", ","]
+    handed_off = preprocessor.retrieve(tf.constant([["user"]] * len(queries)),
+                                       tf.constant([[q] for q in queries]))["handed_off"].numpy()
+    off, on = queries[handed_off.argmax()], queries[handed_off.argmin()]
+    assert handed_off.any() and not handed_off.all()
+    message = run.config.chat.handoff_message
+    assert "".join(session.stream(off)) == message and session.turns[-1] == ("assistant", message)
+    session.reset()
+    assert "".join(session.stream(on)) != message
+
+    assert main(["chat", "--model", grounded_run, "--message", off, "--message", on, "--json", "--temperature", "0",
+                 "--max-new-tokens", str(GREEDY["max_new_tokens"])]) == 0
+    told = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert told[0]["reply"] == message and told[0]["num_tokens"] == 0 and told[1]["reply"] != message
+
+
+def test_a_grounded_turn_embeds_its_queries_once(grounded_run):
+    run = load_run(grounded_run)
+    preprocessor = run.task.chat_preprocessor()
+    embedder, calls = preprocessor.embedder, []
+    preprocessor.embedder = types.SimpleNamespace(
+        embed=lambda texts: calls.append(texts) or embedder.embed(texts), tokenizer=embedder.tokenizer,
+        encoder=embedder.encoder)
+    generator = Generator(run.model, run.tokenizer, jit_compile=False, preprocessor=preprocessor)
+    module = language_module(generator, generate_settings(run.config))
+    for name in ("chat", "chat_start", "conversation_ids"):  # each traced once: one retrieval in its graph
+        calls.clear()
+        getattr(module, name).get_concrete_function()
+        assert len(calls) == 1, name
+    calls.clear()
+    ChatSession(generator, "", generate_settings(run.config, GREEDY)).reply(ENTRIES[0][0])
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("make, message", [

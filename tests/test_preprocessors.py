@@ -12,6 +12,7 @@ from tfglm.data.parallel import PAD
 from tfglm.data.tokenizers import CharTokenizer, train_wordpiece
 from tfglm.preprocessors import (CausalLMPreprocessor, ChatPreprocessor, EncoderPreprocessor, Seq2SeqPreprocessor,
                                  buckets, language_model_preprocessor)
+from tfglm.preprocessors.grounded import GroundedChatPreprocessor
 
 TOKENIZER = CharTokenizer("abcdefgh")  # <eot> 0, <unk> 1, a..h 2..9
 
@@ -56,8 +57,8 @@ def test_chat_preprocessor_opens_the_assistant_turn_and_cuts_from_the_left():
     roles, contents = tf.constant([["user", "assistant", "user"]]), tf.constant([["ab", "cd", "ef"]])
     user, assistant = tokenizer.role_ids["user"], tokenizer.role_ids["assistant"]
     assert p.chat_ids(roles, contents, 2).to_list() == [[0, user, *ids("ef"), 0, assistant]]  # older turns dropped
-    assert p.chat_ids(roles, contents, 0).to_list()[0][:2] == [0, assistant]  # room for two turns: one more kept
-    assert p.dropped_turns(roles, contents, 2).numpy().tolist() == [2]
+    assert p.chat_ids(roles, contents, 0).to_list()[0][:2] == [0, user]  # room for one more turn: not a reply alone
+    assert p.encode(roles, contents, 2)["dropped_turns"].numpy().tolist() == [2]
     assert p.chat_ids(tf.constant([["user"]]), tf.constant([["abcdefgh"]]), 4).to_list() == [
         [*ids("efgh"), 0, assistant]]  # a last message longer than the room: cut from the left
     with pytest.raises(tf.errors.InvalidArgumentError, match="conversation does not fit the context"):
@@ -110,7 +111,7 @@ def test_encoder_config_round_trip():
 
 
 @pytest.mark.parametrize("family", [CausalLMPreprocessor, ChatPreprocessor, EncoderPreprocessor,
-                                    Seq2SeqPreprocessor])
+                                    GroundedChatPreprocessor, Seq2SeqPreprocessor])
 def test_docstring_example_runs(family):
     examples = re.findall(r"Examples:\n\s*```python\n(.*?)```", family.__doc__, re.S)
     assert len(examples) == 1

@@ -1,5 +1,7 @@
 """A customer-support assistant on Bitext's customer-support sample (../shared/data/bitext-customer-support: 4,014
-training and 200 validation question -> agent-reply pairs, 27 intents): four systems answer the validation questions.
+training and 200 validation question -> agent-reply pairs, 27 intents): four systems answer the first `--questions`
+validation questions; the fine-tunes validate on the rest (their early stopping and the hand-off threshold: questions
+that, unlike held-out training rows, have no paraphrase in the index).
 
 - `tfidf`: the nearest training question by TF-IDF (word 1-2-grams, sublinear tf) -> its answer;
 - `embedding`: the nearest training question by MiniLM (sentence-transformers/all-MiniLM-L6-v2, the
@@ -7,9 +9,10 @@ training and 200 validation question -> agent-reply pairs, 27 intents): four sys
 - `chat`: a GPT (2 x 128, SentencePiece 2,048) fine-tuned from scratch with `tfglm finetune --task chat` on the
   training pairs, context 256;
 - `grounded`: the same recipe with `--knowledge` (the MiniLM index): each training pair with the entry retrieved for
-  its question in the context slot (its own entry left out; its answer cut to 96 tokens), context 320; greedy replies
-  through the run's generator, retrieval and hand-off included (the threshold calibrated on the 5% of the training
-  pairs held out for validation).
+  its question in the context slot (its answer cut to 160 tokens; the pair's own entry in half of them, as
+  `chat.own_entry_share` defaults, left out of the rest), context 384; greedy replies through the run's
+  generator, retrieval and hand-off included (the threshold the 2% quantile of the validation questions' best
+  matches).
 Both reply with at most 192 new tokens, greedy. Sized to run in about 40 minutes on 2 shared CPU cores.
 
 Scores on the validation replies: BLEU and chrF (sacrebleu), ROUGE-L F1 (word LCS); intent accuracy, the intent of
@@ -19,7 +22,7 @@ questions with an entity (Bitext's entity_value: names, order numbers, account t
 carries it, that carry it too (case-insensitive); the hand-off rate on the validation questions and on the 100
 out-of-domain questions of bench/data/out_of_domain.txt (general knowledge, other businesses); wall time.
 
-    PYTHONPATH=$PWD python -m bench.quality.support [--epochs 2] [--questions 200] [--out runs/bench-support] [--quick]
+    PYTHONPATH=$PWD python -m bench.quality.support [--epochs 2] [--questions 100] [--out runs/bench-support] [--quick]
 """
 
 import argparse
@@ -51,12 +54,22 @@ BITEXT = os.path.join(common.DATA, "bitext-customer-support")
 OUT_OF_DOMAIN = os.path.join(common.ROOT, "bench", "data", "out_of_domain.txt")
 MODEL = ["model.num_layers=2", "model.num_heads=4", "model.hidden_dim=128", "model.dropout=0.0",
          "tokenizer.kind=sentencepiece", "tokenizer.vocab_size=2048", "chat.batch_size=16", "chat.learning_rate=2e-3",
-         "chat.val_fraction=0.05", "chat.question_column=instruction", "chat.answer_column=response"]
+         "chat.question_column=instruction", "chat.answer_column=response"]
+GROUNDED_CONTEXT, CONTEXT_TOKENS = 384, 160  # the retrieved answer's first 160 tokens (its median is 156), the
+# question and a reply of MAX_NEW_TOKENS within the context
 
 
 def read_rows(path):
     with open(path, encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f))
+
+
+def write_rows(path, rows):
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def rouge_l(hypothesis, reference):
@@ -99,11 +112,11 @@ def scores(replies, val, intent_of):
         "entity_rows": len(entities)}
 
 
-def finetune(out, train_file, context, epochs, max_new_tokens, extra_sets=()):
+def finetune(out, train_file, val_file, context, epochs, max_new_tokens, extra_sets=()):
     sets = MODEL + [f"model.max_length={context}", f"chat.epochs={epochs}",
                     f"generate.max_new_tokens={max_new_tokens}", *extra_sets]
     args = ["finetune", "--task", "chat", "--from-scratch", "--config", os.path.join(common.CONFIGS, "default.yaml"),
-            "--train", train_file, "--out", out, *[a for s in sets for a in ("--set", s)]]
+            "--train", train_file, "--val", val_file, "--out", out, *[a for s in sets for a in ("--set", s)]]
     if tfglm_main(args) != 0:
         raise SystemExit(f"tfglm {' '.join(args)}: failed")
 
@@ -126,7 +139,8 @@ def answer(run_dir, questions, batch_size=32):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2, help="chat.epochs of both fine-tunes")
-    parser.add_argument("--questions", type=int, default=200, help="validation questions answered (the first N)")
+    parser.add_argument("--questions", type=int, default=100,
+                        help="validation questions answered (the first N; the fine-tunes validate on the rest)")
     parser.add_argument("--out", default=os.path.join(common.ROOT, "runs", "bench-support"))
     parser.add_argument("--quick", action="store_true", help="400 training pairs, 16 questions, 1 epoch: a smoke run")
     args = parser.parse_args()
@@ -136,20 +150,22 @@ def main():
     os.makedirs(args.out)
     started = time.time()
     train_file = os.path.join(BITEXT, "train.csv")
-    train, val = read_rows(train_file), read_rows(os.path.join(BITEXT, "val.csv"))[:args.questions]
+    train, val = read_rows(train_file), read_rows(os.path.join(BITEXT, "val.csv"))
+    val, held = val[:args.questions], val[args.questions:]
+    if len(held) < 32:
+        raise SystemExit(f"--questions {args.questions}: leaves {len(held)} validation rows to validate on (at least "
+                         f"32: two batches)")
     if args.quick:
         train, val, args.epochs = train[:400], val[:16], 1
-        train_file = os.path.join(args.out, "train.csv")
-        with open(train_file, "w", encoding="utf-8", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(train[0]))
-            writer.writeheader()
-            writer.writerows(train)
+        train_file = write_rows(os.path.join(args.out, "train.csv"), train)
+    val_file = write_rows(os.path.join(args.out, "val.csv"), held)
     questions = [row["instruction"] for row in val]
     with open(OUT_OF_DOMAIN, encoding="utf-8") as f:
         out_of_domain = [line.strip() for line in f if line.strip()]
     intent_of = IntentOfReply(train)
     result = {"machine": common.machine_reference(), "cpu_count": os.cpu_count(), "train_pairs": len(train),
-              "val_questions": len(val), "out_of_domain_questions": len(out_of_domain), "epochs": args.epochs,
+              "val_questions": len(val), "validation_rows": len(held), "out_of_domain_questions": len(out_of_domain),
+              "epochs": args.epochs,
               "intent_classifier_on_references": scores([row["response"] for row in val], val, intent_of)[
                   "intent_accuracy"]}
     print("intent classifier on the reference replies:", result["intent_classifier_on_references"], flush=True)
@@ -174,11 +190,11 @@ def main():
                            "index_wall_s": round(index_s, 1), "wall_s": round(time.time() - start, 1)}
     print("embedding", result["embedding"], flush=True)
 
-    grounding = ["chat.context_tokens=96", "chat.top_k=1", "chat.knowledge=" + json.dumps(kb)]
-    for name, (context, sets) in {"chat": (256, []), "grounded": (320, grounding)}.items():
+    grounding = [f"chat.context_tokens={CONTEXT_TOKENS}", "chat.top_k=1", "chat.knowledge=" + json.dumps(kb)]
+    for name, (context, sets) in {"chat": (256, []), "grounded": (GROUNDED_CONTEXT, grounding)}.items():
         run_dir = os.path.join(args.out, name)
         start = time.time()
-        finetune(run_dir, train_file, context, args.epochs, MAX_NEW_TOKENS, sets)
+        finetune(run_dir, train_file, val_file, context, args.epochs, MAX_NEW_TOKENS, sets)
         train_s = time.time() - start
         start = time.time()
         replies, handed_off = answer(run_dir, questions)

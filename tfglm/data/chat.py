@@ -85,11 +85,12 @@ class ChatTokenizer(tf.Module):
         """Token ids of conversations `roles`, `contents` (strings [batch, messages]; role "" pads a shorter one).
 
         Each conversation keeps its leading context and system messages and then its most recent messages that fit
-        `budget` tokens with the leading `<eot>` (and, with `generation_prompt`, the closing `<|assistant|>`); older
-        ones are dropped whole. The last message is always kept, so a row can still exceed `budget`: the caller cuts
-        or drops it. Returns (ids, weights, dropped): ragged int32 and float32 [batch, None] (weights 1 on the
-        assistant's tokens and their closing `<eot>`), and the number of messages dropped from each row (int32
-        [batch]).
+        `budget` tokens with the leading `<eot>` (and, with `generation_prompt`, the closing `<|assistant|>`),
+        starting with a user's: older ones are dropped whole exchanges at a time, oldest first, so no reply is kept
+        without the turn it answers. The last message is always kept, so a row can still exceed `budget`: the
+        caller cuts or drops it. Returns (ids, weights, dropped): ragged int32 and float32 [batch, None] (weights 1
+        on the assistant's tokens and their closing `<eot>`), and the number of messages dropped from each row
+        (int32 [batch]).
         """
         role_ids = self._roles.lookup(roles)
         present = roles != ""
@@ -114,8 +115,10 @@ class ChatTokenizer(tf.Module):
         pinned_size = tf.reduce_sum(tf.where(pinned, sizes, 0), axis=1, keepdims=True)
         room = budget - 1 - tf.cast(generation_prompt, tf.int32) - pinned_size
         from_here = tf.cumsum(tf.where(pinned, 0, sizes), axis=1, reverse=True)  # tokens from each message on
+        fits = ~pinned & (from_here <= room)
+        from_a_user = tf.cumsum(tf.cast(fits & (roles == "user"), tf.int32), axis=1) > 0  # from the first that fits
         last = tf.cumsum(tf.cast(present, tf.int32), axis=1, reverse=True) == 1
-        keep = present & (pinned | (from_here <= room) | (last & present))
+        keep = present & (pinned | (fits & from_a_user) | last)
         dropped = tf.reduce_sum(tf.cast(present & ~keep, tf.int32), axis=1)
 
         def join(parts, first, final):

@@ -12,8 +12,9 @@ log = logging.getLogger("tfglm")
 
 class ChatSession:
     """One conversation with a chat run: the system message and the turns so far, forgetting (with one warning) the
-    oldest exchanges once they no longer fit the context, as the chat template's encoding drops them anyway. What is
-    left starts with a user's turn, as every example of the fine-tune does (`tfglm.tasks.chat.pieces`)."""
+    oldest exchanges once they no longer fit the context, as the chat template's encoding drops them anyway (whole
+    exchanges: what is left starts with a user's turn, as every example of the fine-tune does). A grounded run's
+    turn retrieves once, and a turn it hands off is answered with its hand-off message."""
 
     def __init__(self, generator, system, settings):
         self.generator, self.system, self.settings = generator, system, settings
@@ -24,19 +25,19 @@ class ChatSession:
         self.turns, self.warned = [], False
 
     def ask(self, message):
-        """(roles, contents), strings [1, messages]: the conversation to answer once `message` joins it."""
+        """The conversation once `message` joins it, as the preprocessor `encode`s it; the exchanges it drops are
+        forgotten."""
         self.turns.append(("user", message))
-        dropped = int(self.generator.preprocessor.dropped_turns(*map(tf.constant, self.conversation()),
-                                                                self.settings.max_new_tokens)[0])
+        encoded = self.generator.preprocessor.encode(*map(tf.constant, self.conversation()),
+                                                     self.settings.max_new_tokens)
+        dropped = int(encoded["dropped_turns"][0])
         if dropped:
             if not self.warned:
                 log.warning("the conversation outgrew the context (%d tokens minus %d new): its oldest turns are "
                             "forgotten from now on", self.generator.context, self.settings.max_new_tokens)
                 self.warned = True
-            while dropped < len(self.turns) - 1 and self.turns[dropped][0] != "user":
-                dropped += 1
             self.turns = self.turns[dropped:]
-        return self.conversation()
+        return encoded
 
     def conversation(self):
         messages = ([("system", self.system)] if self.system else []) + self.turns
@@ -55,8 +56,7 @@ class ChatSession:
 
     def reply(self, message):
         """The whole reply to `message` and its token count."""
-        roles, contents = self.ask(message)
-        out = self.generator.chat(tf.constant(roles), tf.constant(contents), *generate_options(self.settings))
+        out = self.generator.reply(self.ask(message), *generate_options(self.settings))
         reply = out["completions"].numpy()[0].decode("utf-8", errors="replace")
         self.answered(reply)
         return reply, int(out["num_tokens"].numpy()[0])
@@ -66,8 +66,8 @@ class ChatSession:
         the conversation keeps the part of the reply already yielded, or forgets `message` when none was."""
         reply, finished = [], False
         try:
-            conversation = self.ask(message)
-            for pieces in self.generator.stream(None, *generate_options(self.settings), conversations=conversation):
+            encoded = self.ask(message)
+            for pieces in self.generator.stream(None, *generate_options(self.settings), encoded=encoded):
                 reply.append(pieces[0])
                 yield pieces[0]
             finished = True
@@ -87,9 +87,8 @@ def answer(generator, conversations, settings, batch_size):
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         roles, contents = map(tf.constant, as_batch([conversations[i] for i in rows]))
-        forgotten += int(tf.math.count_nonzero(generator.preprocessor.dropped_turns(roles, contents,
-                                                                                    settings.max_new_tokens)))
         out = generator.chat(roles, contents, *generate_options(settings))
+        forgotten += int(tf.math.count_nonzero(out["dropped_turns"]))
         for i, reply, count in zip(rows, out["completions"].numpy(), out["num_tokens"].numpy()):
             replies[i], counts[i] = reply.decode("utf-8", errors="replace"), int(count)
     if forgotten:

@@ -26,6 +26,12 @@ CHAT_SIGNATURE = [tf.TensorSpec([None, None], tf.string, name="roles"),
                   tf.TensorSpec([None, None], tf.string, name="contents")] + OPTIONS
 
 
+def option_tensors(*values):
+    """The generation options' `values` (in `GENERATE_OPTIONS` order) as tensors: a decode function called eagerly
+    is traced once for all their values, not once per value."""
+    return [tf.convert_to_tensor(value, DTYPES[o.type]) for o, value in zip(GENERATE_OPTIONS, values)]
+
+
 def prefill(model, tokens, lengths, prefill_length, max_new_tokens):
     """Starts decoding right-padded prompts `tokens` [batch, total] (true lengths `lengths`): the first
     `prefill_length` positions fill the per-layer caches in one pass. Returns the decode state (`advance`'s input)."""
@@ -182,36 +188,42 @@ class Generator(tf.Module):
     def _advance_tokens(self, state, projection, steps, temperature, top_k, top_p, seed):
         return advance(self.model, state, steps, temperature, top_k, top_p, seed, self.tokenizer.eot_id, projection)
 
-    def start(self, ids, max_new_tokens):
-        """The decode state of ragged prompt `ids` (the preprocessor's `prompt_ids` or `chat_ids`): its decode
-        buffer (`decode_buffer`), the prompts' bucketed first tokens prefilled."""
+    def start(self, ids, max_new_tokens, handed_off=None):
+        """The decode state of ragged prompt `ids` (the preprocessor's `prompt_ids` or `encode`): its decode
+        buffer (`decode_buffer`), the prompts' bucketed first tokens prefilled. The rows `handed_off` (bool [rows]; a
+        grounded chat's, whose reply is not generated) are done from the start."""
         max_new_tokens = tf.clip_by_value(max_new_tokens, 1, self.context - 1)
         buffer = self.preprocessor.decode_buffer(ids, max_new_tokens)
-        return {**self._prefill(buffer["tokens"], buffer["lengths"], buffer["prefill_length"], max_new_tokens),
-                "rows": buffer["rows"]}
+        rows = buffer["rows"]
+        if handed_off is None:
+            handed_off = tf.zeros([rows], tf.bool)
+        state = self._prefill(buffer["tokens"], buffer["lengths"], buffer["prefill_length"], max_new_tokens)
+        return {**state, "done": state["done"] | tf.pad(handed_off, [[0, tf.shape(state["done"])[0] - rows]]),
+                "rows": rows, "handed_off": handed_off}
 
     def advance(self, state, steps, temperature, top_k, top_p, seed, projection=None):
         """`state` after up to `steps` more tokens, with `completions` (the text so far, strings [rows]),
         `num_tokens` (int32 [rows]) and `finished` (a bool: nothing is left to generate). `projection`: the model's
         `output_projection()`, if the caller already has it."""
-        rows = state["rows"]
+        rows, handed_off = state["rows"], state["handed_off"]
         if projection is None:
             # Made here by TensorFlow's own transpose kernel, not inside the XLA function: XLA's CPU transpose of a
             # 50,257 x 384 matrix takes 35-47 ms against 14, once per call (per chunk of a stream: 4 tokens in
             # `tfglm serve`).
             projection = self.model.output_projection()
-        state = {**self._advance({k: v for k, v in state.items() if k != "rows"}, projection, steps, temperature,
-                                 top_k, top_p, seed), "rows": rows}
+        state = {**self._advance({k: v for k, v in state.items() if k not in ("rows", "handed_off")}, projection,
+                                 steps, temperature, top_k, top_p, seed), "rows": rows, "handed_off": handed_off}
         generated = generated_mask(state, self.tokenizer.eot_id)
-        return state, {"completions": self.tokenizer.detokenize(tf.ragged.boolean_mask(state["tokens"],
-                                                                                      generated)[:rows]),
+        texts = self.tokenizer.detokenize(tf.ragged.boolean_mask(state["tokens"], generated)[:rows])
+        return state, {"completions": self.preprocessor.replies(texts, handed_off),
                        "num_tokens": tf.reduce_sum(tf.cast(generated, tf.int32), axis=1)[:rows],
                        "finished": ~unfinished(state["index"], state["limit"], state["done"])}
 
-    def complete(self, ids, max_new_tokens, temperature, top_k, top_p, seed):
-        """Completions of ragged prompt `ids`, decoded to the end in one `advance`."""
-        _, out = self.advance(self.start(ids, max_new_tokens), tf.constant(self.context), temperature, top_k, top_p,
-                              seed)
+    def complete(self, ids, max_new_tokens, temperature, top_k, top_p, seed, handed_off=None):
+        """Completions of ragged prompt `ids`, decoded to the end in one `advance` (`start`'s `handed_off` rows
+        not at all)."""
+        _, out = self.advance(self.start(ids, max_new_tokens, handed_off), tf.constant(self.context), temperature,
+                              top_k, top_p, seed)
         return {"completions": out["completions"], "num_tokens": out["num_tokens"]}
 
     @tf.function(input_signature=SIGNATURE)
@@ -225,23 +237,27 @@ class Generator(tf.Module):
     def chat(self, roles, contents, max_new_tokens, temperature, top_k, top_p, seed):
         """The assistant's next reply (strings [batch]) to conversations given as `roles` and `contents` (strings
         [batch, messages]; role "" pads a shorter conversation), and its token counts (int32 [batch]); with what
-        else the preprocessor's `served` says (a grounded chat's `handed_off` and `score`)."""
+        else the preprocessor's `served` says (`dropped_turns`; a grounded chat's `handed_off` and `score`)."""
         room = tf.clip_by_value(max_new_tokens, 1, self.context - 1)
-        out = self.complete(self.preprocessor.chat_ids(roles, contents, room), max_new_tokens, temperature, top_k,
-                            top_p, seed)
-        served = self.preprocessor.served(roles, contents, out["completions"], out["num_tokens"])
+        return self.reply(self.preprocessor.encode(roles, contents, room), max_new_tokens, temperature, top_k, top_p,
+                          seed)
+
+    def reply(self, encoded, max_new_tokens, temperature, top_k, top_p, seed):
+        """`chat` of conversations the preprocessor has `encode`d (for `max_new_tokens`) as `encoded`."""
+        options = option_tensors(max_new_tokens, temperature, top_k, top_p, seed)
+        out = self.complete(encoded["ids"], *options, encoded.get("handed_off"))
+        served = self.preprocessor.served(encoded, out["completions"], out["num_tokens"])
         return {"completions": served.pop("replies"), **served}
 
-    def stream(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, steps=8, conversations=None):
-        """Yields, every `steps` tokens, the text each prompt (or each (roles, contents) conversation) gained."""
-        room = min(max(max_new_tokens, 1), self.context - 1)
-        if conversations is None:
-            ids = self.preprocessor.prompt_ids(tf.constant(prompts), room)
-        else:
-            ids = self.preprocessor.chat_ids(*map(tf.constant, conversations), room)
-        options = [tf.constant(value, DTYPES[o.type]) for o, value in
-                   zip(GENERATE_OPTIONS[1:], (temperature, top_k, top_p, seed))]  # tensors: no retrace per value
-        state = self.start(ids, tf.constant(max_new_tokens))
+    def stream(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, steps=8, encoded=None):
+        """Yields, every `steps` tokens, the text each prompt gained; with `encoded` (conversations the
+        preprocessor has `encode`d for `max_new_tokens`) instead of prompts, each conversation's reply (a row handed
+        off: the hand-off message, at once)."""
+        if encoded is None:
+            encoded = {"ids": self.preprocessor.prompt_ids(tf.constant(prompts),
+                                                           min(max(max_new_tokens, 1), self.context - 1))}
+        max_new_tokens, *options = option_tensors(max_new_tokens, temperature, top_k, top_p, seed)
+        state = self.start(encoded["ids"], max_new_tokens, encoded.get("handed_off"))
         projection = self.model.output_projection()  # once per stream, not per chunk
         return stream_text(lambda state: self._stream_advance(state, tf.constant(steps), *options, projection),
                            state)

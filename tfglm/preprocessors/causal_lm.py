@@ -62,6 +62,11 @@ class CausalLMPreprocessor(keras.layers.Layer):
         full = self.with_eot(prompts).row_lengths()
         return self.prompt_ids(prompts, max_new_tokens).row_lengths(), full
 
+    def replies(self, texts, handed_off):
+        """What to answer for generated `texts` (strings [rows]): the texts (a grounded chat's preprocessor gives
+        its rows `handed_off`, bool [rows], its hand-off message)."""
+        return texts
+
     def decode_buffer(self, ids, max_new_tokens):
         """Ragged prompt `ids` as a decode buffer: {"tokens": int32 [padded batch, total] right-padded with `<eot>`,
         "lengths": int32 [padded batch], "prefill_length", "rows"}. The batch is padded to a power of two (rows of
@@ -96,14 +101,15 @@ class ChatPreprocessor(CausalLMPreprocessor):
     ```
     """
 
-    def chat_ids(self, roles, contents, max_new_tokens, whole=False):
-        """Ragged ids of conversations `roles`, `contents` (strings [batch, messages]; role "" pads) with the
-        assistant's turn opened, older turns dropped and then tokens cut from the left to fit
-        `sequence_length - max_new_tokens`; with `whole`, a conversation whose last message (and system message) does
-        not fit is an InvalidArgumentError starting CHAT_TOO_LONG rather than cut, as OpenAI's API answers it
+    def encode(self, roles, contents, max_new_tokens, whole=False):
+        """Conversations `roles`, `contents` (strings [batch, messages]; role "" pads) as a reply to them starts:
+        {"ids": ragged ids with the assistant's turn opened, older exchanges dropped and then tokens cut from the left
+        to fit `sequence_length - max_new_tokens`, "dropped_turns": how many of each conversation's oldest messages
+        were dropped (int32 [batch])}. With `whole`, a conversation whose last message (and system message) does not
+        fit is an InvalidArgumentError starting CHAT_TOO_LONG rather than cut, as OpenAI's API answers it
         (`context_length_exceeded`) rather than reply to a fragment."""
         budget = self.sequence_length - max_new_tokens
-        ids, _, _ = self.tokenizer.encode_chat(roles, contents, budget, generation_prompt=True)
+        ids, _, dropped = self.tokenizer.encode_chat(roles, contents, budget, generation_prompt=True)
         if whole:
             sizes = tf.cast(ids.row_lengths(), tf.int32)
             row = tf.argmax(sizes, output_type=tf.int32)
@@ -114,14 +120,13 @@ class ChatPreprocessor(CausalLMPreprocessor):
                                                                                   budget))
             with tf.control_dependencies([tf.debugging.Assert(tf.reduce_all(sizes <= budget), [message])]):
                 ids = tf.identity(ids)
-        return ids[:, -budget:]
+        return {"ids": ids[:, -budget:], "dropped_turns": dropped}
 
-    def served(self, roles, contents, replies, num_tokens):
-        """The answer to conversations `roles`, `contents` given the generated `replies` and their `num_tokens`:
-        {"replies", "num_tokens"} as generated (a grounded preprocessor hands some rows off)."""
-        return {"replies": replies, "num_tokens": num_tokens}
+    def chat_ids(self, roles, contents, max_new_tokens, whole=False):
+        """The ids of `encode`."""
+        return self.encode(roles, contents, max_new_tokens, whole)["ids"]
 
-    def dropped_turns(self, roles, contents, max_new_tokens):
-        """How many of each conversation's oldest messages `chat_ids` drops (int32 [batch])."""
-        return self.tokenizer.encode_chat(roles, contents, self.sequence_length - max_new_tokens,
-                                          generation_prompt=True)[2]
+    def served(self, encoded, replies, num_tokens):
+        """The answer to conversations `encode`d as `encoded`, given the generated `replies` and their `num_tokens`:
+        {"replies", "num_tokens", "dropped_turns"} (a grounded preprocessor hands some rows off)."""
+        return {"replies": replies, "num_tokens": num_tokens, "dropped_turns": encoded["dropped_turns"]}

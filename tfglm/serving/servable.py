@@ -327,7 +327,8 @@ class SignatureStream:
         advance = servable.signature_defs["advance"].inputs
         options = {k: v for k, v in arrays.items() if k in advance}
         self.outputs = {}
-        state = servable.run(f"{signature_name}_start", {k: v for k, v in arrays.items() if k in start})
+        started = servable.run(f"{signature_name}_start", {k: v for k, v in arrays.items() if k in start})
+        state = {k: v for k, v in started.items() if k in advance}  # the decode state, without `chat`'s other outputs
 
         def step(state):
             self.outputs.update(servable.run("advance", {**state, **options, "steps": np.int32(self.steps)}))

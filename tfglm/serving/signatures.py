@@ -3,9 +3,10 @@
 
 A language model's export holds generate (also serving_default), score, tokenize and detokenize signatures, and a
 chat model's (a chat tokenizer) also `chat` (then serving_default; a grounded chat's holds its retrieval: the
-encoder, its tokenizer and the knowledge base); for streaming, `generate_start` (and
-`chat_start`) and `advance`, which pass the decode state between calls as named tensors (the per-layer caches stacked
-into one, `caches`); for `tfglm serve`'s continuous batching, the ENGINE signatures. `generate` and `chat` take
+encoder, its tokenizer and the knowledge base); for streaming, `generate_start` (and `chat_start`) and `advance`,
+which pass the decode state between calls as named tensors (the per-layer caches stacked into one, `caches`;
+`handed_off`, the rows a grounded chat answers with its hand-off message rather than decodes); for `tfglm serve`'s
+continuous batching, the ENGINE signatures. `generate` and `chat` take
 `prompts` (or `roles` and `contents`) plus the optional generation options (`tfglm.config.GENERATE_OPTIONS`), each
 with the run's `generate` config as its default, recorded in the SignatureDef's `defaults`, which TF Serving fills in
 for inputs a request leaves out. The model's context is saved as the variable `context`, so `tfglm serve` can reject
@@ -96,18 +97,22 @@ def language_module(generator, settings):
         `prompts` is optional (a plain Python default would not be)."""
         return generator.generate(prompts, max_new_tokens, temperature, top_k, top_p, seed)
 
+    def encode(roles, contents, max_new_tokens):
+        """The preprocessor's `encode` of conversations, refusing one that does not fit."""
+        return preprocessor.encode(roles, contents, tf.clip_by_value(max_new_tokens, 1, generator.context - 1),
+                                   whole=True)
+
     @tf.function(input_signature=CHAT_SIGNATURE)
     def chat(roles, contents, max_new_tokens=tf.constant(default_max_new),
              temperature=tf.constant(settings.temperature), top_k=tf.constant(settings.top_k),
              top_p=tf.constant(settings.top_p), seed=tf.constant(settings.seed)):
         """`Generator.chat` (a chat model only): the assistant's `replies` to conversations given as `roles` and
-        `contents` [batch, messages] (role "" pads), and their `num_tokens`; a conversation whose last message does
+        `contents` [batch, messages] (role "" pads), their `num_tokens`, and how many of each conversation's oldest
+        messages did not fit the context (`dropped_turns`: whole exchanges); a conversation whose last message does
         not fit beside `max_new_tokens` is an error, not a reply to a fragment of it. A grounded chat's also says
         which rows were `handed_off` (their reply is the hand-off message) and each row's best retrieval `score`."""
-        ids = preprocessor.chat_ids(roles, contents, tf.clip_by_value(max_new_tokens, 1, generator.context - 1),
-                                    whole=True)
-        out = generator.complete(ids, max_new_tokens, temperature, top_k, top_p, seed)
-        return preprocessor.served(roles, contents, out["completions"], out["num_tokens"])
+        out = generator.reply(encode(roles, contents, max_new_tokens), max_new_tokens, temperature, top_k, top_p, seed)
+        return {"replies": out.pop("completions"), **out}
 
     max_new = tf.TensorSpec([], tf.int32, name="max_new_tokens")
 
@@ -119,10 +124,12 @@ def language_module(generator, settings):
 
     @tf.function(input_signature=CHAT_SIGNATURE[:2] + [max_new])
     def chat_start(roles, contents, max_new_tokens=tf.constant(default_max_new)):
-        """The decode state of conversations (`advance`'s input): `chat`, streamed."""
-        ids = preprocessor.chat_ids(roles, contents, tf.clip_by_value(max_new_tokens, 1, generator.context - 1),
-                                    whole=True)
-        return as_tensors(generator.start(ids, max_new_tokens))
+        """The decode state of conversations (`advance`'s input): `chat`, streamed, with `chat`'s `dropped_turns`
+        (and a grounded chat's `score`); the rows `handed_off` are not decoded, and `advance` gives them the hand-off
+        message."""
+        encoded = encode(roles, contents, max_new_tokens)
+        state = generator.start(encoded.pop("ids"), max_new_tokens, encoded.get("handed_off"))
+        return {**encoded, **as_tensors(state)}
 
     layer = model.init_cache(1, 1)[0].shape  # [batch, 2, heads, length, head_dim]
     state_specs = [tf.TensorSpec([None, None], tf.int32, name="tokens"),
@@ -130,18 +137,21 @@ def language_module(generator, settings):
                    tf.TensorSpec([len(model.blocks), None, *layer[1:3], None, *layer[4:]], model.compute_dtype,
                                  name="caches"),
                    tf.TensorSpec([None], tf.int32, name="limit"), tf.TensorSpec([], tf.int32, name="index"),
-                   tf.TensorSpec([None], tf.bool, name="done"), tf.TensorSpec([], tf.int32, name="rows")]
+                   tf.TensorSpec([None], tf.bool, name="done"), tf.TensorSpec([], tf.int32, name="rows"),
+                   tf.TensorSpec([None], tf.bool, name="handed_off")]
 
     @tf.function(input_signature=state_specs + [tf.TensorSpec([], tf.int32, name="steps")] + OPTIONS[1:])
-    def advance(tokens, lengths, caches, limit, index, done, rows, steps=tf.constant(8),
+    def advance(tokens, lengths, caches, limit, index, done, rows, handed_off, steps=tf.constant(8),
                 temperature=tf.constant(settings.temperature), top_k=tf.constant(settings.top_k),
                 top_p=tf.constant(settings.top_p), seed=tf.constant(settings.seed)):
         """Up to `steps` more tokens from a `*_start` or `advance` state: the new state, and the text so far
-        (`completions`), `num_tokens` and `finished`. `limit` and `steps` are clipped to the buffer, so a state sent
-        by a client cannot make the loop run longer than its tokens."""
+        (`completions`: a row `handed_off` has the hand-off message), `num_tokens` and `finished`. `limit` and
+        `steps` are clipped to the buffer, so a state sent by a client cannot make the loop run longer than its
+        tokens."""
         total = tf.shape(tokens)[1]
         state = {"tokens": tokens, "lengths": lengths, "caches": tf.unstack(caches, len(model.blocks)),
-                 "limit": tf.minimum(limit, total), "index": index, "done": done, "rows": rows}
+                 "limit": tf.minimum(limit, total), "index": index, "done": done, "rows": rows,
+                 "handed_off": handed_off}
         state, out = generator.advance(state, tf.clip_by_value(steps, 0, total), temperature, top_k, top_p, seed)
         return {**as_tensors(state), **out}
 
@@ -158,12 +168,12 @@ def language_module(generator, settings):
     @tf.function(input_signature=CHAT_SIGNATURE[:2] + [max_new])
     def conversation_ids(roles, contents, max_new_tokens):
         """The engine's ids of conversations (`chat`'s preprocessing, an error for one that does not fit), and
-        `chat`'s other outputs but its generated ones: a grounded chat's `handed_off` rows (their `replies` the
-        hand-off message, not decoded) and `score`."""
-        ids = preprocessor.chat_ids(roles, contents, tf.clip_by_value(max_new_tokens, 1, generator.context - 1),
-                                    whole=True)
+        `chat`'s other outputs but its generated ones: `dropped_turns`, a grounded chat's `handed_off` rows (their
+        `replies` the hand-off message, not decoded) and `score`."""
+        encoded = encode(roles, contents, max_new_tokens)
         batch = tf.shape(roles)[0]
-        return {**padded(ids), **preprocessor.served(roles, contents, tf.fill([batch], ""), tf.zeros([batch], tf.int32))}
+        return {**padded(encoded["ids"]),
+                **preprocessor.served(encoded, tf.fill([batch], ""), tf.zeros([batch], tf.int32))}
 
     @tf.function(input_signature=[cache_spec, buffer_spec, tf.TensorSpec([None], tf.int32, name="slots"),
                                   tf.TensorSpec([None, None], tf.int32, name="ids"),

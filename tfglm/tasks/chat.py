@@ -68,8 +68,12 @@ class ChatConfig:
     knowledge: str = ""  # a knowledge base (`tfglm index --out DIR`) the replies are grounded in (--knowledge)
     top_k: int = 1  # its entries retrieved into the context slot
     context_tokens: int = 128  # the retrieved entries' tokens kept in the context slot (the rest cut)
+    own_entry_share: float = 0.5  # the share of training conversations whose context slot holds their own entry
+    # first (the rest: the nearest others only, as a new question gets): copying from the slot pays at once, so a
+    # small model learns to read it rather than only the replies' common template
     handoff_rate: float = 0.02  # the share of validation conversations whose best match the hand-off threshold
-    # falls under (calibrated when training starts; 0: never hand off)
+    # falls under (calibrated when training starts on val_file, else eval_file, else the held-out training
+    # conversations; 0: never hand off)
     handoff_message: str = ("I'm sorry, I can't help with that here. Let me pass you to a member of our support "
                             "team.")  # the reply to a conversation handed off
 
@@ -108,6 +112,7 @@ class Chat(Task):
             (c.top_k >= 1, "chat.top_k", "must be >= 1"),
             (not c.knowledge or 1 <= c.context_tokens < config.model.max_length, "chat.context_tokens",
              f"must be >= 1 and below model.max_length ({config.model.max_length})"),
+            (0.0 <= c.own_entry_share <= 1.0, "chat.own_entry_share", "must be in [0, 1]"),
             (0.0 <= c.handoff_rate < 1.0, "chat.handoff_rate", "must be in [0, 1)")]
 
     def __init__(self, config, run_dir):
@@ -155,10 +160,10 @@ class Chat(Task):
             self.grounding = Grounding.load(self.run_dir)
         if self.grounding:
             preprocessor = self.chat_preprocessor()
-            train, _ = self.grounding.retrieve(train, preprocessor)
+            train, _ = self.grounding.retrieve(train, preprocessor, c.own_entry_share, self.config.train.seed)
             val, scores = self.grounding.retrieve(val, preprocessor)
             if not resume and chief:
-                self.grounding.calibrate(scores, c.handoff_rate, self.run_dir)
+                self.grounding.calibrate(self.calibration_scores(scores, preprocessor), c.handoff_rate, self.run_dir)
         length = self.config.model.max_length + 1
         self.train = encode(self.tokenizer, train, length, c.train_file, c.long)
         self.val = encode(self.tokenizer, val, length, c.val_file or f"{c.train_file} (validation share)", c.long)
@@ -171,6 +176,22 @@ class Chat(Task):
             log.warning("%s", advice)
         log.info("chat fine-tuning on %d examples (%d for validation), %d assistant tokens", len(self.train[0]),
                  len(self.val[0]), int(self.train[1].sum()))
+
+    def calibration_scores(self, val_scores, preprocessor):
+        """The best retrieval scores the hand-off threshold is calibrated on: `chat.val_file`'s conversations
+        (`val_scores`), else `chat.eval_file`'s. Held-out training conversations are the last resort: their
+        paraphrases stay in the index, so their best matches are nearer than a new question's and more than
+        `chat.handoff_rate` of new in-domain questions would be handed off."""
+        c = self.config.chat
+        if c.val_file:
+            return val_scores
+        if c.eval_file:
+            return self.grounding.retrieve(read_conversations(c.eval_file, c.question_column, c.answer_column),
+                                           preprocessor)[1]
+        log.warning("hand-off threshold calibrated on held-out training conversations, whose paraphrases stay in "
+                    "the index: new in-domain questions may be handed off more often than chat.handoff_rate; name "
+                    "separate validation conversations (--val or --eval) to calibrate on")
+        return val_scores
 
     def schedule(self):
         return epoch_schedule(self.config.train, self.config.chat, len(self.train[0]))
@@ -464,20 +485,24 @@ class Grounding:
                                         [entry["answer"] for entry in self.knowledge.entries], s["top_k"],
                                         s["context_tokens"], s["threshold"], s["handoff_message"])
 
-    def retrieve(self, conversations, preprocessor):
+    def retrieve(self, conversations, preprocessor, own_share=0.0, seed=0):
         """(the conversations with their context message first, each one's best score): retrieval for the last
-        user message as `preprocessor` does it, leaving out the conversation's own entry."""
+        user message as `preprocessor` does it, leaving out the conversation's own entry (one whose questions hold
+        that message and whose answer is its last reply), except in a random `own_share` of those that have one
+        (by `seed`), whose own entry comes first."""
         queries = [last_user(roles, contents) for roles, contents in conversations]
-        scores = self.knowledge.entry_scores(queries)
+        scores = retrieval_scores(self.knowledge, conversations, preprocessor)
         own = {}  # (question, answer) -> the entries holding both
         for i, entry in enumerate(self.knowledge.entries):
             for question in entry["questions"]:
                 own.setdefault((question, entry["answer"]), []).append(i)
+        first = np.random.default_rng(seed).random(len(conversations)) < own_share
+        ranking = scores.copy()
         for row, ((roles, contents), query) in enumerate(zip(conversations, queries)):
-            reply = contents[len(roles) - 1 - roles[::-1].index("assistant")]
-            scores[row, own.get((query.strip(), reply), [])] = -np.inf
+            entries = own.get((query.strip(), contents[last_reply(roles)]), [])
+            ranking[row, entries] = np.inf if first[row] else -np.inf
         k = preprocessor.top_k
-        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        best = np.argsort(-ranking, axis=1, kind="stable")[:, :k]
         contexts = [text.decode("utf-8", errors="replace") for start in range(0, len(best), 256)
                     for text in preprocessor.context(tf.constant(best[start:start + 256])).numpy()]
         grounded = [([CONTEXT] + roles, [context] + contents)
@@ -495,5 +520,14 @@ class Grounding:
 
 
 def last_user(roles, contents):
-    """The last user message of a conversation ("" without one), the query retrieval embeds."""
+    """The last user message of a conversation ("" without one), the question its own entry holds."""
     return next((text for role, text in zip(roles[::-1], contents[::-1]) if role == "user"), "")
+
+
+def retrieval_scores(knowledge, conversations, preprocessor, batch_size=256):
+    """float [conversations, entries]: each entry's score for each conversation as `preprocessor` retrieves, by the
+    better of its `GroundedChatPreprocessor.queries` (the last user message, and it after the one before)."""
+    rows = [row for start in range(0, len(conversations), batch_size) for row in preprocessor.queries(
+        *map(tf.constant, as_batch(conversations[start:start + batch_size]))).numpy()]
+    queries = [text.decode("utf-8") for row in rows for text in row]
+    return knowledge.entry_scores(queries).reshape(len(conversations), 2, -1).max(axis=1)
