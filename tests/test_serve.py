@@ -1,11 +1,13 @@
 """`tfglm serve`: TF Serving's REST and gRPC APIs over an export directory, on 127.0.0.1 and free ports; what a
 hostile client can send (malformed requests, lying sizes, slow clients, load) and version swaps under load."""
 
+import contextlib
 import json
 import os
 import random
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -682,19 +684,33 @@ def test_32_concurrent_mixed_requests_each_give_what_they_give_alone(server):
     assert together == alone
 
 
-def test_a_disconnected_stream_frees_its_slot_and_the_queue_bound_holds(base_path, monkeypatch):
+def metric(server, name):
+    """The value of metric `name` (with its labels) on the server's Prometheus page."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.rest_port}/monitoring/prometheus/metrics") as response:
+        return float(response.read().decode().split(name + " ")[1].split()[0])
+
+
+SLOW_ENGINE = """
+import time
+from tfglm.serving import engine
+
+step = engine.Engine._step_all
+engine.Engine._step_all = lambda self: time.sleep(0.05) or step(self)  # a slow model
+"""
+
+
+def test_a_disconnected_stream_frees_its_slot_and_the_queue_bound_holds(base_path, tmp_path, monkeypatch):
     """One slot: a streamed completion whose client goes away after its first event is cancelled at the engine's
     next step, and the request queued behind it is served; a third request beyond the queue bound gets 503."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_ENGINE)  # run by the version's process as it starts
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     server = Server({"tiny": base_path}, port=0, rest_api_port=0, poll_s=60, max_slots=1,
                     max_enqueued_requests=2).start()
     try:
-        servables = server.models["tiny"].servables
-        engine = servables[max(servables)].engine
-        submitted, step = [], engine._step
-        submit = engine.submit
-        monkeypatch.setattr(engine, "submit", lambda request: submitted.append(request) or submit(request))
-        monkeypatch.setattr(engine, "_step", lambda *args: time.sleep(0.05) or step(*args))  # a slow model
-        body = json.dumps({"model": "tiny", "prompt": "the", "max_tokens": 28, "stream": True}).encode()
+        request = {"model": "tiny", "prompt": "the", "max_tokens": 28}
+        whole = rest(server, "/v1/completions", request)[1]["usage"]["completion_tokens"]  # to its end
+        tokens = metric(server, 'tfglm_generated_tokens_total{model="tiny"}')
+        body = json.dumps({**request, "stream": True}).encode()
         with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as sock:
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n" % len(body) + body)
@@ -703,13 +719,116 @@ def test_a_disconnected_stream_frees_its_slot_and_the_queue_bound_holds(base_pat
                 received += sock.recv(65536)
             with ThreadPoolExecutor(1) as pool:
                 queued = pool.submit(completion, server, "mat. the", max_tokens=4, temperature=0)
-                while len(submitted) < 2:  # the second is in the engine's queue
+                while metric(server, 'tfglm_engine_queue_length{model="tiny"}') < 1:  # the second is in the queue
                     time.sleep(0.01)
                 status, _ = rest(server, "/v1/models/tiny:predict", {"inputs": {"prompts": ["the"]}})
                 assert status == 503
                 sock.shutdown(socket.SHUT_RDWR)
                 assert queued.result(timeout=60)
-        assert submitted[0].finish_reason == "cancelled"
-        assert not any(engine.slots)
+        generated = metric(server, 'tfglm_generated_tokens_total{model="tiny"}') - tokens
+        assert generated - 4 < whole  # the first was cut short (the queued one made at most 4)
+        assert metric(server, 'tfglm_engine_slots_in_use{model="tiny"}') == 0
     finally:
         server.stop()
+
+
+GOOD = {"inputs": {"prompts": ["the"]}}
+
+
+def serve_a_copy(base_path, tmp_path, **options):
+    """A server of model `m` whose version 1 is a copy of `base_path`'s, and its base path."""
+    base = str(tmp_path / "m")
+    shutil.copytree(os.path.join(base_path, "1"), os.path.join(base, "1"))
+    return Server({"m": base}, port=0, rest_api_port=0, **options).start(), base
+
+
+def swap_in(server, base, version, timeout_s=300):
+    """Writes `version` (a copy of version 1, as `tfglm export` writes one) and waits until it alone is served."""
+    shutil.copytree(os.path.join(base, "1"), os.path.join(base, f"tmp-{version}"))
+    os.replace(os.path.join(base, f"tmp-{version}"), os.path.join(base, str(version)))
+    deadline = time.monotonic() + timeout_s
+    while list(server.models["m"].servables) != [version]:
+        assert time.monotonic() < deadline, f"version {version} not swapped in"
+        time.sleep(0.05)
+    return server.models["m"].servables[version]
+
+
+def test_redeploys_keep_the_server_memory_flat_and_end_retired_versions(base_path, tmp_path):
+    """Each version runs in a process of its own that ends once the version is retired: 4 swaps leave the server's
+    own memory where the first left it, and only the serving version's process alive."""
+    server, base = serve_a_copy(base_path, tmp_path, poll_s=0.1)
+    try:
+        want = rest(server, "/v1/models/m:predict", GOOD)
+        versions = [server.models["m"].servables[1]]
+        rss = []
+        for version in range(2, 6):
+            versions.append(swap_in(server, base, version))
+            assert rest(server, "/v1/models/m:predict", GOOD) == want
+            assert all(retired.join(timeout=60) for retired in versions[:-1])
+            rss.append(_rss())
+        assert versions[-1].alive
+        assert rss[-1] - rss[0] < 30 << 20, [r >> 20 for r in rss]
+    finally:
+        server.stop()
+    assert versions[-1].join(timeout=60)
+
+
+def test_a_killed_version_process_answers_503_then_is_reloaded(base_path, tmp_path):
+    """A version whose process dies answers its request in flight and the next ones 503 (gRPC UNAVAILABLE), never a
+    hang or a 500; the next poll reloads it."""
+    server, base = serve_a_copy(base_path, tmp_path, poll_s=0.2)
+    try:
+        want = rest(server, "/v1/models/m:predict", GOOD)
+        version = server.models["m"].servables[1]
+        os.kill(version.process.pid, signal.SIGSTOP)  # the request below waits in the version's process
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(rest, server, "/v1/models/m:predict", GOOD)
+            time.sleep(0.5)
+            os.kill(version.process.pid, signal.SIGKILL)
+            status, response = in_flight.result(timeout=60)
+        assert status == 503 and "its process ended" in response["error"], response
+        assert grpc_code(stubs(server)[0].Predict, predict_request("m", prompts=["the"])) == "UNAVAILABLE"
+        deadline = time.monotonic() + 300
+        while rest(server, "/v1/models/m:predict", GOOD) != want:
+            assert time.monotonic() < deadline, "version 1 not reloaded"
+            time.sleep(0.2)
+        assert server.models["m"].servables[1] is not version
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_stopping_tfglm_serve_leaves_no_version_process(base_path, stop):
+    """`tfglm serve` stopped (SIGTERM, or killed outright) takes its versions' processes with it."""
+    server = subprocess.Popen([sys.executable, "-m", "tfglm", "serve", "--model_base_path", base_path,
+                               "--port", "0", "--rest_api_port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        for line in server.stderr:
+            if "serving default" in line:
+                break
+        children = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if parent_of(pid) == server.pid]
+        assert children, "no version process"
+        server.send_signal(stop)
+        server.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in children):
+            assert time.monotonic() < deadline, "a version's process outlived the server"
+            time.sleep(0.1)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def parent_of(pid):
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def alive(pid):
+    """Whether process `pid` runs (a zombie, ended and not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -564,6 +564,7 @@ def cmd_index(args):
 
 
 def cmd_serve(args):
+    import signal
     import time
 
     from tfglm.serving.serve import Server
@@ -580,6 +581,7 @@ def cmd_serve(args):
                     max_slots=args.max_slots).start()
     rest = f", REST on http://{args.host}:{server.rest_port}" if args.rest_api_port else ""
     log.info("serving %s: gRPC on %s:%d%s", ", ".join(models), args.host, server.grpc_port, rest)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped as by Ctrl-C: the versions' processes end
     try:
         while True:
             time.sleep(3600)

@@ -1,15 +1,18 @@
-"""Soak test of `tfglm serve`: 16 clients sending mixed good and bad REST and gRPC requests, slow clients, and a
-new model version every `--swap-every` seconds, for `--seconds`; reports status counts (no 5xx, no dropped
-connection, no wrong answer expected), latency percentiles of the good requests and the server's RSS over time.
+"""Soak and load test of `tfglm serve`: `--clients` clients sending mixed good and bad REST and gRPC requests (and a
+slow client every 2 s) while `--swaps` new model versions are written one after another, for at least `--seconds`.
+Reports status counts (no 5xx, no dropped connection, no wrong answer expected), latency percentiles of the good
+requests, and for each swap: how long the version took to load, the server's RSS once it serves it (its own and its
+versions' processes'), the stall (the longest good request in flight as it was swapped in) and the new version's
+time to its first answer (from the moment it is served to the first gRPC answer it gives).
 
 The model is `configs/gpt-char-tiny.yaml`'s (4 x 128, context 64, characters), trained for 4 steps on a synthetic
-corpus and exported with XLA (or without: `--no-jit-compile`); the server is
-`tfglm serve --max_batch_size 8` in a process of its own (its RSS is read from /proc). Good
-requests are greedy or seeded-sampled completions of short prompts with the export's default options, checked
-against the answer each got alone at the start; a new version is a copy of version 1, so every version must answer
-the same.
+corpus and exported with XLA (or without: `--no-jit-compile`); the server is `tfglm serve --max_batch_size 8` in a
+process of its own. Good requests are greedy or seeded-sampled completions of short prompts, checked against the
+answer each got alone at the start; a new version is a copy of version 1, so every version must answer the same. A
+version is written once the one before it is served and `--swap-every` seconds have passed.
 
-    nice -n 10 python -m bench.speed.serve_soak [--seconds 120] [--swap-every 30] [--no-jit-compile]
+    nice -n 10 python -m bench.speed.serve_soak --clients 8 --swaps 20        # memory across redeploys
+    nice -n 10 python -m bench.speed.serve_soak --clients 16 --seconds 150 --swaps 1 --swap-every 75   # latency
 """
 
 import argparse
@@ -35,7 +38,6 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from bench import common
 from tfglm.serving.export import export_run
 
-CLIENTS = 16
 PROMPTS = ["ROMEO:", "JULIET:", "To be, or", "What light", "O, speak"]
 BAD_BODIES = [b'{"inputs": ', b'{"inputs": {"prompts": [1]}}', b'{"signature_name": ["generate"], "inputs": ["a"]}',
               b'{"inputs": {"prompts": [{"b64": "!!!="}]}}', b'{"inputs": {"prompts": ["a"], "x": [[1], [1, 2]]}}',
@@ -62,6 +64,30 @@ def rss_mb(pid):
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
+def children(pid):
+    """The processes `pid` started (its served versions', multiprocessing's resource tracker)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def server_rss_mb(pid):
+    """(the server's own RSS, its child processes' together) in MB."""
+    own, rest = rss_mb(pid), 0.0
+    for child in children(pid):
+        try:
+            rest += rss_mb(child)
+        except (OSError, StopIteration):  # ended meanwhile, or a zombie
+            pass
+    return own, rest
+
+
 class Traffic:
     """The requests, each returning (kind, outcome, seconds, right): outcome an HTTP status, a gRPC code name or
     'dropped'; right False only for a good request answered wrongly."""
@@ -71,6 +97,7 @@ class Traffic:
         self.rest_port = rest_port
         self.stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
         self.solo = {}
+        self.answered_by = {}  # version -> when it first answered a good gRPC request
 
     def post(self, body):
         request = urllib.request.Request(self.url + ":predict", body)
@@ -97,6 +124,8 @@ class Traffic:
         except grpc.RpcError as e:
             return "good_grpc", e.code().name, True
         answer = [c.decode() for c in tf.make_ndarray(response.outputs["completions"])]
+        self.answered_by[response.model_spec.version.value] = min(
+            time.monotonic(), self.answered_by.get(response.model_spec.version.value, float("inf")))
         return "good_grpc", "OK", self.solo.setdefault((prompt, 0.0, 0), answer) == answer
 
     def bad_rest(self, rng):
@@ -147,7 +176,12 @@ def raw_status(port, data, pause_s=None):
     return int(response.split()[1]) if response else "dropped"
 
 
-def soak(base, seconds, swap_every, server_log):
+def served_version(traffic):
+    return max(int(s["version"]) for s in json.load(urllib.request.urlopen(traffic.url, timeout=30))[
+        "model_version_status"])
+
+
+def soak(base, clients, seconds, swaps, swap_every, server_log, deadline_s=float("inf")):
     rest_port, grpc_port = free_port(), free_port()
     server = subprocess.Popen([sys.executable, "-m", "tfglm", "serve", "--model_name", "m", "--model_base_path", base,
                                "--port", str(grpc_port), "--rest_api_port", str(rest_port), "--max_batch_size", "8",
@@ -171,7 +205,8 @@ def soak(base, seconds, swap_every, server_log):
                         key = (prompt, temperature, seed)
                         body = {"inputs": {"prompts": [prompt], "temperature": temperature, "seed": seed}}
                         traffic.solo[key] = traffic.post(json.dumps(body).encode())[1]["outputs"]["completions"]
-        results, rss, stop, start = [], [(0.0, rss_mb(server.pid), 1)], threading.Event(), time.monotonic()
+        results, stop, start = [], threading.Event(), time.monotonic()
+        swapped = [{"version": 1, "load_s": None, "rss_mb": server_rss_mb(server.pid), "served_at": 0.0}]
 
         def client(seed):
             rng, kinds = random.Random(seed), traffic.kinds()
@@ -189,39 +224,63 @@ def soak(base, seconds, swap_every, server_log):
                     ("slow", traffic.slow(rng)[1], 0.0, True, time.monotonic() - start))))
                 threads[-1].start()
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
         threads.append(threading.Thread(target=slow_clients))
         for thread in threads:
             thread.start()
-        version, next_swap = 1, swap_every
-        while (elapsed := time.monotonic() - start) < seconds:
-            if elapsed >= next_swap:
+        version = 1
+        while (version <= swaps or time.monotonic() - start < seconds) and time.monotonic() - start < deadline_s:
+            if version <= swaps and time.monotonic() - start - swapped[-1]["served_at"] >= swap_every:
                 version += 1
+                written = time.monotonic()
                 shutil.copytree(os.path.join(base, "1"), os.path.join(base, f"tmp-{version}"))
                 os.replace(os.path.join(base, f"tmp-{version}"), os.path.join(base, str(version)))
-                next_swap += swap_every
-            time.sleep(5)
-            rss.append((round(time.monotonic() - start, 1), rss_mb(server.pid), version))
+                while served_version(traffic) != version:
+                    assert server.poll() is None and time.monotonic() - written < 900, f"version {version} not served"
+                    time.sleep(0.05)
+                served = time.monotonic()
+                time.sleep(1)  # the version before it ends once its requests are done
+                swapped.append({"version": version, "load_s": served - written, "rss_mb": server_rss_mb(server.pid),
+                                "served_at": served - start})
+                print(f"version {version} served after {served - written:.1f} s; RSS server + versions "
+                      f"{swapped[-1]['rss_mb'][0]:.0f} + {swapped[-1]['rss_mb'][1]:.0f} MB", flush=True)
+            time.sleep(0.5)
         stop.set()
         for thread in threads:  # by index: it also reaches a slow client started while slow_clients ends
             thread.join(timeout=300)
-        served = json.load(urllib.request.urlopen(traffic.url, timeout=30))["model_version_status"]
+        for swap in swapped[1:]:
+            first = traffic.answered_by.get(swap["version"])
+            swap["first_answer_s"] = first - start - swap["served_at"] if first else None
+            at = swap["served_at"]
+            swap["stall_s"] = max((s for name, o, s, _, sent in results
+                                   if name.startswith("good") and sent <= at <= sent + s), default=0.0)
     finally:
         server.terminate()
         server.wait(timeout=60)
-    return results, rss, [s["version"] for s in served], time.monotonic() - start
+    return results, swapped, time.monotonic() - start
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=120)
-    parser.add_argument("--swap-every", type=float, default=30, help="seconds between new versions")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=0, help="least seconds of traffic")
+    parser.add_argument("--swaps", type=int, default=20, help="new versions written, one after another")
+    parser.add_argument("--swap-every", type=float, default=5, help="least seconds between a version served and "
+                                                                     "the next written")
+    parser.add_argument("--deadline", type=float, default=float("inf"),
+                        help="seconds of traffic after which no version is written (the report covers those swapped)")
     parser.add_argument("--no-jit-compile", action="store_true", help="export without XLA")
+    parser.add_argument("--export", help="serve a copy of this export (a version directory) instead of training one")
     args = parser.parse_args()
     reference = common.machine_reference()
     with tempfile.TemporaryDirectory() as root, tempfile.TemporaryFile("w+") as server_log:
-        results, rss, served, seconds = soak(make_export(root, not args.no_jit_compile), args.seconds,
-                                             args.swap_every, server_log)
+        if args.export:
+            base = os.path.join(root, "models")
+            shutil.copytree(args.export, os.path.join(base, "1"))
+        else:
+            base = make_export(root, not args.no_jit_compile)
+        results, swapped, seconds = soak(base, args.clients, args.seconds, args.swaps, args.swap_every, server_log,
+                                         args.deadline)
         server_log.seek(0)
         errors = [line for line in server_log if ": ERROR: " in line or "Traceback" in line]
     outcomes = {}
@@ -229,26 +288,32 @@ def main():
         outcomes.setdefault(name, {}).setdefault(str(outcome), 0)
         outcomes[name][str(outcome)] += 1
     good = sorted(s for name, outcome, s, _, _ in results if name.startswith("good") and outcome in (200, "OK"))
+    total = [sum(s["rss_mb"]) for s in swapped]
     summary = {
-        "seconds": seconds, "machine": reference, "clients": CLIENTS, "requests": len(results),
+        "seconds": seconds, "machine": reference, "clients": args.clients, "requests": len(results),
         "5xx": sum(isinstance(o, int) and o >= 500 for _, o, *_ in results),
+        "failed": sum(o not in (200, "OK") for name, o, *_ in results if name.startswith("good")),
         "dropped": sum(o == "dropped" for _, o, *_ in results),
         "wrong_answers": sum(not right for *_, right, _ in results),
         "good_requests": len(good), "requests_per_s": len(results) / seconds,
-        **{f"p{q}_ms": 1000 * float(np.percentile(good, q)) for q in (50, 90, 99)}, "max_ms": 1000 * good[-1],
-        "rss_start_mb": rss[0][1], "rss_end_mb": rss[-1][1], "versions_served_at_end": served,
-        "server_errors_logged": len(errors),
-        "xla": not args.no_jit_compile, "swap_every_s": args.swap_every,
-        "slowest": [(round(s, 3), round(at, 1)) for _, _, s, _, at in sorted(results, key=lambda r: r[2])[-5:]],
+        **{f"p{q}_ms": 1000 * float(np.percentile(good, q)) for q in (50, 95, 99)}, "max_ms": 1000 * good[-1],
+        "swaps": len(swapped) - 1, "rss_first_swap_mb": total[min(1, len(total) - 1)], "rss_last_mb": total[-1],
+        "rss_ratio": total[-1] / total[min(1, len(total) - 1)],
+        "first_answer_max_s": max((s["first_answer_s"] or float("inf") for s in swapped[1:]), default=None),
+        "stall_max_s": max((s["stall_s"] for s in swapped[1:]), default=None),
+        "server_errors_logged": len(errors), "xla": not args.no_jit_compile,
     }
     print("\noutcomes by kind:", json.dumps(outcomes, indent=1))
-    print("\nRSS over time (s, MB, newest version on disk):", [(t, round(mb), v) for t, mb, v in rss])
-    common.print_table([summary], ["requests", "5xx", "dropped", "wrong_answers", "p50_ms", "p90_ms", "p99_ms",
-                                   "max_ms", "rss_start_mb", "rss_end_mb"])
-    print("slowest requests (s, at s):", summary["slowest"])
+    common.print_table([{"version": s["version"], "load_s": s["load_s"], "server_mb": s["rss_mb"][0],
+                         "versions_mb": s["rss_mb"][1], "total_mb": sum(s["rss_mb"]), "stall_s": s.get("stall_s"),
+                         "first_answer_s": s.get("first_answer_s")} for s in swapped],
+                       ["version", "load_s", "server_mb", "versions_mb", "total_mb", "stall_s", "first_answer_s"])
+    common.print_table([summary], ["requests", "5xx", "failed", "dropped", "wrong_answers", "p50_ms", "p95_ms",
+                                   "p99_ms", "max_ms", "rss_first_swap_mb", "rss_last_mb", "rss_ratio",
+                                   "first_answer_max_s", "stall_max_s"])
     print(f"server log: {len(errors)} errors", *errors[:5], sep="\n")
-    name = "serve_soak.json" if summary["xla"] else "serve_soak_no_xla.json"
-    common.write_json(name, {"summary": summary, "outcomes": outcomes, "rss": rss})
+    name = f"serve_soak_{args.clients}_clients{'' if summary['xla'] else '_no_xla'}.json"
+    common.write_json(name, {"summary": summary, "outcomes": outcomes, "swaps": swapped})
 
 
 if __name__ == "__main__":

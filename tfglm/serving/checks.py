@@ -23,6 +23,9 @@ class RequestError(Exception):
         super().__init__(message)
         self.status, self.headers = status, headers
 
+    def __reduce__(self):  # a served version's process raises them, the server answers them
+        return type(self), (str(self), self.status, self.headers)
+
 
 OPTIONS = {o.name: o for o in GENERATE_OPTIONS}
 DTYPES = {int: np.int32, float: np.float32}

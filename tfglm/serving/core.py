@@ -12,7 +12,6 @@ import time
 import types
 
 import prometheus_client
-import tensorflow as tf
 from tensorflow_serving.config import model_server_config_pb2
 
 from tfglm.errors import TfglmError
@@ -120,7 +119,8 @@ class ServerCore:
                 raise TfglmError(f"model {name}: base path {config.base_path} is not a directory")
         self.metrics = Metrics()
         self.models = {name: Model(config, max_prompt_bytes=max_prompt_bytes, max_batch_size=max_batch_size,
-                                   max_slots=max_slots, engine_metrics=self.metrics.engine(name))
+                                   max_slots=max_slots, engine_metrics=self.metrics.engine(name),
+                                   threads=max(num_threads, os.cpu_count() or 1))
                        for name, config in configs.items()}
         self.poll_s = poll_s
         self.admission = Admission(max_enqueued_requests)
@@ -130,11 +130,6 @@ class ServerCore:
 
     def load(self):
         """Removes stale exports, loads every model's versions, then starts polling."""
-        # TensorFlow's inter-op pool (one thread a core by default) runs every request's function call; a new
-        # version's XLA compilation holds one of its threads for seconds, which stalled the serving version's
-        # requests. Settable only before TensorFlow starts, as under `tfglm serve`.
-        with contextlib.suppress(RuntimeError):
-            tf.config.threading.set_inter_op_parallelism_threads(max(self.num_threads, os.cpu_count() or 1))
         gc.collect()
         gc.freeze()  # the objects alive now (TensorFlow's, mostly) stay: later collections, a swap's too, skip them
         for model in self.models.values():

@@ -54,6 +54,7 @@ class Servable:
         self.name, self.version = name, version
         self.max_prompt_bytes, self.max_batch_size = max_prompt_bytes, max_batch_size
         self.loaded = tf.saved_model.load(path)
+        self.signature_names = list(self.loaded.signatures)
         self.created = int(os.path.getmtime(path))  # the export's time, for OpenAI's model list
         with open(os.path.join(path, "saved_model.pb"), "rb") as f:
             self.signature_defs = saved_model_pb2.SavedModel.FromString(f.read()).meta_graphs[0].signature_def
@@ -116,7 +117,7 @@ class Servable:
                     pass
 
     def signature(self, name):
-        if not isinstance(name, str) or name not in self.loaded.signatures:
+        if not isinstance(name, str) or name not in self.signature_names:
             raise RequestError(f'Serving signature name: "{name}" not found in signature def')
         return self.signature_defs[name]
 

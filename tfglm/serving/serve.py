@@ -17,7 +17,9 @@ class Server(ServerCore):
     """The serving core behind a gRPC and an HTTP (REST and OpenAI) front.
 
     A port of 0 binds a free one (read `rest_port` / `grpc_port` after `start`); `rest_api_port=None` disables the
-    HTTP front. The other arguments are ServerCore's: the models and the limits.
+    HTTP front. The other arguments are ServerCore's: the models and the limits. Each version runs in a process of its
+    own (`tfglm.serving.version_process`), started by `multiprocessing`'s spawn, which imports the main module: a
+    script that starts a Server does so under `if __name__ == "__main__":`.
     """
 
     def __init__(self, models, host="127.0.0.1", port=8500, rest_api_port=8501, *args, **kwargs):

@@ -1,15 +1,12 @@
 """Versions: the models a server serves, each a base path of numbered `tfglm export` versions, loaded and retired
 by its version policy (TF Serving's: the latest N, default 1; all; or specific ones) as versions appear on disk.
 
-A new version is loaded and warmed up before it takes traffic; a version that leaves the policy is retired and freed
-at the next poll. (TensorFlow keeps what XLA compiled for a freed version: its compilation cache has no eviction,
-tensorflow/tensorflow#64170, so each swap of an XLA export still costs some tens of MB per compiled shape; exports
-without XLA swap with flat memory.)
+A new version is loaded and warmed up before it takes traffic; a version that leaves the policy is retired. Each
+version runs in a process of its own (`tfglm.serving.version_process`), which ends once the version is retired and
+its requests are done: what TensorFlow and XLA hold for a version goes back to the operating system with it, so the
+server's memory stays flat however many versions it swaps in.
 """
 
-import contextlib
-import ctypes
-import gc
 import logging
 import os
 import shutil
@@ -21,7 +18,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from tfglm.errors import TfglmError
 from tfglm.serving.checks import RequestError
-from tfglm.serving.servable import Servable
+from tfglm.serving.version_process import VersionProcess
 
 log = logging.getLogger("tfglm")
 STALE_EXPORT_S = 600  # a `tmp-*` export directory untouched this long is left over from a killed `tfglm export`
@@ -57,8 +54,8 @@ class Model:
         self.name, self.base_path = config.name, config.base_path
         self.policy, self.labels = config.model_version_policy, dict(config.version_labels)
         self.servable_options = servable_options
-        self.servables = {}  # version -> Servable; replaced as a whole, so readers need no lock
-        self._failed, self._retired = set(), []
+        self.servables = {}  # version -> VersionProcess; replaced as a whole, so readers need no lock
+        self._failed = set()
 
     def wanted(self, versions):
         """The versions to serve among those on disk, by the version policy (TF Serving's default: the latest)."""
@@ -70,13 +67,10 @@ class Model:
         return set(sorted(versions)[-max(self.policy.latest.num_versions, 1):])
 
     def poll(self):
-        """Loads and warms up the versions the policy wants that are not served yet, then swaps them in and retires
-        the versions it no longer wants; their memory is released at the next poll, once the requests they were
-        serving are done (freeing a version pauses Python's threads for about 0.1 s: TensorFlow's teardown runs under
-        the GIL). A version that fails to load is not retried (nor counted as on disk)."""
-        if self._retired:
-            self._retired.clear()
-            release_memory()
+        """Loads and warms up the versions the policy wants that are not served yet (or whose process ended: they
+        answer 503 meanwhile), then swaps them in and retires the versions it no longer wants. A version that fails
+        to load is not retried (nor counted as on disk)."""
+        dead = {v for v, s in self.servables.items() if not s.alive}
         try:
             on_disk = [int(v) for v in os.listdir(self.base_path)
                        if v.isdigit() and os.path.exists(os.path.join(self.base_path, v, "saved_model.pb"))]
@@ -85,22 +79,22 @@ class Model:
             return
         wanted = self.wanted([v for v in on_disk if v not in self._failed])
         loaded = {}
-        for version in sorted(wanted - set(self.servables)):
+        for version in sorted(wanted - (set(self.servables) - dead)):
             try:
-                loaded[version] = Servable(self.name, version, os.path.join(self.base_path, str(version)),
-                                           **self.servable_options)
+                loaded[version] = VersionProcess(self.name, version, os.path.join(self.base_path, str(version)),
+                                                 **self.servable_options)
             except Exception:
                 log.exception("%s: version %d failed to load; not serving it", self.name, version)
                 self._failed.add(version)
             else:
                 log.info("%s: serving version %d from %s", self.name, version, self.base_path)
-        kept = {v: s for v, s in self.servables.items() if v in wanted}
+        kept = {v: s for v, s in self.servables.items() if v in wanted and v not in dead}
         if loaded or len(kept) < len(self.servables):
             old, self.servables = self.servables, {**kept, **loaded}
             for version in sorted(set(old) - set(kept)):
                 old[version].close()
-                self._retired.append(old[version])
-                log.info("%s: version %d unloaded", self.name, version)
+                if version not in loaded:
+                    log.info("%s: version %d unloaded", self.name, version)
 
     def get(self, version=None, label=None):
         servables = self.servables
@@ -130,14 +124,6 @@ class Model:
     def close(self):
         for servable in self.servables.values():
             servable.close()
-
-
-def release_memory():
-    """Frees a dropped version's memory: Python's cycles (a loaded SavedModel has many), then glibc's free lists,
-    which otherwise keep the freed tensors' pages and grow the process a little at every swap."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def remove_stale_exports(base_path):
