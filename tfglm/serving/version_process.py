@@ -74,7 +74,7 @@ class VersionProcess:
             raise
         self.signature_defs = {k: meta_graph_pb2.SignatureDef.FromString(v)
                                for k, v in metadata["signature_defs"].items()}
-        self.signature_names = metadata["signature_names"]
+        self.signature_names, self.defaults = metadata["signature_names"], metadata["defaults"]
         self.context, self.vocab_size, self.created = metadata["context"], metadata["vocab_size"], metadata["created"]
 
     @property
@@ -242,7 +242,8 @@ def serve_version(connection, name, version, path, options, metrics, threads, lo
         send(("error", 0, RuntimeError(traceback.format_exc())))
         os._exit(1)
     send(("result", 0, {"signature_defs": {k: v.SerializeToString() for k, v in servable.signature_defs.items()},
-                        "signature_names": list(servable.signature_names), "context": servable.context,
+                        "signature_names": list(servable.signature_names), "defaults": servable.defaults,
+                        "context": servable.context,
                         "vocab_size": servable.vocab_size, "created": servable.created}))
     streams, consumed = {}, set()
 
