@@ -243,8 +243,7 @@ def serve_version(connection, name, version, path, options, metrics, threads, lo
         os._exit(1)
     send(("result", 0, {"signature_defs": {k: v.SerializeToString() for k, v in servable.signature_defs.items()},
                         "signature_names": list(servable.signature_names), "defaults": servable.defaults,
-                        "context": servable.context,
-                        "vocab_size": servable.vocab_size, "created": servable.created}))
+                        "context": servable.context, "vocab_size": servable.vocab_size, "created": servable.created}))
     streams, consumed = {}, set()
 
     def finish(id, text=None):
