@@ -27,15 +27,16 @@ def tiny_config(*overrides):
 
 
 # The fixtures that train a model (here and in test modules): a test that uses one, directly or through another
-# fixture, is `slow` as a test that trains in its body is.
+# fixture, is `slow` as a test that trains in its body is; so is a test that serves or runs distributed.
 TRAINED = {"chat_run", "sentence_run", "pattern_run", "documents_run", "classifier", "references",
            "single_device", "run_dir", "grounded_run", "prepared_run"}
 
 
 def pytest_collection_modifyitems(items):
-    """Marks `slow` the tests that use a trained fixture."""
+    """Marks `slow` the tests that use a trained fixture, serve or run distributed."""
     for item in items:
-        if TRAINED & set(item.fixturenames):
+        if TRAINED & set(item.fixturenames) or item.get_closest_marker("serve") or \
+                item.get_closest_marker("distributed"):
             item.add_marker(pytest.mark.slow)
 
 
