@@ -2,8 +2,10 @@
 session, so the suite runs in minutes on 2 cores."""
 
 import os
+import shutil
 
 import pytest
+from filelock import FileLock
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -25,37 +27,34 @@ def tiny_config(*overrides):
 
 
 # The fixtures that train a model (here and in test modules): a test that uses one, directly or through another
-# fixture, is `slow` as a test that trains in its body is.
+# fixture, is `slow` as a test that trains in its body is; so is a test that serves or runs distributed.
 TRAINED = {"chat_run", "sentence_run", "pattern_run", "documents_run", "classifier", "references",
            "single_device", "run_dir", "grounded_run", "prepared_run"}
-# The modules that use each session fixture: under `--dist loadfile` they run on one worker, so that the fixture trains
-# once.
-SHARED = {"chat_run": ["test_chat.py", "test_chat_cli.py", "test_openai_api.py"],
-          "sentence_run": ["test_export.py", "test_serve.py"], "pattern_run": ["test_cli.py", "test_train.py"]}
 
 
 def pytest_collection_modifyitems(items):
-    """Marks `slow` the tests that use a trained fixture."""
+    """Marks `slow` the tests that use a trained fixture, serve or run distributed."""
     for item in items:
-        if TRAINED & set(item.fixturenames):
+        if TRAINED & set(item.fixturenames) or item.get_closest_marker("serve") or \
+                item.get_closest_marker("distributed"):
             item.add_marker(pytest.mark.slow)
 
 
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    """`--dist loadfile`, with the modules of each SHARED group sent to the same worker as one unit."""
-    if config.getvalue("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadFileScheduling  # pytest-xdist is there: it calls this hook
-
-    group = {os.path.join("tests", module): name for name, modules in SHARED.items() for module in modules}
-
-    class SharedFixtureScheduling(LoadFileScheduling):
-        def _split_scope(self, nodeid):
-            path = nodeid.split("::", 1)[0]
-            return group.get(path, path)
-
-    return SharedFixtureScheduling(config, log)
+def built_once(tmp_path_factory, name, build):
+    """A session directory `name` that `build(directory)` fills: under pytest-xdist the first worker to ask builds it
+    and the others wait for it and read it (pytest-xdist's documented pattern: a lock in the session's temporary
+    directory, which its workers share), so a session fixture trains once wherever its modules run."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    root, built = base / name, base / f"{name}.built"
+    with FileLock(f"{root}.lock"):
+        if not built.exists():
+            shutil.rmtree(root, ignore_errors=True)  # what a worker whose build failed left
+            root.mkdir()
+            build(root)
+            built.touch()
+    return root
 
 
 def stop_at_step(step):
@@ -107,11 +106,11 @@ def pattern_run(tmp_path_factory):
     and 60: what test_cli's commands read and test_train's interrupted runs are compared with."""
     from tfglm.training.trainer import train
 
-    root = tmp_path_factory.mktemp("pattern")
-    (root / "pattern.txt").write_text("abcdefgh\n" * 400, encoding="utf-8")
-    train(tiny_config(f"data.files=[{root / 'pattern.txt'}]", "train.steps=60", "train.jit_compile=false"),
-          str(root / "run"), verbose=0)
-    return root / "run"
+    def build(root):
+        (root / "pattern.txt").write_text("abcdefgh\n" * 400, encoding="utf-8")
+        train(tiny_config(f"data.files=[{root / 'pattern.txt'}]", "train.steps=60", "train.jit_compile=false"),
+              str(root / "run"), verbose=0)
+    return built_once(tmp_path_factory, "pattern", build) / "run"
 
 
 DOCUMENT = "the cat sat on the mat. "
@@ -123,16 +122,15 @@ def sentence_run(tmp_path_factory):
     trained briefly on copies of one sentence: what test_export exports and test_serve serves."""
     from tfglm.training.trainer import train
 
-    root = tmp_path_factory.mktemp("sentence")
-    for i in range(100):
-        (root / f"{i:03d}.txt").write_text(DOCUMENT * 4)
-    run_dir = str(root / "run")
-    config = tiny_config(f"data.files=[{root}/*.txt]", "model.max_length=32", "train.jit_compile=false",
-                         "train.steps=20", "train.learning_rate=0.003", "train.min_learning_rate=0.0003",
-                         "data.val_fraction=0.2", "tokenizer.kind=sentencepiece", "tokenizer.vocab_size=300",
-                         "generate.prompt=the", "generate.temperature=0", "generate.max_new_tokens=12")
-    train(config, run_dir, verbose=0)
-    return run_dir
+    def build(root):
+        for i in range(100):
+            (root / f"{i:03d}.txt").write_text(DOCUMENT * 4)
+        config = tiny_config(f"data.files=[{root}/*.txt]", "model.max_length=32", "train.jit_compile=false",
+                             "train.steps=20", "train.learning_rate=0.003", "train.min_learning_rate=0.0003",
+                             "data.val_fraction=0.2", "tokenizer.kind=sentencepiece", "tokenizer.vocab_size=300",
+                             "generate.prompt=the", "generate.temperature=0", "generate.max_new_tokens=12")
+        train(config, str(root / "run"), verbose=0)
+    return str(built_once(tmp_path_factory, "sentence", build) / "run")
 
 
 QA = [("hi", "hello there"), ("what is your name?", "i am tfglm"), ("how are you?", "fine, thanks"),
@@ -177,16 +175,16 @@ def chat_run(tmp_path_factory):
 
     from tfglm.cli import main
 
-    root = tmp_path_factory.mktemp("chat")
-    data = root / "conv.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in chat_conversations()))
-    held_out = write_conversations(root / "eval.jsonl", 80, seed=1)  # scored into eval.json, its replies generated
-    sets = ["model.max_length=64", "model.num_layers=2", "model.hidden_dim=64", "chat.epochs=20",
-            "chat.learning_rate=3e-3", "generate.max_new_tokens=16"]
-    config = os.path.join(os.path.dirname(__file__), "..", "configs", "gpt-char-tiny.yaml")
-    assert main(["finetune", "--task", "chat", "--from-scratch", "--config", config, "--train", str(data),
-                 "--eval", held_out, "--out", str(root / "run"), *[a for s in sets for a in ("--set", s)]]) == 0
-    return str(root / "run")
+    def build(root):
+        data = root / "conv.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in chat_conversations()))
+        held_out = write_conversations(root / "eval.jsonl", 80, seed=1)  # scored into eval.json, replies generated
+        sets = ["model.max_length=64", "model.num_layers=2", "model.hidden_dim=64", "chat.epochs=20",
+                "chat.learning_rate=3e-3", "generate.max_new_tokens=16"]
+        config = os.path.join(os.path.dirname(__file__), "..", "configs", "gpt-char-tiny.yaml")
+        assert main(["finetune", "--task", "chat", "--from-scratch", "--config", config, "--train", str(data),
+                     "--eval", held_out, "--out", str(root / "run"), *[a for s in sets for a in ("--set", s)]]) == 0
+    return str(built_once(tmp_path_factory, "chat", build) / "run")
 
 
 @pytest.fixture(scope="session")
@@ -194,6 +192,6 @@ def chat_base_path(chat_run, tmp_path_factory):
     """The chat run exported without XLA (no compile per shape bucket in the tests): its base path."""
     from tfglm.serving.export import export_run
 
-    base = str(tmp_path_factory.mktemp("chat-export") / "chat")
-    export_run(chat_run, base, jit_compile=False)
-    return base
+    root = built_once(tmp_path_factory, "chat-export", lambda root: export_run(chat_run, str(root / "chat"),
+                                                                                 jit_compile=False))
+    return str(root / "chat")

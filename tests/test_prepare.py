@@ -5,8 +5,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -161,19 +159,17 @@ def test_prepare_train_resume_gives_the_uninterrupted_run(tmp_path, prepared_dir
         shards.Prepared(prepared_dir).tokenizer_sha256
 
 
-def test_a_broken_shard_is_one_line_naming_it(tmp_path, prepared_dir):
+def test_a_broken_shard_is_one_line_naming_it(tmp_path, prepared_dir, capsys):
     broken = str(tmp_path / "broken")
     shutil.copytree(prepared_dir, broken)
     shard = os.path.join(broken, "train-00000.bin")
     with open(shard, "r+b") as f:
         f.truncate(1001)
     sets = [arg for setting in TINY for arg in ("--set", setting)]
-    done = subprocess.run([sys.executable, "-m", "tfglm", "train", *sets, "--data", broken,
-                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2
-    assert done.stderr.splitlines() == [f"tfglm: error: {shard}: broken shard (1001 bytes; the manifest says "
-                                        f"{shards.Prepared(prepared_dir).streams['train'].num_tokens} uint16 tokens); "
-                                        f"prepare the corpus again"]
+    assert main(["train", *sets, "--data", broken, "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"tfglm: error: {shard}: broken shard (1001 bytes; the manifest says "
+        f"{shards.Prepared(prepared_dir).streams['train'].num_tokens} uint16 tokens); prepare the corpus again"]
 
 
 def test_a_run_whose_tokenizer_is_not_the_manifests_is_one_line_naming_it(tmp_path, prepared_dir):
