@@ -46,6 +46,8 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 import tfglm  # noqa: E402
 from bench import common  # noqa: E402
 from tfglm.cli import main as tfglm_main  # noqa: E402
+from tfglm.data.chat import CONTEXT  # noqa: E402
+from tfglm.tasks.chat import assistant_loss, encode  # noqa: E402
 from tfglm.tasks.embed import build_index  # noqa: E402
 from tfglm.training.pretrained import import_checkpoint  # noqa: E402
 
@@ -134,6 +136,27 @@ def answer(run_dir, questions, batch_size=32):
         replies += [r.decode("utf-8", errors="replace") for r in out["completions"].numpy()]
         handed_off += out["handed_off"].numpy().tolist() if "handed_off" in out else [False] * len(batch)
     return replies, handed_off
+
+
+def slot_losses(run_dir, rows):
+    """Whether a grounded run reads its context slot, and how: its validation loss per reply token on `rows`
+    (question/answer dicts) with the slot holding the reply's own answer, the retrieved entry (a neighbour: the rows'
+    own answers are not in the index), or nothing. A model that copies from the slot has the first far below the
+    second; one that reads only the intent has them close, both below the third."""
+    run = tfglm.load_run(run_dir)
+    preprocessor = run.task.chat_preprocessor()
+    questions, answers = [row["instruction"] for row in rows], [row["response"] for row in rows]
+    retrieved = preprocessor.retrieve(tf.constant([["user"]] * len(rows)), tf.constant([[q] for q in questions]))
+    base = run.tokenizer.base
+    own = base.detokenize(base.tokenize(tf.constant(answers))[:, :preprocessor.context_tokens])
+    slots = {"own": own.numpy(), "retrieved": retrieved["context"].numpy(), "none": [b""] * len(rows)}
+    losses = {}
+    for name, contexts in slots.items():
+        conversations = [([CONTEXT, "user", "assistant"], [c.decode("utf-8", errors="replace"), q, a])
+                         for c, q, a in zip(contexts, questions, answers)]
+        ids, weights = encode(run.tokenizer, conversations, run.config.model.max_length + 1, run_dir)
+        losses[name] = round(assistant_loss(run.model, ids, weights, 16)[0], 3)
+    return losses
 
 
 def main():
