@@ -20,7 +20,9 @@ the reply by a TF-IDF + logistic-regression classifier trained on the training r
 reference replies is reported) against the question's intent; entity carry-over, the share of the replies to
 questions with an entity (Bitext's entity_value: names, order numbers, account types) whose reference reply
 carries it, that carry it too (case-insensitive); the hand-off rate on the validation questions and on the 100
-out-of-domain questions of bench/data/out_of_domain.txt (general knowledge, other businesses); wall time.
+out-of-domain questions of bench/data/out_of_domain.txt (general knowledge, other businesses); wall time. And
+whether the grounded model copies from its slot (`slot_losses`): its loss per reply token on the answered questions
+with the slot holding the reference reply, the retrieved entry, or nothing.
 
     PYTHONPATH=$PWD python -m bench.quality.support [--epochs 2] [--questions 100] [--out runs/bench-support] [--quick]
 """
@@ -232,6 +234,7 @@ def main():
                                         tf.constant([[q] for q in out_of_domain]))
             result[name]["handoff_rate_out_of_domain"] = round(float(np.mean(out["handed_off"].numpy())), 3)
             result[name]["threshold"] = round(preprocessor.threshold, 4)
+            result[name]["slot_losses"] = slot_losses(run_dir, val)
         print(name, {k: v for k, v in result[name].items() if k != "samples"}, flush=True)
     result["wall_s"] = round(time.time() - started, 1)
     if not args.quick:
