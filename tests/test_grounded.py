@@ -176,6 +176,24 @@ def test_a_share_of_training_conversations_gets_its_own_entry_first(index, tmp_p
     assert contexts[0.5] == [contents[0] for _, contents in grounding.retrieve(own, preprocessor, 0.5, seed=3)[0]]
 
 
+def test_own_entry_epochs_train_on_the_own_entry_examples_first(tmp_path):
+    """The first chat.own_entry_epochs' steps draw every row of the own-entry examples, the later ones every row of
+    the mixed ones, each epoch in a new order."""
+    config = tfglm.load_config(overrides=["chat.epochs=3", "chat.own_entry_epochs=1", "chat.batch_size=4"])
+    task = Chat(config, str(tmp_path / "run"))
+    rows = 12
+    ids = np.arange(rows, dtype=np.int32)[:, None].repeat(5, axis=1)  # row r: all r (the mixed examples)
+    task.train = ids, np.ones(ids.shape, np.float32)
+    task.own_train = ids + 100, np.ones(ids.shape, np.float32)  # row r: all r + 100 (its own entry in the slot)
+    task.val = task.train
+    train, _ = task.datasets(0)
+    steps = [x.numpy()[:, 0] for x, _, _ in train]
+    assert len(steps) == 9
+    epochs = [np.sort(np.concatenate(steps[e * 3:e * 3 + 3])).tolist() for e in range(3)]
+    assert epochs == [list(range(100, 100 + rows)), list(range(rows)), list(range(rows))]
+    assert [x.numpy()[:, 0].tolist() for x, _, _ in task.datasets(4)[0]] == [s.tolist() for s in steps[4:]]
+
+
 @pytest.mark.parametrize("files", [{}, {"val_file"}, {"eval_file"}, {"val_file", "eval_file"}])
 def test_the_hand_off_is_calibrated_on_separate_validation_conversations_when_named(index, tmp_path, caplog, files):
     """The validation file's scores (those of the validation conversations), else the evaluation file's, else the

@@ -20,7 +20,9 @@ the reply by a TF-IDF + logistic-regression classifier trained on the training r
 reference replies is reported) against the question's intent; entity carry-over, the share of the replies to
 questions with an entity (Bitext's entity_value: names, order numbers, account types) whose reference reply
 carries it, that carry it too (case-insensitive); the hand-off rate on the validation questions and on the 100
-out-of-domain questions of bench/data/out_of_domain.txt (general knowledge, other businesses); wall time.
+out-of-domain questions of bench/data/out_of_domain.txt (general knowledge, other businesses); wall time. And
+whether the grounded model copies from its slot (`slot_losses`): its loss per reply token on the answered questions
+with the slot holding the reference reply, the retrieved entry, or nothing.
 
     PYTHONPATH=$PWD python -m bench.quality.support [--epochs 2] [--questions 100] [--out runs/bench-support] [--quick]
 """
@@ -46,6 +48,8 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 import tfglm  # noqa: E402
 from bench import common  # noqa: E402
 from tfglm.cli import main as tfglm_main  # noqa: E402
+from tfglm.data.chat import CONTEXT  # noqa: E402
+from tfglm.tasks.chat import assistant_loss, encode  # noqa: E402
 from tfglm.tasks.embed import build_index  # noqa: E402
 from tfglm.training.pretrained import import_checkpoint  # noqa: E402
 
@@ -136,6 +140,27 @@ def answer(run_dir, questions, batch_size=32):
     return replies, handed_off
 
 
+def slot_losses(run_dir, rows):
+    """Whether a grounded run reads its context slot, and how: its validation loss per reply token on `rows`
+    (question/answer dicts) with the slot holding the reply's own answer, the retrieved entry (a neighbour: the rows'
+    own answers are not in the index), or nothing. A model that copies from the slot has the first far below the
+    second; one that reads only the intent has them close, both below the third."""
+    run = tfglm.load_run(run_dir)
+    preprocessor = run.task.chat_preprocessor()
+    questions, answers = [row["instruction"] for row in rows], [row["response"] for row in rows]
+    retrieved = preprocessor.retrieve(tf.constant([["user"]] * len(rows)), tf.constant([[q] for q in questions]))
+    base = run.tokenizer.base
+    own = base.detokenize(base.tokenize(tf.constant(answers))[:, :preprocessor.context_tokens])
+    slots = {"own": own.numpy(), "retrieved": retrieved["context"].numpy(), "none": [b""] * len(rows)}
+    losses = {}
+    for name, contexts in slots.items():
+        conversations = [([CONTEXT, "user", "assistant"], [c.decode("utf-8", errors="replace"), q, a])
+                         for c, q, a in zip(contexts, questions, answers)]
+        ids, weights = encode(run.tokenizer, conversations, run.config.model.max_length + 1, run_dir)
+        losses[name] = round(assistant_loss(run.model, ids, weights, 16)[0], 3)
+    return losses
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2, help="chat.epochs of both fine-tunes")
@@ -209,6 +234,7 @@ def main():
                                         tf.constant([[q] for q in out_of_domain]))
             result[name]["handoff_rate_out_of_domain"] = round(float(np.mean(out["handed_off"].numpy())), 3)
             result[name]["threshold"] = round(preprocessor.threshold, 4)
+            result[name]["slot_losses"] = slot_losses(run_dir, val)
         print(name, {k: v for k, v in result[name].items() if k != "samples"}, flush=True)
     result["wall_s"] = round(time.time() - started, 1)
     if not args.quick:

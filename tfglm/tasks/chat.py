@@ -71,6 +71,9 @@ class ChatConfig:
     own_entry_share: float = 0.5  # the share of training conversations whose context slot holds their own entry
     # first (the rest: the nearest others only, as a new question gets): copying from the slot pays at once, so a
     # small model learns to read it rather than only the replies' common template
+    own_entry_epochs: int = 0  # the first epochs in which every training conversation's slot holds its own entry
+    # first (then own_entry_share): a reply copied whole from the slot is the cheapest signal for the copy circuit
+    # a small model needs before it can take a neighbour's wording and the customer's entities
     handoff_rate: float = 0.02  # the share of validation conversations whose best match the hand-off threshold
     # falls under (calibrated when training starts on val_file, else eval_file, else the held-out training
     # conversations; 0: never hand off)
@@ -113,12 +116,14 @@ class Chat(Task):
             (not c.knowledge or 1 <= c.context_tokens < config.model.max_length, "chat.context_tokens",
              f"must be >= 1 and below model.max_length ({config.model.max_length})"),
             (0.0 <= c.own_entry_share <= 1.0, "chat.own_entry_share", "must be in [0, 1]"),
+            (0 <= c.own_entry_epochs <= c.epochs, "chat.own_entry_epochs", f"must be in [0, chat.epochs ({c.epochs})]"),
             (0.0 <= c.handoff_rate < 1.0, "chat.handoff_rate", "must be in [0, 1)")]
 
     def __init__(self, config, run_dir):
         super().__init__(config, run_dir)
         self.patience = config.chat.patience
         self.grounding = None
+        self.own_train = None  # (ids, weights) of the own-entry examples of chat.own_entry_epochs
 
     def load_vocabulary(self):
         self.tokenizer = load_tokenizer(runs.path(self.run_dir, runs.TOKENIZER))
@@ -158,14 +163,18 @@ class Chat(Task):
                 Grounding.copy(c.knowledge, self.run_dir, {"top_k": c.top_k, "context_tokens": c.context_tokens,
                                                            "handoff_message": c.handoff_message})
             self.grounding = Grounding.load(self.run_dir)
+        own = None
         if self.grounding:
             preprocessor = self.chat_preprocessor()
+            if c.own_entry_epochs:
+                own, _ = self.grounding.retrieve(train, preprocessor, 1.0, self.config.train.seed)
             train, _ = self.grounding.retrieve(train, preprocessor, c.own_entry_share, self.config.train.seed)
             val, scores = self.grounding.retrieve(val, preprocessor)
             if not resume and chief:
                 self.grounding.calibrate(self.calibration_scores(scores, preprocessor), c.handoff_rate, self.run_dir)
         length = self.config.model.max_length + 1
         self.train = encode(self.tokenizer, train, length, c.train_file, c.long)
+        self.own_train = own and encode(self.tokenizer, own, length, f"{c.train_file} (own entries)", c.long)
         self.val = encode(self.tokenizer, val, length, c.val_file or f"{c.train_file} (validation share)", c.long)
         self.sample_message = next((contents[roles.index("user")] for roles, contents in val if "user" in roles),
                                    "Hello")
@@ -220,8 +229,15 @@ class Chat(Task):
 
     def datasets(self, step):
         t = self.schedule()
-        batches = epochs.epoch_batches(len(self.train[0]), t.batch_size, self.config.chat.epochs, t.seed)
-        train = examples(*self.train, t.batch_size, batches=batches[step:])
+        c = self.config.chat
+        batches = epochs.epoch_batches(len(self.train[0]), t.batch_size, c.epochs, t.seed)
+        ids, weights = self.train
+        if self.own_train:  # the first chat.own_entry_epochs' steps from the own-entry examples, placed first
+            first = c.own_entry_epochs * epochs.steps_per_epoch(len(ids), t.batch_size)
+            own = epochs.epoch_batches(len(self.own_train[0]), t.batch_size, c.own_entry_epochs, t.seed)
+            batches = np.concatenate([np.resize(own, (first, t.batch_size)), batches[first:] + len(self.own_train[0])])
+            ids, weights = (np.concatenate(pair) for pair in zip(self.own_train, self.train))
+        train = examples(ids, weights, t.batch_size, batches=batches[step:])
         if len(self.val[0]) < t.batch_size:
             raise TfglmError(f"chat: {len(self.val[0])} validation conversations, fewer than one batch of "
                              f"{t.batch_size}; lower chat.batch_size or give more")
