@@ -289,6 +289,9 @@ def main():
         outcomes[name][str(outcome)] += 1
     good = sorted(s for name, outcome, s, _, _ in results if name.startswith("good") and outcome in (200, "OK"))
     total = [sum(s["rss_mb"]) for s in swapped]
+    slowest = sorted(({"kind": name, "sent_at_s": round(sent, 1), "seconds": round(s, 2)}
+                      for name, outcome, s, _, sent in results if name.startswith("good") and outcome in (200, "OK")),
+                     key=lambda r: -r["seconds"])[:5]  # placed beside the swaps' served_at
     summary = {
         "seconds": seconds, "machine": reference, "clients": args.clients, "requests": len(results),
         "5xx": sum(isinstance(o, int) and o >= 500 for _, o, *_ in results),
@@ -311,9 +314,10 @@ def main():
     common.print_table([summary], ["requests", "5xx", "failed", "dropped", "wrong_answers", "p50_ms", "p95_ms",
                                    "p99_ms", "max_ms", "rss_first_swap_mb", "rss_last_mb", "rss_ratio",
                                    "first_answer_max_s", "stall_max_s"])
+    print("slowest good requests:", *slowest, sep="\n  ")
     print(f"server log: {len(errors)} errors", *errors[:5], sep="\n")
     name = f"serve_soak_{args.clients}_clients{'' if summary['xla'] else '_no_xla'}.json"
-    common.write_json(name, {"summary": summary, "outcomes": outcomes, "swaps": swapped})
+    common.write_json(name, {"summary": summary, "outcomes": outcomes, "swaps": swapped, "slowest": slowest})
 
 
 if __name__ == "__main__":
