@@ -166,9 +166,10 @@ class Chat(Task):
         own = None
         if self.grounding:
             preprocessor = self.chat_preprocessor()
+            scores = retrieval_scores(self.grounding.knowledge, train, preprocessor)  # once for both shares
             if c.own_entry_epochs:
-                own, _ = self.grounding.retrieve(train, preprocessor, 1.0, self.config.train.seed)
-            train, _ = self.grounding.retrieve(train, preprocessor, c.own_entry_share, self.config.train.seed)
+                own, _ = self.grounding.retrieve(train, preprocessor, 1.0, self.config.train.seed, scores)
+            train, _ = self.grounding.retrieve(train, preprocessor, c.own_entry_share, self.config.train.seed, scores)
             val, scores = self.grounding.retrieve(val, preprocessor)
             if not resume and chief:
                 self.grounding.calibrate(self.calibration_scores(scores, preprocessor), c.handoff_rate, self.run_dir)
@@ -501,13 +502,15 @@ class Grounding:
                                         [entry["answer"] for entry in self.knowledge.entries], s["top_k"],
                                         s["context_tokens"], s["threshold"], s["handoff_message"])
 
-    def retrieve(self, conversations, preprocessor, own_share=0.0, seed=0):
+    def retrieve(self, conversations, preprocessor, own_share=0.0, seed=0, scores=None):
         """(the conversations with their context message first, each one's best score): retrieval for the last
         user message as `preprocessor` does it, leaving out the conversation's own entry (one whose questions hold
         that message and whose answer is its last reply), except in a random `own_share` of those that have one
-        (by `seed`), whose own entry comes first."""
+        (by `seed`), whose own entry comes first. `scores`: the conversations' `retrieval_scores`, when already
+        computed for another share."""
         queries = [last_user(roles, contents) for roles, contents in conversations]
-        scores = retrieval_scores(self.knowledge, conversations, preprocessor)
+        if scores is None:
+            scores = retrieval_scores(self.knowledge, conversations, preprocessor)
         own = {}  # (question, answer) -> the entries holding both
         for i, entry in enumerate(self.knowledge.entries):
             for question in entry["questions"]:
