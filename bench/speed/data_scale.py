@@ -87,6 +87,15 @@ def write_text(directory, index, texts):
         f.write("\n\n".join(texts))
 
 
+def machine_reference():
+    """`bench.common.machine_reference`, run in a process of its own: this one stays free of TensorFlow, whose
+    threads the nanoGPT recipe's forked pool must not inherit."""
+    code = "import json; from bench import common; print(json.dumps(common.machine_reference()))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    print(done.stdout.splitlines()[0], flush=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def tree_rss_bytes(root):
     """Resident memory of process `root` and all its descendants."""
     parents = {}
@@ -201,7 +210,7 @@ def main():
     parser.add_argument("--in-memory-max", type=int, default=100, help="largest size (MB) also trained in memory")
     parser.add_argument("--work", help="scratch directory (default: a temporary one, deleted after)")
     args = parser.parse_args()
-    rows = []
+    reference, rows = machine_reference(), []
     for megabytes in map(int, args.sizes.split(",")):
         work = args.work and os.path.join(args.work, f"{megabytes}mb") or tempfile.mkdtemp(prefix="data_scale-")
         try:
@@ -212,7 +221,7 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "data_scale.json"), "w") as f:
-        json.dump({"cpus": os.cpu_count(), "train_steps": args.train_steps, "rows": rows}, f, indent=1)
+        json.dump({"cpus": os.cpu_count(), "machine": reference, "train_steps": args.train_steps, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
